@@ -1,0 +1,160 @@
+"""torch.nn.utils.prune adapter.
+
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, iterations=3)
+    OBSIHT.apply(module, "weight", amount=0.5, curvature=curv)
+    prune.global_unstructured(params, pruning_method=ContinuousSparsification, amount=0.9, sparsifier=cs)
+
+torch hands ``compute_mask`` a flat vector (the still-unpruned entries of the listed tensors, concatenated)
+without their identity.  We map it back through the order of the curvature's / sparsifier's parameters and
+check the values match exactly, so a different list or order fails loudly instead of pruning the wrong
+weights.  New weights (the OBS update of the kept weights) are written into the stored parameter, which torch
+keeps as ``<name>_orig``; heavy references (curvature, sparsifier) are dropped after use so the hook that
+``apply`` leaves on the module never pickles them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.nn.utils import prune
+
+from obs_plugins.errors import PruningInputError
+from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm
+from obs_plugins.methods.obs_iht import OBSIHTConfig
+from obs_plugins.methods.obs_iht import solve as obs_iht_solve
+
+
+class _PlanPruningMethod(prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount, *, _target=None):
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise PruningInputError(f"amount: expected a float in [0, 1] or a non-negative int, got {amount!r}")
+        if isinstance(amount, float) and not 0.0 <= amount <= 1.0:
+            raise PruningInputError(f"amount={amount} is outside [0, 1]")
+        if isinstance(amount, int) and amount < 0:
+            raise PruningInputError(f"amount={amount} must be non-negative")
+        self.amount = amount
+        self._target = _target  # (module, name) when used through .apply
+
+    # subclasses: the ordered targets and the plan for k new prunes among them
+    def _all_targets(self):
+        raise NotImplementedError
+
+    def _make_plan(self, targets, k: int) -> PrunePlan:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+    def _targets(self):
+        targets = self._all_targets()
+        if self._target is not None:
+            module, name = self._target
+            targets = [t for t in targets if t.module is module and t.name == name]
+            if not targets:
+                raise PruningInputError(f"{type(self).__name__}.apply: ({type(module).__name__}, {name!r}) is not "
+                                        "among the parameters the curvature/sparsifier was built for")
+        return targets
+
+    def compute_mask(self, t, default_mask):
+        try:
+            targets = self._targets()
+            kept = [tgt.prior_mask() for tgt in targets]
+            expected = torch.cat([tgt.current()[m] for tgt, m in zip(targets, kept)])
+            if expected.numel() != t.numel():
+                raise PruningInputError(
+                    f"params: torch passed {t.numel()} unpruned entries but the {len(targets)} parameters the "
+                    f"{self._source_name} was built for have {expected.numel()}; pass exactly the same (module, "
+                    "name) list, in the same order")
+            if not torch.equal(expected.to(t.device, t.dtype), t.detach()):
+                raise PruningInputError(
+                    f"params: the values torch passed do not match the parameters the {self._source_name} was "
+                    "built for (different order, different tensors, or importance_scores= given); pass the same "
+                    "(module, name) list in the same order and no importance_scores")
+            k = count_to_prune(self.amount, t.numel())
+            plan = self._make_plan(targets, k)
+            # the plan is complete: only now write (new weights land in what torch keeps as <name>_orig)
+            with torch.no_grad():
+                for e in plan.entries.values():
+                    if e.new_weight is not None:
+                        e.target.orig().copy_(e.new_weight.to(e.target.orig().dtype))
+            self.last_report = plan.report
+            flat = torch.cat([plan.entries[tgt.key].mask[m] for tgt, m in zip(targets, kept)])
+            return flat.to(device=default_mask.device, dtype=default_mask.dtype) * default_mask
+        finally:
+            self._release()
+
+
+class OBSIHT(_PlanPruningMethod):
+    """Iterative Optimal Brain Surgeon as a torch.nn.utils.prune method.
+
+    Args: ``amount`` (torch's meaning), ``curvature`` (an :class:`obs_plugins.Curvature` collected for these
+    parameters; with ``loss_fn`` when ``iterations > 1``), and any :class:`OBSIHTConfig` field (``iterations``,
+    ``nm``, ``allocation`` (default "global" here, like ``global_unstructured``), ``rel_damp``...).
+    """
+    _source_name = "curvature"
+
+    def __init__(self, amount, curvature=None, *, _target=None, **config):
+        super().__init__(amount, _target=_target)
+        if curvature is None:
+            raise PruningInputError("curvature: OBSIHT needs curvature=Curvature.layerwise(model, params, batches)")
+        from obs_plugins.curvature import Curvature
+        if not isinstance(curvature, Curvature):
+            raise PruningInputError(f"curvature: expected an obs_plugins.Curvature, got {type(curvature).__name__}")
+        fields = {f.name for f in dataclasses.fields(OBSIHTConfig)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise PruningInputError(f"OBSIHT: unknown argument(s) {unknown}; accepted: amount, curvature, "
+                                    f"{sorted(fields)}")
+        config.setdefault("allocation", "global")
+        self.config = OBSIHTConfig(**config)
+        self.config.validate()
+        nm = parse_nm(self.config.nm)
+        if nm is not None and float(amount) != nm[0] / nm[1]:
+            raise PruningInputError(f"amount={amount} does not match nm={self.config.nm} (use amount={nm[0] / nm[1]})")
+        self.curvature = curvature
+
+    @classmethod
+    def apply(cls, module, name, amount, curvature=None, importance_scores=None, **config):
+        if importance_scores is not None:
+            raise PruningInputError("importance_scores: OBSIHT computes its own OBS saliency")
+        return super().apply(module, name, amount=amount, curvature=curvature, _target=(module, name), **config)
+
+    def _all_targets(self):
+        return self.curvature.targets
+
+    def _make_plan(self, targets, k):
+        return obs_iht_solve(self.curvature, k, self.config, only_keys=[t.key for t in targets])
+
+    def _release(self):
+        self.curvature = None  # never pickled with the model through the hook
+
+
+class ContinuousSparsification(_PlanPruningMethod):
+    """Masks from a trained :class:`obs_plugins.ContinuousSparsifier` (learned scores, exact sparsity)."""
+    _source_name = "sparsifier"
+
+    def __init__(self, amount, sparsifier=None, *, _target=None):
+        super().__init__(amount, _target=_target)
+        if sparsifier is None:
+            raise PruningInputError("sparsifier: ContinuousSparsification needs sparsifier=ContinuousSparsifier(...)")
+        self.sparsifier = sparsifier
+
+    @classmethod
+    def apply(cls, module, name, amount, sparsifier=None, importance_scores=None):
+        if importance_scores is not None:
+            raise PruningInputError("importance_scores: ContinuousSparsification uses the learned scores")
+        return super().apply(module, name, amount=amount, sparsifier=sparsifier, _target=(module, name))
+
+    def _all_targets(self):
+        return self.sparsifier.targets
+
+    def _make_plan(self, targets, k):
+        return self.sparsifier.make_plan(targets, k)
+
+    def _release(self):
+        self.sparsifier = None
+
+
+__all__ = ["OBSIHT", "ContinuousSparsification"]

@@ -1,0 +1,134 @@
+"""Statistics collection, separate from every solve: forward hooks -> per-layer input Gram ``2 X X^T / n``.
+
+Running means in fp32 (or float64 on request): ``H <- H * n/(n+b) + 2 X_b X_b^T/(n+b)``, so a long calibration
+run never sums huge numbers.  ``n`` counts input rows (tokens, or conv output positions).  With
+torch.distributed initialised, ``(H*n, n)`` are all-reduced so N processes that each saw 1/N of the data give
+the same H as one process that saw all of it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..targets import Target, layer_kind
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input as (rows, in_features) columns matching the 2-D weight view."""
+    kind = layer_kind(module)
+    if kind == "conv2d":
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)  # (N, C*kh*kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class GramAccumulator:
+    """Running mean of ``2 x x^T`` over input rows for one layer."""
+
+    def __init__(self, d: int, device, dtype=torch.float32):
+        self.H = torch.zeros(d, d, device=device, dtype=dtype)
+        self.n = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        b = rows.shape[0]
+        if b == 0:
+            return
+        x = rows.to(self.H.dtype)
+        self.H.mul_(self.n / (self.n + b))
+        self.H.addmm_(x.t(), x, alpha=2.0 / (self.n + b))
+        self.n += b
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        total = self.H * self.n
+        n = torch.tensor([float(self.n)], device=self.H.device, dtype=torch.float64)
+        dist.all_reduce(total)
+        dist.all_reduce(n)
+        self.n = int(n.item())
+        self.H = total / max(self.n, 1)
+
+
+def add_gram_hooks(targets: list[Target], accs: dict[str, GramAccumulator]):
+    handles = []
+    for t in targets:
+        def hook(module, args, _out, _key=t.key):
+            accs[_key].add(input_rows(module, args[0].detach()))
+        handles.append(t.module.register_forward_hook(hook))
+    return handles
+
+
+def run_batches(model: nn.Module, batches: Iterable, forward_fn: Callable, *, desc: str, progress: bool) -> None:
+    from tqdm.auto import tqdm
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            forward_fn(model, batch)
+
+
+class _Stop(Exception):
+    pass
+
+
+def find_block_list(model: nn.Module, targets: list[Target]) -> tuple[str, nn.ModuleList]:
+    """The nn.ModuleList of repeated blocks (e.g. ``model.layers``) holding the most targets."""
+    owners = {id(t.module) for t in targets}
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+            inside = sum(1 for blk in mod for m in blk.modules() if id(m) in owners)
+            if inside and (best is None or inside > best[0]):
+                best = (inside, name, mod)
+    if best is None:
+        raise ValueError("sequential=True needs the model to hold its layers in an nn.ModuleList "
+                         "(such as model.layers); none holds the targets")
+    return best[1], best[2]
+
+
+def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=None, progress=True):
+    """Block-by-block calibration: each block sees the outputs of the already-processed (possibly pruned)
+    blocks before it; peak memory is one block's activations for the calibration set."""
+    from tqdm.auto import tqdm
+    _, blocks = find_block_list(model, targets)
+    in_blocks = {id(m) for blk in blocks for m in blk.modules()}
+    outside = [t.key for t in targets if id(t.module) not in in_blocks]
+    if outside:
+        raise ValueError(f"sequential=True: targets outside the block stack are not supported: {outside[:5]}")
+    cached = []
+
+    def catch(_m, args, kwargs):
+        cached.append((list(args), dict(kwargs)))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward_fn(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    by_block = [[t for t in targets if any(t.module is m for m in blk.modules())] for blk in blocks]
+    for i, blk in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress, leave=False)):
+        handles = add_gram_hooks(by_block[i], accs)
+        try:
+            with torch.no_grad():
+                outs = [blk(*a, **k) for a, k in cached]
+        finally:
+            for hh in handles:
+                hh.remove()
+        for t in by_block[i]:
+            accs[t.key].all_reduce()
+        if on_block is not None and by_block[i]:
+            changed = on_block(i, by_block[i])
+            if changed:
+                with torch.no_grad():
+                    outs = [blk(*a, **k) for a, k in cached]
+        for (a, _k), o in zip(cached, outs):
+            a[0] = o[0] if isinstance(o, (tuple, list)) else o

@@ -1,0 +1,110 @@
+"""Shared OBS linear algebra: relative damping, the damping ladder, inverse factors, OBS solves.
+
+Conventions: ``H`` is a layer's curvature over its input columns (d x d), e.g. the Gram ``2 X X^T / n`` for
+the layer loss ``||(W' - W) X||^2 / n = 1/2 sum_rows dw H dw^T``.  Weights are 2-D (rows, d); every row shares
+``H``.  Nothing here falls back silently: a failed factorisation climbs the damping ladder, then raises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CurvatureError
+
+DEFAULT_LADDER = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def check_finite(H: torch.Tensor, what: str = "H") -> None:
+    if not torch.isfinite(H).all():
+        bad = int((~torch.isfinite(H)).sum())
+        raise CurvatureError(f"{what} has {bad} non-finite entries (NaN/inf): the calibration activations "
+                             "overflowed or contain NaN; check the inputs and the model's dtype")
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Input columns that never saw a non-zero value (zero diagonal)."""
+    return torch.diagonal(H) == 0
+
+
+def damped(H: torch.Tensor, rel_damp: float) -> torch.Tensor:
+    """``H + rel_damp * mean(diag H) * I``, with dead columns given a unit diagonal (they carry no signal, so
+    the choice only keeps the matrix invertible; their weights cost nothing to prune)."""
+    H = H.clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    live_mean = diag[~dead].mean() if (~dead).any() else diag.new_tensor(1.0)
+    diag += rel_damp * live_mean
+    return H
+
+
+@dataclass
+class InverseFactor:
+    """Factors of the damped inverse: ``hinv = hinv_chol_upper^T @ hinv_chol_upper``."""
+    hinv: torch.Tensor
+    hinv_chol_upper: torch.Tensor
+    rel_damp: float
+    dead: torch.Tensor
+
+
+def inverse_factor(H: torch.Tensor, rel_damp: float = 1e-2, *, ladder=DEFAULT_LADDER, what: str = "H",
+                   dtype: torch.dtype | None = None) -> InverseFactor:
+    """Damped inverse and the upper Cholesky factor of the inverse, climbing the damping ladder on failure.
+
+    Tries ``rel_damp`` then every larger step of ``ladder``; raises :class:`CurvatureError` if all fail.
+    """
+    check_finite(H, what)
+    work = H.to(dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32))
+    tried = []
+    for lam in [rel_damp] + [x for x in ladder if x > rel_damp]:
+        Hd = damped(work, lam)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0 and torch.isfinite(U).all():
+                return InverseFactor(hinv, U, lam, dead_columns(work))
+        tried.append(lam)
+    raise CurvatureError(f"Cholesky factorisation of {what} ({tuple(H.shape)}) failed with relative damping "
+                         f"{tried}; the curvature is too ill-conditioned for these settings (collect more "
+                         "calibration data, or raise rel_damp)")
+
+
+def obs_solve(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor):
+    """Optimal multi-weight OBS update of one row ``w`` when the set ``pruned`` (index tensor) is removed.
+
+    Returns ``(w_new, loss)`` with ``w_new = w - hinv[:, P] (hinv[P, P])^-1 w_P`` (exactly zero on P) and the
+    predicted loss increase ``1/2 w_P^T (hinv[P, P])^-1 w_P`` of the quadratic ``1/2 dw H dw^T``.
+    """
+    if pruned.numel() == 0:
+        return w.clone(), w.new_zeros(())
+    wp = w[pruned]
+    hpp = hinv[pruned][:, pruned]
+    coef = torch.linalg.solve(hpp, wp)
+    w_new = w - hinv[:, pruned] @ coef
+    w_new[pruned] = 0.0
+    return w_new, 0.5 * (wp @ coef)
+
+
+def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, k: int):
+    """Classic OBS (Hassibi & Stork): remove ``k`` weights of one row one at a time, each time the one with the
+    smallest saliency ``w_q^2 / (2 [H^-1]_qq)``, updating the rest and downdating ``H^-1`` by rank one.
+
+    Returns ``(w_new, pruned_indices, total_loss)``.
+    """
+    w, hinv = w.clone(), hinv.clone()
+    alive = torch.ones_like(w, dtype=torch.bool)
+    order, total = [], w.new_zeros(())
+    for _ in range(k):
+        d = torch.diagonal(hinv)
+        sal = (w ** 2 / (2 * d)).masked_fill(~alive, float("inf"))
+        q = int(torch.argmin(sal))
+        total = total + sal[q]
+        col = hinv[:, q].clone()
+        w = w - (w[q] / col[q]) * col
+        hinv = hinv - torch.outer(col, col) / col[q]
+        w[q] = 0.0
+        alive[q] = False
+        order.append(q)
+    return w, torch.tensor(order, dtype=torch.long), total

@@ -1,0 +1,174 @@
+"""Exact mask counts, N:M patterns, prior masks, and the atomic :class:`PrunePlan`.
+
+Conventions: a *mask* is a bool tensor, True = kept.  ``amount`` keeps torch.nn.utils.prune's meaning: a
+float in [0, 1] is the fraction of the currently *unpruned* entries to remove, an int their number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import PruningInputError
+from .targets import Target
+
+
+def count_to_prune(amount, n_available: int, *, arg: str = "amount") -> int:
+    """Number of entries to prune, exactly as torch.nn.utils.prune computes it (round half to even)."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise PruningInputError(f"{arg}: expected a float in [0, 1] or a non-negative int, got {amount!r}")
+    if isinstance(amount, float):
+        if not (0.0 <= amount <= 1.0) or math.isnan(amount):
+            raise PruningInputError(f"{arg}={amount} is outside [0, 1]")
+        return round(amount * n_available)
+    if amount < 0:
+        raise PruningInputError(f"{arg}={amount} must be non-negative")
+    if amount > n_available:
+        raise PruningInputError(f"{arg}={amount} is larger than the number of unpruned entries ({n_available})")
+    return int(amount)
+
+
+def parse_nm(pattern) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): prune N of every M consecutive input weights."""
+    if pattern is None:
+        return None
+    if isinstance(pattern, str):
+        try:
+            n, m = (int(x) for x in pattern.split(":"))
+        except ValueError:
+            raise PruningInputError(f"nm: expected 'N:M' such as '2:4', got {pattern!r}") from None
+    else:
+        n, m = pattern
+    if not (0 < n < m):
+        raise PruningInputError(f"nm: need 0 < N < M, got {n}:{m}")
+    return n, m
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int, prior_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask pruning exactly ``k`` of the currently kept entries, those with the lowest score.
+
+    Entries already pruned in ``prior_mask`` stay pruned and are not counted in ``k``.  Ties are broken by
+    position (stable sort), so the result is deterministic.
+    """
+    flat = scores.detach().reshape(-1).float()
+    keep = torch.ones_like(flat, dtype=torch.bool) if prior_mask is None else prior_mask.reshape(-1).bool().clone()
+    avail = int(keep.sum())
+    if not 0 <= k <= avail:
+        raise PruningInputError(f"amount: cannot prune {k} of {avail} remaining entries")
+    if k == 0:
+        return keep.reshape(scores.shape)
+    s = flat.masked_fill(~keep, float("inf"))
+    s = torch.nan_to_num(s, nan=float("inf"))
+    order = torch.sort(s, stable=True).indices[:k]
+    keep[order] = False
+    return keep.reshape(scores.shape)
+
+
+def nm_mask(scores_2d: torch.Tensor, n: int, m: int, prior_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """N:M keep-mask along the input dimension (columns) of a (rows, cols) score matrix."""
+    rows, cols = scores_2d.shape
+    if cols % m:
+        raise PruningInputError(f"nm: {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+    s = scores_2d.detach().float().reshape(rows, cols // m, m)
+    if prior_mask is not None:  # prior zeros count towards the N pruned of their group
+        s = s.masked_fill(~prior_mask.reshape(rows, cols // m, m).bool(), float("-inf"))
+    idx = torch.sort(s, dim=-1, stable=True).indices[..., :n]
+    keep = torch.ones_like(s, dtype=torch.bool).scatter_(-1, idx, False)
+    if prior_mask is not None:
+        keep &= prior_mask.reshape(rows, cols // m, m).bool()
+    return keep.reshape(rows, cols)
+
+
+def allocate_global(saliency: dict[str, torch.Tensor], prior: dict[str, torch.Tensor], k_total: int) -> dict[str, int]:
+    """Per-tensor prune counts from one global ranking of comparable saliencies (lowest pruned first)."""
+    keys = list(saliency)
+    flat = torch.cat([saliency[k].reshape(-1).float().masked_fill(~prior[k].reshape(-1), float("inf"))
+                      for k in keys])
+    avail = int(sum(int(prior[k].sum()) for k in keys))
+    if not 0 <= k_total <= avail:
+        raise PruningInputError(f"amount: cannot prune {k_total} of {avail} remaining entries")
+    counts = {k: 0 for k in keys}
+    if k_total == 0:
+        return counts
+    order = torch.sort(torch.nan_to_num(flat, nan=float("inf")), stable=True).indices[:k_total]
+    sizes = torch.tensor([saliency[k].numel() for k in keys])
+    owner = torch.bucketize(order, torch.cumsum(sizes, 0), right=True)
+    for i, c in zip(*torch.unique(owner, return_counts=True)):
+        counts[keys[int(i)]] = int(c)
+    return counts
+
+
+def allocate_uniform(prior: dict[str, torch.Tensor], k_total: int) -> dict[str, int]:
+    """Per-tensor prune counts proportional to each tensor's remaining entries, summing exactly to k_total."""
+    keys = list(prior)
+    avail = [int(prior[k].sum()) for k in keys]
+    total = sum(avail)
+    if not 0 <= k_total <= total:
+        raise PruningInputError(f"amount: cannot prune {k_total} of {total} remaining entries")
+    counts, acc, done = {}, 0, 0
+    for k, a in zip(keys, avail):  # cumulative rounding: exact total, each within 1 of its share
+        acc += a
+        target = round(k_total * acc / total) if total else 0
+        counts[k] = target - done
+        done = target
+    return counts
+
+
+@dataclass
+class PlanEntry:
+    target: Target
+    mask: torch.Tensor                    # bool, shape of the parameter, True = kept
+    new_weight: torch.Tensor | None = None  # values for the kept entries (e.g. OBS-updated); None = unchanged
+
+
+@dataclass
+class PrunePlan:
+    """Everything a method decided, computed completely before anything is written to the model."""
+    entries: dict[str, PlanEntry] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    def add(self, target: Target, mask: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
+        shape = target.current().shape
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"plan for {target.key}: mask shape {tuple(mask.shape)} != {tuple(shape)}")
+        if new_weight is not None:
+            if tuple(new_weight.shape) != tuple(shape):
+                raise ValueError(f"plan for {target.key}: weight shape {tuple(new_weight.shape)} != {tuple(shape)}")
+            if not torch.isfinite(new_weight).all():
+                raise FloatingPointError(f"plan for {target.key}: the solver produced non-finite weights")
+        self.entries[target.key] = PlanEntry(target, mask.bool(), new_weight)
+
+    def sparsity(self) -> float:
+        total = sum(e.mask.numel() for e in self.entries.values())
+        return 1.0 - sum(int(e.mask.sum()) for e in self.entries.values()) / max(total, 1)
+
+    def apply(self, *, reparametrize: bool = True) -> None:
+        """Write the plan.  ``reparametrize=True`` installs torch.nn.utils.prune masks (``<name>_orig`` gets
+        the new weights, ``<name>_mask`` the mask); ``False`` writes ``weight * mask`` in place (baked)."""
+        from torch.nn.utils import prune  # part of torch
+
+        for e in self.entries.values():  # validate everything before the first write
+            if e.new_weight is not None and e.new_weight.shape != e.target.orig().shape:
+                raise ValueError(f"plan for {e.target.key}: stale shape")
+        for e in self.entries.values():
+            t = e.target
+            with torch.no_grad():
+                if e.new_weight is not None:
+                    t.orig().copy_(e.new_weight.to(t.orig().dtype))
+                if reparametrize:
+                    prune.custom_from_mask(t.module, t.name, mask=e.mask.to(t.orig().device))
+                else:
+                    w = t.orig()
+                    w.mul_(e.mask.to(w.device, w.dtype))
+
+
+def sparsity_of(tensors: Iterable[torch.Tensor]) -> float:
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    return sum(int((t == 0).sum()) for t in tensors) / max(total, 1)
+
+
+def model_sparsity(targets: Sequence[Target]) -> float:
+    return sparsity_of(t.current() for t in targets)

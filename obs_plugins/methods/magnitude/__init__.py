@@ -1,0 +1,71 @@
+"""Baselines on the same plan/mask machinery: magnitude and Wanda (Sun et al. 2023, |W| * ||x_j||)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import PruningInputError
+from ...masks import PrunePlan, allocate_global, allocate_uniform, lowest_k_mask, nm_mask, parse_nm
+from ...registry import register_method
+from ...targets import Target, from_2d, to_2d
+
+
+@dataclass
+class MagnitudeConfig:
+    """|w| pruning. allocation "global" (torch's global_unstructured with L1Unstructured) or "uniform"."""
+    allocation: str = "global"
+    nm: str | None = None
+
+
+@dataclass
+class WandaConfig:
+    """Wanda: score |W_ij| * ||X_j||, compared within each output row (needs layer curvature for ||X_j||)."""
+    nm: str | None = None
+
+
+def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, allocation: str, nm, per_row: bool,
+                      method: str) -> PrunePlan:
+    prior = {t.key: t.prior_mask() for t in targets}
+    plan = PrunePlan(report={"method": method})
+    if nm is not None:
+        for t in targets:
+            s2 = to_2d(t.module, scores[t.key])
+            keep = nm_mask(s2, *nm, prior_mask=to_2d(t.module, prior[t.key]))
+            plan.add(t, from_2d(t.module, keep, t.current()))
+        return plan
+    counts = allocate_uniform(prior, k_total) if allocation == "uniform" else allocate_global(scores, prior, k_total)
+    for t in targets:
+        if per_row:  # same number of prunes in every output row (Wanda's comparison group)
+            s2, p2 = to_2d(t.module, scores[t.key]), to_2d(t.module, prior[t.key])
+            row_counts = allocate_uniform({i: p2[i] for i in range(p2.shape[0])}, counts[t.key])
+            keep = torch.stack([lowest_k_mask(s2[i], row_counts[i], p2[i]) for i in range(p2.shape[0])])
+            mask = from_2d(t.module, keep, t.current())
+        else:
+            mask = lowest_k_mask(scores[t.key], counts[t.key], prior[t.key])
+        plan.add(t, mask)
+    return plan
+
+
+def magnitude_solve(targets: list[Target], k_total: int | None, config: MagnitudeConfig) -> PrunePlan:
+    if config.allocation not in ("uniform", "global"):
+        raise PruningInputError(f"allocation: 'uniform' or 'global', got {config.allocation!r}")
+    scores = {t.key: t.current().abs().float() for t in targets}
+    return _plan_from_scores(targets, scores, k_total, config.allocation, parse_nm(config.nm), False, "magnitude")
+
+
+def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePlan:
+    scores = {}
+    for t in curvature.targets:
+        if t.key not in curvature.hessians:
+            raise PruningInputError(f"curvature: Wanda needs layer curvature for {t.key}")
+        col_norm = torch.diagonal(curvature.hessians[t.key]).clamp_min(0).sqrt()  # ∝ ||X_j||
+        s2 = to_2d(t.module, t.current()).abs().float() * col_norm.unsqueeze(0).float()
+        scores[t.key] = from_2d(t.module, s2, t.current())
+    return _plan_from_scores(curvature.targets, scores, k_total, "uniform", parse_nm(config.nm), True, "wanda")
+
+
+register_method("magnitude", MagnitudeConfig, magnitude_solve, kind="one-shot", description="|w| baseline")
+register_method("wanda", WandaConfig, wanda_solve, kind="one-shot", description="|w|·||x|| per output row")
+
+__all__ = ["MagnitudeConfig", "WandaConfig", "magnitude_solve", "wanda_solve"]

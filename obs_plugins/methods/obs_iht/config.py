@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class OBSIHTConfig:
+    """Iterative Optimal Brain Surgeon (Wu et al., NeurIPS 2024).
+
+    iterations:  T.  T=1 is the per-layer OBS sweep (SparseGPT-equivalent).  Each further iteration is one IHT
+                 step of the paper, ``theta <- project_k(theta - eta * grad f(theta) (H + lambda I)^-1)``, with
+                 ``grad f`` the gradient of the calibration loss and the projection the per-layer OBS sweep.
+    nm:          "N:M" semi-structured pattern (e.g. "2:4"), or None for unstructured.
+    allocation:  how a global ``amount`` is split over tensors: "uniform" (same fraction per tensor) or
+                 "global" (one ranking of OBS saliencies; Fisher-based when the curvature has Fisher blocks).
+    rel_damp:    relative damping ``lambda = rel_damp * mean(diag H)``; the ladder climbs from here on failure.
+    blocksize:   columns per lazy-update block of the sweep (mask chosen adaptively per block).
+    step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||direction||), searched per step on
+                 the held-out calibration split.
+    holdout_fraction: share of the calibration batches held out for choosing eta and the best iteration.
+    fixed_mask_after_first: keep the support chosen by the first sweep (measured to be as good and stabler).
+    """
+    iterations: int = 1
+    nm: str | None = None
+    allocation: str = "uniform"
+    rel_damp: float = 0.01
+    blocksize: int = 128
+    step_sizes: tuple = (0.0025, 0.005, 0.01, 0.02)
+    holdout_fraction: float = 0.25
+    fixed_mask_after_first: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        from ...errors import PruningInputError
+        from ...masks import parse_nm
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise PruningInputError(f"iterations: must be an int >= 1, got {self.iterations!r}")
+        parse_nm(self.nm)
+        if self.allocation not in ("uniform", "global"):
+            raise PruningInputError(f"allocation: 'uniform' or 'global', got {self.allocation!r}")
+        if not self.rel_damp > 0:
+            raise PruningInputError(f"rel_damp: must be > 0, got {self.rel_damp!r}")
+        if not (isinstance(self.blocksize, int) and self.blocksize > 0):
+            raise PruningInputError(f"blocksize: must be a positive int, got {self.blocksize!r}")
+        if not self.step_sizes or any(not s > 0 for s in self.step_sizes):
+            raise PruningInputError(f"step_sizes: need positive values, got {self.step_sizes!r}")
+        if not 0 < self.holdout_fraction < 1:
+            raise PruningInputError(f"holdout_fraction: must be in (0, 1), got {self.holdout_fraction!r}")

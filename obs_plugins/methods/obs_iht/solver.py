@@ -1,0 +1,207 @@
+"""OBS-IHT: the per-layer OBS sweep (projection) and the curvature-preconditioned IHT loop.
+
+Pure functions over 2-D weight views ``W (rows, d)`` and the upper Cholesky factor of a layer's damped inverse
+curvature ``hinv_chol_upper`` (``H^-1 = U^T U``).  Statistics are collected elsewhere (obs_plugins.curvature).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...curvature.linalg import InverseFactor, inverse_factor
+from ...errors import PruningInputError
+from ...masks import PrunePlan, allocate_global, allocate_uniform, parse_nm
+from ...targets import from_2d, to_2d
+
+
+def _block_quotas(keep_prior: torch.Tensor, k: int, blocksize: int) -> list[int]:
+    """Split ``k`` new prunes over column blocks in proportion to each block's survivors (exact total)."""
+    d = keep_prior.shape[1]
+    avail = [int(keep_prior[:, i:i + blocksize].sum()) for i in range(0, d, blocksize)]
+    total, acc, done, out = sum(avail), 0, 0, []
+    for a in avail:
+        acc += a
+        target = round(k * acc / total) if total else 0
+        out.append(min(target - done, a))
+        done += out[-1]
+    if done != k:  # rounding pushed a quota over a block's survivors: hand the rest to blocks with room
+        for i, a in enumerate(avail):
+            extra = min(k - done, a - out[i])
+            out[i] += extra
+            done += extra
+    return out
+
+
+def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None = None,
+              keep: torch.Tensor | None = None, keep_prior: torch.Tensor | None = None,
+              nm: tuple[int, int] | None = None, blocksize: int = 128):
+    """One OBS pass over the columns of ``W`` with lazy block updates (the layer-wise OBS projection).
+
+    Exactly one of: ``keep`` (a fixed bool mask to project onto), ``k`` (number of new prunes, chosen
+    adaptively per block by the saliency ``w^2 / U_jj^2``), or ``nm`` (N:M per row and group).
+    ``keep_prior`` marks entries that must stay pruned (previous masks).  Returns ``(W_new, keep, loss)`` with
+    ``loss`` the predicted increase of ``1/2 sum_rows dw H dw^T``; pruned entries of ``W_new`` are exactly 0.
+    """
+    rows, d = W.shape
+    U = hinv_chol_upper
+    W = W.clone().to(U.dtype)
+    prior = torch.ones_like(W, dtype=torch.bool) if keep_prior is None else keep_prior.bool()
+    choose = keep is None
+    keep = prior.clone() if choose else (keep.bool() & prior)
+    quotas = _block_quotas(prior, k, blocksize) if (choose and nm is None) else None
+    if choose and nm is None and k is None:
+        raise ValueError("obs_sweep: give k, keep or nm")
+    loss = torch.zeros((), dtype=U.dtype, device=W.device)
+    for bi, i1 in enumerate(range(0, d, blocksize)):
+        i2 = min(i1 + blocksize, d)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1)
+        Err1 = torch.zeros_like(W1)
+        if quotas is not None and quotas[bi]:
+            sal = (W1 ** 2 / diag.unsqueeze(0) ** 2).masked_fill(~prior[:, i1:i2], float("inf"))
+            idx = torch.sort(sal.reshape(-1), stable=True).indices[:quotas[bi]]
+            blk = keep[:, i1:i2].reshape(-1).clone()
+            blk[idx] = False
+            keep[:, i1:i2] = blk.reshape(rows, i2 - i1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if nm is not None and choose and col % nm[1] == 0:
+                n, m = nm
+                sal = W1[:, i:i + m] ** 2 / diag[i:i + m].unsqueeze(0) ** 2
+                sal = sal.masked_fill(~prior[:, col:col + m], float("-inf"))
+                idx = torch.sort(sal, dim=1, stable=True).indices[:, :n]
+                grp = torch.ones_like(sal, dtype=torch.bool).scatter_(1, idx, False) & prior[:, col:col + m]
+                keep[:, col:col + m] = grp
+            w = W1[:, i]
+            q = torch.where(keep[:, col], w, torch.zeros_like(w))
+            err = (w - q) / diag[i]
+            loss += 0.5 * (err ** 2).sum()
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    W[~keep] = 0.0
+    return W, keep, loss
+
+
+def _layer_saliency(W: torch.Tensor, f: InverseFactor) -> torch.Tensor:
+    """OBS saliency ``w_q^2 / (2 [H^-1]_qq)``: the layer-loss increase of removing w_q alone."""
+    return W.to(f.hinv.dtype) ** 2 / (2 * torch.diagonal(f.hinv).unsqueeze(0))
+
+
+def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] | None = None) -> PrunePlan:
+    """Compute the OBS-IHT plan for the curvature's targets (or ``only_keys``) without touching the model.
+
+    ``counts_total``: number of new prunes over all these tensors (ignored for N:M).
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    nm = parse_nm(config.nm)
+    targets = [t for t in curvature.targets if only_keys is None or t.key in only_keys]
+    missing = [t.key for t in targets if t.key not in curvature.hessians]
+    if missing:
+        raise PruningInputError(f"curvature: no layer curvature for {missing[:3]}; collect it with "
+                                "Curvature.layerwise(...)")
+    if config.iterations > 1:
+        curvature._need_loss("OBS-IHT iterations > 1")
+        if len(curvature.batches) < 2:
+            raise PruningInputError("curvature: iterations > 1 need at least 2 calibration batches "
+                                    "(gradient and held-out splits)")
+    W0, prior, factors = {}, {}, {}
+    for t in targets:
+        W0[t.key] = to_2d(t.module, t.current()).float()
+        prior[t.key] = to_2d(t.module, t.prior_mask())
+        factors[t.key] = inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
+    # how many new prunes each tensor gets
+    if nm is not None:
+        counts = {k: None for k in W0}
+    elif config.allocation == "uniform":
+        counts = allocate_uniform(prior, counts_total)
+    else:
+        sal = {k: _fisher_or_layer_saliency(curvature, k, W0[k], factors[k]) for k in W0}
+        counts = allocate_global(sal, prior, counts_total)
+
+    # T = 1: the OBS sweep chooses the support and updates the kept weights
+    Wt, keep, est = {}, {}, {}
+    for t in tqdm(targets, desc="OBS sweep", disable=not config.progress, leave=False):
+        k = t.key
+        Wt[k], keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k], keep_prior=prior[k],
+                                           nm=nm, blocksize=config.blocksize)
+        Wt[k] = Wt[k].float()
+    report = {"method": "obs_iht", "iterations_requested": config.iterations,
+              "rel_damp_used": {k: f.rel_damp for k, f in factors.items()},
+              "predicted_layer_loss": {k: float(v) for k, v in est.items()}}
+    best = (None, Wt)
+    if config.iterations > 1:
+        best, history = _iht_steps(curvature, targets, Wt, keep, factors, config, nm)
+        report["history"] = history
+        report["best_iteration"] = best[0]
+    Wbest = best[1]
+    plan = PrunePlan(report=report)
+    for t in targets:
+        cur = t.current()
+        mask = from_2d(t.module, keep[t.key], cur)
+        neww = from_2d(t.module, Wbest[t.key].to(cur.dtype), cur)
+        plan.add(t, mask, neww)
+    return plan
+
+
+def _fisher_or_layer_saliency(curvature, key, W, factor):
+    fisher = getattr(curvature, "fisher", None) or {}
+    if key in fisher:
+        from ...curvature.fisher import obs_saliency
+        return to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)).float()
+    return _layer_saliency(W, factor)
+
+
+def _project(curvature, targets, Z, keep, factors, config, nm):
+    out = {}
+    for t in targets:
+        k = t.key
+        out[k] = obs_sweep(Z[k], factors[k].hinv_chol_upper, keep=keep[k], blocksize=config.blocksize)[0].float()
+    return out
+
+
+def _overrides(targets, W):
+    return {t.key: from_2d(t.module, W[t.key], t.current()) for t in targets}
+
+
+def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
+    """Iterations 2..T: theta <- project(theta - eta * grad f(theta) H^-1), eta chosen on held-out batches."""
+    from tqdm.auto import tqdm
+
+    n_hold = max(1, int(round(len(curvature.batches) * config.holdout_fraction)))
+    grad_batches, hold = curvature.batches[:-n_hold], curvature.batches[-n_hold:]
+    hold_loss = curvature.loss(_overrides(targets, W1), hold)
+    history = [{"iteration": 1, "holdout_loss": hold_loss, "step_size": 0.0}]
+    best = (1, W1, hold_loss)
+    W = W1
+    wnorm = math.sqrt(sum(float((W[t.key] ** 2).sum()) for t in targets))
+    for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
+                   leave=False):
+        train_loss, G = curvature.loss_and_grad(_overrides(targets, W), grad_batches)
+        D = {}
+        for t in targets:
+            g = to_2d(t.module, G[t.key]).to(factors[t.key].hinv.dtype)
+            D[t.key] = (g @ factors[t.key].hinv).float()
+        dnorm = math.sqrt(sum(float((D[k] ** 2).sum()) for k in D)) or 1.0
+        trials = []
+        for rho in config.step_sizes:
+            eta = rho * wnorm / dnorm
+            cand = _project(curvature, targets, {k: W[k] - eta * D[k] for k in W}, keep, factors, config, nm)
+            trials.append((curvature.loss(_overrides(targets, cand), hold), rho, cand))
+        loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0])
+        history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
+                        "train_loss_before": train_loss,
+                        "tried": {r: l for l, r, _ in trials}})
+        if loss_b >= best[2]:
+            history[-1]["accepted"] = False
+            break  # no step size improves the held-out loss: later iterations would only repeat this
+        history[-1]["accepted"] = True
+        W = cand_b
+        best = (it, W, loss_b)
+    return (best[0], best[1]), history

@@ -1,0 +1,136 @@
+"""Which tensors are pruned, and their 2-D weight views.
+
+Every solver works on a 2-D view ``(out_features, in_features)`` whose columns line up with the layer
+input: nn.Linear as is, nn.Conv2d as ``(C_out, C_in*kh*kw)`` (the column order of ``F.unfold``), and the
+Hugging Face ``Conv1D`` (``y = x @ W``, weight ``(in, out)``) transposed.  Adapters translate only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PruningInputError
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D without importing transformers in core
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise PruningInputError(f"params: grouped Conv2d (groups={module.groups}) is not supported")
+        return "conv2d"
+    if _is_hf_conv1d(module):
+        return "conv1d"
+    raise PruningInputError(f"params: {type(module).__name__} is not supported; "
+                            "prunable layers are nn.Linear, nn.Conv2d and transformers Conv1D")
+
+
+def to_2d(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A 2-D (out, in) view/copy of a tensor shaped like ``module.weight``."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return tensor
+    if kind == "conv2d":
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor.t()
+
+
+def from_2d(module: nn.Module, mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_2d`: reshape a (out, in) matrix back to the parameter's shape."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return mat.reshape(like.shape)
+    if kind == "conv2d":
+        return mat.reshape(like.shape)
+    return mat.t().reshape(like.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One prunable tensor: ``getattr(module, name)`` (the effective weight, ``orig * mask`` when pruned)."""
+    key: str
+    module: nn.Module
+    name: str
+
+    @property
+    def pruned_before(self) -> bool:
+        """torch.nn.utils.prune has installed a mask on this tensor."""
+        return hasattr(self.module, self.name + "_mask")
+
+    def orig(self) -> torch.Tensor:
+        """The stored parameter: ``<name>_orig`` once torch.nn.utils.prune reparametrised it (also while its
+        ``apply`` is running and ``<name>`` is gone), else ``<name>`` itself."""
+        o = getattr(self.module, self.name + "_orig", None)
+        return o if o is not None else getattr(self.module, self.name)
+
+    def prior_mask(self) -> torch.Tensor:
+        if self.pruned_before:
+            return getattr(self.module, self.name + "_mask").detach().bool()
+        return torch.ones_like(self.orig(), dtype=torch.bool)
+
+    def current(self) -> torch.Tensor:
+        """The effective weight (``orig * mask`` when pruned), detached."""
+        o = self.orig().detach()
+        return o * getattr(self.module, self.name + "_mask") if self.pruned_before else o
+
+
+def resolve_targets(model: nn.Module | None, params) -> list[Target]:
+    """``params``: an iterable of ``(module, name)`` (torch's convention) or of module names.
+
+    Keys are ``"<qualified module name>.<name>"`` when the model is given, else ``"<index>.<name>"``.
+    """
+    if params is None:
+        raise PruningInputError("params: give the (module, name) pairs to prune")
+    names = {}
+    if model is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+    out, seen = [], set()
+    for i, p in enumerate(list(params)):
+        if isinstance(p, str):
+            if model is None:
+                raise PruningInputError("params: module names need the model")
+            module = model.get_submodule(p)
+            p = (module, "weight")
+        if not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], nn.Module) and isinstance(p[1], str)):
+            raise PruningInputError(f"params[{i}]: expected (module, name), got {p!r}")
+        module, name = p
+        if not hasattr(module, name) and not hasattr(module, name + "_orig"):
+            raise PruningInputError(f"params[{i}]: module {type(module).__name__} has no parameter {name!r}")
+        t = getattr(module, name, None)
+        t = getattr(module, name + "_orig") if t is None else t
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise PruningInputError(f"params[{i}]: {name!r} must be a floating-point tensor, got "
+                                    f"{getattr(t, 'dtype', type(t))}")
+        if name == "weight":
+            layer_kind(module)
+        if (id(module), name) in seen:
+            raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is listed twice")
+        seen.add((id(module), name))
+        if model is not None and id(module) not in names:
+            raise PruningInputError(f"params[{i}]: module is not part of the model")
+        prefix = names.get(id(module), str(i))
+        out.append(Target(f"{prefix}.{name}" if prefix else name, module, name))
+    if not out:
+        raise PruningInputError("params: empty")
+    return out
+
+
+def prunable_linear_targets(model: nn.Module, *, exclude: tuple[str, ...] = ("lm_head",),
+                            types=(nn.Linear, nn.Conv2d)) -> list[Target]:
+    """Every Linear/Conv2d/Conv1D weight in the model, minus names containing an ``exclude`` entry."""
+    pairs = []
+    for qn, m in model.named_modules():
+        if any(e in qn for e in exclude):
+            continue
+        if isinstance(m, types) or _is_hf_conv1d(m):
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                continue
+            pairs.append(qn)
+    return resolve_targets(model, pairs)
