@@ -58,6 +58,8 @@ class _PlanPruningMethod(prune.BasePruningMethod):
         return targets
 
     def compute_mask(self, t, default_mask):
+        # t: the whole tensor (first .apply) or the flat still-unpruned entries (global_unstructured, or a
+        # PruningContainer on a second round); our mask comes back in the same shape
         try:
             targets = self._targets()
             kept = [tgt.prior_mask() for tgt in targets]
@@ -67,7 +69,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
                     f"params: torch passed {t.numel()} unpruned entries but the {len(targets)} parameters the "
                     f"{self._source_name} was built for have {expected.numel()}; pass exactly the same (module, "
                     "name) list, in the same order")
-            if not torch.equal(expected.to(t.device, t.dtype), t.detach()):
+            if not torch.equal(expected.to(t.device, t.dtype), t.detach().reshape(-1)):
                 raise PruningInputError(
                     f"params: the values torch passed do not match the parameters the {self._source_name} was "
                     "built for (different order, different tensors, or importance_scores= given); pass the same "
@@ -81,7 +83,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
                         e.target.orig().copy_(e.new_weight.to(e.target.orig().dtype))
             self.last_report = plan.report
             flat = torch.cat([plan.entries[tgt.key].mask[m] for tgt, m in zip(targets, kept)])
-            return flat.to(device=default_mask.device, dtype=default_mask.dtype) * default_mask
+            return flat.reshape(default_mask.shape).to(device=default_mask.device, dtype=default_mask.dtype) * default_mask
         finally:
             self._release()
 
@@ -91,7 +93,8 @@ class OBSIHT(_PlanPruningMethod):
 
     Args: ``amount`` (torch's meaning), ``curvature`` (an :class:`obs_plugins.Curvature` collected for these
     parameters; with ``loss_fn`` when ``iterations > 1``), and any :class:`OBSIHTConfig` field (``iterations``,
-    ``nm``, ``allocation`` (default "global" here, like ``global_unstructured``), ``rel_damp``...).
+    ``nm``, ``allocation``, ``rel_damp``...).  ``allocation="uniform"`` (default) prunes ``amount`` of every listed
+    tensor; ``"global"`` ranks all weights together by their Fisher OBS saliency (needs Fisher curvature).
     """
     _source_name = "curvature"
 
@@ -107,7 +110,6 @@ class OBSIHT(_PlanPruningMethod):
         if unknown:
             raise PruningInputError(f"OBSIHT: unknown argument(s) {unknown}; accepted: amount, curvature, "
                                     f"{sorted(fields)}")
-        config.setdefault("allocation", "global")
         self.config = OBSIHTConfig(**config)
         self.config.validate()
         nm = parse_nm(self.config.nm)

@@ -232,7 +232,7 @@ class Curvature:
                     b = _move(b, self.device)
                     loss = self.loss_fn(self.forward_fn(self.model, b), b)
                     gs = torch.autograd.grad(loss, params)
-                    total += float(loss)
+                    total += float(loss.detach())
                     for t, g in zip(self.targets, gs):
                         grads[t.key].add_(g.float())
         finally:

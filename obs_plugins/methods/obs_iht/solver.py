@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ...curvature.linalg import InverseFactor, inverse_factor
+from ...curvature.linalg import inverse_factor
 from ...errors import PruningInputError
 from ...masks import PrunePlan, allocate_global, allocate_uniform, parse_nm
 from ...targets import from_2d, to_2d
@@ -87,11 +87,6 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     return W, keep, loss
 
 
-def _layer_saliency(W: torch.Tensor, f: InverseFactor) -> torch.Tensor:
-    """OBS saliency ``w_q^2 / (2 [H^-1]_qq)``: the layer-loss increase of removing w_q alone."""
-    return W.to(f.hinv.dtype) ** 2 / (2 * torch.diagonal(f.hinv).unsqueeze(0))
-
-
 def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] | None = None) -> PrunePlan:
     """Compute the OBS-IHT plan for the curvature's targets (or ``only_keys``) without touching the model.
 
@@ -122,7 +117,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
     elif config.allocation == "uniform":
         counts = allocate_uniform(prior, counts_total)
     else:
-        sal = {k: _fisher_or_layer_saliency(curvature, k, W0[k], factors[k]) for k in W0}
+        sal = {k: _fisher_saliency(curvature, k) for k in W0}
         counts = allocate_global(sal, prior, counts_total)
 
     # T = 1: the OBS sweep chooses the support and updates the kept weights
@@ -150,12 +145,15 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
     return plan
 
 
-def _fisher_or_layer_saliency(curvature, key, W, factor):
-    fisher = getattr(curvature, "fisher", None) or {}
-    if key in fisher:
-        from ...curvature.fisher import obs_saliency
-        return to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)).float()
-    return _layer_saliency(W, factor)
+def _fisher_saliency(curvature, key):
+    """Global allocation needs saliencies comparable across layers: the empirical-Fisher OBS saliency of the
+    model loss.  Layer-Gram saliencies measure each layer's own output error and are not comparable (on a
+    2-layer MLP they sent 100% of one layer's weights to the pruned set), so there is no fallback."""
+    if key not in (getattr(curvature, "fisher", None) or {}):
+        raise PruningInputError(f"allocation='global' needs Fisher curvature for {key} (collect it with "
+                                "obs_plugins.curvature.fisher.collect_fisher(curv, ...)); or use allocation='uniform'")
+    from ...curvature.fisher import obs_saliency
+    return to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)).float()
 
 
 def _project(curvature, targets, Z, keep, factors, config, nm):
@@ -205,3 +203,42 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         W = cand_b
         best = (it, W, loss_b)
     return (best[0], best[1]), history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The textbook form on an explicit quadratic (the I-OBS paper's synthetic setting); also used by the tests.
+def obs_project_exact(z: torch.Tensor, hinv: torch.Tensor, k_keep: int):
+    """Curvature-aware projection of one vector onto k-sparse vectors: choose the support by the OBS
+    saliency ``z_q^2 / [H^-1]_qq`` (keep the k largest), then apply the optimal multi-weight OBS correction
+    ``z - H^-1 E_P ([H^-1]_PP)^-1 z_P`` to the kept entries.  Returns ``(w, keep_mask)``."""
+    from ...curvature.linalg import obs_solve
+    sal = z ** 2 / torch.diagonal(hinv)
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep[torch.sort(sal, descending=True, stable=True).indices[:k_keep]] = True
+    w, _ = obs_solve(z, hinv, torch.nonzero(~keep).flatten())
+    return w, keep
+
+
+def iht_quadratic(H: torch.Tensor, b: torch.Tensor, k_keep: int, iterations: int, *, method: str = "obs",
+                  eta: float | None = None, w0: torch.Tensor | None = None) -> torch.Tensor:
+    """IHT on ``f(w) = 1/2 w^T H w - b^T w`` s.t. ``||w||_0 <= k_keep``.
+
+    ``method="obs"`` (I-OBS): ``w <- project_k^OBS(w - eta H^-1 grad f(w))`` with eta = 1 by default;
+    ``method="kiht"``: ``w <- top_k(w - eta grad f(w))`` with eta = 1 / lambda_max(H) by default.
+    """
+    w = torch.zeros_like(b) if w0 is None else w0.clone()
+    if method == "obs":
+        hinv = torch.linalg.inv(H)
+        eta = 1.0 if eta is None else eta
+        for _ in range(iterations):
+            w, _ = obs_project_exact(w - eta * hinv @ (H @ w - b), hinv, k_keep)
+        return w
+    if method == "kiht":
+        eta = 1.0 / float(torch.linalg.eigvalsh(H)[-1]) if eta is None else eta
+        for _ in range(iterations):
+            z = w - eta * (H @ w - b)
+            keep = torch.zeros_like(z, dtype=torch.bool)
+            keep[torch.sort(z.abs(), descending=True, stable=True).indices[:k_keep]] = True
+            w = torch.where(keep, z, torch.zeros_like(z))
+        return w
+    raise ValueError(f"method: 'obs' or 'kiht', got {method!r}")

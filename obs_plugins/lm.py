@@ -1,0 +1,44 @@
+"""Causal-LM helpers (no transformers import): calibration batches, loss, perplexity."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_lm_batches(windows: torch.Tensor, batch_size: int = 4) -> list[dict]:
+    """Split (n, seq_len) token windows into ``{"input_ids", "labels"}`` batches (labels = inputs)."""
+    if windows.dim() != 2:
+        raise ValueError(f"windows: expected (n, seq_len), got {tuple(windows.shape)}")
+    return [{"input_ids": windows[i:i + batch_size], "labels": windows[i:i + batch_size]}
+            for i in range(0, windows.shape[0], batch_size)]
+
+
+def causal_lm_loss(output, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy; uses the model's own ``loss`` when labels were passed."""
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    ids = batch["input_ids"]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def perplexity(model, batches, *, progress: bool = True, desc: str = "perplexity") -> float:
+    """exp of the mean per-token loss over equal-length batches."""
+    from tqdm.auto import tqdm
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    try:
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            b = {k: v.to(device) for k, v in b.items()}
+            loss = causal_lm_loss(model(**b), b)
+            w = b["input_ids"].numel()
+            tot, n = tot + float(loss) * w, n + w
+    finally:
+        model.train(was)
+    return math.exp(tot / max(n, 1))

@@ -1,0 +1,230 @@
+"""OBS-IHT solver and the torch.nn.utils.prune adapter: known answers."""
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from obs_plugins import Curvature, OBSIHT, OBSIHTConfig, PruningInputError
+from obs_plugins.curvature.linalg import inverse_factor, obs_solve
+from obs_plugins.methods.obs_iht.solver import iht_quadratic, obs_sweep
+
+
+def mse(out, batch):
+    return ((out - batch[1]) ** 2).mean()
+
+
+def tiny_problem(seed=0, n=512):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    X = torch.randn(n, 16, generator=g)
+    Y = model(X).detach() + 0.1 * torch.randn(n, 4, generator=g)
+    batches = [(X[i:i + 64], Y[i:i + 64]) for i in range(0, n, 64)]
+    params = [(model[0], "weight"), (model[2], "weight")]
+    return model, params, batches
+
+
+def zeros(model):
+    return [int((m.weight == 0).sum()) for m in model if isinstance(m, nn.Linear)]
+
+
+# ---------------------------------------------------------------- the paper's synthetic known answer
+def test_iobs_beats_kiht_on_sparse_regression():
+    g = torch.Generator().manual_seed(1)
+    n, d, k_star, k = 256, 128, 16, 64
+    cov = 0.8 ** (torch.arange(d)[:, None] - torch.arange(d)[None, :]).abs().double()  # correlated features
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    w_star = torch.zeros(d, dtype=torch.float64)
+    w_star[torch.randperm(d, generator=g)[:k_star]] = torch.randn(k_star, generator=g, dtype=torch.float64)
+    y = X @ w_star + 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
+    H, b = X.T @ X / n, X.T @ y / n
+    for iters in (5, 20):
+        e_obs = (iht_quadratic(H, b, k, iters, method="obs") - w_star).norm()
+        e_kiht = (iht_quadratic(H, b, k, iters, method="kiht") - w_star).norm()
+        assert e_obs * 10 <= e_kiht, (iters, float(e_obs), float(e_kiht))
+
+
+def test_obs_solve_equals_bruteforce_enumeration():
+    """For every pruned set of a 1x8 row, the OBS solve equals float64 constrained least squares, and the
+    best set by enumeration is what exhaustive OBS picks."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    H = A.T @ A / 20 + 0.1 * torch.eye(8, dtype=torch.float64)
+    hinv = torch.linalg.inv(H)
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    best = None
+    for P in itertools.combinations(range(8), 3):
+        P = torch.tensor(P)
+        K = torch.tensor([i for i in range(8) if i not in P.tolist()])
+        w_new, loss = obs_solve(w, hinv, P)
+        # brute force: minimise 1/2 (v - w)^T H (v - w) with v_P = 0 -> v_K = w_K + H_KK^-1 H_KP w_P
+        v = torch.zeros(8, dtype=torch.float64)
+        v[K] = w[K] + torch.linalg.solve(H[K][:, K], H[K][:, P] @ w[P])
+        ref = 0.5 * (v - w) @ H @ (v - w)
+        torch.testing.assert_close(w_new, v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+        best = min(best or (float("inf"), None), (float(ref), tuple(P.tolist())))
+    assert best[0] > 0
+
+
+def test_sweep_predicted_loss_equals_measured_reconstruction_error():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(2000, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    H = 2 * X.T @ X / X.shape[0]
+    f = inverse_factor(H, 1e-10, dtype=torch.float64)
+    Wn, keep, loss = obs_sweep(W, f.hinv_chol_upper, k=128, blocksize=8)
+    assert int((~keep).sum()) == 128 and int((Wn == 0).sum()) >= 128
+    measured = ((Wn - W) @ X.T).pow(2).sum() / X.shape[0]  # ||dW X||^2 / n = 1/2 sum_rows dw H dw^T
+    torch.testing.assert_close(loss, measured, rtol=1e-6, atol=0)
+    # and OBS beats magnitude pruning at the same count on correlated inputs (measured ratio 0.64)
+    thr = W.abs().flatten().sort().values[127]
+    Wm = torch.where(W.abs() > thr, W, torch.zeros_like(W))
+    assert measured < 0.8 * ((Wm - W) @ X.T).pow(2).sum() / X.shape[0]
+
+
+def test_sweep_fixed_mask_keeps_support_and_nm_pattern():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(300, 16, generator=g)
+    W = torch.randn(6, 16, generator=g)
+    f = inverse_factor(2 * X.T @ X / 300, 0.01)
+    keep = torch.rand(6, 16, generator=g) > 0.5
+    Wn, k2, _ = obs_sweep(W, f.hinv_chol_upper, keep=keep)
+    assert torch.equal(k2, keep) and torch.all(Wn[~keep] == 0)
+    Wn, k3, _ = obs_sweep(W, f.hinv_chol_upper, nm=(2, 4))
+    assert torch.equal((~k3).reshape(6, 4, 4).sum(-1), torch.full((6, 4), 2))
+
+
+# ---------------------------------------------------------------- torch.nn.utils.prune contract
+def test_global_unstructured_exact_counts_and_update_in_orig():
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.7, curvature=curv, progress=False)
+    assert zeros(model) == [round(0.7 * 512), round(0.7 * 128)]
+    # the OBS update lives in weight_orig; the effective weight is orig * mask
+    assert torch.equal(model[0].weight, model[0].weight_orig * model[0].weight_mask)
+    prune.remove(model[0], "weight")
+    prune.remove(model[2], "weight")
+    assert zeros(model) == [358, 90] and not hasattr(model[0], "weight_orig")
+
+
+def test_obs_beats_magnitude_on_the_model_loss():
+    model, params, batches = tiny_problem()
+    X, Y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    mag = copy.deepcopy(model)
+    for m in (mag[0], mag[2]):
+        prune.l1_unstructured(m, "weight", amount=0.7)
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.7, curvature=curv, progress=False)
+    assert zeros(model) == zeros(mag)
+    assert float(mse(model(X), (X, Y))) < 0.95 * float(mse(mag(X), (X, Y)))
+
+
+def test_int_amount_apply_and_second_round_keeps_old_zeros():
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    OBSIHT.apply(model[0], "weight", amount=100, curvature=curv)
+    first = model[0].weight == 0
+    assert int(first.sum()) == 100
+    curv2 = Curvature.layerwise(model, params, batches, progress=False)  # re-calibrate the pruned model
+    OBSIHT.apply(model[0], "weight", amount=0.5, curvature=curv2)
+    second = model[0].weight == 0
+    assert int(second.sum()) == 100 + round(0.5 * 412)
+    assert torch.all(second[first])
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the hook must not drag the curvature (model + data) along
+    hooks = list(model[0]._forward_pre_hooks.values())
+    assert all(getattr(m, "curvature", None) is None for h in hooks for m in getattr(h, "_pruning_methods", [h]))
+
+
+def test_nm_through_global_unstructured():
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, nm="2:4", progress=False)
+    for m in (model[0], model[2]):
+        z = (m.weight == 0).reshape(m.weight.shape[0], -1, 4).sum(-1)
+        assert torch.all(z == 2)
+
+
+def test_iterations_improve_heldout_loss():
+    model, params, batches = tiny_problem(n=1024)
+    curv = Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)
+    from obs_plugins.methods.obs_iht import solve
+    plan = solve(curv, round(0.7 * 640), OBSIHTConfig(iterations=4, progress=False, step_sizes=(0.01, 0.03, 0.1)))
+    hist = plan.report["history"]
+    assert hist[0]["iteration"] == 1 and len(hist) >= 2
+    best = min(h["holdout_loss"] for h in hist if h["iteration"] == 1 or h["accepted"])
+    assert best < 0.97 * hist[0]["holdout_loss"]
+    assert plan.report["best_iteration"] > 1
+    # masks exact and the model untouched by planning
+    assert sum(int((~e.mask).sum()) for e in plan.entries.values()) == round(0.7 * 640)
+    assert not hasattr(model[0], "weight_mask")
+
+
+def test_conv_and_hf_conv1d_layers():
+    from transformers.pytorch_utils import Conv1D
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+    c1 = Conv1D(12, 10)  # weight (in=10, out=12)
+    for model, make in ((conv, lambda: torch.randn(4, 3, 8, 8)), (c1, lambda: torch.randn(4, 5, 10))):
+        params = [(m, "weight") for m in model.modules() if hasattr(m, "weight") and m.weight is not None
+                  and m.weight.dim() >= 2]
+        curv = Curvature.layerwise(model, params, [make() for _ in range(4)], progress=False)
+        total = sum(p[0].weight.numel() for p in params)
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+        assert sum(int((p[0].weight == 0).sum()) for p in params) == round(0.5 * total)
+
+
+# ---------------------------------------------------------------- bad input: clear error, model unchanged
+@pytest.mark.parametrize("case", ["no_curvature", "amount_range", "amount_too_big", "wrong_order", "other_params",
+                                  "unknown_kw", "global_without_fisher", "nm_amount"])
+def test_bad_input_leaves_model_unchanged(case):
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    before = copy.deepcopy(model.state_dict())
+    kw = dict(pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+    ps = params
+    match = {"no_curvature": "curvature", "amount_range": "amount", "amount_too_big": "amount",
+             "wrong_order": "params", "other_params": "params", "unknown_kw": "unknown",
+             "global_without_fisher": "Fisher", "nm_amount": "nm"}[case]
+    if case == "no_curvature":
+        kw.pop("curvature")
+    elif case == "amount_range":
+        kw["amount"] = 1.5
+    elif case == "amount_too_big":
+        kw["amount"] = 10_000
+    elif case == "wrong_order":
+        ps = params[::-1]
+    elif case == "other_params":
+        ps = params[:1]
+    elif case == "unknown_kw":
+        kw["iteratoins"] = 2
+    elif case == "global_without_fisher":
+        kw["allocation"] = "global"
+    elif case == "nm_amount":
+        kw["nm"] = "2:4"
+        kw["amount"] = 0.7
+    with pytest.raises(PruningInputError, match=match):
+        prune.global_unstructured(ps, **kw)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not prune.is_pruned(model)
+
+
+def test_apply_on_a_module_outside_the_curvature_is_rejected_and_restored():
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params[:1], batches, progress=False)
+    before = model[2].weight.detach().clone()
+    with pytest.raises(PruningInputError, match="not among"):
+        OBSIHT.apply(model[2], "weight", amount=0.5, curvature=curv)
+    assert torch.equal(model[2].weight, before) and not prune.is_pruned(model)
+
+
+def test_iterations_need_a_loss():
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    with pytest.raises(PruningInputError, match="loss_fn"):
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, iterations=2)
+    assert not prune.is_pruned(model)
