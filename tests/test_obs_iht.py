@@ -94,6 +94,12 @@ def test_sweep_fixed_mask_keeps_support_and_nm_pattern():
     keep = torch.rand(6, 16, generator=g) > 0.5
     Wn, k2, _ = obs_sweep(W, f.hinv_chol_upper, keep=keep)
     assert torch.equal(k2, keep) and torch.all(Wn[~keep] == 0)
+    # with a fixed support the projection is linear and leaves on-support weights unchanged (the IHT loop
+    # relies on project(W - eta D) == W - eta project(D))
+    D = torch.randn(6, 16, generator=g)
+    torch.testing.assert_close(obs_sweep(Wn, f.hinv_chol_upper, keep=keep)[0], Wn, rtol=0, atol=1e-6)
+    torch.testing.assert_close(obs_sweep(Wn - 0.3 * D, f.hinv_chol_upper, keep=keep)[0],
+                               Wn - 0.3 * obs_sweep(D, f.hinv_chol_upper, keep=keep)[0], rtol=1e-5, atol=1e-5)
     Wn, k3, _ = obs_sweep(W, f.hinv_chol_upper, nm=(2, 4))
     assert torch.equal((~k3).reshape(6, 4, 4).sum(-1), torch.full((6, 4), 2))
 
