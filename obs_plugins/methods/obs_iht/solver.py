@@ -109,10 +109,12 @@ def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss):
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
 
-def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] | None = None) -> PrunePlan:
+def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] | None = None,
+          initial: PrunePlan | None = None) -> PrunePlan:
     """Compute the OBS-IHT plan for the curvature's targets (or ``only_keys``) without touching the model.
 
-    ``counts_total``: number of new prunes over all these tensors (ignored for N:M).
+    ``counts_total``: number of new prunes over all these tensors (ignored for N:M).  ``initial``: a plan from
+    an earlier call (e.g. T=1) to continue iterating from, instead of running the first sweep again.
     """
     from tqdm.auto import tqdm
 
@@ -133,22 +135,28 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         W0[t.key] = to_2d(t.module, t.current()).float()
         prior[t.key] = to_2d(t.module, t.prior_mask())
         factors[t.key] = inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
-    # how many new prunes each tensor gets
-    if nm is not None:
-        counts = {k: None for k in W0}
-    elif config.allocation == "uniform":
-        counts = allocate_uniform(prior, counts_total)
-    else:
-        sal = {k: _fisher_saliency(curvature, k) for k in W0}
-        counts = allocate_global(sal, prior, counts_total)
-
-    # T = 1: the OBS sweep chooses the support and updates the kept weights
     Wt, keep, est = {}, {}, {}
-    for t in tqdm(targets, desc="OBS sweep", disable=not config.progress, leave=False):
-        k = t.key
-        Wt[k], keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k], keep_prior=prior[k],
-                                           nm=nm, blocksize=config.blocksize)
-        Wt[k] = Wt[k].float()
+    if initial is not None:  # continue from an earlier plan: its support and weights are iteration 1
+        for t in targets:
+            e = initial.entries[t.key]
+            keep[t.key] = to_2d(t.module, e.mask)
+            Wt[t.key] = to_2d(t.module, e.new_weight if e.new_weight is not None else t.current() * e.mask).float()
+            est[t.key] = torch.zeros(())
+    else:
+        # how many new prunes each tensor gets
+        if nm is not None:
+            counts = {k: None for k in W0}
+        elif config.allocation == "uniform":
+            counts = allocate_uniform(prior, counts_total)
+        else:
+            sal = {k: _fisher_saliency(curvature, k) for k in W0}
+            counts = allocate_global(sal, prior, counts_total)
+        # T = 1: the OBS sweep chooses the support and updates the kept weights
+        for t in tqdm(targets, desc="OBS sweep", disable=not config.progress, leave=False):
+            k = t.key
+            Wt[k], keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k],
+                                               keep_prior=prior[k], nm=nm, blocksize=config.blocksize)
+            Wt[k] = Wt[k].float()
     report = {"method": "obs_iht", "iterations_requested": config.iterations,
               "rel_damp_used": {k: f.rel_damp for k, f in factors.items()},
               "predicted_layer_loss": {k: float(v) for k, v in est.items()}}
@@ -201,6 +209,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     best = (1, W1, hold_loss)
     W = W1
     wnorm = math.sqrt(sum(float((W[t.key] ** 2).sum()) for t in targets))
+    scale = 1.0  # the grid is re-centred on the last accepted step, times step_decay
     for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
                    leave=False):
         train_loss, G = curvature.loss_and_grad(_overrides(targets, W), grad_batches)
@@ -208,19 +217,32 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         for t in targets:
             g = to_2d(t.module, G[t.key]).to(factors[t.key].hinv.dtype)
             D[t.key] = (g @ factors[t.key].hinv).float()
-        dnorm = math.sqrt(sum(float((D[k] ** 2).sum()) for k in D)) or 1.0
         # with the support fixed the sweep is linear and leaves W (already on the support) unchanged, so
         # project(W - eta D) = W - eta project(D): one projection serves every candidate step size
         PD = _project(curvature, targets, D, keep, factors, config, nm)
-        trials = []
-        for rho in config.step_sizes:
-            eta = rho * wnorm / dnorm
-            cand = {k: W[k] - eta * PD[k] for k in W}
-            trials.append((curvature.loss(_overrides(targets, cand), hold), rho, cand))
+        dnorm = math.sqrt(sum(float((PD[k] ** 2).sum()) for k in PD)) or 1.0
+        def try_step(r):
+            cand = {k: W[k] - (r * wnorm / dnorm) * PD[k] for k in W}
+            return curvature.loss(_overrides(targets, cand), hold), r, cand
+
+        trials = [try_step(r * scale) for r in config.step_sizes]
+        # the best step at an edge of the grid: keep going that way while the held-out loss improves
+        for _ in range(3):
+            best_t = min(trials, key=lambda x: x[0])
+            rs = sorted(x[1] for x in trials)
+            if best_t[1] == rs[-1]:
+                trials.append(try_step(rs[-1] * 2))
+            elif best_t[1] == rs[0]:
+                trials.append(try_step(rs[0] / 2))
+            else:
+                break
+            if trials[-1][0] >= best_t[0]:
+                break
         loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0])
+        scale = rho_b / config.step_sizes[len(config.step_sizes) // 2] * config.step_decay
         history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
                         "train_loss_before": train_loss,
-                        "tried": {r: l for l, r, _ in trials}})
+                        "tried": {round(r, 6): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
         if loss_b >= best[2]:
             history[-1]["accepted"] = False
             break  # no step size improves the held-out loss: later iterations would only repeat this
