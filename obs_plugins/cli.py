@@ -31,7 +31,7 @@ def cmd_prune(args) -> int:
     progress = not args.quiet
     print(f"obs-prune: loading SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32) and Shakespeare text ...",
           flush=True)
-    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
+    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, blocks=args.blocks)
     t0 = time.perf_counter()
     dense = perplexity(setup.model, setup.heldout, progress=progress, desc="perplexity dense")
     rows = [{"method": "dense", "sparsity": "0", "measured_sparsity": 0.0, "ppl": dense,
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", type=int, default=MAIN_DEFAULTS["calib"], help="calibration windows (default 32)")
     pr.add_argument("--eval", type=int, default=MAIN_DEFAULTS["eval"], help="held-out windows (default 32)")
     pr.add_argument("--seq-len", type=int, default=MAIN_DEFAULTS["seq_len"], help="tokens per window (default 256)")
+    pr.add_argument("--blocks", type=int, default=None,
+                    help="prune only the first N of the 30 decoder blocks (quick runs; default: all)")
     pr.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     pr.add_argument("--json", help="also write the report as JSON here")
     pr.add_argument("--save", help="save the pruned model (Hugging Face format) to this folder")
@@ -155,7 +157,12 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["prune"] + argv
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .errors import CurvatureError, PruningInputError
+    try:
+        return args.func(args)
+    except (PruningInputError, CurvatureError, ValueError) as e:
+        print(f"obs-prune: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

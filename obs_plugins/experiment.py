@@ -41,7 +41,8 @@ class LLMSetup:
 
 
 def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch_size: int = 4,
-                  calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS) -> LLMSetup:
+                  calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS, blocks: int | None = None) -> LLMSetup:
+    """``blocks``: prune only the Linear weights of the first ``blocks`` decoder layers (default: all 30)."""
     from .data import load_shakespeare, load_smollm2
     t0 = time.perf_counter()
     model, tok = load_smollm2()
@@ -50,6 +51,11 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
     calib = causal_lm_batches(spread_windows(enc(calib_plays), n_calib, seq_len), batch_size)
     held = causal_lm_batches(spread_windows(enc(heldout_plays), n_eval, seq_len), batch_size)
     targets = prunable_linear_targets(model, exclude=("lm_head",))
+    if blocks is not None:
+        if not 1 <= blocks <= len(model.model.layers):
+            raise ValueError(f"blocks: must be in 1..{len(model.model.layers)}, got {blocks}")
+        keep = tuple(f"model.layers.{i}." for i in range(blocks))
+        targets = [t for t in targets if t.key.startswith(keep)]
     return LLMSetup(model, tok, calib, held, targets, load_s,
                     {"calib": f"{n_calib}x{seq_len} tokens from {len(calib_plays)} plays",
                      "heldout": f"{n_eval}x{seq_len} tokens from {', '.join(heldout_plays)}"})

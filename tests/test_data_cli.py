@@ -80,7 +80,7 @@ def test_main_job_end_to_end_small(tmp_path):
     _need(data.smollm2_dir)
     _need(data.shakespeare_dir)
     out = tmp_path / "report.json"
-    rc = main(["prune", "--calib", "4", "--eval", "4", "--seq-len", "64", "--iterations", "2", "--quiet",
+    rc = main(["prune", "--calib", "8", "--eval", "4", "--seq-len", "64", "--iterations", "2", "--blocks", "2", "--quiet",
                "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
