@@ -234,3 +234,37 @@ def test_iterations_need_a_loss():
     with pytest.raises(PruningInputError, match="loss_fn"):
         prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, iterations=2)
     assert not prune.is_pruned(model)
+
+
+def test_save_load_round_trip_keeps_masks_and_updates(tmp_path):
+    model, params, batches = tiny_problem()
+    X = torch.cat([b[0] for b in batches])
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.6, curvature=curv, progress=False)
+    ref = model(X).detach()
+    # 1) still reparametrised: a fresh model needs the same (identity) pruning before load_state_dict
+    torch.save(model.state_dict(), tmp_path / "masked.pt")
+    fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    for m in (fresh[0], fresh[2]):
+        prune.identity(m, "weight")
+    fresh.load_state_dict(torch.load(tmp_path / "masked.pt"))
+    torch.testing.assert_close(fresh(X), ref, rtol=0, atol=0)
+    # 2) baked with prune.remove: a plain state dict with exact zeros
+    for m, n in params:
+        prune.remove(m, n)
+    torch.save(model.state_dict(), tmp_path / "baked.pt")
+    plain = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    plain.load_state_dict(torch.load(tmp_path / "baked.pt"))
+    torch.testing.assert_close(plain(X), ref, rtol=0, atol=0)
+    assert zeros(plain) == [round(0.6 * 512), round(0.6 * 128)]
+
+
+def test_wanda_prunes_equally_per_output_row():
+    from obs_plugins import WandaConfig, api
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    p = api.prune(WandaConfig(), curvature=curv, amount=0.5)
+    for m in (model[0], model[2]):
+        per_row = (m.weight == 0).sum(1)
+        assert torch.all(per_row == m.weight.shape[1] // 2)
+    assert abs(p.sparsity() - 0.5) < 1e-9
