@@ -13,6 +13,7 @@ from torch.nn.utils import prune
 from transformers.pytorch_utils import Conv1D
 
 from obs_plugins.curvature import Curvature
+from tiny import Block
 from obs_plugins.curvature.fisher import (FisherBlocks, FisherWoodbury, collect_fisher, fisher_bytes,
                                           fisher_inverse_diag, obs_saliency)
 from obs_plugins.curvature.operators import (density_on_grid, hessian_spectrum, hessian_top_eigenvalue,
@@ -90,15 +91,6 @@ def test_k_batches_equal_one_concatenated_batch():
     for k in a.keys:
         assert a.counts[k] == b.counts[k] == 16
         assert rel(a.hessians[k], b.hessians[k]) < 1e-6
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(x))
 
 
 class Stack(nn.Module):

@@ -15,19 +15,11 @@ from torch import nn
 
 from obs_plugins.curvature import Curvature
 from obs_plugins.curvature.fisher import collect_fisher
+from tiny import Block
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(x))
 
 
 class Net(nn.Module):

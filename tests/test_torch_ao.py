@@ -8,18 +8,8 @@ from torch.nn.utils import prune
 
 from obs_plugins import Curvature, OBSIHT, PruningInputError
 from obs_plugins.integrations.torch_ao import OBSIHTSparsifier
-
-
-def mse(out, batch):
-    return ((out - batch[1]) ** 2).mean()
-
-
-def problem(seed=0, n=512):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    X = torch.randn(n, 16, generator=g)
-    Y = model(X).detach() + 0.1 * torch.randn(n, 4, generator=g)
-    return model, [(X[i:i + 64], Y[i:i + 64]) for i in range(0, n, 64)]
+from tiny import mse
+from tiny import regression_problem as problem
 
 
 CONFIG = [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}]

@@ -1,0 +1,260 @@
+"""ONNX adapter: export + verify on tiny models (MLP, CNN, BERT, Llama from configs). No timing assertions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from obs_plugins.errors import PruningInputError  # noqa: E402
+from obs_plugins.integrations import onnx as ox  # noqa: E402
+
+
+def _prune_all(model, amount, types=(nn.Linear, nn.Conv2d)):
+    for m in model.modules():
+        if isinstance(m, types):
+            prune.l1_unstructured(m, "weight", amount=amount)
+    return model
+
+
+def _snapshot(model):
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks = {n: [type(h).__name__ for h in m._forward_pre_hooks.values()] for n, m in model.named_modules()}
+    return sd, hooks
+
+
+def _assert_untouched(model, snap):
+    sd, hooks = snap
+    now = model.state_dict()
+    assert set(now) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(now[k], v), k
+    assert {n: [type(h).__name__ for h in m._forward_pre_hooks.values()] for n, m in model.named_modules()} == hooks
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _tokens(b=2, s=8):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 120, (b, s), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_mlp_export_verify_sparse_kernel(tmp_path):
+    model = _prune_all(_mlp(), 0.9)
+    x = torch.randn(4, 64)
+    model(x).sum().backward()           # grad mode forward: pruned weights are non-leaf tensors now
+    snap = _snapshot(model)
+    res = ox.export(model, x, tmp_path / "mlp.onnx", sparse_kernel="auto", sparse_threshold=0.8)
+    _assert_untouched(model, snap)
+    assert all(isinstance(h, prune.BasePruningMethod) for h in model[0]._forward_pre_hooks.values())
+    assert res.sparse_kernel_path and len(res.rewritten) == 3
+    rep = ox.verify(res, model, x, batch_sizes=[1, 3], runs=3, warmup=1, baseline=_mlp())
+    _assert_untouched(model, snap)
+    assert rep.ok
+    assert {o["route"] for o in rep.outputs} == {"pruned", "sparse-kernel"}
+    assert all(o["max_abs"] < 1e-4 for o in rep.outputs)
+    assert len(rep.sparsity) == 3 and all(s["ok"] and s["onnx_sparsity"] >= 0.9 - 1e-6 for s in rep.sparsity)
+    assert set(rep.latency) == {1, 3}
+    assert set(rep.latency[1]) == {"dense", "pruned", "sparse-kernel"}
+    for b in (1, 3):
+        assert rep.best[b]["route"] in rep.latency[b] and rep.best[b]["verdict"]
+        s = rep.latency[b][rep.best[b]["route"]]
+        assert rep.best[b]["route"] == "dense" or s["speedup"] >= 1.05   # never a slowdown reported as a win
+    md = rep.to_markdown()
+    assert "sparse-kernel" in md and "speedup" in md
+    rep.save(tmp_path / "r")
+    assert (tmp_path / "r.md").exists() and (tmp_path / "r.json").exists()
+    ox.plot([rep], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_sparse_kernel_rewrite_matches_dense_nd_and_gemm():
+    """MatMul on 3-D input (reshape path), Gemm with bias, transposed-weight layouts: rewrite == dense."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    W1 = rng.standard_normal((16, 24)).astype(np.float32)   # MatMul(X, W1): in=16, out=24
+    W1[rng.random(W1.shape) < 0.85] = 0
+    W2 = rng.standard_normal((8, 24)).astype(np.float32)    # Gemm transB=1: out=8
+    W2[rng.random(W2.shape) < 0.9] = 0
+    b2 = rng.standard_normal(8).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["h"]),
+             helper.make_node("Reshape", ["h", "s"], ["h2"]),
+             helper.make_node("Gemm", ["h2", "W2", "b2"], ["Y"], transB=1, alpha=0.5, beta=2.0)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 3, 16])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2"),
+                                       numpy_helper.from_array(b2, "b2"),
+                                       numpy_helper.from_array(np.array([6, 24], np.int64), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    sp, rew = ox.rewrite_sparse_kernel(m, threshold=0.8)
+    assert sorted(rew) == ["W1", "W2"]
+    assert sum(n.op_type == "SparseToDenseMatMul" for n in sp.graph.node) == 2
+    assert all(helper.get_attribute_value(a) == 1 for n in sp.graph.node if n.op_type == "SparseToDenseMatMul"
+               for a in n.attribute if a.name == "transB")
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(m, os.path.join(d, "a.onnx"))
+        onnx.save(sp, os.path.join(d, "b.onnx"))
+        x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+        ya = ox.OrtRunner(os.path.join(d, "a.onnx")).run({"X": x})[0]
+        rb = ox.OrtRunner(os.path.join(d, "b.onnx"))
+        assert rb.sparse_kernel and rb.input_names == ["X"]
+        yb = rb.run({"X": x})[0]
+    ref = 0.5 * (x.reshape(6, 16) @ W1) @ W2.T + 2.0 * b2
+    np.testing.assert_allclose(ya, ref, atol=1e-5)
+    np.testing.assert_allclose(yb, ya, atol=1e-5)
+
+
+def test_cnn_export_verify_and_sparse_storage(tmp_path):
+    model = _prune_all(_cnn(), 0.8)
+    x = torch.randn(3, 3, 12, 12)
+    snap = _snapshot(model)
+    dense = ox.export(model, x, tmp_path / "d.onnx", sparse_kernel="off")
+    res = ox.export(model, x, tmp_path / "cnn.onnx", sparse_kernel="auto", sparse_storage=True)
+    _assert_untouched(model, snap)
+    assert res.sparse_storage and res.file_bytes < dense.file_bytes
+    assert res.sparse_kernel_path  # the final Linear (80% zeros) qualifies; convs stay dense
+    rep = ox.verify(res, model, x, batch_sizes=[2], runs=3, warmup=1)
+    assert rep.ok
+    conv = [s for s in rep.sparsity if s["param"].startswith("0.")]
+    assert conv and conv[0]["onnx_sparsity"] >= conv[0]["model_sparsity"] - 1e-6
+
+
+@pytest.mark.parametrize("make", [_bert, _llama], ids=["bert", "llama"])
+def test_transformers_export_verify(tmp_path, make):
+    model = make()
+    from obs_plugins import prunable_linear_targets
+    targets = prunable_linear_targets(model)
+    for t in targets:
+        prune.l1_unstructured(t.module, t.name, amount=0.9)
+    snap = _snapshot(model)
+    inp = _tokens()
+    res = ox.export(model, inp, tmp_path / "m.onnx", sparse_kernel="on")
+    _assert_untouched(model, snap)
+    assert res.sparse_kernel_path and len(res.rewritten) >= 12
+    rep = ox.verify(res, model, _tokens(3, 11), batch_sizes=[1], runs=2, warmup=1)   # other batch and length
+    _assert_untouched(model, snap)
+    assert rep.ok
+    assert {o["route"] for o in rep.outputs} == {"pruned", "sparse-kernel"}
+    pruned = [s for s in rep.sparsity if s["model_sparsity"] > 0.5]
+    assert len(pruned) == len(targets) and all(s["ok"] and s["onnx_sparsity"] >= 0.9 - 1e-3 for s in pruned)
+
+
+def test_mismatched_model_fails_loudly(tmp_path):
+    model = _prune_all(_mlp(), 0.5)
+    x = torch.randn(4, 64)
+    res = ox.export(model, x, tmp_path / "m.onnx", sparse_kernel="off")
+    other = _prune_all(_mlp(), 0.5)     # same seed: the same model, then changed
+    with torch.no_grad():
+        other[2].weight_orig.mul_(1.5)
+    with pytest.raises(ox.VerificationError, match=r"output 0 .*differs from PyTorch: max abs error"):
+        ox.verify(res, other, x, bench=False)
+    rep = ox.verify(res, other, x, bench=False, raise_on_fail=False)
+    assert not rep.ok and rep.info["failures"]
+    # a model with more zeros than the file holds: sparsity did not survive
+    sparser = _prune_all(_mlp(), 0.5)
+    prune.l1_unstructured(sparser[4], "weight", amount=0.9)
+    with pytest.raises(ox.VerificationError, match="sparsity did not survive"):
+        ox.verify(res, sparser, x, bench=False, atol=1e3)
+    # a corrupted file: a weight overwritten after export
+    m = onnx.load(res.path)
+    from onnx import numpy_helper
+    init = max(m.graph.initializer, key=lambda i: int(np.prod(i.dims)))
+    a = numpy_helper.to_array(init).copy()
+    a[a == 0] = 0.3
+    init.CopyFrom(numpy_helper.from_array(a, init.name))
+    onnx.save(m, tmp_path / "bad.onnx")
+    with pytest.raises(ox.VerificationError) as e:
+        ox.verify(tmp_path / "bad.onnx", model, x, bench=False)
+    assert "differs from PyTorch" in str(e.value) and "sparsity did not survive" in str(e.value)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(PruningInputError, match="sparse_kernel"):
+        ox.export(_mlp(), torch.randn(2, 64), tmp_path / "x.onnx", sparse_kernel="yes")
+    with pytest.raises(PruningInputError, match="onnx_path"):
+        ox.verify(tmp_path / "missing.onnx", _mlp(), torch.randn(2, 64))
+
+
+def test_cli_parser_has_export_options():
+    from obs_plugins.cli import build_parser
+    a = build_parser().parse_args(["export", "o.onnx", "--sparsity", "0.9", "--batch-sizes", "1", "4",
+                                   "--sparse-kernel", "on", "--model", "minilm"])
+    assert a.output == "o.onnx" and a.sparsity == 0.9 and a.batch_sizes == [1, 4] and a.sparse_kernel == "on"
+
+
+def test_batch_one_example_keeps_batch_dynamic(tmp_path):
+    model = _prune_all(_mlp(), 0.9)
+    res = ox.export(model, torch.randn(1, 64), tmp_path / "b1.onnx", sparse_kernel="off")
+    rep = ox.verify(res, model, torch.randn(5, 64), bench=False)
+    assert rep.ok and rep.outputs[0]["shape"] == [5, 10]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_cli_export_minilm(tmp_path, capsys):
+    from obs_plugins.cli import main
+    out = tmp_path / "m.onnx"
+    rc = main(["export", str(out), "--sparsity", "0.9", "--seq-len", "16", "--batch-sizes", "1", "2",
+               "--runs", "3", "--report", str(tmp_path / "rep")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.exists() and (tmp_path / "m.sparse.onnx").exists()
+    assert (tmp_path / "rep.md").exists() and (tmp_path / "rep.json").exists()
+    assert "speedup vs dense" in text and "batch 2:" in text
+    assert main(["export", str(out), "--sparsity", "1.5"]) == 2
+
+
+def test_verdict_rules_known_answers():
+    def st(med, q25, q75, runs=10):
+        return {"median_ms": med, "q25_ms": q25, "q75_ms": q75, "runs": runs}
+
+    def with_speed(d):
+        for v in d.values():
+            v["speedup"] = d["dense"]["median_ms"] / v["median_ms"]
+        return d
+    win = ox._verdict(1, with_speed({"dense": st(10, 9.8, 10.2), "pruned": st(5, 4.9, 5.1)}), "dense", 1.05, 0.5,
+                      False, True)
+    assert win["route"] == "pruned" and win["speedup"] == 2.0 and "2.00× faster" in win["verdict"]
+    # 1.10× median but the IQRs overlap: not a win, and the verdict says why
+    ov = ox._verdict(1, with_speed({"dense": st(11, 9, 13), "pruned": st(10, 8, 12)}), "dense", 1.05, 0.9,
+                     False, True)
+    assert ov["route"] == "dense" and "within noise" in ov["verdict"] and "structured pruning" in ov["verdict"]
+    # a slowdown is never the chosen route
+    slow = ox._verdict(32, with_speed({"dense": st(10, 9.9, 10.1), "sparse-kernel": st(30, 29, 31)}), "dense",
+                       1.05, 0.9, True, True)
+    assert slow["route"] == "dense" and "no route is faster" in slow["verdict"]
+    few = ox._verdict(1, with_speed({"dense": st(10, 9.8, 10.2, 2), "pruned": st(5, 4.9, 5.1, 2)}), "dense", 1.05,
+                      0.5, False, True)
+    assert few["route"] == "dense" and "too few timed runs (2)" in few["verdict"]
