@@ -1,7 +1,7 @@
 """Lottery tickets on Fashion-MNIST: Continuous Sparsification vs iterative magnitude pruning with rewinding.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py            # full run (~25 min on one busy core)
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py --quick    # a few minutes, smaller data
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py            # 3 seeds (~14 min per seed, one core)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py --quick    # a few minutes, smaller data, 1 seed
 
 Both methods use the same LeNet-5-style CNN, the same initialisation, the same optimizer and learning rate, the
 same rewind point (the weights after ``--rewind-step`` optimizer steps of the first training run) and the same
@@ -14,6 +14,12 @@ weights are pruned with one global ranking; biases are kept.
 * CS: one search (``--cs-rounds`` x ``--cs-epochs`` epochs, temperature annealed to beta_T each round), then
   a ticket at each sparsity (the learned scores thresholded at that quantile), retrained like an IMP ticket.
   A ticket's epochs = the whole search + its retraining (the search is shared, but counted for every ticket).
+
+Model selection never sees the test set: the last ``--val`` training images are held out as a validation split
+(no training on them); for each seed and sparsity the CS ticket reported as "CS (λ by validation)" is the one of
+the ``--cs-penalty`` values with the best *validation* accuracy, and its epochs count *every* λ's search (the
+price of tuning λ).  Every run is repeated for each of ``--seeds`` (a different initialisation, data order and
+rewind point); tables give mean ± standard deviation over seeds and how many seeds CS matched or beat IMP.
 
 Writes benchmarks/results/tickets.{md,json,png} (``--quick`` writes tickets_quick.*).
 """
@@ -149,7 +155,7 @@ def global_magnitude_masks(model, masks, target_sparsity, step_fraction=0.2):
     return out
 
 
-def run_imp(init, rewind_state, loader, xte, yte, args, targets):
+def run_imp(init, rewind_state, loader, ev, args, targets):
     results, epochs_used = {}, args.epochs  # the dense run that produced the rewind point and the first mask
     model = copy.deepcopy(init)
     model.load_state_dict(args.dense_state)
@@ -164,15 +170,15 @@ def run_imp(init, rewind_state, loader, xte, yte, args, targets):
             t0 = time.time()
             train(model, loader, args.epochs, args.lr, masks=masks)
             epochs_used += args.epochs
-            acc = accuracy(model, xte, yte)
-            print(f"  IMP round {rounds:2d}: sparsity {sparsity_of(masks):.4f}  test acc {acc:.4f}  "
+            acc, val = accuracy(model, *ev["test"]), accuracy(model, *ev["val"])
+            print(f"  IMP round {rounds:2d}: sparsity {sparsity_of(masks):.4f}  val {val:.4f}  test {acc:.4f}  "
                   f"({time.time() - t0:.0f}s)", flush=True)
-        results[target] = {"sparsity": sparsity_of(masks), "accuracy": acc, "epochs": epochs_used,
+        results[target] = {"sparsity": sparsity_of(masks), "accuracy": acc, "val_accuracy": val, "epochs": epochs_used,
                            "rounds": rounds}
     return results
 
 
-def run_cs(init, loader, xte, yte, args, targets, penalty):
+def run_cs(init, loader, ev, args, targets, penalty):
     model = copy.deepcopy(init)
     params = [(model.get_submodule(n), "weight") for n in PRUNED]
     cs = ContinuousSparsifier(model, params, rounds=args.cs_rounds, epochs=args.cs_epochs,
@@ -193,20 +199,59 @@ def run_cs(init, loader, xte, yte, args, targets, penalty):
         ticket = copy.deepcopy(init)
         ticket.load_state_dict(rewound)
         train(ticket, loader, args.epochs, args.lr, masks=masks)
-        acc = accuracy(ticket, xte, yte)
+        acc, val = accuracy(ticket, *ev["test"]), accuracy(ticket, *ev["val"])
         r = plan.report
-        print(f"  CS ticket: sparsity {sparsity_of(masks):.4f}  test acc {acc:.4f}  (natural threshold s>0 gives "
+        print(f"  CS ticket: sparsity {sparsity_of(masks):.4f}  val {val:.4f}  test {acc:.4f}  (natural s>0 gives "
               f"{r['natural_sparsity']:.4f})", flush=True)
-        results[target] = {"sparsity": sparsity_of(masks), "accuracy": acc,
+        results[target] = {"sparsity": sparsity_of(masks), "accuracy": acc, "val_accuracy": val,
                            "epochs": search_epochs + args.epochs,
                            "natural_sparsity": r["natural_sparsity"],
                            "per_tensor_sparsity": r["per_tensor_sparsity"]}
     return results, history
 
 
+def run_seed(seed, data, args, targets):
+    """Dense run, IMP chain and one CS search per λ for one seed; every ticket's val and test accuracy."""
+    xtr, ytr, ev = data
+    loader = Batches(xtr, ytr, args.batch_size, seed)
+    torch.manual_seed(seed)
+    init = LeNet5()
+    print(f"[seed {seed}] dense training ({args.epochs} epochs), rewind point at step {args.rewind_step}", flush=True)
+    dense = copy.deepcopy(init)
+    rewind_state = train(dense, loader, args.epochs, args.lr, snapshot_at=args.rewind_step)
+    if rewind_state is None:
+        raise SystemExit(f"--rewind-step {args.rewind_step} is beyond the first training run")
+    dense_acc = accuracy(dense, *ev["test"])
+    args.dense_state = dense.state_dict()
+    print(f"  dense test acc {dense_acc:.4f}", flush=True)
+    print(f"[seed {seed}] IMP (20% of the remaining weights per round, rewinding)", flush=True)
+    imp = run_imp(init, rewind_state, loader, ev, args, targets)
+    cs = {}
+    for lam in args.cs_penalty:
+        print(f"[seed {seed}] CS ({args.cs_rounds} rounds x {args.cs_epochs} epochs, lambda={lam}, "
+              f"beta_T={args.cs_beta})", flush=True)
+        tickets, hist = run_cs(init, loader, ev, args, targets, lam)
+        cs[lam] = {"tickets": tickets, "history": hist}
+    chosen = {}
+    for t in targets:   # λ chosen on validation accuracy only; its epochs pay for every λ searched
+        lam = max(args.cs_penalty, key=lambda la: cs[la]["tickets"][t]["val_accuracy"])
+        tk = cs[lam]["tickets"][t]
+        chosen[t] = {**tk, "lambda": lam,
+                     "epochs": len(args.cs_penalty) * args.cs_rounds * args.cs_epochs + args.epochs}
+    return {"seed": seed, "dense_accuracy": dense_acc, "imp": imp, "cs": cs, "cs_chosen": chosen,
+            "prunable": sum(init.get_submodule(n).weight.numel() for n in PRUNED)}
+
+
+def _ms(xs):
+    xs = [float(x) for x in xs]
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, sd
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="10k training images, 2k test images, 1 epoch per run")
+    p.add_argument("--quick", action="store_true", help="10k training images, 2k test images, 1 epoch per run, 1 seed")
     p.add_argument("--epochs", type=int, default=None, help="epochs per training run (dense, IMP round, ticket)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (weights and CS scores alike)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -215,99 +260,123 @@ def main(argv=None):
     p.add_argument("--cs-rounds", type=int, default=3)
     p.add_argument("--cs-epochs", type=int, default=None, help="epochs per CS search round")
     p.add_argument("--cs-penalty", type=float, nargs="+", default=[1e-5, 1e-8],
-                   help="lambda values, one CS search each (paper default 1e-8)")
+                   help="lambda values, one CS search each; the reported CS ticket takes the best on validation")
     p.add_argument("--cs-beta", type=float, default=200.0, help="beta_T (paper default 200)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
+    p.add_argument("--val", type=int, default=None,
+                   help="training images held out for validation (default 5000; 1000 with --quick)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     args.epochs = args.epochs or (1 if args.quick else 2)
     args.cs_epochs = args.cs_epochs or (2 if args.quick else 3)
     args.rewind_step = args.rewind_step if args.rewind_step is not None else (20 if args.quick else 200)
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.val = args.val if args.val is not None else (1000 if args.quick else 5000)
     torch.set_num_threads(1)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     t_start = time.time()
 
-    xtr, ytr, xte, yte = load(10_000 if args.quick else 60_000, 2_000 if args.quick else 10_000)
-    loader = Batches(xtr, ytr, args.batch_size, args.seed)
-    torch.manual_seed(args.seed)
-    init = LeNet5()
+    xall, yall, xte, yte = load(10_000 if args.quick else 60_000, 2_000 if args.quick else 10_000)
+    if not 0 < args.val < len(xall):
+        raise SystemExit(f"--val: expected 0 < val < {len(xall)}, got {args.val}")
+    xtr, ytr, xva, yva = xall[:-args.val], yall[:-args.val], xall[-args.val:], yall[-args.val:]
+    ev = {"val": (xva, yva), "test": (xte, yte)}
     targets = sorted(args.targets)
-
-    print(f"dense training ({args.epochs} epochs), rewind point at step {args.rewind_step}", flush=True)
-    dense = copy.deepcopy(init)
-    rewind_state = train(dense, loader, args.epochs, args.lr, snapshot_at=args.rewind_step)
-    if rewind_state is None:
-        raise SystemExit(f"--rewind-step {args.rewind_step} is beyond the first training run")
-    dense_acc = accuracy(dense, xte, yte)
-    args.dense_state = dense.state_dict()
-    print(f"  dense test acc {dense_acc:.4f}", flush=True)
-
-    print("IMP (20% of the remaining weights per round, rewinding)", flush=True)
-    imp = run_imp(init, rewind_state, loader, xte, yte, args, targets)
-    cs_runs = {}
-    for lam in args.cs_penalty:
-        print(f"CS ({args.cs_rounds} rounds x {args.cs_epochs} epochs, lambda={lam}, beta_T={args.cs_beta})",
-              flush=True)
-        cs_runs[lam] = run_cs(init, loader, xte, yte, args, targets, lam)
+    runs = [run_seed(seed, (xtr, ytr, ev), args, targets) for seed in args.seeds]
 
     stem = "tickets_quick" if args.quick else "tickets"
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = ["| sparsity | method | test acc | epochs | CS natural s>0 sparsity | acc - IMP acc |",
-            "|---:|---|---:|---:|---:|---:|"]
+    n = len(runs)
+    fmt = lambda xs: "{:.4f} ± {:.4f}".format(*_ms(xs)) if n > 1 else f"{xs[0]:.4f}"  # noqa: E731
+    rows = [f"| sparsity | method | test acc (mean ± sd, {n} seed{'s' * (n > 1)}) | val acc | epochs | "
+            "CS − IMP test acc | seeds CS ≥ IMP |", "|---:|---|---:|---:|---:|---:|---:|"]
+    verdicts = []
     for t in targets:
-        a = imp[t]
-        rows.append(f"| {t:.0%} | IMP (20%/round, rewind) | {a['accuracy']:.4f} | {a['epochs']} | | |")
-        for lam, (cs, _) in cs_runs.items():
-            b = cs[t]
-            rows.append(f"| {t:.0%} | CS lambda={lam:g} | {b['accuracy']:.4f} | {b['epochs']} | "
-                        f"{b['natural_sparsity']:.4f} | {b['accuracy'] - a['accuracy']:+.4f} |")
+        imp_acc = [r["imp"][t]["accuracy"] for r in runs]
+        imp_ep = runs[0]["imp"][t]["epochs"]
+        rows.append(f"| {t:.0%} | IMP (20%/round, rewind) | {fmt(imp_acc)} | "
+                    f"{fmt([r['imp'][t]['val_accuracy'] for r in runs])} | {imp_ep} | | |")
+        ch = [r["cs_chosen"][t] for r in runs]
+        d = [c["accuracy"] - a for c, a in zip(ch, imp_acc)]
+        wins = sum(x >= 0 for x in d)
+        lams = ", ".join(f"{c['lambda']:g}" for c in ch)
+        rows.append(f"| {t:.0%} | **CS (λ by validation: {lams})** | {fmt([c['accuracy'] for c in ch])} | "
+                    f"{fmt([c['val_accuracy'] for c in ch])} | {ch[0]['epochs']} | {_ms(d)[0]:+.4f} | {wins}/{n} |")
+        for lam in args.cs_penalty:
+            tk = [r["cs"][lam]["tickets"][t] for r in runs]
+            dd = [x["accuracy"] - a for x, a in zip(tk, imp_acc)]
+            rows.append(f"| {t:.0%} | CS λ={lam:g} only | {fmt([x['accuracy'] for x in tk])} | "
+                        f"{fmt([x['val_accuracy'] for x in tk])} | {tk[0]['epochs']} | {_ms(dd)[0]:+.4f} | "
+                        f"{sum(x >= 0 for x in dd)}/{n} |")
+        m_cs, m_imp = _ms([c["accuracy"] for c in ch])[0], _ms(imp_acc)[0]
+        met = m_cs >= m_imp and ch[0]["epochs"] < imp_ep
+        verdicts.append(f"- {t:.0%}: CS (λ by validation) {m_cs:.4f} vs IMP {m_imp:.4f} test accuracy, "
+                        f"{ch[0]['epochs']} vs {imp_ep} epochs — {'met' if met else 'NOT met'}"
+                        f" (difference {_ms(d)[0]:+.4f} ± {_ms(d)[1]:.4f} over seeds).")
     wall = time.time() - t_start
+    dense = [r["dense_accuracy"] for r in runs]
     md = "\n".join([
         f"# Lottery tickets on Fashion-MNIST{' (quick)' if args.quick else ''}: CS vs IMP",
         "",
-        f"LeNet-5 ({sum(init.get_submodule(n).weight.numel() for n in PRUNED)} prunable weights, global ranking), "
-        f"{len(xtr)} training / {len(xte)} test images, Adam lr={args.lr}, batch {args.batch_size}, "
-        f"{args.epochs} epoch(s) per training run, rewind to step {args.rewind_step}, seed {args.seed}.  "
-        f"Dense test accuracy {dense_acc:.4f}.",
+        f"LeNet-5 ({runs[0]['prunable']} prunable weights, global ranking), {len(xtr)} training / {len(xva)} "
+        f"validation (held out of the training set) / {len(xte)} test images, Adam lr={args.lr}, batch "
+        f"{args.batch_size}, {args.epochs} epoch(s) per training run, rewind to step {args.rewind_step}, seeds "
+        f"{args.seeds}.  Dense test accuracy {fmt(dense)}.",
         f"CS: {args.cs_rounds} rounds x {args.cs_epochs} epochs, lambda in {args.cs_penalty}, beta_T={args.cs_beta}, "
-        "s0=0, mask lr = weights' lr; tickets threshold the learned scores at the requested quantile.",
-        "Epochs per ticket count every training epoch that led to it (CS: the shared search + the ticket's "
-        "retraining; IMP: the dense run + every round up to it).",
+        "s0=0, mask lr = weights' lr; tickets threshold the learned scores at the requested quantile.  "
+        "The reported CS ticket takes, per seed and sparsity, the λ with the best validation accuracy; the test "
+        "set is used for nothing but the reported numbers.",
+        "Epochs per ticket count every training epoch that led to it (IMP: the dense run + every round up to it; "
+        "CS by validation: every λ's search + the ticket's retraining; CS λ=… only: one search + retraining).",
         "",
         *rows,
+        "",
+        "Target (CS ≥ IMP accuracy at matched sparsity with fewer total epochs):",
+        *verdicts,
         "",
         f"Command: `{command}`  ({wall / 60:.1f} min, {torch.__version__}, 1 thread)",
         "",
     ])
     (args.out / f"{stem}.md").write_text(md)
     (args.out / f"{stem}.json").write_text(json.dumps({
-        "command": command, "dense_accuracy": dense_acc, "wall_seconds": wall,
+        "command": command, "wall_seconds": wall,
         "settings": {k: v for k, v in vars(args).items() if k not in ("dense_state", "out")},
-        "imp": {str(t): v for t, v in imp.items()},
-        "cs": {str(lam): {"tickets": {str(t): v for t, v in cs.items()}, "history": hist}
-               for lam, (cs, hist) in cs_runs.items()}}, indent=2, default=str))
+        "runs": [{"seed": r["seed"], "dense_accuracy": r["dense_accuracy"],
+                  "imp": {str(t): v for t, v in r["imp"].items()},
+                  "cs_chosen": {str(t): v for t, v in r["cs_chosen"].items()},
+                  "cs": {str(lam): {"tickets": {str(t): v for t, v in c["tickets"].items()},
+                                    "history": c["history"]} for lam, c in r["cs"].items()}} for r in runs]},
+        indent=2, default=str))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([100 * t for t in targets], [imp[t]["accuracy"] for t in targets], "o-",
-                label="IMP + rewinding (20%/round)")
-        for lam, (cs, _) in cs_runs.items():
-            ax.plot([100 * t for t in targets], [cs[t]["accuracy"] for t in targets], "s-",
-                    label=f"Continuous Sparsification (lambda={lam:g})")
-        ax.axhline(dense_acc, color="gray", ls="--", label="dense")
-        for t in targets:
-            ax.annotate(f"{imp[t]['epochs']} ep", (100 * t, imp[t]["accuracy"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, -10))
-        for t in targets:
-            ax.annotate(f"{cs[t]['epochs']} ep", (100 * t, cs[t]["accuracy"]), fontsize=7,
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        xs = [100 * t for t in targets]
+
+        def band(vals, fmt_, label):
+            m = [_ms(v)[0] for v in vals]
+            sd = [_ms(v)[1] for v in vals]
+            ax.errorbar(xs, m, yerr=sd, fmt=fmt_, capsize=3, label=label)
+            return m
+        mi = band([[r["imp"][t]["accuracy"] for r in runs] for t in targets], "o-", "IMP + rewinding (20%/round)")
+        mc = band([[r["cs_chosen"][t]["accuracy"] for r in runs] for t in targets], "s-",
+                  "Continuous Sparsification (λ by validation)")
+        for lam in args.cs_penalty:
+            band([[r["cs"][lam]["tickets"][t]["accuracy"] for r in runs] for t in targets], "x:",
+                 f"CS λ={lam:g} only")
+        ax.axhline(_ms(dense)[0], color="gray", ls="--", label="dense")
+        for x, t, m in zip(xs, targets, mi):
+            ax.annotate(f"{runs[0]['imp'][t]['epochs']} ep", (x, m), fontsize=7, textcoords="offset points",
+                        xytext=(3, -10))
+        for x, t, m in zip(xs, targets, mc):
+            ax.annotate(f"{runs[0]['cs_chosen'][t]['epochs']} ep", (x, m), fontsize=7,
                         textcoords="offset points", xytext=(3, 5))
         ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test accuracy (mean ± sd, {n} seeds)")
         ax.set_title("Fashion-MNIST LeNet-5 tickets")
         ax.legend(fontsize=7)
         fig.tight_layout()
