@@ -53,9 +53,7 @@ def _prune_hooks(module: nn.Module):
 
 
 def _hook_names(h) -> list[str]:
-    if isinstance(h, prune.PruningContainer):
-        return [h._tensor_name]
-    return [h._tensor_name]
+    return [h._tensor_name]     # a PruningContainer carries the same attribute as a single method
 
 
 def baked_copy(model: nn.Module) -> nn.Module:
@@ -327,7 +325,6 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
     CSR) and ``B = X`` under ``transB=1`` it gives ``(X·W)ᵀ``: the layout that is fast in ORT 1.32.
     Returns ``(new_proto, rewritten_initializer_names)``; the original is not modified.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     proto = copy.deepcopy(proto)
     g = proto.graph
@@ -432,7 +429,6 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     proto.metadata_props.add(key=META_SPARSE, value=json.dumps(rewritten))
-    _ = onnx  # noqa
     return proto, rewritten
 
 
