@@ -323,11 +323,11 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
 
     com.microsoft SparseToDenseMatMul computes ``op(A)·op(B)`` with ``A`` sparse; with ``A = Wᵀ`` (out×in,
     CSR) and ``B = X`` under ``transB=1`` it gives ``(X·W)ᵀ``: the layout that is fast in ORT 1.32.
-    Returns ``(new_proto, rewritten_initializer_names)``; the original is not modified.
+    Returns ``(new_proto, rewritten_initializer_names)`` (``new_proto`` is the input itself when nothing
+    qualifies); the original is not modified.
     """
     from onnx import TensorProto, helper, numpy_helper
-    proto = copy.deepcopy(proto)
-    g = proto.graph
+    g = proto.graph                     # read only until something qualifies; then a copy is edited
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     new_nodes, rewritten, new_inputs, new_inits = [], [], [], []
@@ -403,6 +403,8 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
         ]
     if not rewritten:
         return proto, []
+    proto = copy.deepcopy(proto)        # new_nodes still refer to the original's nodes: extend() copies them
+    g = proto.graph
     del g.node[:]
     g.node.extend(new_nodes)
     used = {i for n in g.node for i in n.input}
@@ -480,13 +482,20 @@ class OrtRunner:
         return [o.numpy() for o in self.session.run_with_ort_values(self.output_names, vals)]
 
 
-def onnx_weight_sparsity(path) -> dict[str, dict]:
-    """Per-initializer zeros in an ONNX file (dense, COO ``sparse_initializer`` and our CSR triplets)."""
+def _load(model):
+    """An ``onnx.ModelProto`` as given, or loaded from a path."""
+    import onnx
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+
+
+def onnx_weight_sparsity(model) -> dict[str, dict]:
+    """Per-initializer zeros in an ONNX file or ModelProto (dense, COO ``sparse_initializer`` and our CSR
+    triplets)."""
     import onnx
     from onnx import numpy_helper
-    m = onnx.load(str(path))
+    m = _load(model)
     out = {}
-    names = {i.name for i in m.graph.initializer}
+    inits = {i.name: i for i in m.graph.initializer}
     for i in m.graph.initializer:
         if i.name.endswith(CSR_SUFFIXES):
             continue
@@ -498,19 +507,16 @@ def onnx_weight_sparsity(path) -> dict[str, dict]:
         nnz = int(np.count_nonzero(numpy_helper.to_array(s.values)))
         out[s.values.name] = {"shape": list(s.dims), "sparsity": 1 - nnz / size, "storage": "coo"}
     for vi in m.graph.input:
-        if vi.type.HasField("sparse_tensor_type") and vi.name + CSR_SUFFIXES[0] in names:
-            arr = {i.name: i for i in m.graph.initializer}
-            shape = [int(d) for d in numpy_helper.to_array(arr[vi.name + CSR_SUFFIXES[3]])]
-            vals = numpy_helper.to_array(arr[vi.name + CSR_SUFFIXES[0]])
+        if vi.type.HasField("sparse_tensor_type") and vi.name + CSR_SUFFIXES[0] in inits:
+            shape = [int(d) for d in numpy_helper.to_array(inits[vi.name + CSR_SUFFIXES[3]])]
+            vals = numpy_helper.to_array(inits[vi.name + CSR_SUFFIXES[0]])
             out[vi.name] = {"shape": shape, "sparsity": 1 - np.count_nonzero(vals) / int(np.prod(shape)),
                             "storage": "csr"}
     return out
 
 
-def _param_map_of(path) -> dict:
-    import onnx
-    m = onnx.load(str(path), load_external_data=False)
-    for p in m.metadata_props:
+def _param_map_of(model) -> dict:
+    for p in _load(model).metadata_props:
         if p.key == META_PARAM_MAP:
             return json.loads(p.value)
     return {}
@@ -687,8 +693,9 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
                     f"entries; worst at {tuple(w['index'])}: onnx {w['onnx']:.6g} vs torch {w['torch']:.6g})")
     # ---- sparsity
     eff = effective_weights(model)
-    onnx_sp = onnx_weight_sparsity(onnx_path)
-    pmap = _param_map_of(onnx_path)
+    proto = _load(onnx_path)            # read once for the sparsity and the parameter map
+    onnx_sp, pmap = onnx_weight_sparsity(proto), _param_map_of(proto)
+    del proto
     if sparse_kernel_path:
         for k, v in onnx_weight_sparsity(sparse_kernel_path).items():
             if v["storage"] == "csr":
@@ -768,7 +775,8 @@ def _verdict(b, st, base, min_speedup, mean_sp, has_kernel, has_baseline) -> dic
     if mean_sp > 0.001:
         why = (f"unstructured sparsity ({mean_sp:.0%} of the pruned weights) at batch {b}: ORT has no fast kernel "
                "for it (a dense MatMul holding zeros costs the same; SparseToDenseMatMul is a single-threaded CSR "
-               "kernel that pays only at batch 1 and very high sparsity); use structured pruning or batch 1")
+               "kernel that pays only for few input rows and very high sparsity); use structured pruning"
+               + (" or batch 1" if b > 1 else ""))
         if not has_kernel:
             why += " (no weight reached the sparse-kernel threshold, so that route was not tried)"
     elif has_baseline:
@@ -820,8 +828,9 @@ def add_export_arguments(p) -> None:
     p.add_argument("output", nargs="?", default="obs_export/model.onnx", help="ONNX file to write")
     p.add_argument("--model", default="minilm", choices=["minilm", "smollm2"], help="packaged model (default minilm)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of Linear weights to prune (default 0.5)")
-    p.add_argument("--method", default="magnitude", choices=["magnitude", "wanda", "obs-iht"],
-                   help="pruning method (wanda / obs-iht calibrate on Shakespeare windows; default magnitude)")
+    p.add_argument("--method", default="magnitude", choices=["magnitude", "wanda", "obs_iht"],
+                   help="pruning method (wanda / obs_iht calibrate on Shakespeare windows; obs_iht runs one "
+                        "iteration; default magnitude)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default 1 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--sparse-kernel", default="auto", choices=["auto", "on", "off"],
@@ -846,6 +855,7 @@ def run_export_cli(args) -> int:
     import obs_plugins
     from obs_plugins import api
     from obs_plugins.data import load_minilm, load_smollm2
+    from obs_plugins.registry import get_method
     try:
         if not 0.0 <= args.sparsity < 1.0:
             raise PruningInputError(f"--sparsity: expected a fraction in [0, 1), got {args.sparsity}")
@@ -861,20 +871,16 @@ def run_export_cli(args) -> int:
         dense = copy.deepcopy(model)
         targets = obs_plugins.prunable_linear_targets(model)
         if args.sparsity > 0:
-            if args.method == "magnitude":
-                cfg = obs_plugins.MagnitudeConfig()
-                api.prune(cfg, targets=targets, amount=args.sparsity, reparametrize=True)
-            else:
+            spec = get_method(args.method)   # the registry: the same names as `obs-prune prune --method`
+            # OBS-IHT's further iterations need a task loss; the export CLI calibrates on plain forwards
+            cfg = spec.config_cls(iterations=1, progress=False) if spec.name == "obs_iht" else spec.config_cls()
+            curv = None
+            if spec.name != "magnitude":
                 from obs_plugins.curvature import Curvature
-                batches = _calib_batches(tok, seq_len=args.seq_len)
-                curv = Curvature.layerwise(model, [(t.module, t.name) for t in targets], batches,
+                curv = Curvature.layerwise(model, [(t.module, t.name) for t in targets],
+                                           _calib_batches(tok, seq_len=args.seq_len),
                                            forward_fn=lambda m, b: m(input_ids=b), progress=False)
-                if args.method == "wanda":
-                    cfg = obs_plugins.WandaConfig()
-                else:
-                    from obs_plugins.methods.obs_iht import OBSIHTConfig
-                    cfg = OBSIHTConfig(iterations=1, progress=False)
-                api.prune(cfg, curvature=curv, amount=args.sparsity, reparametrize=True)
+            api.prune(cfg, curvature=curv, targets=targets, amount=args.sparsity, reparametrize=True)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1000, min(tok.vocab_size, 20000), (2, args.seq_len), generator=g)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -18,7 +18,7 @@ import torch
 from torch.ao.pruning import BaseSparsifier
 
 from obs_plugins.errors import PruningInputError
-from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm  # noqa: F401
+from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm
 from obs_plugins.methods.obs_iht import OBSIHTConfig
 from obs_plugins.methods.obs_iht import solve as obs_iht_solve
 

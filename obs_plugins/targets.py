@@ -14,7 +14,7 @@ from torch import nn
 from .errors import PruningInputError
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D without importing transformers in core
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
@@ -26,10 +26,15 @@ def layer_kind(module: nn.Module) -> str:
         if module.groups != 1:
             raise PruningInputError(f"params: grouped Conv2d (groups={module.groups}) is not supported")
         return "conv2d"
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(module):
         return "conv1d"
     raise PruningInputError(f"params: {type(module).__name__} is not supported; "
                             "prunable layers are nn.Linear, nn.Conv2d and transformers Conv1D")
+
+
+def out_dim(module: nn.Module) -> int:
+    """The output-channel dimension of ``module.weight``: 1 for the Hugging Face Conv1D ``(in, out)``, else 0."""
+    return 1 if is_hf_conv1d(module) else 0
 
 
 def to_2d(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,7 @@ def prunable_linear_targets(model: nn.Module, *, exclude: tuple[str, ...] = ("lm
     for qn, m in model.named_modules():
         if any(e in qn for e in exclude):
             continue
-        if isinstance(m, types) or _is_hf_conv1d(m):
+        if isinstance(m, types) or is_hf_conv1d(m):
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 continue
             pairs.append(qn)

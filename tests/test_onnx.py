@@ -117,7 +117,11 @@ def test_sparse_kernel_rewrite_matches_dense_nd_and_gemm():
                                        numpy_helper.from_array(b2, "b2"),
                                        numpy_helper.from_array(np.array([6, 24], np.int64), "s")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    before = m.SerializeToString()
+    same, none = ox.rewrite_sparse_kernel(m, threshold=0.95)     # nothing qualifies: no copy, no change
+    assert none == [] and same is m
     sp, rew = ox.rewrite_sparse_kernel(m, threshold=0.8)
+    assert m.SerializeToString() == before                         # the original is not modified
     assert sorted(rew) == ["W1", "W2"]
     assert sum(n.op_type == "SparseToDenseMatMul" for n in sp.graph.node) == 2
     assert all(helper.get_attribute_value(a) == 1 for n in sp.graph.node if n.op_type == "SparseToDenseMatMul"
@@ -251,10 +255,12 @@ def test_verdict_rules_known_answers():
     ov = ox._verdict(1, with_speed({"dense": st(11, 9, 13), "pruned": st(10, 8, 12)}), "dense", 1.05, 0.9,
                      False, True)
     assert ov["route"] == "dense" and "within noise" in ov["verdict"] and "structured pruning" in ov["verdict"]
+    assert "or batch 1" not in ov["verdict"]        # already at batch 1: do not advise it
     # a slowdown is never the chosen route
     slow = ox._verdict(32, with_speed({"dense": st(10, 9.9, 10.1), "sparse-kernel": st(30, 29, 31)}), "dense",
                        1.05, 0.9, True, True)
     assert slow["route"] == "dense" and "no route is faster" in slow["verdict"]
+    assert "use structured pruning or batch 1" in slow["verdict"]
     few = ox._verdict(1, with_speed({"dense": st(10, 9.8, 10.2, 2), "pruned": st(5, 4.9, 5.1, 2)}), "dense", 1.05,
                       0.5, False, True)
     assert few["route"] == "dense" and "too few timed runs (2)" in few["verdict"]

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 
 from ...errors import PruningInputError
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
-from ...targets import Target, resolve_targets
+from ...targets import Target, out_dim, resolve_targets
 from .config import CSConfig, check_epochs
 
 STATE_VERSION = 1
@@ -50,11 +50,8 @@ def _plain_name(name: str) -> str:
 
 
 def _out_dim(t: Target) -> int:
-    """The output-channel dimension: 1 for the Hugging Face Conv1D weight ``(in, out)``, else 0."""
-    m = t.module
-    if t.name == "weight" and type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
-        return 1
-    return 0
+    """The output-channel dimension of the tensor (only a Conv1D's ``weight`` is stored ``(in, out)``)."""
+    return out_dim(t.module) if t.name == "weight" else 0
 
 
 class _Gate(nn.Module):
@@ -147,16 +144,18 @@ class ContinuousSparsifier:
             if parametrize.is_parametrized(t.module, name):
                 parametrize.remove_parametrizations(t.module, name, leave_parametrized=False)
 
+    def _beta(self, epoch: int) -> float:
+        """``final_temperature ** (epoch / (epochs - 1))``: 1 at a round's first epoch, beta_T at its last."""
+        return float(self.config.final_temperature) ** (epoch / (self.config.epochs - 1))
+
     @property
     def temperature(self) -> float:
-        """beta of the current epoch: ``final_temperature ** (epoch / (epochs - 1))`` (1 first, beta_T last)."""
-        e = min(self.epoch, self.config.epochs - 1)
-        return float(self.config.final_temperature) ** (e / (self.config.epochs - 1))
+        """beta of the current epoch (evaluated in every gated forward: no list built here)."""
+        return self._beta(min(self.epoch, self.config.epochs - 1))
 
     def schedule(self) -> list[float]:
         """beta for every epoch of a round."""
-        E, bT = self.config.epochs, float(self.config.final_temperature)
-        return [bT ** (e / (E - 1)) for e in range(E)]
+        return [self._beta(e) for e in range(self.config.epochs)]
 
     def gate(self, key: str) -> torch.Tensor:
         """``sigmoid(beta * s) * scale`` for one target (shape of its scores, broadcast over the weights)."""
