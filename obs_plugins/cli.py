@@ -88,7 +88,8 @@ def cmd_limit(args) -> int:
 
 
 BENCHES = {"llm": "benchmarks/one_shot_llm.py", "curvature": "benchmarks/curvature.py",
-           "tickets": "benchmarks/tickets.py", "onnx": "benchmarks/onnx_speed.py"}
+           "tickets": "benchmarks/tickets.py", "tickets-sweep": "benchmarks/tickets_sweep.py",
+           "onnx": "benchmarks/onnx_speed.py"}
 
 
 def cmd_bench(args) -> int:
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Pruning-limit estimate of Zhang et al. (NeurIPS 2024) — not implemented yet.")
     li.set_defaults(func=cmd_limit)
 
-    be = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (llm, curvature, tickets, onnx)",
+    be = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (llm, curvature, tickets, tickets-sweep, onnx)",
                         description="Runs benchmarks/<name>.py from a checkout; extra arguments are passed on.")
     be.add_argument("name", choices=sorted(BENCHES))
     be.add_argument("rest", nargs=argparse.REMAINDER)
