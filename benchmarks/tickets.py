@@ -1,6 +1,6 @@
 """Lottery tickets on Fashion-MNIST: Continuous Sparsification vs iterative magnitude pruning with rewinding.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py --jobs 2   # 3 seeds, one core each (~12 min a seed)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py --jobs 2   # 3 seeds, one core each (~15 min a seed)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py --quick    # a few minutes, smaller data, 1 seed
 
 Both methods use the same LeNet-5-style CNN, the same initialisation, the same optimizer and learning rate, the
@@ -11,18 +11,20 @@ weights are pruned with one global ranking; biases are kept.
 * IMP: train dense, then repeatedly remove 20% of the remaining weights by magnitude, rewind, retrain; the
   round that would cross 80/90/95% prunes to the target exactly and is evaluated there (the chain continues
   from it).  A ticket's epochs = every training run of the chain up to it.
-* CS: one search (``--cs-rounds`` x ``--cs-epochs`` epochs, temperature annealed to beta_T each round), then
-  a ticket at each sparsity (the learned scores thresholded at that quantile), retrained like an IMP ticket.
-  A ticket's epochs = the whole search + its retraining (the search is shared, but counted for every ticket).
+* CS: a search (rounds x epochs, temperature annealed to beta_T each round), then a ticket at each sparsity it
+  serves (the learned scores thresholded at that quantile), retrained like an IMP ticket.  ``--cs-at`` fixes a
+  search per sparsity (defaults: CS_AT_DEFAULT below); sparsities without one share one search per
+  ``--cs-penalty`` value (``--cs-rounds`` x ``--cs-epochs``).  A ticket's epochs = its whole search + its
+  retraining (a search shared by several tickets is counted for every one of them).
 
 Model selection never sees the test set: the last ``--val`` training images are held out as a validation split
-(no training on them); for each seed and sparsity the CS ticket reported as "CS (λ by validation)" is the one of
-the ``--cs-penalty`` values with the best *validation* accuracy, and its epochs count *every* λ's search (the
-price of tuning λ).  Every run is repeated for each of ``--seeds`` (a different initialisation, data order and
-rewind point); tables give mean ± standard deviation over seeds and how many seeds CS matched or beat IMP.
-
-The CS defaults (one λ = 1e-5, 3 rounds x 5 epochs) were chosen on seed 0's *validation* accuracy by
-``benchmarks/tickets_sweep.py`` (results/tickets_sweep.md), which never evaluates the test set.
+(no training on them).  The ``--cs-at`` defaults were chosen on seed 0's *validation* accuracy by
+``benchmarks/tickets_sweep.py`` (results/tickets_sweep.md, tickets_sweep_95.md), which never evaluates the test
+set: for each sparsity, the tried setting with the best validation accuracy whose ticket costs fewer epochs than
+IMP's.  Where several ``--cs-penalty`` values are given, the ticket reported as "λ by validation" is, per seed and
+sparsity, the one with the best *validation* accuracy, and its epochs count *every* λ's search.  Every run is
+repeated for each of ``--seeds`` (a different initialisation, data order and rewind point); tables give mean ±
+standard deviation over seeds and how many seeds CS matched or beat IMP.
 
 Writes benchmarks/results/tickets.{md,json,png} (``--quick`` writes tickets_quick.*); ``--render JSON`` rewrites
 the table and plot from a saved JSON without training.  The verdict calls a mean difference within two standard
@@ -52,6 +54,9 @@ from obs_plugins import ContinuousSparsifier  # noqa: E402
 from obs_plugins.data import load_fashion_mnist  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
+# per-sparsity CS searches, each chosen as the best *validation* accuracy of seed 0 among the settings tried by
+# benchmarks/tickets_sweep.py (results/tickets_sweep.md and tickets_sweep_95.md); the test set played no part
+CS_AT_DEFAULT = ("0.8=2x7:1e-5", "0.9=2x7:1e-5", "0.95=3x8:3e-5")
 
 
 class LeNet5(nn.Module):
@@ -217,17 +222,35 @@ def run_imp(init, rewind_state, loader, ev, args, targets):
     return results
 
 
-def run_cs(init, loader, ev, args, targets, penalty):
+def parse_setting(setting: str):
+    """``"ROUNDSxEPOCHS:LAMBDA"`` (e.g. ``"3x5:1e-5"``) -> (rounds, epochs, lambda)."""
+    try:
+        sched, lam = setting.split(":")
+        rounds, epochs = (int(v) for v in sched.lower().split("x"))
+        lam = float(lam)
+    except ValueError:
+        raise SystemExit(f"expected a CS setting ROUNDSxEPOCHS:LAMBDA like 3x5:1e-5, got {setting!r}") from None
+    if rounds < 1 or epochs < 2 or lam < 0:
+        raise SystemExit(f"CS setting {setting!r}: need rounds >= 1, epochs >= 2, lambda >= 0")
+    return rounds, epochs, lam
+
+
+def setting_name(rounds, epochs, lam):
+    return f"{rounds}x{epochs}:{lam:g}"
+
+
+def run_cs(init, loader, ev, args, targets, penalty, rounds=None, epochs=None):
+    rounds, epochs = rounds or args.cs_rounds, epochs or args.cs_epochs
     model = copy.deepcopy(init)
     params = [(model.get_submodule(n), "weight") for n in PRUNED]
-    cs = ContinuousSparsifier(model, params, rounds=args.cs_rounds, epochs=args.cs_epochs,
+    cs = ContinuousSparsifier(model, params, rounds=rounds, epochs=epochs,
                               penalty=penalty, final_temperature=args.cs_beta,
                               rewind_step=args.rewind_step, progress=not args.no_progress)
     loader.reset()
     opt = torch.optim.Adam(cs.param_groups(lr=args.lr))
     t0 = time.time()
     history = cs.fit(loader, F.cross_entropy, optimizer=opt, finish=True, rewind=True)
-    search_epochs = args.cs_rounds * args.cs_epochs
+    search_epochs = rounds * epochs
     print(f"  CS search: {search_epochs} epochs ({time.time() - t0:.0f}s); natural sparsity (s > 0) "
           f"{cs.natural_sparsity():.4f}", flush=True)
     rewound = copy.deepcopy(model.state_dict())
@@ -266,17 +289,31 @@ def run_seed(seed, args, targets):
     print(f"  dense test acc {dense_acc:.4f}", flush=True)
     print(f"[seed {seed}] IMP (20% of the remaining weights per round, rewinding)", flush=True)
     imp = run_imp(init, rewind_state, loader, ev, args, targets)
+    searches = {}   # CS setting -> the targets it cuts tickets for
+    for t in targets:
+        if t in args.cs_at:
+            searches.setdefault(args.cs_at[t], []).append(t)
+        else:
+            for lam in args.cs_penalty:
+                searches.setdefault(setting_name(args.cs_rounds, args.cs_epochs, lam), []).append(t)
     cs = {}
-    for lam in args.cs_penalty:
-        print(f"[seed {seed}] CS ({args.cs_rounds} rounds x {args.cs_epochs} epochs, lambda={lam}, "
-              f"beta_T={args.cs_beta})", flush=True)
-        tickets, hist = run_cs(init, loader, ev, args, targets, lam)
-        cs[lam] = {"tickets": tickets, "history": hist}
+    for setting, ts in searches.items():
+        rounds, epochs, lam = parse_setting(setting)
+        print(f"[seed {seed}] CS ({rounds} rounds x {epochs} epochs, lambda={lam}, beta_T={args.cs_beta}) "
+              f"for {', '.join(f'{t:.0%}' for t in ts)}", flush=True)
+        tickets, hist = run_cs(init, loader, ev, args, ts, lam, rounds, epochs)
+        cs[setting] = {"tickets": tickets, "history": hist}
     chosen = {}
-    for t in targets:   # λ chosen on validation accuracy only; its epochs pay for every λ searched
-        lam = max(args.cs_penalty, key=lambda la: cs[la]["tickets"][t]["val_accuracy"])
-        tk = cs[lam]["tickets"][t]
-        chosen[t] = {**tk, "lambda": lam,
+    for t in targets:
+        if t in args.cs_at:   # a setting fixed in advance for this sparsity: its own search + retraining
+            tk = cs[args.cs_at[t]]["tickets"][t]
+            chosen[t] = {**tk, "setting": args.cs_at[t], "lambda": parse_setting(args.cs_at[t])[2]}
+            continue
+        # λ chosen on validation accuracy only; its epochs pay for every λ searched
+        lam = max(args.cs_penalty, key=lambda la: cs[setting_name(args.cs_rounds, args.cs_epochs, la)]["tickets"][t]
+                  ["val_accuracy"])
+        setting = setting_name(args.cs_rounds, args.cs_epochs, lam)
+        chosen[t] = {**cs[setting]["tickets"][t], "setting": setting, "lambda": lam,
                      "epochs": len(args.cs_penalty) * args.cs_rounds * args.cs_epochs + args.epochs}
     return {"seed": seed, "dense_accuracy": dense_acc, "imp": imp, "cs": cs, "cs_chosen": chosen,
             "prunable": sum(init.get_submodule(n).weight.numel() for n in PRUNED)}
@@ -293,6 +330,8 @@ def verdict(diffs, fewer_epochs):
     stats = (f"difference {m:+.4f} ± {sd:.4f} over seeds, median {median:+.4f}, CS ≥ IMP on {wins}/{n} seeds")
     if not fewer_epochs:
         return f"NOT met: CS does not use fewer epochs ({stats})"
+    if n == 1:
+        return f"{'met' if m >= 0 else 'NOT met'} on one seed, no estimate of the seed noise ({stats})"
     if m >= 2 * se:
         return f"met, CS ahead beyond the seed noise ({stats})"
     if m >= 0:
@@ -322,6 +361,10 @@ def main(argv=None):
     p.add_argument("--cs-penalty", type=float, nargs="+", default=[1e-5],
                    help="lambda values, one CS search each; the reported CS ticket takes the best on validation")
     p.add_argument("--cs-beta", type=float, default=200.0, help="beta_T (paper default 200)")
+    p.add_argument("--cs-at", nargs="*", default=None, metavar="TARGET=ROUNDSxEPOCHS:LAMBDA",
+                   help="a CS search fixed for one sparsity (default: " + " ".join(CS_AT_DEFAULT) + "; none with "
+                   "--quick); other sparsities use --cs-rounds x --cs-epochs and --cs-penalty.  Give the flag "
+                   "with no value for none")
     p.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     p.add_argument("--val", type=int, default=None,
@@ -343,6 +386,22 @@ def main(argv=None):
     args.rewind_step = args.rewind_step if args.rewind_step is not None else (20 if args.quick else 200)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.val = args.val if args.val is not None else (1000 if args.quick else 5000)
+    if args.cs_at is None:
+        args.cs_at = [] if args.quick else list(CS_AT_DEFAULT)
+    if isinstance(args.cs_at, list):
+        at = {}
+        for item in args.cs_at:
+            t, sep, setting = item.partition("=")
+            try:
+                t = float(t)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise SystemExit(f"--cs-at: expected TARGET=ROUNDSxEPOCHS:LAMBDA like 0.95=3x8:3e-5, got {item!r}")
+            at[t] = setting_name(*parse_setting(setting))
+        args.cs_at = at
+    else:   # from a saved JSON
+        args.cs_at = {float(t): v for t, v in args.cs_at.items()}
     torch.set_num_threads(1)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -360,8 +419,8 @@ def main(argv=None):
         runs = [{"seed": r["seed"], "dense_accuracy": r["dense_accuracy"], "prunable": prunable,
                  "imp": {float(t): v for t, v in r["imp"].items()},
                  "cs_chosen": {float(t): v for t, v in r["cs_chosen"].items()},
-                 "cs": {float(lam): {"tickets": {float(t): v for t, v in c["tickets"].items()},
-                                     "history": c["history"]} for lam, c in r["cs"].items()}}
+                 "cs": {k: {"tickets": {float(t): v for t, v in c["tickets"].items()},
+                                "history": c["history"]} for k, c in r["cs"].items()}}
                 for r in saved["runs"]]
 
     stem = "tickets_quick" if args.quick else "tickets"
@@ -371,8 +430,16 @@ def main(argv=None):
     rows = [f"| sparsity | method | test acc (mean ± sd, {n} seed{'s' * (n > 1)}) | val acc | epochs | "
             "CS − IMP test acc | seeds CS ≥ IMP |", "|---:|---|---:|---:|---:|---:|---:|"]
     verdicts = []
-    tuned = len(args.cs_penalty) > 1
-    cs_name = "CS (λ by validation)" if tuned else f"CS (λ={args.cs_penalty[0]:g})"
+    tuned = len(args.cs_penalty) > 1 and any(t not in args.cs_at for t in targets)
+
+    def cs_label(t, ch):
+        if t in args.cs_at:
+            r_, e_, lam_ = parse_setting(args.cs_at[t])
+            return f"CS ({r_}x{e_}, λ={lam_:g})"
+        if tuned:
+            lams = ", ".join(f"{c['lambda']:g}" for c in ch)
+            return f"CS ({args.cs_rounds}x{args.cs_epochs}, λ by validation: {lams})"
+        return f"CS ({args.cs_rounds}x{args.cs_epochs}, λ={args.cs_penalty[0]:g})"
     for t in targets:
         imp_acc = [r["imp"][t]["accuracy"] for r in runs]
         imp_ep = runs[0]["imp"][t]["epochs"]
@@ -381,11 +448,11 @@ def main(argv=None):
         ch = [r["cs_chosen"][t] for r in runs]
         d = [c["accuracy"] - a for c, a in zip(ch, imp_acc)]
         wins = sum(x >= 0 for x in d)
-        lams = ": " + ", ".join(f"{c['lambda']:g}" for c in ch) if tuned else ""
-        rows.append(f"| {t:.0%} | **{cs_name[:-1]}{lams})** | {fmt([c['accuracy'] for c in ch])} | "
+        cs_name = cs_label(t, ch)
+        rows.append(f"| {t:.0%} | **{cs_name}** | {fmt([c['accuracy'] for c in ch])} | "
                     f"{fmt([c['val_accuracy'] for c in ch])} | {ch[0]['epochs']} | {_ms(d)[0]:+.4f} | {wins}/{n} |")
-        for lam in args.cs_penalty if tuned else ():
-            tk = [r["cs"][lam]["tickets"][t] for r in runs]
+        for lam in args.cs_penalty if tuned and t not in args.cs_at else ():
+            tk = [r["cs"][setting_name(args.cs_rounds, args.cs_epochs, lam)]["tickets"][t] for r in runs]
             dd = [x["accuracy"] - a for x, a in zip(tk, imp_acc)]
             rows.append(f"| {t:.0%} | CS λ={lam:g} only | {fmt([x['accuracy'] for x in tk])} | "
                         f"{fmt([x['val_accuracy'] for x in tk])} | {tk[0]['epochs']} | {_ms(dd)[0]:+.4f} | "
@@ -402,14 +469,24 @@ def main(argv=None):
         f"validation (held out of the training set) / {len(xte)} test images, Adam lr={args.lr}, batch "
         f"{args.batch_size}, {args.epochs} epoch(s) per training run, rewind to step {args.rewind_step}, seeds "
         f"{args.seeds}.  Dense test accuracy {fmt(dense)}.",
-        f"CS: {args.cs_rounds} rounds x {args.cs_epochs} epochs, lambda in {args.cs_penalty}, beta_T={args.cs_beta}, "
-        "s0=0, mask lr = weights' lr; tickets threshold the learned scores at the requested quantile.  "
-        + ("The reported CS ticket takes, per seed and sparsity, the λ with the best validation accuracy; the test "
-         "set is used for nothing but the reported numbers." if tuned else
-         "One λ, no per-seed tuning: it and the schedule were chosen on seed 0's validation accuracy by "
-         "benchmarks/tickets_sweep.py (results/tickets_sweep.md), which never evaluates the test set."),
+        "CS: "
+        + ("; ".join(f"{t:.0%}: {parse_setting(v)[0]} rounds x {parse_setting(v)[1]} epochs, λ={parse_setting(v)[2]:g}"
+                     for t, v in sorted(args.cs_at.items()) if t in targets)
+           + (" — one search per sparsity, fixed in advance (no per-seed tuning)"
+              + (": each the best of seed 0's *validation* accuracy among the settings benchmarks/tickets_sweep.py "
+                 "tried (results/tickets_sweep*.md), which never evaluates the test set"
+                 if args.cs_at == {float(t): setting_name(*parse_setting(v)) for t, v in
+                                   (x.split("=") for x in CS_AT_DEFAULT)} else "")
+              + ".  " if args.cs_at else ""))
+        + (f"{'Other sparsities' if args.cs_at else 'All sparsities'}: {args.cs_rounds} rounds x {args.cs_epochs} "
+           f"epochs, lambda in {args.cs_penalty}.  " if any(t not in args.cs_at for t in targets) else "")
+        + f"beta_T={args.cs_beta}, s0=0, mask lr = weights' lr; tickets threshold the learned scores at the requested "
+        "quantile and are retrained like IMP's.  "
+        + ("Where several λ are given, the reported CS ticket takes, per seed and sparsity, the λ with the best "
+           "validation accuracy; the test set is used for nothing but the reported numbers." if tuned else ""),
         "Epochs per ticket count every training epoch that led to it (IMP: the dense run + every round up to it; "
-        "CS: every λ's search + the ticket's retraining" + ("; CS λ=… only: one search + retraining)." if tuned else ")."),
+        "CS: its search (every λ's search where λ is chosen by validation) + the ticket's retraining"
+        + ("; CS λ=… only: one search + retraining)." if tuned else ")."),
         "",
         *rows,
         "",
@@ -428,8 +505,8 @@ def main(argv=None):
             "runs": [{"seed": r["seed"], "dense_accuracy": r["dense_accuracy"],
                       "imp": {str(t): v for t, v in r["imp"].items()},
                       "cs_chosen": {str(t): v for t, v in r["cs_chosen"].items()},
-                      "cs": {str(lam): {"tickets": {str(t): v for t, v in c["tickets"].items()},
-                                        "history": c["history"]} for lam, c in r["cs"].items()}} for r in runs]},
+                          "cs": {k: {"tickets": {str(t): v for t, v in c["tickets"].items()},
+                                 "history": c["history"]} for k, c in r["cs"].items()}} for r in runs]},
             indent=2, default=str))
     try:
         import matplotlib
@@ -445,9 +522,10 @@ def main(argv=None):
             return m
         mi = band([[r["imp"][t]["accuracy"] for r in runs] for t in targets], "o-", "IMP + rewinding (20%/round)")
         mc = band([[r["cs_chosen"][t]["accuracy"] for r in runs] for t in targets], "s-",
-                  f"Continuous Sparsification {cs_name[3:]}")
-        for lam in args.cs_penalty if tuned else ():
-            band([[r["cs"][lam]["tickets"][t]["accuracy"] for r in runs] for t in targets], "x:",
+                  "Continuous Sparsification + rewinding")
+        for lam in args.cs_penalty if tuned and not args.cs_at else ():
+            key = setting_name(args.cs_rounds, args.cs_epochs, lam)
+            band([[r["cs"][key]["tickets"][t]["accuracy"] for r in runs] for t in targets], "x:",
                  f"CS λ={lam:g} only")
         ax.axhline(_ms(dense)[0], color="gray", ls="--", label="dense")
         for x, t, m in zip(xs, targets, mi):
