@@ -39,6 +39,7 @@ import json
 import math
 import multiprocessing
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -239,8 +240,22 @@ def setting_name(rounds, epochs, lam):
     return f"{rounds}x{epochs}:{lam:g}"
 
 
-def run_cs(init, loader, ev, args, targets, penalty, rounds=None, epochs=None):
-    rounds, epochs = rounds or args.cs_rounds, epochs or args.cs_epochs
+def parse_cs_at(items):
+    """``["0.95=3x8:3e-5", ...]`` -> ``{0.95: "3x8:3e-05", ...}`` (settings in their canonical spelling)."""
+    at = {}
+    for item in items:
+        t, sep, setting = item.partition("=")
+        try:
+            t = float(t)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"--cs-at: expected TARGET=ROUNDSxEPOCHS:LAMBDA like 0.95=3x8:3e-5, got {item!r}")
+        at[t] = setting_name(*parse_setting(setting))
+    return at
+
+
+def run_cs(init, loader, ev, args, targets, rounds, epochs, penalty):
     model = copy.deepcopy(init)
     params = [(model.get_submodule(n), "weight") for n in PRUNED]
     cs = ContinuousSparsifier(model, params, rounds=rounds, epochs=epochs,
@@ -301,7 +316,7 @@ def run_seed(seed, args, targets):
         rounds, epochs, lam = parse_setting(setting)
         print(f"[seed {seed}] CS ({rounds} rounds x {epochs} epochs, lambda={lam}, beta_T={args.cs_beta}) "
               f"for {', '.join(f'{t:.0%}' for t in ts)}", flush=True)
-        tickets, hist = run_cs(init, loader, ev, args, ts, lam, rounds, epochs)
+        tickets, hist = run_cs(init, loader, ev, args, ts, rounds, epochs, lam)
         cs[setting] = {"tickets": tickets, "history": hist}
     chosen = {}
     for t in targets:
@@ -325,7 +340,7 @@ def verdict(diffs, fewer_epochs):
     n = len(diffs)
     m, sd = _ms(diffs)
     se = sd / math.sqrt(n) if n > 1 else float("inf")
-    median = sorted(diffs)[n // 2] if n % 2 else (sorted(diffs)[n // 2 - 1] + sorted(diffs)[n // 2]) / 2
+    median = statistics.median(diffs)
     wins = sum(x >= 0 for x in diffs)
     stats = (f"difference {m:+.4f} ± {sd:.4f} over seeds, median {median:+.4f}, CS ≥ IMP on {wins}/{n} seeds")
     if not fewer_epochs:
@@ -386,22 +401,15 @@ def main(argv=None):
     args.rewind_step = args.rewind_step if args.rewind_step is not None else (20 if args.quick else 200)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.val = args.val if args.val is not None else (1000 if args.quick else 5000)
-    if args.cs_at is None:
-        args.cs_at = [] if args.quick else list(CS_AT_DEFAULT)
-    if isinstance(args.cs_at, list):
-        at = {}
-        for item in args.cs_at:
-            t, sep, setting = item.partition("=")
-            try:
-                t = float(t)
-            except ValueError:
-                sep = ""
-            if not sep:
-                raise SystemExit(f"--cs-at: expected TARGET=ROUNDSxEPOCHS:LAMBDA like 0.95=3x8:3e-5, got {item!r}")
-            at[t] = setting_name(*parse_setting(setting))
-        args.cs_at = at
-    else:   # from a saved JSON
+    if isinstance(args.cs_at, dict):   # from a saved JSON
         args.cs_at = {float(t): v for t, v in args.cs_at.items()}
+    elif args.cs_at is None:   # the defaults, for the sparsities asked for
+        args.cs_at = {t: v for t, v in parse_cs_at([] if args.quick else CS_AT_DEFAULT).items() if t in args.targets}
+    else:
+        args.cs_at = parse_cs_at(args.cs_at)
+        unused = sorted(set(args.cs_at) - set(args.targets))
+        if unused:
+            raise SystemExit(f"--cs-at: sparsities {unused} are not among --targets {args.targets}")
     torch.set_num_threads(1)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -470,14 +478,12 @@ def main(argv=None):
         f"{args.batch_size}, {args.epochs} epoch(s) per training run, rewind to step {args.rewind_step}, seeds "
         f"{args.seeds}.  Dense test accuracy {fmt(dense)}.",
         "CS: "
-        + ("; ".join(f"{t:.0%}: {parse_setting(v)[0]} rounds x {parse_setting(v)[1]} epochs, λ={parse_setting(v)[2]:g}"
-                     for t, v in sorted(args.cs_at.items()) if t in targets)
-           + (" — one search per sparsity, fixed in advance (no per-seed tuning)"
-              + (": each the best of seed 0's *validation* accuracy among the settings benchmarks/tickets_sweep.py "
-                 "tried (results/tickets_sweep*.md), which never evaluates the test set"
-                 if args.cs_at == {float(t): setting_name(*parse_setting(v)) for t, v in
-                                   (x.split("=") for x in CS_AT_DEFAULT)} else "")
-              + ".  " if args.cs_at else ""))
+        + (", ".join(f"{t:.0%}: {v}" for t, v in sorted(args.cs_at.items()))
+           + " (ROUNDSxEPOCHS:λ) — one search per sparsity, fixed in advance (no per-seed tuning)"
+           + (": each the best of seed 0's *validation* accuracy among the settings benchmarks/tickets_sweep.py "
+              "tried (results/tickets_sweep*.md), which never evaluates the test set"
+              if args.cs_at.items() <= parse_cs_at(CS_AT_DEFAULT).items() else "")
+           + ".  " if args.cs_at else "")
         + (f"{'Other sparsities' if args.cs_at else 'All sparsities'}: {args.cs_rounds} rounds x {args.cs_epochs} "
            f"epochs, lambda in {args.cs_penalty}.  " if any(t not in args.cs_at for t in targets) else "")
         + f"beta_T={args.cs_beta}, s0=0, mask lr = weights' lr; tickets threshold the learned scores at the requested "
@@ -505,7 +511,7 @@ def main(argv=None):
             "runs": [{"seed": r["seed"], "dense_accuracy": r["dense_accuracy"],
                       "imp": {str(t): v for t, v in r["imp"].items()},
                       "cs_chosen": {str(t): v for t, v in r["cs_chosen"].items()},
-                          "cs": {k: {"tickets": {str(t): v for t, v in c["tickets"].items()},
+                      "cs": {k: {"tickets": {str(t): v for t, v in c["tickets"].items()},
                                  "history": c["history"]} for k, c in r["cs"].items()}} for r in runs]},
             indent=2, default=str))
     try:

@@ -9,9 +9,9 @@ cannot have been fitted to the test set.  A setting is eligible when every ticke
 the line "Chosen" names the eligible setting whose worst validation difference to IMP (over the sparsities) is
 largest; benchmarks/tickets.py's ``--cs-at`` defaults take, per sparsity, the eligible setting with the best
 validation accuracy over the runs kept in benchmarks/results (tickets_sweep.md: all sparsities;
-tickets_sweep_95.md: ``--targets 0.95`` with longer searches, written with ``--out /tmp/sweep95`` and copied).
+tickets_sweep_95.md: ``--targets 0.95`` with longer searches, ``--name tickets_sweep_95``).
 
-Writes benchmarks/results/tickets_sweep.{md,json} (or under ``--out``).
+Writes benchmarks/results/<--name>.{md,json} (default tickets_sweep).
 """
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def _job(kind, setting, args, targets):
         rewind_state = T.train(dense, loader, args.epochs, args.lr, snapshot_at=args.rewind_step)
         args.dense_state = dense.state_dict()
         return T.run_imp(init, rewind_state, loader, ev, args, targets)
-    args.cs_rounds, args.cs_epochs, lam = T.parse_setting(setting)
-    tickets, history = T.run_cs(init, loader, ev, args, targets, lam)
+    tickets, history = T.run_cs(init, loader, ev, args, targets, *T.parse_setting(setting))
     return tickets
 
 
@@ -57,6 +56,7 @@ def main(argv=None):
     p.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", type=Path, default=T.ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="tickets_sweep", help="output file stem under --out")
     args = p.parse_args(argv)
     for s in args.settings:
         T.parse_setting(s)
@@ -101,8 +101,8 @@ def main(argv=None):
         "",
     ])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tickets_sweep.md").write_text(md)
-    (args.out / "tickets_sweep.json").write_text(json.dumps(
+    (args.out / f"{args.name}.md").write_text(md)
+    (args.out / f"{args.name}.json").write_text(json.dumps(
         {"command": command, "seed": args.seed, "chosen": best, "imp": {str(t): v for t, v in imp.items()},
          "cs": {s: {str(t): v for t, v in tk.items()} for s, tk in zip(args.settings, cs)}}, indent=2))
     print(md)
