@@ -143,8 +143,8 @@ def test_sequential_sees_pruned_outputs_of_earlier_blocks():
 
 
 # ------------------------------------------------------------------------------------------ Fisher
-def ce_loss(out, batch):
-    return nn.functional.cross_entropy(out, batch[1])
+def ce_loss(out, target):
+    return nn.functional.cross_entropy(out, target)
 
 
 def _mlp_conv1d():
@@ -181,7 +181,7 @@ def _fisher_reference(model, params, batches, B):
     outer = [[] for _ in params]
     for x, y in batches:
         for i in range(x.shape[0]):
-            loss = ce_loss(m64(x[i:i + 1].double()), (None, y[i:i + 1]))
+            loss = ce_loss(m64(x[i:i + 1].double()), y[i:i + 1])
             gs = torch.autograd.grad(loss, [getattr(m, "weight") for m in mods])
             for o, g in zip(outer, gs):
                 g = g.reshape(-1)
@@ -321,7 +321,7 @@ def _tiny_mlp_problem(pruned=False):
     if pruned:
         prune.random_unstructured(model[0], "weight", amount=0.4)
     batches = [(torch.randn(6, 4), torch.randn(6, 3)) for _ in range(2)]
-    loss = lambda out, b: ((out - b[1]) ** 2).mean()  # noqa: E731
+    loss = lambda out, y: ((out - y) ** 2).mean()  # noqa: E731
     curv = Curvature(model, [(model[0], "weight"), (model[2], "weight")], batches, loss_fn=loss)
     return model, batches, curv
 

@@ -37,8 +37,8 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def loss_fn(out, batch):
-    return nn.functional.cross_entropy(out, batch[1])
+def loss_fn(out, target):
+    return nn.functional.cross_entropy(out, target)
 
 
 def problem():

@@ -17,8 +17,8 @@ class Block(nn.Module):
         return x + torch.tanh(self.fc(x))
 
 
-def mse(out, batch):
-    return ((out - batch[1]) ** 2).mean()
+def mse(out, target):
+    return ((out - target) ** 2).mean()
 
 
 def regression_problem(seed=0, n=512):

@@ -10,31 +10,13 @@ from torch import nn
 
 from ..errors import PruningInputError
 from ..targets import Target, resolve_targets, to_2d
+from .batching import batch_loss, default_forward, move
 from .collect import GramAccumulator, add_gram_hooks, collect_sequential, run_batches
-
-
-def default_forward(model: nn.Module, batch):
-    """``model(**batch)`` for dicts, ``model(batch[0])`` for (inputs, labels) pairs, else ``model(batch)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
 
 
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _move(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
 
 
 class Curvature:
@@ -66,8 +48,8 @@ class Curvature:
 
         ``sequential=True`` calibrates block by block (``model.layers``-like stacks), each block seeing the
         outputs of the blocks before it; ``on_block(i, block_targets) -> bool`` may change the block's weights
-        (prune it) before its outputs feed the next block.  ``loss_fn(output, batch)`` is kept for methods that
-        need gradients (OBS-IHT iterations, HVPs).
+        (prune it) before its outputs feed the next block.  ``loss_fn`` (torch's ``loss_fn(output, target)`` for
+        ``(inputs, target)`` batches, ``loss_fn(output, batch)`` for dicts) is kept for methods that need gradients (OBS-IHT iterations, HVPs).
         """
         if dtype not in (torch.float32, torch.float64):
             raise PruningInputError(f"dtype: accumulation must be torch.float32 or torch.float64, got {dtype}")
@@ -78,7 +60,7 @@ class Curvature:
         for t in curv.targets:
             d = to_2d(t.module, t.current()).shape[1]
             accs[t.key] = GramAccumulator(d, t.current().device, dtype)
-        batches = [_move(b, curv.device) for b in curv.batches]
+        batches = [move(b, curv.device) for b in curv.batches]
         was_training = model.training
         model.eval()
         try:
@@ -222,8 +204,8 @@ class Curvature:
         try:
             with self._weights(overrides), self._mid_apply_attributes(), torch.no_grad():
                 for b in tqdm(batches, desc="loss", disable=not progress, leave=False):
-                    b = _move(b, self.device)
-                    total += float(self.loss_fn(self.forward_fn(self.model, b), b))
+                    b = move(b, self.device)
+                    total += float(batch_loss(self.loss_fn, self.forward_fn(self.model, b), b))
         finally:
             self.model.train(was)
         return total / max(len(batches), 1)
@@ -259,8 +241,8 @@ class Curvature:
             with self._weights(overrides), self._mid_apply_attributes(), self._only_targets_require_grad():
                 params = self._grad_params()
                 for b in tqdm(batches, desc="gradient", disable=not progress, leave=False):
-                    b = _move(b, self.device)
-                    loss = self.loss_fn(self.forward_fn(self.model, b), b)
+                    b = move(b, self.device)
+                    loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
                     gs = torch.autograd.grad(loss, params)
                     total += float(loss.detach())
                     for t, g in zip(self.targets, gs):
@@ -282,8 +264,8 @@ class Curvature:
                 params = self._grad_params()
                 vs = [vec[t.key].to(p.dtype) for t, p in zip(self.targets, params)]
                 for b in batches:
-                    b = _move(b, self.device)
-                    loss = self.loss_fn(self.forward_fn(self.model, b), b)
+                    b = move(b, self.device)
+                    loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
                     gs = torch.autograd.grad(loss, params, create_graph=True)
                     dot = sum((g * v).sum() for g, v in zip(gs, vs))
                     hv = torch.autograd.grad(dot, params)

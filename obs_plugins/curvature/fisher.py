@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import CurvatureError, PruningInputError
+from .batching import batch_loss, move
 from .linalg import DEFAULT_LADDER, check_finite
 
 __all__ = ["FisherBlocks", "FisherWoodbury", "collect_fisher", "obs_saliency", "fisher_inverse_diag",
@@ -116,7 +117,7 @@ def _vmap_grads(curv, wrapper, names, chunk, n):
 
     def one(p, *xs):
         sample = _rebuild(chunk, iter(x.unsqueeze(0) if b else x for x, b in zip(xs, batched)))
-        return curv.loss_fn(functional_call(wrapper, p, (sample,)), sample)
+        return batch_loss(curv.loss_fn, functional_call(wrapper, p, (sample,)), sample)
 
     in_dims = (None,) + tuple(0 if b else None for b in batched)
     g = vmap(grad(one), in_dims=in_dims)(params, *leaves)
@@ -128,7 +129,7 @@ def _loop_grads(curv, chunk, n):
     rows = [[] for _ in params]
     for i in range(n):
         s = _row_slice(chunk, n, i, i + 1)
-        loss = curv.loss_fn(curv.forward_fn(curv.model, s), s)
+        loss = batch_loss(curv.loss_fn, curv.forward_fn(curv.model, s), s)
         for r, g in zip(rows, torch.autograd.grad(loss, params)):
             r.append(g.reshape(-1))
     return [torch.stack(r) for r in rows]
@@ -160,7 +161,6 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
     """
     from tqdm.auto import tqdm
 
-    from .core import _move
     if engine not in ("auto", "vmap", "loop"):
         raise PruningInputError(f"engine: 'auto', 'vmap' or 'loop', got {engine!r}")
     if micro_batch is not None and micro_batch < 1:
@@ -184,7 +184,7 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
             for b in tqdm(batches, desc="per-sample gradients", disable=not progress, leave=False):
                 if num_samples is not None and seen >= num_samples:
                     break
-                b = _move(b, curv.device)
+                b = move(b, curv.device)
                 n = batch_rows(b)
                 if num_samples is not None:
                     n_use = min(n, num_samples - seen)
