@@ -93,8 +93,10 @@ class OBSIHT(_PlanPruningMethod):
 
     Args: ``amount`` (torch's meaning), ``curvature`` (an :class:`obs_plugins.Curvature` collected for these
     parameters; with ``loss_fn`` when ``iterations > 1``), and any :class:`OBSIHTConfig` field (``iterations``,
-    ``nm``, ``allocation``, ``rel_damp``...).  ``allocation="uniform"`` (default) prunes ``amount`` of every listed
-    tensor; ``"global"`` ranks all weights together by their Fisher OBS saliency (needs Fisher curvature).
+    ``nm``, ``allocation``, ``rel_damp``...).  Through ``global_unstructured`` the default is
+    ``allocation="global"`` (one ranking of loss-comparable OBS saliencies, per-layer caps
+    ``layer_min_sparsity``/``layer_max_sparsity``) when the curvature has a ``loss_fn``, else ``"uniform"``
+    (every listed tensor loses ``amount``).
     """
     _source_name = "curvature"
 
@@ -110,6 +112,10 @@ class OBSIHT(_PlanPruningMethod):
         if unknown:
             raise PruningInputError(f"OBSIHT: unknown argument(s) {unknown}; accepted: amount, curvature, "
                                     f"{sorted(fields)}")
+        if "allocation" not in config and _target is None:
+            # global_unstructured means one ranking over every listed tensor: honour it when the curvature
+            # has the loss that makes saliencies comparable across layers
+            config["allocation"] = "global" if curvature.loss_fn is not None else "uniform"
         self.config = OBSIHTConfig(**config)
         self.config.validate()
         nm = parse_nm(self.config.nm)

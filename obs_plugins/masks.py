@@ -66,11 +66,13 @@ def lowest_k_mask(scores: torch.Tensor, k: int, prior_mask: torch.Tensor | None 
     return keep.reshape(scores.shape)
 
 
-def nm_mask(scores_2d: torch.Tensor, n: int, m: int, prior_mask: torch.Tensor | None = None) -> torch.Tensor:
+def nm_mask(scores_2d: torch.Tensor, n: int, m: int, prior_mask: torch.Tensor | None = None, *,
+            what: str = "the layer") -> torch.Tensor:
     """N:M keep-mask along the input dimension (columns) of a (rows, cols) score matrix."""
     rows, cols = scores_2d.shape
     if cols % m:
-        raise PruningInputError(f"nm: {n}:{m} needs the input dimension ({cols}) to be a multiple of {m}")
+        raise PruningInputError(f"nm: {n}:{m} needs every layer's input width to be a multiple of {m}; {what} has "
+                                f"{cols} (exclude it from params)")
     s = scores_2d.detach().float().reshape(rows, cols // m, m)
     if prior_mask is not None:  # prior zeros count towards the N pruned of their group
         s = s.masked_fill(~prior_mask.reshape(rows, cols // m, m).bool(), float("-inf"))
@@ -81,22 +83,41 @@ def nm_mask(scores_2d: torch.Tensor, n: int, m: int, prior_mask: torch.Tensor | 
     return keep.reshape(rows, cols)
 
 
-def allocate_global(saliency: dict[str, torch.Tensor], prior: dict[str, torch.Tensor], k_total: int) -> dict[str, int]:
-    """Per-tensor prune counts from one global ranking of comparable saliencies (lowest pruned first)."""
+def allocate_global(saliency: dict[str, torch.Tensor], prior: dict[str, torch.Tensor], k_total: int, *,
+                    min_prune: dict[str, int] | None = None, max_prune: dict[str, int] | None = None) -> dict[str, int]:
+    """Per-tensor prune counts from one global ranking of comparable saliencies (lowest pruned first).
+
+    ``min_prune`` / ``max_prune`` bound each tensor's count: its ``min_prune`` lowest entries go first, then
+    the rest of ``k_total`` follows the global ranking, skipping tensors at ``max_prune`` — exactly the greedy
+    walk down the sorted list.  Ties break by position in the concatenation (deterministic)."""
     keys = list(saliency)
-    flat = torch.cat([saliency[k].reshape(-1).float().masked_fill(~prior[k].reshape(-1), float("inf"))
-                      for k in keys])
-    avail = int(sum(int(prior[k].sum()) for k in keys))
-    if not 0 <= k_total <= avail:
-        raise PruningInputError(f"amount: cannot prune {k_total} of {avail} remaining entries")
-    counts = {k: 0 for k in keys}
-    if k_total == 0:
-        return counts
-    order = torch.sort(torch.nan_to_num(flat, nan=float("inf")), stable=True).indices[:k_total]
-    sizes = torch.tensor([saliency[k].numel() for k in keys])
-    owner = torch.bucketize(order, torch.cumsum(sizes, 0), right=True)
-    for i, c in zip(*torch.unique(owner, return_counts=True)):
-        counts[keys[int(i)]] = int(c)
+    avail = {k: int(prior[k].sum()) for k in keys}
+    lo = {k: int((min_prune or {}).get(k, 0)) for k in keys}
+    hi = {k: int((max_prune or {}).get(k, avail[k])) for k in keys}
+    for k in keys:
+        if not 0 <= lo[k] <= hi[k] <= avail[k]:
+            raise PruningInputError(f"allocation bounds for {k}: need 0 <= min ({lo[k]}) <= max ({hi[k]}) <= "
+                                    f"unpruned entries ({avail[k]})")
+    total = sum(avail.values())
+    if not 0 <= k_total <= total:
+        raise PruningInputError(f"amount: cannot prune {k_total} of {total} remaining entries")
+    if not sum(lo.values()) <= k_total <= sum(hi.values()):
+        raise PruningInputError(f"amount: {k_total} new prunes do not fit the per-layer bounds "
+                                f"({sum(lo.values())}..{sum(hi.values())})")
+    free_vals, free_owner = [], []
+    for i, k in enumerate(keys):
+        s = torch.nan_to_num(saliency[k].reshape(-1).float().masked_fill(~prior[k].reshape(-1), float("inf")),
+                             nan=float("inf"))
+        ranked = torch.sort(s, stable=True).values
+        free_vals.append(ranked[lo[k]:hi[k]])
+        free_owner.append(torch.full((hi[k] - lo[k],), i, dtype=torch.long))
+    counts = dict(lo)
+    rest = k_total - sum(lo.values())
+    if rest:
+        order = torch.sort(torch.cat(free_vals), stable=True).indices[:rest]
+        owner = torch.cat(free_owner)[order]
+        for i, c in zip(*torch.unique(owner, return_counts=True)):
+            counts[keys[int(i)]] += int(c)
     return counts
 
 
@@ -139,6 +160,10 @@ class PrunePlan:
             if not torch.isfinite(new_weight).all():
                 raise FloatingPointError(f"plan for {target.key}: the solver produced non-finite weights")
         self.entries[target.key] = PlanEntry(target, mask.bool(), new_weight)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of zeros each tensor will have (prior zeros included)."""
+        return {k: 1.0 - int(e.mask.sum()) / max(e.mask.numel(), 1) for k, e in self.entries.items()}
 
     def sparsity(self) -> float:
         total = sum(e.mask.numel() for e in self.entries.values())

@@ -178,7 +178,7 @@ def test_conv_and_hf_conv1d_layers():
 
 # ---------------------------------------------------------------- bad input: clear error, model unchanged
 @pytest.mark.parametrize("case", ["no_curvature", "amount_range", "amount_too_big", "wrong_order", "other_params",
-                                  "unknown_kw", "global_without_fisher", "nm_amount"])
+                                  "unknown_kw", "global_without_loss", "fisher_without_fisher", "nm_amount"])
 def test_bad_input_leaves_model_unchanged(case):
     model, params, batches = tiny_problem()
     curv = Curvature.layerwise(model, params, batches, progress=False)
@@ -187,7 +187,8 @@ def test_bad_input_leaves_model_unchanged(case):
     ps = params
     match = {"no_curvature": "curvature", "amount_range": "amount", "amount_too_big": "amount",
              "wrong_order": "params", "other_params": "params", "unknown_kw": "unknown",
-             "global_without_fisher": "Fisher", "nm_amount": "nm"}[case]
+             "global_without_loss": "loss", "fisher_without_fisher": "Fisher",
+             "nm_amount": "nm"}[case]
     if case == "no_curvature":
         kw.pop("curvature")
     elif case == "amount_range":
@@ -200,8 +201,10 @@ def test_bad_input_leaves_model_unchanged(case):
         ps = params[:1]
     elif case == "unknown_kw":
         kw["iteratoins"] = 2
-    elif case == "global_without_fisher":
+    elif case == "global_without_loss":
         kw["allocation"] = "global"
+    elif case == "fisher_without_fisher":
+        kw["allocation"] = "fisher"
     elif case == "nm_amount":
         kw["nm"] = "2:4"
         kw["amount"] = 0.7
@@ -263,8 +266,8 @@ def test_wanda_prunes_equally_per_output_row():
     assert abs(p.sparsity() - 0.5) < 1e-9
 
 
-def test_global_allocation_follows_the_fisher_saliency_ranking():
-    """allocation='global': per-layer counts are exactly those of one ranking of the Fisher OBS saliencies."""
+def test_fisher_allocation_follows_the_fisher_saliency_ranking():
+    """allocation='fisher' (no layer cap): per-layer counts are exactly one ranking of the Fisher OBS saliencies."""
     from obs_plugins.curvature.fisher import obs_saliency
     model, params, batches = tiny_problem()
     curv = Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)
@@ -274,6 +277,6 @@ def test_global_allocation_follows_the_fisher_saliency_ranking():
     chosen = torch.sort(flat, stable=True).indices[:k]
     expected = [int((chosen < 512).sum()), int((chosen >= 512).sum())]
     assert expected != [round(0.6 * 512), round(0.6 * 128)]  # differs from the uniform split
-    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.6, curvature=curv, allocation="global",
-                              progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.6, curvature=curv, allocation="fisher",
+                              layer_max_sparsity=1.0, progress=False)
     assert zeros(model) == expected

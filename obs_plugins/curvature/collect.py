@@ -89,22 +89,25 @@ def find_block_list(model: nn.Module, targets: list[Target]) -> tuple[str, nn.Mo
     return best[1], best[2]
 
 
-def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=None, progress=True):
-    """Block-by-block calibration: each block sees the outputs of the already-processed (possibly pruned)
-    blocks before it; peak memory is one block's activations for the calibration set."""
-    from tqdm.auto import tqdm
-    _, blocks = find_block_list(model, targets)
-    in_blocks = {id(m) for blk in blocks for m in blk.modules()}
-    outside = [t.key for t in targets if id(t.module) not in in_blocks]
-    if outside:
-        raise ValueError(f"sequential=True: targets outside the block stack are not supported: {outside[:5]}")
+def block_stack(model: nn.Module, targets: list[Target]) -> nn.ModuleList | None:
+    """The block stack holding *every* target, or None (no stack, or some target outside it)."""
+    try:
+        _, blocks = find_block_list(model, targets)
+    except ValueError:
+        return None
+    inside = {id(m) for blk in blocks for m in blk.modules()}
+    return blocks if all(id(t.module) in inside for t in targets) else None
+
+
+def capture_block_inputs(model, first_block, batches, forward_fn) -> list[tuple[list, dict]]:
+    """The positional and keyword inputs of ``first_block`` for every batch (the forward stops there)."""
     cached = []
 
     def catch(_m, args, kwargs):
         cached.append((list(args), dict(kwargs)))
         raise _Stop
 
-    h = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    h = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -114,21 +117,43 @@ def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=No
                     pass
     finally:
         h.remove()
+    if len(cached) != len(batches):
+        raise ValueError("sequential calibration: the forward pass did not reach the first block for every batch")
+    return cached
+
+
+def run_block(block, cached) -> list:
+    """``block``'s outputs for every cached input."""
+    with torch.no_grad():
+        return [block(*a, **k) for a, k in cached]
+
+
+def feed(cached, outs) -> None:
+    """The block's outputs become the next block's hidden-state inputs."""
+    for (a, _k), o in zip(cached, outs):
+        a[0] = o[0] if isinstance(o, (tuple, list)) else o
+
+
+def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=None, progress=True):
+    """Eager block-by-block calibration: each block sees the outputs of the already-processed (possibly
+    pruned by ``on_block``) blocks before it; peak memory is one block's activations for the calibration set."""
+    from tqdm.auto import tqdm
+    _, blocks = find_block_list(model, targets)
+    in_blocks = {id(m) for blk in blocks for m in blk.modules()}
+    outside = [t.key for t in targets if id(t.module) not in in_blocks]
+    if outside:
+        raise ValueError(f"sequential=True: targets outside the block stack are not supported: {outside[:5]}")
+    cached = capture_block_inputs(model, blocks[0], batches, forward_fn)
     by_block = [[t for t in targets if any(t.module is m for m in blk.modules())] for blk in blocks]
     for i, blk in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress, leave=False)):
         handles = add_gram_hooks(by_block[i], accs)
         try:
-            with torch.no_grad():
-                outs = [blk(*a, **k) for a, k in cached]
+            outs = run_block(blk, cached)
         finally:
             for hh in handles:
                 hh.remove()
         for t in by_block[i]:
             accs[t.key].all_reduce()
-        if on_block is not None and by_block[i]:
-            changed = on_block(i, by_block[i])
-            if changed:
-                with torch.no_grad():
-                    outs = [blk(*a, **k) for a, k in cached]
-        for (a, _k), o in zip(cached, outs):
-            a[0] = o[0] if isinstance(o, (tuple, list)) else o
+        if on_block is not None and by_block[i] and on_block(i, by_block[i]):
+            outs = run_block(blk, cached)
+        feed(cached, outs)

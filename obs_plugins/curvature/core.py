@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..errors import PruningInputError
-from ..targets import Target, resolve_targets, to_2d
+from ..targets import Target, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import batch_loss, default_forward, move
-from .collect import GramAccumulator, add_gram_hooks, collect_sequential, run_batches
+from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, collect_sequential,
+                      feed, run_batches, run_block)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -34,58 +35,168 @@ class Curvature:
         self.batches = list(batches) if batches is not None else []
         self.loss_fn = loss_fn
         self.forward_fn = forward_fn or default_forward
-        self.hessians: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self._hessians: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
         self.fisher: dict = {}
         self.device = _device_of(model)
+        self.sequential = False        # plans are computed block by block (see :meth:`blockwise`)
+        self.dtype = torch.float32
+        self.progress = True
+        self._grams_pending = False    # sequential: the one-pass Grams are only collected if someone asks
+
+    @property
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """key -> layer Gram ``2 X X^T / n``.  Under sequential calibration this is filled by the last plan
+        (the Grams that plan was solved on); asked for before any plan, the one-pass Grams of the model as it
+        is are collected first."""
+        if self._grams_pending:
+            self._collect_onepass()
+        return self._hessians
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """key -> input rows the Gram was averaged over (filled like :attr:`hessians`)."""
+        self.hessians  # noqa: B018  (collects them if pending)
+        return self._counts
+
+    @hessians.setter
+    def hessians(self, value) -> None:
+        self._hessians = dict(value)
+        self._grams_pending = False
 
     # ------------------------------------------------------------------ collection
     @classmethod
     def layerwise(cls, model: nn.Module, params, batches: Iterable, *, loss_fn: Callable | None = None,
-                  forward_fn: Callable | None = None, sequential: bool = False, on_block: Callable | None = None,
-                  dtype: torch.dtype = torch.float32, progress: bool = True) -> "Curvature":
+                  forward_fn: Callable | None = None, sequential: bool | str = "auto",
+                  on_block: Callable | None = None, dtype: torch.dtype = torch.float32,
+                  progress: bool = True) -> "Curvature":
         """Per-layer input Gram ``H = 2 X X^T / n`` of every target, from forward hooks.
 
-        ``sequential=True`` calibrates block by block (``model.layers``-like stacks), each block seeing the
-        outputs of the blocks before it; ``on_block(i, block_targets) -> bool`` may change the block's weights
-        (prune it) before its outputs feed the next block.  ``loss_fn`` (torch's ``loss_fn(output, target)`` for
-        ``(inputs, target)`` batches, ``loss_fn(output, batch)`` for dicts) is kept for methods that need gradients (OBS-IHT iterations, HVPs).
+        ``sequential``: ``"auto"`` (default) calibrates block by block whenever every target lives in one stack
+        of blocks (an ``nn.ModuleList`` such as ``model.layers`` or ``encoder.layer``), else in one pass;
+        ``True`` insists on it, ``False`` never does it.  Sequential calibration happens *inside each plan*
+        (:meth:`blockwise`): block i's Grams are collected on the outputs of blocks < i with their *planned*
+        weights, and nothing is written to the model until the whole plan exists (SparseGPT's and
+        llm-compressor's order, but atomic).  So a sequential curvature collects nothing here.
+        ``on_block(i, block_targets) -> bool`` (implies sequential) is the older eager hook: it may change the
+        block's weights before its outputs feed the next block, and the Grams are collected now.
+        ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
+        ``loss_fn(output, batch)`` for dicts) is kept for methods that need gradients (OBS-IHT iterations,
+        global allocation, HVPs).
         """
         if dtype not in (torch.float32, torch.float64):
             raise PruningInputError(f"dtype: accumulation must be torch.float32 or torch.float64, got {dtype}")
+        if sequential not in (True, False, "auto"):
+            raise PruningInputError(f"sequential: True, False or 'auto', got {sequential!r}")
         curv = cls(model, params, batches, loss_fn=loss_fn, forward_fn=forward_fn)
         if not curv.batches:
             raise PruningInputError("batches: no calibration batches given")
-        accs = {}
-        for t in curv.targets:
-            d = to_2d(t.module, t.current()).shape[1]
-            accs[t.key] = GramAccumulator(d, t.current().device, dtype)
-        batches = [move(b, curv.device) for b in curv.batches]
-        was_training = model.training
-        model.eval()
-        try:
-            if sequential:
-                collect_sequential(model, curv.targets, batches, curv.forward_fn, accs, on_block=on_block,
-                                   progress=progress)
-            else:
-                handles = add_gram_hooks(curv.targets, accs)
-                try:
-                    run_batches(model, batches, curv.forward_fn, desc="collecting layer curvature",
-                                progress=progress)
-                finally:
-                    for h in handles:
-                        h.remove()
-                for a in accs.values():
-                    a.all_reduce()
-        finally:
-            model.train(was_training)
+        curv.dtype, curv.progress = dtype, progress
+        if on_block is not None:
+            curv._collect_eager_sequential(on_block)
+            return curv
+        stack = block_stack(model, curv.targets)
+        if sequential is True and stack is None:
+            raise PruningInputError("sequential=True: the targets do not all live in one stack of blocks "
+                                    "(an nn.ModuleList such as model.layers); use sequential=False")
+        curv.sequential = sequential is True or (sequential == "auto" and stack is not None)
+        if curv.sequential:
+            curv._grams_pending = True
+        else:
+            curv._collect_onepass()
+        return curv
+
+    def _new_accumulators(self, targets) -> dict[str, GramAccumulator]:
+        return {t.key: GramAccumulator(to_2d(t.module, t.current()).shape[1], t.current().device, self.dtype)
+                for t in targets}
+
+    def _store(self, accs: dict[str, GramAccumulator]) -> None:
         for k, a in accs.items():
             if a.n == 0:
                 raise PruningInputError(f"params: layer {k} saw no input during calibration (is it used by "
                                         "the forward pass?)")
-            curv.hessians[k] = a.H
-            curv.counts[k] = a.n
-        return curv
+            self._hessians[k] = a.H
+            self._counts[k] = a.n
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
+    def _collect_onepass(self) -> None:
+        accs = self._new_accumulators(self.targets)
+        batches = [move(b, self.device) for b in self.batches]
+        handles = add_gram_hooks(self.targets, accs)
+        try:
+            with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
+                run_batches(self.model, batches, self.forward_fn, desc="collecting layer curvature",
+                            progress=self.progress)
+        finally:
+            for h in handles:
+                h.remove()
+        for a in accs.values():
+            a.all_reduce()
+        self._store(accs)
+        self._grams_pending = False
+
+    def _collect_eager_sequential(self, on_block) -> None:
+        accs = self._new_accumulators(self.targets)
+        batches = [move(b, self.device) for b in self.batches]
+        with self._eval_mode():
+            collect_sequential(self.model, self.targets, batches, self.forward_fn, accs, on_block=on_block,
+                               progress=self.progress)
+        self._store(accs)
+
+    def blockwise(self, targets: list[Target], solve_layers: Callable) -> dict[str, torch.Tensor]:
+        """Drive a layer-wise solver over ``targets`` in calibration order; return its new weights.
+
+        ``solve_layers(block_targets, grams) -> {key: new effective weight (param-shaped)}`` is called once
+        with every target and its Gram when the curvature is not sequential.  When it is, it is called block by
+        block: block i's Grams are collected on the outputs of blocks < i *run with the weights already
+        planned* (temporarily swapped in, always restored), then the block is re-run with its own planned
+        weights to feed block i+1.  Peak extra memory: one block's activations for the calibration set.  The
+        model is left exactly as it was (also when ``solve_layers`` raises); ``hessians`` ends up holding the
+        Grams the plan was solved on.
+        """
+        if not self.sequential:
+            hs = self.hessians
+            return solve_layers(targets, {t.key: hs[t.key] for t in targets})
+        blocks = block_stack(self.model, targets)
+        if blocks is None:
+            raise PruningInputError("curvature: sequential calibration needs the targets in one stack of blocks")
+        keys = {t.key for t in targets}
+        by_block = [[t for t in self.targets if t.key in keys and any(t.module is m for m in blk.modules())]
+                    for blk in blocks]
+        last = max(i for i, bt in enumerate(by_block) if bt)
+        planned: dict[str, torch.Tensor] = {}
+        batches = [move(b, self.device) for b in self.batches]
+        from tqdm.auto import tqdm
+        with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
+            cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn)
+            for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
+                          leave=False):
+                bt = by_block[i]
+                if bt:
+                    accs = self._new_accumulators(bt)
+                    handles = add_gram_hooks(bt, accs)
+                    try:
+                        run_block(blocks[i], cached)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    for a in accs.values():
+                        a.all_reduce()
+                    self._store(accs)
+                    planned.update(solve_layers(bt, {t.key: self._hessians[t.key] for t in bt}))
+                if i < last:
+                    with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
+                        feed(cached, run_block(blocks[i], cached))
+        self._grams_pending = False
+        return planned
 
     @classmethod
     def fisher_blocks(cls, model: nn.Module, params, batches: Iterable, loss_fn: Callable, **kwargs) -> "Curvature":
@@ -251,6 +362,40 @@ class Curvature:
             self.model.train(was)
         n = max(len(batches), 1)
         return total / n, {k: g / n for k, g in grads.items()}
+
+    def output_sensitivity(self, batches: Iterable | None = None, *, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Per target, the mean over calibration batches of ``sum_rows (dL/dy_i)^2`` for each output ``i`` of the
+        layer (rows: tokens / positions; ``y`` the layer output, ``L`` the batch loss): the output factor of a
+        Kronecker-factored empirical Fisher, at the model's current weights.  One forward/backward pass."""
+        from tqdm.auto import tqdm
+        self._need_loss("output sensitivity (global allocation)")
+        use = self.batches if batches is None else list(batches)
+        acc = {t.key: torch.zeros(t.current().shape[out_dim(t.module)], dtype=torch.float32, device=self.device)
+               for t in self.targets}
+
+        def hook(module, _args, out, _key, _kind):
+            if not out.requires_grad:
+                return
+            def on_grad(g):
+                g = g.detach().float()
+                g = g.transpose(1, -1).reshape(-1, g.shape[1]) if _kind == "conv2d" else g.reshape(-1, g.shape[-1])
+                acc[_key].add_((g * g).sum(0))
+            out.register_hook(on_grad)
+
+        handles = [t.module.register_forward_hook(lambda m, a, o, _k=t.key, _c=layer_kind(t.module): hook(m, a, o, _k, _c))
+                   for t in self.targets]
+        try:
+            with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
+                    self._only_targets_require_grad():
+                params = self._grad_params()
+                for b in tqdm(use, desc="output sensitivity", disable=not progress, leave=False):
+                    b = move(b, self.device)
+                    loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
+                    torch.autograd.grad(loss, params)
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: v / max(len(use), 1) for k, v in acc.items()}
 
     def hvp(self, vec: Mapping[str, torch.Tensor], batches: Iterable | None = None) -> dict[str, torch.Tensor]:
         """Hessian-vector product of the mean loss w.r.t. the targets (double backward, averaged over batches)."""

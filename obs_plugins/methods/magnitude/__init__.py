@@ -31,7 +31,7 @@ def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, 
     if nm is not None:
         for t in targets:
             s2 = to_2d(t.module, scores[t.key])
-            keep = nm_mask(s2, *nm, prior_mask=to_2d(t.module, prior[t.key]))
+            keep = nm_mask(s2, *nm, prior_mask=to_2d(t.module, prior[t.key]), what=t.key)
             plan.add(t, from_2d(t.module, keep, t.current()))
         return plan
     counts = allocate_uniform(prior, k_total) if allocation == "uniform" else allocate_global(scores, prior, k_total)
@@ -57,14 +57,27 @@ def magnitude_solve(targets: list[Target], k_total: int | None, config: Magnitud
 
 
 def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePlan:
-    scores = {}
-    for t in curvature.targets:
-        if t.key not in curvature.hessians:
-            raise PruningInputError(f"curvature: Wanda needs layer curvature for {t.key}")
-        col_norm = torch.diagonal(curvature.hessians[t.key]).clamp_min(0).sqrt()  # ∝ ||X_j||
-        s2 = to_2d(t.module, t.current()).abs().float() * col_norm.unsqueeze(0).float()
-        scores[t.key] = from_2d(t.module, s2, t.current())
-    return _plan_from_scores(curvature.targets, scores, k_total, "uniform", parse_nm(config.nm), True, "wanda")
+    """Wanda's per-row comparison on |W| * ||X_j||; sequentially calibrated when the curvature is (the
+    pruned earlier blocks feed later ones), like llm-compressor's Wanda."""
+    nm = parse_nm(config.nm)
+    targets = curvature.targets
+    prior = {t.key: t.prior_mask() for t in targets}
+    counts = {t.key: None for t in targets} if nm is not None else allocate_uniform(prior, k_total)
+    plan = PrunePlan(report={"method": "wanda", "calibration": "sequential" if curvature.sequential else "one-pass"})
+
+    def layers(block_targets, grams):
+        out = {}
+        for t in block_targets:
+            col_norm = torch.diagonal(grams[t.key]).clamp_min(0).sqrt()  # ∝ ||X_j||
+            s2 = to_2d(t.module, t.current()).abs().float() * col_norm.unsqueeze(0).float()
+            scores = from_2d(t.module, s2, t.current())
+            sub = _plan_from_scores([t], {t.key: scores}, counts[t.key], "uniform", nm, True, "wanda")
+            plan.entries[t.key] = sub.entries[t.key]
+            out[t.key] = t.current() * plan.entries[t.key].mask
+        return out
+
+    curvature.blockwise(targets, layers)
+    return plan
 
 
 register_method("magnitude", MagnitudeConfig, magnitude_solve, kind="one-shot", description="|w| baseline")

@@ -3,6 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+ALLOCATIONS = ("uniform", "global", "fisher")
+
+
 @dataclass
 class OBSIHTConfig:
     """Iterative Optimal Brain Surgeon (Wu et al., NeurIPS 2024).
@@ -11,8 +14,14 @@ class OBSIHTConfig:
                  step of the paper, ``theta <- project_k(theta - eta * grad f(theta) (H + lambda I)^-1)``, with
                  ``grad f`` the gradient of the calibration loss and the projection the per-layer OBS sweep.
     nm:          "N:M" semi-structured pattern (e.g. "2:4"), or None for unstructured.
-    allocation:  how a global ``amount`` is split over tensors: "uniform" (same fraction per tensor) or
-                 "global" (one ranking of OBS saliencies; Fisher-based when the curvature has Fisher blocks).
+    allocation:  how a global ``amount`` is split over tensors: "uniform" (same fraction per tensor),
+                 "global" (one ranking of loss-comparable OBS saliencies ``sigma_i w_ij^2 / [H^-1]_jj``: the layer
+                 Gram's OBS error scaled by the loss sensitivity of each output; needs ``loss_fn``) or "fisher"
+                 (one ranking of empirical-Fisher OBS saliencies; needs Fisher blocks).  Through
+                 ``prune.global_unstructured`` the default is "global" when the curvature has a loss.
+    layer_min_sparsity, layer_max_sparsity: bounds on each tensor's sparsity under a ranked allocation
+                 (prior zeros count); ``layer_max_sparsity=None`` means ``min(0.99, s + 0.2)`` for an overall
+                 sparsity ``s``, so no layer is ever removed whole.
     rel_damp:    relative damping ``lambda = rel_damp * mean(diag H)``; the ladder climbs from here on failure.
     blocksize:   columns per lazy-update block of the sweep (mask chosen adaptively per block).
     step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||projected direction||), searched
@@ -25,6 +34,8 @@ class OBSIHTConfig:
     iterations: int = 1
     nm: str | None = None
     allocation: str = "uniform"
+    layer_min_sparsity: float = 0.0
+    layer_max_sparsity: float | None = None
     rel_damp: float = 0.01
     blocksize: int = 128
     step_sizes: tuple = (0.01, 0.02, 0.04)
@@ -38,8 +49,13 @@ class OBSIHTConfig:
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise PruningInputError(f"iterations: must be an int >= 1, got {self.iterations!r}")
         parse_nm(self.nm)
-        if self.allocation not in ("uniform", "global"):
-            raise PruningInputError(f"allocation: 'uniform' or 'global', got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise PruningInputError(f"allocation: one of {ALLOCATIONS}, got {self.allocation!r}")
+        lo, hi = self.layer_min_sparsity, self.layer_max_sparsity
+        if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not 0 <= lo < 1:
+            raise PruningInputError(f"layer_min_sparsity: must be in [0, 1), got {lo!r}")
+        if hi is not None and (isinstance(hi, bool) or not isinstance(hi, (int, float)) or not lo <= hi <= 1):
+            raise PruningInputError(f"layer_max_sparsity: must be in [layer_min_sparsity, 1] or None, got {hi!r}")
         if not self.rel_damp > 0:
             raise PruningInputError(f"rel_damp: must be > 0, got {self.rel_damp!r}")
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):

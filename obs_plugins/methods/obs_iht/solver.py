@@ -116,54 +116,60 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
     ``counts_total``: number of new prunes over all these tensors (ignored for N:M).  ``initial``: a plan from
     an earlier call (e.g. T=1) to continue iterating from, instead of running the first sweep again.
     ``counts``: new prunes per tensor key, instead of splitting ``counts_total`` by ``config.allocation``.
+    The first sweep runs block by block on sequentially calibrated Grams when the curvature is sequential
+    (:meth:`Curvature.blockwise`); the later iterations reuse the sweep's inverse factors.
     """
     from tqdm.auto import tqdm
 
     config.validate()
     nm = parse_nm(config.nm)
     targets = [t for t in curvature.targets if only_keys is None or t.key in only_keys]
-    missing = [t.key for t in targets if t.key not in curvature.hessians]
-    if missing:
-        raise PruningInputError(f"curvature: no layer curvature for {missing[:3]}; collect it with "
-                                "Curvature.layerwise(...)")
+    if not curvature.sequential:
+        missing = [t.key for t in targets if t.key not in curvature.hessians]
+        if missing:
+            raise PruningInputError(f"curvature: no layer curvature for {missing[:3]}; collect it with "
+                                    "Curvature.layerwise(...)")
     if config.iterations > 1:
         curvature._need_loss("OBS-IHT iterations > 1")
         if len(curvature.batches) < 2:
             raise PruningInputError("curvature: iterations > 1 need at least 2 calibration batches "
                                     "(gradient and held-out splits)")
-    W0, prior, factors = {}, {}, {}
+    W0, prior = {}, {}
     for t in targets:
         W0[t.key] = to_2d(t.module, t.current()).float()
         prior[t.key] = to_2d(t.module, t.prior_mask())
-        factors[t.key] = inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
-    Wt, keep, est = {}, {}, {}
+        if nm is not None and W0[t.key].shape[1] % nm[1]:
+            raise PruningInputError(f"nm: {config.nm} needs every layer's input width to be a multiple of "
+                                    f"{nm[1]}; {t.key} has {W0[t.key].shape[1]} (exclude it from params)")
+    Wt, keep, est, factors = {}, {}, {}, {}
     if initial is not None:  # continue from an earlier plan: its support and weights are iteration 1
         for t in targets:
             e = initial.entries[t.key]
             keep[t.key] = to_2d(t.module, e.mask)
             Wt[t.key] = to_2d(t.module, e.new_weight if e.new_weight is not None else t.current() * e.mask).float()
             est[t.key] = torch.zeros(())
+            factors[t.key] = inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
+        report = {}
     else:
-        # how many new prunes each tensor gets
-        if nm is not None:
-            counts = {k: None for k in W0}
-        elif counts is not None:
-            if set(counts) != set(W0):
-                raise PruningInputError(f"counts: expected one count per target {sorted(W0)}, got {sorted(counts)}")
-        elif config.allocation == "uniform":
-            counts = allocate_uniform(prior, counts_total)
-        else:
-            sal = {k: _fisher_saliency(curvature, k) for k in W0}
-            counts = allocate_global(sal, prior, counts_total)
-        # T = 1: the OBS sweep chooses the support and updates the kept weights
-        for t in tqdm(targets, desc="OBS sweep", disable=not config.progress, leave=False):
-            k = t.key
-            Wt[k], keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k],
+        counts, report = _counts(curvature, targets, W0, prior, counts_total, counts, config, nm)
+
+        def sweep(block_targets, grams):  # T = 1: the OBS sweep chooses the support, updates the kept weights
+            out = {}
+            quiet = not config.progress or curvature.sequential  # sequential: the block bar shows progress
+            for t in tqdm(block_targets, desc="OBS sweep", disable=quiet, leave=False):
+                k = t.key
+                factors[k] = inverse_factor(grams[k], config.rel_damp, what=f"H of {k}")
+                W, keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k],
                                                keep_prior=prior[k], nm=nm, blocksize=config.blocksize)
-            Wt[k] = Wt[k].float()
-    report = {"method": "obs_iht", "iterations_requested": config.iterations,
-              "rel_damp_used": {k: f.rel_damp for k, f in factors.items()},
-              "predicted_layer_loss": {k: float(v) for k, v in est.items()}}
+                Wt[k] = W.float()
+                out[k] = from_2d(t.module, Wt[k], t.current())
+            return out
+
+        curvature.blockwise(targets, sweep)
+    report.update({"method": "obs_iht", "iterations_requested": config.iterations,
+                   "calibration": "sequential" if curvature.sequential else "one-pass",
+                   "rel_damp_used": {k: f.rel_damp for k, f in factors.items()},
+                   "predicted_layer_loss": {k: float(v) for k, v in est.items()}})
     best = (None, Wt)
     if config.iterations > 1:
         best, history = _iht_steps(curvature, targets, Wt, keep, factors, config, nm)
@@ -176,16 +182,73 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         mask = from_2d(t.module, keep[t.key], cur)
         neww = from_2d(t.module, Wbest[t.key].to(cur.dtype), cur)
         plan.add(t, mask, neww)
+    report["layer_sparsity"] = plan.layer_sparsity()
     return plan
 
 
+def _counts(curvature, targets, W0, prior, counts_total, counts, config, nm):
+    """New prunes per tensor: N:M (None), the caller's ``counts``, or ``config.allocation`` of ``counts_total``."""
+    if nm is not None:
+        return {k: None for k in W0}, {"allocation": "nm"}
+    if counts is not None:
+        if set(counts) != set(W0):
+            raise PruningInputError(f"counts: expected one count per target {sorted(W0)}, got {sorted(counts)}")
+        return counts, {"allocation": "given"}
+    if config.allocation == "uniform":
+        return allocate_uniform(prior, counts_total), {"allocation": "uniform"}
+    if config.allocation == "fisher":
+        sal = {k: _fisher_saliency(curvature, k) for k in W0}
+    else:
+        sal = global_saliency(curvature, targets, W0, config.rel_damp)
+    lo, hi, bounds = layer_bounds(prior, counts_total, config.layer_min_sparsity, config.layer_max_sparsity)
+    return allocate_global(sal, prior, counts_total, min_prune=lo, max_prune=hi), \
+        {"allocation": config.allocation, "layer_sparsity_bounds": bounds}
+
+
+def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]:
+    """Loss-comparable OBS saliency of every weight: ``sigma_i * w_ij^2 / [H^-1]_jj``.
+
+    ``w^2 / [H^-1]_jj`` is the OBS error of removing ``w_ij`` measured on the layer's own output (its Gram
+    ``H``); ``sigma_i`` (the mean squared loss gradient at output ``i`` of the layer) turns that output error
+    into loss, the Kronecker-factored empirical Fisher ``F_i ~ sigma_i * H / 2`` of row ``i``.  Layer Grams
+    alone are not comparable across layers; the empirical-Fisher diagonal alone sent whole layers to 100%."""
+    sens = curvature.output_sensitivity()
+    out = {}
+    for t in targets:
+        k = t.key
+        d = torch.diagonal(inverse_factor(curvature.hessians[k], rel_damp, what=f"H of {k}").hinv).float()
+        out[k] = sens[k].float().unsqueeze(1) * W0[k] ** 2 / d.unsqueeze(0)
+    return out
+
+
+def layer_bounds(prior, counts_total, min_sparsity, max_sparsity):
+    """Per-tensor bounds on new prunes from per-layer sparsity bounds (prior zeros count towards them).
+
+    ``max_sparsity=None``: ``min(0.99, s + 0.2)`` with ``s`` the overall sparsity this plan reaches."""
+    total = sum(p.numel() for p in prior.values())
+    zeros = sum(int((~p).sum()) for p in prior.values())
+    s = (zeros + counts_total) / max(total, 1)
+    hi_s = min(0.99, s + 0.2) if max_sparsity is None else max_sparsity
+    lo_s = min_sparsity
+    lo, hi = {}, {}
+    for k, p in prior.items():
+        avail, z = int(p.sum()), int((~p).sum())
+        hi[k] = min(avail, max(0, math.floor(hi_s * p.numel() + 1e-9) - z))
+        lo[k] = min(hi[k], max(0, math.ceil(lo_s * p.numel() - 1e-9) - z))
+    if sum(hi.values()) < counts_total:
+        raise PruningInputError(f"layer_max_sparsity={hi_s:.4g}: the layers cannot hold {counts_total} new prunes "
+                                f"under this cap (at most {sum(hi.values())}); raise it")
+    if sum(lo.values()) > counts_total:
+        raise PruningInputError(f"layer_min_sparsity={lo_s:.4g}: every layer at this floor already needs "
+                                f"{sum(lo.values())} new prunes, more than the {counts_total} asked; lower it")
+    return lo, hi, {"min": lo_s, "max": hi_s}
+
+
 def _fisher_saliency(curvature, key):
-    """Global allocation needs saliencies comparable across layers: the empirical-Fisher OBS saliency of the
-    model loss.  Layer-Gram saliencies measure each layer's own output error and are not comparable (on a
-    2-layer MLP they sent 100% of one layer's weights to the pruned set), so there is no fallback."""
+    """allocation='fisher': the empirical-Fisher OBS saliency of the model loss (needs Fisher blocks)."""
     if key not in (getattr(curvature, "fisher", None) or {}):
-        raise PruningInputError(f"allocation='global' needs Fisher curvature for {key} (collect it with "
-                                "obs_plugins.curvature.fisher.collect_fisher(curv, ...)); or use allocation='uniform'")
+        raise PruningInputError(f"allocation='fisher' needs Fisher curvature for {key} (collect it with "
+                                "curv.collect_fisher(...)); or use allocation='global' or 'uniform'")
     from ...curvature.fisher import obs_saliency
     return to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)).float()
 

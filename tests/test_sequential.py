@@ -1,0 +1,131 @@
+"""Sequential calibration interleaved with the plan (issue 23): block i's Grams are collected on the outputs of
+blocks < i with their *planned* weights, and nothing is written to the model until the whole plan exists."""
+import copy
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from obs_plugins import Curvature, OBSIHTConfig, api
+from obs_plugins.errors import CurvatureError
+from obs_plugins.lm import causal_lm_batches, causal_lm_loss
+from obs_plugins.methods.obs_iht import solver
+
+
+def tiny_llama(layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def llama_problem():
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    batches = causal_lm_batches(torch.randint(0, 96, (12, 16), generator=g), batch_size=4)
+    params = [(m, "weight") for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    return model, params, batches
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()))
+
+
+def assert_untouched(model, snap):
+    state, flags, hooks = snapshot(model)
+    assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k]) for k in state)
+    assert flags == snap[1] and hooks == snap[2]
+
+
+def test_auto_is_sequential_for_a_block_stack_and_one_pass_otherwise():
+    model, params, batches = llama_problem()
+    assert Curvature.layerwise(model, params, batches, progress=False).sequential
+    assert not Curvature.layerwise(model, params, batches, sequential=False, progress=False).sequential
+    with_head = params + [(model.lm_head, "weight")]  # a target outside the stack: one pass
+    assert not Curvature.layerwise(model, with_head, batches, progress=False).sequential
+    with pytest.raises(Exception, match="sequential=True"):
+        Curvature.layerwise(model, with_head, batches, sequential=True, progress=False)
+
+
+def test_sequential_plan_equals_pruning_block_by_block_and_recollecting():
+    model, params, batches = llama_problem()
+    ref = copy.deepcopy(model)
+    snap = snapshot(model)
+    cfg = OBSIHTConfig(iterations=1, progress=False)
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    plan = api.plan(cfg, curvature=curv, amount=0.5)
+    assert plan.report["calibration"] == "sequential"
+    assert_untouched(model, snap)  # planning wrote nothing
+    onepass = api.plan(cfg, curvature=Curvature.layerwise(model, params, batches, sequential=False,
+                                                          progress=False), amount=0.5)
+    differ = [k for k, e in plan.entries.items() if not torch.equal(e.mask, onepass.entries[k].mask)]
+    assert differ and all(not k.startswith("model.layers.0.") for k in differ)  # block 0 sees the same inputs
+
+    # reference: prune block 0, re-collect on the pruned model for block 1, prune it, ... (one pass each time)
+    rparams = {n: m for n, m in ref.named_modules()}
+    names = {id(m): n for n, m in model.named_modules()}
+    for i in range(3):
+        block = [(rparams[names[id(m)]], "weight") for m, _ in params if names[id(m)].startswith(f"model.layers.{i}.")]
+        rc = Curvature.layerwise(ref, block, batches, sequential=False, progress=False)
+        api.prune(cfg, curvature=rc, amount=0.5)
+    plan.apply(reparametrize=False)
+    for (m, _) in params:
+        a, b = m.weight.detach(), rparams[names[id(m)]].weight.detach()
+        assert torch.equal(a == 0, b == 0), names[id(m)]
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (names[id(m)], float((a - b).abs().max()))
+
+
+def test_sequential_is_the_default_through_global_unstructured_and_exact_counts():
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+    ref = copy.deepcopy(model)
+    from obs_plugins import OBSIHT
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, allocation="uniform",
+                              progress=False)
+    for m, _ in params:
+        assert int((m.weight == 0).sum()) == m.weight.numel() // 2
+    # the same as the sequential plan through the core API on a copy
+    rp = {n: m for n, m in ref.named_modules()}
+    names = {id(m): n for n, m in model.named_modules()}
+    rparams = [(rp[names[id(m)]], "weight") for m, _ in params]
+    api.prune(OBSIHTConfig(progress=False), curvature=Curvature.layerwise(ref, rparams, batches, progress=False),
+              amount=0.5)
+    for (m, _), (r, _) in zip(params, rparams):
+        assert torch.allclose(m.weight.detach(), r.weight.detach(), atol=1e-6, rtol=0)
+
+
+def test_a_failure_in_block_3_leaves_the_model_bit_identical(monkeypatch):
+    model, params, batches = llama_problem()
+    prune.l1_unstructured(params[0][0], "weight", amount=0.2)  # a prior mask must survive untouched too
+    snap = snapshot(model)
+    real = solver.inverse_factor
+
+    def failing(H, rel_damp, *, what="H", **kw):
+        if "layers.2." in what:
+            raise CurvatureError(f"injected failure for {what}")
+        return real(H, rel_damp, what=what, **kw)
+
+    monkeypatch.setattr(solver, "inverse_factor", failing)
+    from obs_plugins import OBSIHT
+    curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+    with pytest.raises(CurvatureError, match="layers.2"):
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+    assert_untouched(model, snap)
+
+
+def test_later_iterations_start_from_the_sequential_sweep():
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+    p1 = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.5)
+    p3 = api.plan(OBSIHTConfig(iterations=3, progress=False), curvature=curv, amount=0.5)
+    assert p3.report["calibration"] == "sequential"
+    h = p3.report["history"]
+    assert h[0]["iteration"] == 1
+    # iteration 1 of the T=3 plan is exactly the T=1 plan: same support
+    for k, e in p1.entries.items():
+        assert torch.equal(e.mask, p3.entries[k].mask)
+    assert all(x["holdout_loss"] <= h[0]["holdout_loss"] for x in h if x.get("accepted"))
