@@ -134,6 +134,48 @@ def token_windows(tokenizer, text: str, n: int, seq_len: int, *, offset: int = 0
     return ids[offset:need].reshape(n, seq_len).clone()
 
 
+def _cached_text(name: str, producer: list[str], install: str) -> str:
+    """Text a Debian package ships behind a program (dumped once into the data cache)."""
+    import shutil
+    import subprocess
+    f = data_home() / name
+    if f.exists():
+        return f.read_text(encoding="utf-8")
+    if shutil.which(producer[0]) is None:
+        raise AssetMissing(f"{name}: {producer[0]} not found; run: {install}  (or: bash scripts/setup.sh)")
+    out = subprocess.run(producer, check=True, capture_output=True, text=True, timeout=300).stdout
+    if len(out) < 10_000:
+        raise AssetMissing(f"{name}: {' '.join(producer[:2])} printed only {len(out)} characters; run: {install}")
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(out, encoding="utf-8")
+    return out
+
+
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+AUSTEN_INSTALL = "apt-get install -y --no-install-recommends r-cran-janeaustenr"
+
+
+def load_austen(novels=AUSTEN_NOVELS) -> str:
+    """Jane Austen's six novels (public domain), from Debian's ``r-cran-janeaustenr`` (read once through
+    Rscript, then cached as plain text)."""
+    unknown = [n for n in novels if n not in AUSTEN_NOVELS]
+    if unknown:
+        raise ValueError(f"novels: unknown {unknown}; known: {', '.join(AUSTEN_NOVELS)}")
+    names = "c(" + ",".join(f'"{n}"' for n in AUSTEN_NOVELS) + ")"
+    script = (f"library(janeaustenr); for (n in {names}) {{ cat('@@NOVEL', n, '\\n'); "
+              "writeLines(get(n)) }")
+    text = _cached_text("austen/novels.txt", ["Rscript", "-e", script], AUSTEN_INSTALL)
+    parts = {k.strip(): v for k, v in (p.split("\n", 1) for p in text.split("@@NOVEL ")[1:])}
+    return "\n\n".join(parts[n] for n in novels)
+
+
+def load_kjv_bible() -> str:
+    """The King James Bible (public domain), from Debian's ``bible-kjv`` (verse references stripped)."""
+    raw = _cached_text("kjv/kjv.txt", ["bible", "-f", "Gen1:1-Rev22:21"],
+                       "apt-get install -y --no-install-recommends bible-kjv")
+    return "\n".join(line.split(" ", 1)[1] if " " in line else line for line in raw.splitlines() if line.strip())
+
+
 # ---------------------------------------------------------------- images
 def _read_idx(path: Path):
     import numpy as np

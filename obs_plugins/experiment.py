@@ -29,36 +29,71 @@ def spread_windows(ids: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
     return torch.stack([ids[i * stride:i * stride + seq_len] for i in range(n)])
 
 
+CALIB_SOURCES = ("shakespeare", "kjv", "bbc")  # the mixed calibration set: drama, scripture, journalism
+HELDOUT_TEXTS = ("shakespeare", "austen")     # held-out plays of the calibration author, and another author
+
+
 @dataclass
 class LLMSetup:
+    """``_onepass``: a one-pass curvature kept for the one-pass contrast row."""
     model: object
     tokenizer: object
     calib: list
-    heldout: list
+    heldout: dict            # name -> batches (perplexity is reported on each)
     targets: list
     load_seconds: float
     info: dict = field(default_factory=dict)
+    _onepass: object = None
+
+
+def _source_text(name: str, calib_plays, heldout_plays) -> str:
+    from .data import load_austen, load_bbc_news, load_kjv_bible, load_shakespeare
+    if name == "shakespeare":
+        return load_shakespeare(list(calib_plays))
+    if name == "kjv":
+        return load_kjv_bible()
+    if name == "bbc":
+        return "\n\n".join(load_bbc_news()[0])
+    raise ValueError(f"calib: unknown source {name!r}; choose from {', '.join(CALIB_SOURCES)}")
 
 
 def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch_size: int = 4,
-                  calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS, blocks: int | None = None) -> LLMSetup:
-    """``blocks``: prune only the Linear weights of the first ``blocks`` decoder layers (default: all 30)."""
-    from .data import load_shakespeare, load_smollm2
+                  calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS, blocks: int | None = None,
+                  calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS) -> LLMSetup:
+    """``calib_sources``: the calibration windows are spread over each source and interleaved (so the held-out
+    calibration batches OBS-IHT chooses its steps on are mixed too); ``("shakespeare",)`` is the single-author
+    set.  ``heldout_texts``: perplexity sets, never used for any choice.  ``blocks``: prune only the Linear
+    weights of the first ``blocks`` decoder layers (default: all 30)."""
+    from .data import load_austen, load_shakespeare, load_smollm2
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    enc = lambda plays: tok(load_shakespeare(list(plays)), return_tensors="pt").input_ids[0]  # noqa: E731
-    calib = causal_lm_batches(spread_windows(enc(calib_plays), n_calib, seq_len), batch_size)
-    held = causal_lm_batches(spread_windows(enc(heldout_plays), n_eval, seq_len), batch_size)
+    enc = lambda text: tok(text, return_tensors="pt").input_ids[0]  # noqa: E731
+    srcs = list(calib_sources)
+    if not srcs:
+        raise ValueError("calib_sources: give at least one source")
+    per = [n_calib // len(srcs) + (i < n_calib % len(srcs)) for i in range(len(srcs))]
+    wins = [spread_windows(enc(_source_text(s, calib_plays, heldout_plays)), n, seq_len) for s, n in zip(srcs, per)]
+    order = [w[i] for i in range(max(per)) for w in wins if i < len(w)]  # interleaved: s0, s1, s2, s0, ...
+    calib = causal_lm_batches(torch.stack(order), batch_size)
+    held_text = {"shakespeare": lambda: load_shakespeare(list(heldout_plays)), "austen": load_austen}
+    unknown = [h for h in heldout_texts if h not in held_text]
+    if unknown:
+        raise ValueError(f"heldout_texts: unknown {unknown}; choose from {', '.join(held_text)}")
+    held = {h: causal_lm_batches(spread_windows(enc(held_text[h]()), n_eval, seq_len), batch_size)
+            for h in heldout_texts}
     targets = prunable_linear_targets(model, exclude=("lm_head",))
     if blocks is not None:
         if not 1 <= blocks <= len(model.model.layers):
             raise ValueError(f"blocks: must be in 1..{len(model.model.layers)}, got {blocks}")
         keep = tuple(f"model.layers.{i}." for i in range(blocks))
         targets = [t for t in targets if t.key.startswith(keep)]
+    desc = {"shakespeare": f"{len(calib_plays)} Shakespeare plays", "kjv": "the King James Bible",
+            "bbc": "BBC News articles"}
+    held_desc = {"shakespeare": f"Shakespeare ({', '.join(heldout_plays)})", "austen": "Jane Austen's six novels"}
     return LLMSetup(model, tok, calib, held, targets, load_s,
-                    {"calib": f"{n_calib}x{seq_len} tokens from {len(calib_plays)} plays",
-                     "heldout": f"{n_eval}x{seq_len} tokens from {', '.join(heldout_plays)}"})
+                    {"calib": f"{n_calib}x{seq_len} tokens from " + " + ".join(desc[x] for x in srcs),
+                     "heldout": "; ".join(f"{n_eval}x{seq_len} tokens of {held_desc[h]}" for h in heldout_texts)})
 
 
 def sparsity_args(spec: str):
@@ -82,7 +117,17 @@ def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs
     rows = []
     for method in methods:
         t0 = time.perf_counter()
-        if method == "magnitude":
+        if method == "obs_iht_onepass":  # T=1 on Grams of the dense model (all layers in one pass), for contrast
+            if getattr(setup, "_onepass", None) is None:
+                setup._onepass = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets],
+                                                     setup.calib, sequential=False, progress=progress)
+                setup._onepass.info = {"seconds": time.perf_counter() - t0}
+            t1 = time.perf_counter()
+            p = api.prune(OBSIHTConfig(iterations=1, nm=nm, progress=progress), curvature=setup._onepass,
+                          amount=amount)
+            rows.append(_row(setup, "OBS-IHT T=1 one-pass", sparsity, p, t1, progress))
+            rows[-1]["prune_seconds"] += setup._onepass.info["seconds"]  # + its calibration pass, like the others
+        elif method == "magnitude":
             cfg = MagnitudeConfig(allocation="uniform", nm=nm)
             p = api.prune(cfg, targets=setup.targets, amount=amount)
             rows.append(_row(setup, "magnitude", sparsity, p, t0, progress))
@@ -112,8 +157,15 @@ def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs
 
 def _row(setup, name, sparsity, plan, t0, progress):
     secs = time.perf_counter() - t0  # pruning time only: taken before the perplexity evaluation
-    ppl = perplexity(setup.model, setup.heldout, progress=progress, desc=f"perplexity {name}")
+    ppl = {h: perplexity(setup.model, b, progress=progress, desc=f"perplexity {name} ({h})")
+           for h, b in setup.heldout.items()}
     zeros = sum(int((t.current() == 0).sum()) for t in setup.targets)
     total = sum(t.current().numel() for t in setup.targets)
     return {"method": name, "sparsity": sparsity, "measured_sparsity": zeros / total, "ppl": ppl,
-            "prune_seconds": secs}
+            "prune_seconds": secs, "calibration": plan.report.get("calibration", "")}
+
+
+def dense_row(setup, progress=True) -> dict:
+    ppl = {h: perplexity(setup.model, b, progress=progress, desc=f"perplexity dense ({h})")
+           for h, b in setup.heldout.items()}
+    return {"method": "dense", "sparsity": "0", "measured_sparsity": 0.0, "ppl": ppl, "prune_seconds": 0.0}

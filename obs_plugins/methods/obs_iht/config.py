@@ -27,6 +27,8 @@ class OBSIHTConfig:
     step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||projected direction||), searched
                  per step on the held-out calibration split; extended by doubling/halving while the best is at
                  an edge; later steps re-centre the grid on the last accepted step times ``step_decay``.
+    max_step:    trust region: no step moves the weights by more than ``max_step * ||theta||``; a step that does
+                 not lower the held-out loss is never accepted (the iterations stop there).
     holdout_fraction: share of the calibration batches held out for choosing eta and the best iteration.
     The support chosen by the first sweep is kept for the later iterations: re-choosing it moved < 0.2% of the
     mask and was less stable in the measurements behind this project's design.
@@ -40,6 +42,7 @@ class OBSIHTConfig:
     blocksize: int = 128
     step_sizes: tuple = (0.01, 0.02, 0.04)
     step_decay: float = 0.5
+    max_step: float = 0.25
     holdout_fraction: float = 0.25
     progress: bool = True
 
@@ -62,6 +65,8 @@ class OBSIHTConfig:
             raise PruningInputError(f"blocksize: must be a positive int, got {self.blocksize!r}")
         if not self.step_sizes or any(not s > 0 for s in self.step_sizes):
             raise PruningInputError(f"step_sizes: need positive values, got {self.step_sizes!r}")
+        if not (isinstance(self.max_step, (int, float)) and self.max_step > 0):
+            raise PruningInputError(f"max_step: must be > 0, got {self.max_step!r}")
         if not 0 < self.step_decay <= 1:
             raise PruningInputError(f"step_decay: must be in (0, 1], got {self.step_decay!r}")
         if not 0 < self.holdout_fraction < 1:

@@ -289,6 +289,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         PD = _project(curvature, targets, D, keep, factors, config, nm)
         dnorm = math.sqrt(sum(float((PD[k] ** 2).sum()) for k in PD)) or 1.0
         def try_step(r):
+            r = min(r, config.max_step)  # trust region: ||step|| <= max_step * ||theta||
             cand = {k: W[k] - (r * wnorm / dnorm) * PD[k] for k in W}
             return curvature.loss(_overrides(targets, cand), hold), r, cand
 
@@ -297,7 +298,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         for _ in range(3):
             best_t = min(trials, key=lambda x: x[0])
             rs = sorted(x[1] for x in trials)
-            if best_t[1] == rs[-1]:
+            if best_t[1] == rs[-1] and rs[-1] < config.max_step:
                 trials.append(try_step(rs[-1] * 2))
             elif best_t[1] == rs[0]:
                 trials.append(try_step(rs[0] / 2))

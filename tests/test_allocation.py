@@ -1,0 +1,139 @@
+"""Global allocation through prune.global_unstructured (issue 19): loss-comparable saliencies, exact per-layer
+bounds, one ranking equal to a brute-force walk, torch's loss convention, rejected steps change nothing."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from obs_plugins import OBSIHT, Curvature, OBSIHTConfig, PruningInputError, api
+from obs_plugins.masks import allocate_global
+from obs_plugins.methods.obs_iht.solver import global_saliency, layer_bounds
+
+
+def classifier(seed=0):
+    """A 3-layer MLP classifier (12-16-16-4) fit for a few steps, and 6 batches of (x, y)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(384, 12, generator=g)
+    y = (X[:, :4].argmax(1) + (X[:, 4] > 1).long()) % 4
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    return model, [(model[i], "weight") for i in (0, 2, 4)], [(X[i:i + 64], y[i:i + 64]) for i in range(0, 384, 64)]
+
+
+def greedy(sal, prior, k, lo, hi):
+    """Brute force: each tensor's `lo` lowest first, then walk the one sorted list skipping tensors at `hi`."""
+    counts = {key: 0 for key in sal}
+    taken = set()
+    for key in sal:
+        s, keep = sal[key].reshape(-1).tolist(), prior[key].reshape(-1).tolist()
+        for i in sorted((i for i in range(len(s)) if keep[i]), key=lambda i: (s[i], i))[:lo[key]]:
+            taken.add((key, i))
+        counts[key] = lo[key]
+    entries = sorted(((v, n, key, i) for n, key in enumerate(sal) for i, v in enumerate(sal[key].reshape(-1).tolist())
+                      if bool(prior[key].reshape(-1)[i]) and (key, i) not in taken))
+    rest = k - sum(lo.values())
+    for v, n, key, i in entries:
+        if rest == 0:
+            break
+        if counts[key] < hi[key]:
+            counts[key] += 1
+            rest -= 1
+    return counts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocate_global_equals_the_brute_force_walk(seed):
+    g = torch.Generator().manual_seed(seed)
+    sal = {"a": torch.rand(6, 5, generator=g), "b": torch.rand(4, 3, generator=g) * 0.5, "c": torch.rand(7, generator=g)}
+    prior = {k: torch.rand(v.shape, generator=g) > 0.2 for k, v in sal.items()}
+    avail = {k: int(p.sum()) for k, p in prior.items()}
+    lo = {k: int(torch.randint(0, 3, (1,), generator=g)) for k in sal}
+    hi = {k: max(lo[k], avail[k] - int(torch.randint(0, 4, (1,), generator=g))) for k in sal}
+    for k_total in range(sum(lo.values()), sum(hi.values()) + 1):
+        assert allocate_global(sal, prior, k_total, min_prune=lo, max_prune=hi) == greedy(sal, prior, k_total, lo, hi)
+    unbounded = {k: avail[k] for k in sal}
+    assert allocate_global(sal, prior, 10) == greedy(sal, prior, 10, {k: 0 for k in sal}, unbounded)
+    with pytest.raises(PruningInputError, match="bounds"):
+        allocate_global(sal, prior, sum(hi.values()) + 1, min_prune=lo, max_prune=hi)
+
+
+def test_output_sensitivity_is_the_summed_squared_output_gradient():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    model = nn.Sequential(lin)
+    batches = [(torch.randn(8, 5), torch.randn(8, 3)) for _ in range(3)]
+    mse = lambda out, y: ((out - y) ** 2).mean()  # noqa: E731
+    sens = Curvature(model, [(lin, "weight")], batches, loss_fn=mse).output_sensitivity()["0.weight"]
+    ref = torch.zeros(3, dtype=torch.float64)
+    for x, y in batches:  # dL/dy = 2 (y_hat - y) / numel, by hand
+        out = (x.double() @ lin.weight.double().T + lin.bias.double())
+        ref += ((2 * (out - y.double()) / out.numel()) ** 2).sum(0)
+    assert torch.allclose(sens.double(), ref / 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("amount", [0.8, 0.9, 0.95])
+def test_global_unstructured_ranks_globally_within_exact_caps(amount):
+    model, params, batches = classifier()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=nn.functional.cross_entropy, progress=False)
+    W0 = {t.key: t.current().float() for t in curv.targets}
+    sal = global_saliency(curv, curv.targets, W0, 0.01)
+    prior = {k: torch.ones_like(w, dtype=torch.bool) for k, w in W0.items()}
+    k = round(amount * sum(w.numel() for w in W0.values()))
+    lo, hi, _ = layer_bounds(prior, k, 0.0, None)
+    expected = greedy(sal, prior, k, lo, hi)
+    method = prune.global_unstructured(params, pruning_method=OBSIHT, amount=amount, curvature=curv, progress=False)
+    got = {t.key: int((t.current() == 0).sum()) for t in curv.targets}
+    assert got == expected
+    cap = min(0.99, amount + 0.2)
+    for m, _ in params:
+        s = float((m.weight == 0).float().mean())
+        assert s <= cap + 1e-9 and s < 1.0            # never a whole layer
+    assert sum(got.values()) == k                     # the exact total
+    assert len(set(round(v / m.weight.numel(), 3) for v, (m, _) in zip(got.values(), params))) > 1  # not uniform
+    del method
+
+
+def test_user_caps_are_respected_exactly_and_bad_caps_fail_cleanly():
+    model, params, batches = classifier()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=nn.functional.cross_entropy, progress=False)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="layer_max_sparsity"):
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.9, curvature=curv,
+                                  layer_max_sparsity=0.8, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not prune.is_pruned(model)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.7, curvature=curv, layer_min_sparsity=0.5,
+                              layer_max_sparsity=0.75, progress=False)
+    for m, _ in params:
+        z = int((m.weight == 0).sum())
+        assert int(0.5 * m.weight.numel() + 0.999) <= z <= int(0.75 * m.weight.numel())
+
+
+def test_loss_convention_cross_entropy_on_xy_batches_and_a_clear_error_otherwise():
+    model, params, batches = classifier()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=nn.functional.cross_entropy, progress=False)
+    with torch.no_grad():
+        ref = sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in batches) / len(batches)
+    assert abs(curv.loss() - ref) < 1e-6
+    bad = Curvature.layerwise(model, params, batches, loss_fn=lambda out: out.sum(), progress=False)
+    with pytest.raises(PruningInputError, match="loss_fn"):
+        bad.loss()
+
+
+def test_a_rejected_step_leaves_the_weights_of_iteration_one():
+    model, params, batches = classifier()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=nn.functional.cross_entropy, progress=False)
+    p1 = api.plan(OBSIHTConfig(iterations=1, allocation="global", progress=False), curvature=curv, amount=0.8)
+    # a step of 25x the weight norm can only raise the held-out loss: it must be rejected
+    p2 = api.plan(OBSIHTConfig(iterations=2, allocation="global", step_sizes=(25.0,), max_step=50.0,
+                               progress=False), curvature=curv, amount=0.8)
+    h = p2.report["history"]
+    assert h[-1]["accepted"] is False and p2.report["best_iteration"] == 1
+    for k, e in p1.entries.items():
+        assert torch.equal(e.mask, p2.entries[k].mask) and torch.equal(e.new_weight, p2.entries[k].new_weight)
