@@ -28,7 +28,7 @@ def cmd_prune(args) -> int:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     progress = not args.quiet
-    print(f"obs-prune: loading SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32) and Shakespeare text ...",
+    print(f"obs-prune: loading SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32) and the calibration and held-out texts ...",
           flush=True)
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, blocks=args.blocks)
     dense = dense_row(setup, progress)
