@@ -369,7 +369,18 @@ class BiPTrainer:
         if self.finished:
             return
         self._uninstall()
+        self._refresh_pruned_attributes()
         self.finished = True
+
+    def _refresh_pruned_attributes(self) -> None:
+        """torch.nn.utils.prune keeps ``<name> = <name>_orig * <name>_mask`` as a plain attribute refreshed by a
+        forward pre-hook; the last forward left the *gated* value there.  Recompute it from the restored weights."""
+        from torch.nn.utils import prune
+        for t in self.targets:
+            for hook in t.module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name in (t.name, "bias"):
+                    with torch.no_grad():
+                        setattr(t.module, hook._tensor_name, hook.apply_mask(t.module))
 
     def make_plan(self, targets: list[Target] | None = None, k: int | None = None, *,
                   amount: float | int | None = None) -> PrunePlan:
