@@ -199,7 +199,7 @@ def main(argv=None):
     p.add_argument("--val", type=int, default=3_000, help="validation images, held out of training (the next ones)")
     p.add_argument("--test", type=int, default=10_000)
     p.add_argument("--dense-epochs", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1, help="epochs per IMP round and of one-shot fine-tuning")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per IMP round and of one-shot fine-tuning (default: as long as the dense run)")
     p.add_argument("--bip-epochs", type=int, default=2)
     p.add_argument("--rewind-step", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the weights (every method)")
