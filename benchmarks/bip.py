@@ -1,6 +1,7 @@
 """BiP (bi-level pruning) vs one-shot magnitude + fine-tuning vs IMP on the Fashion-MNIST LeNet-5 of tickets.py.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bip.py --no-progress        # ~20 min on one shared core
+    .venv/bin/python benchmarks/bip.py --render benchmarks/results/bip.json    # table + plot only, no training
 
 Same model, data pipeline, Adam learning rate and batch size as benchmarks/tickets.py (imported from it, not
 copied).  Every method starts from the same dense run (``--dense-epochs``, counted in every method's compute).
@@ -215,7 +216,20 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="train nothing: rewrite the table and plot from a results JSON this script wrote")
     args = p.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        for k, v in saved["settings"].items():
+            if k not in ("out", "render"):
+                setattr(args, k, v)
+        res = dict(saved["results"])
+        for mode in ("unstructured", "channels"):
+            res[mode] = {float(t): v for t, v in res[mode].items()}
+        n = saved.get("sizes", [args.train, args.val, args.test])
+        write(res, args, saved["command"], saved["wall_seconds"], *n)
+        return
     torch.set_num_threads(args.threads)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bip.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -325,7 +339,8 @@ def write(res, args, command, wall, n_tr, n_val, n_te):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bip.md").write_text(md)
     (args.out / "bip.json").write_text(json.dumps({
-        "command": command, "wall_seconds": wall, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "command": command, "wall_seconds": wall, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
+        "sizes": [n_tr, n_val, n_te],
         "results": {k: ({str(t): v for t, v in res[k].items()} if k in ("unstructured", "channels") else res[k])
                     for k in res}}, indent=2, default=str))
     try:
@@ -333,18 +348,18 @@ def write(res, args, command, wall, n_tr, n_val, n_te):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        marks = {"IMP": "o", "one-shot magnitude + FT": "^", "BiP (paper IG)": "s", "BiP (first-order)": "x"}
+        marks = {"IMP": "o-", "one-shot magnitude + FT": "^-", "BiP (paper IG)": "s-", "BiP (first-order)": "x:"}
         for ax, mode in zip(axes, ("unstructured", "channels")):
+            rows = sorted(res[mode].items())
+            xs = [100 * t for t, _ in rows]
             for m in methods:
-                xs = [row[m]["epochs"] for _, row in sorted(res[mode].items())]
-                ys = [row[m]["test"] for _, row in sorted(res[mode].items())]
-                ax.plot(xs, ys, marks[m] + "-", label=m)
-                for (t, row), x, y in zip(sorted(res[mode].items()), xs, ys):
-                    ax.annotate(f"{t:.0%}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-            ax.axhline(res["dense"]["test"], color="gray", ls="--", label="dense")
-            ax.set_xlabel("training compute (epochs of forward+backward)")
+                ep = "/".join(f"{row[m]['epochs']:.0f}" for _, row in rows)
+                ax.plot(xs, [row[m]["test"] for _, row in rows], marks[m], label=f"{m} ({ep} epochs)")
+            ax.axhline(res["dense"]["test"], color="gray", ls="--", label=f"dense ({args.dense_epochs} epochs)")
+            ax.set_xticks(xs)
+            ax.set_xlabel(("weight" if mode == "unstructured" else "channel") + " sparsity (%)")
             ax.set_ylabel("test accuracy")
-            ax.set_title(f"{mode} sparsity")
+            ax.set_title(f"{mode}: accuracy (training compute per point in the legend)", fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.out / "bip.png", dpi=120)
