@@ -165,4 +165,30 @@ class ContinuousSparsification(_PlanPruningMethod):
         self.sparsifier = None
 
 
-__all__ = ["OBSIHT", "ContinuousSparsification"]
+class BiP(_PlanPruningMethod):
+    """Masks from a finished :class:`obs_plugins.BiPTrainer` (bi-level learned scores, exact sparsity)."""
+    _source_name = "trainer"
+
+    def __init__(self, amount, trainer=None, *, _target=None):
+        super().__init__(amount, _target=_target)
+        if trainer is None:
+            raise PruningInputError("trainer: BiP needs trainer=BiPTrainer(...)")
+        self.trainer = trainer
+
+    @classmethod
+    def apply(cls, module, name, amount, trainer=None, importance_scores=None):
+        if importance_scores is not None:
+            raise PruningInputError("importance_scores: BiP uses the learned scores")
+        return super().apply(module, name, amount=amount, trainer=trainer, _target=(module, name))
+
+    def _all_targets(self):
+        return self.trainer.targets
+
+    def _make_plan(self, targets, k):
+        return self.trainer.make_plan(targets, k)
+
+    def _release(self):
+        self.trainer = None
+
+
+__all__ = ["OBSIHT", "ContinuousSparsification", "BiP"]

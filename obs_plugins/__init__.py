@@ -20,6 +20,9 @@ _LAZY = {
     "ContinuousSparsification": "obs_plugins.integrations.torch_prune",
     "ContinuousSparsifier": "obs_plugins.methods.continuous_sparsification",
     "CSConfig": "obs_plugins.methods.continuous_sparsification",
+    "BiP": "obs_plugins.integrations.torch_prune",
+    "BiPTrainer": "obs_plugins.methods.bip",
+    "BiPConfig": "obs_plugins.methods.bip",
 }
 
 

@@ -92,6 +92,7 @@ def cmd_limit(args) -> int:
 BENCHES = {"llm": "benchmarks/one_shot_llm.py", "curvature": "benchmarks/curvature.py",
            "tickets": "benchmarks/tickets.py", "tickets-sweep": "benchmarks/tickets_sweep.py",
            "onnx": "benchmarks/onnx_speed.py"}
+BENCHES["bip"] = "benchmarks/bip.py"  # BiP vs one-shot vs IMP (issue 16)
 
 
 def cmd_bench(args) -> int:
