@@ -33,6 +33,22 @@ CALIB_SOURCES = ("shakespeare", "kjv", "bbc")  # the mixed calibration set: dram
 HELDOUT_TEXTS = ("shakespeare", "austen")     # held-out plays of the calibration author, and another author
 
 
+def text_windows(tokenizer, text: str, n: int, seq_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens spread evenly over ``text``: each is the start of the tokenisation of
+    a character chunk (only the chunks are tokenised, not the whole corpus)."""
+    chars = seq_len * 12  # English BPE: ~4-5 characters a token; generous so a chunk always has enough tokens
+    if len(text) < n * chars:
+        raise ValueError(f"n/seq_len: the text has {len(text)} characters, {n * chars} are needed")
+    stride = (len(text) - chars) // max(n - 1, 1)
+    out = []
+    for i in range(n):
+        ids = tokenizer(text[i * stride:i * stride + chars], return_tensors="pt").input_ids[0]
+        if ids.numel() < seq_len:
+            raise ValueError(f"seq_len: a {chars}-character chunk gave only {ids.numel()} tokens")
+        out.append(ids[:seq_len])
+    return torch.stack(out)
+
+
 @dataclass
 class LLMSetup:
     """``_onepass``: a one-pass curvature kept for the one-pass contrast row."""
@@ -68,19 +84,18 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    enc = lambda text: tok(text, return_tensors="pt").input_ids[0]  # noqa: E731
     srcs = list(calib_sources)
     if not srcs:
         raise ValueError("calib_sources: give at least one source")
     per = [n_calib // len(srcs) + (i < n_calib % len(srcs)) for i in range(len(srcs))]
-    wins = [spread_windows(enc(_source_text(s, calib_plays, heldout_plays)), n, seq_len) for s, n in zip(srcs, per)]
+    wins = [text_windows(tok, _source_text(s, calib_plays, heldout_plays), n, seq_len) for s, n in zip(srcs, per)]
     order = [w[i] for i in range(max(per)) for w in wins if i < len(w)]  # interleaved: s0, s1, s2, s0, ...
     calib = causal_lm_batches(torch.stack(order), batch_size)
     held_text = {"shakespeare": lambda: load_shakespeare(list(heldout_plays)), "austen": load_austen}
     unknown = [h for h in heldout_texts if h not in held_text]
     if unknown:
         raise ValueError(f"heldout_texts: unknown {unknown}; choose from {', '.join(held_text)}")
-    held = {h: causal_lm_batches(spread_windows(enc(held_text[h]()), n_eval, seq_len), batch_size)
+    held = {h: causal_lm_batches(text_windows(tok, held_text[h](), n_eval, seq_len), batch_size)
             for h in heldout_texts}
     targets = prunable_linear_targets(model, exclude=("lm_head",))
     if blocks is not None:
