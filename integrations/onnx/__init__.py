@@ -32,15 +32,15 @@ Host-independent timing (interleaved runs, median/IQR, the "is it faster" rule) 
 """
 from .bake import baked_copy, effective_weights, zero_fraction
 from .cli import add_export_arguments, run_export_cli
-from .export import ExportResult, export, load_proto, param_map, param_map_of, to_sparse_storage
+from .export import META_PARAM_MAP, ExportResult, export, load_proto, param_map, param_map_of, to_sparse_storage
 from .inputs import as_args, auto_dynamic_shapes, flatten_outputs, repeat_to_batch
 from .report import Report, plot, route_verdict
-from .rewrite import CSR_SUFFIXES, MS_DOMAIN, rewrite_sparse_kernel
+from .rewrite import CSR_SUFFIXES, META_SPARSE, MS_DOMAIN, rewrite_sparse_kernel
 from .runtime import OrtRunner, time_runners
-from .verify import VerificationError, check_outputs, onnx_weight_sparsity, verify
+from .verify import VerificationError, check_outputs, check_sparsity, onnx_weight_sparsity, verify
 
 __all__ = ["export", "verify", "plot", "baked_copy", "effective_weights", "rewrite_sparse_kernel",
            "to_sparse_storage", "OrtRunner", "onnx_weight_sparsity", "ExportResult", "Report", "VerificationError",
            "add_export_arguments", "run_export_cli", "route_verdict", "time_runners", "as_args", "repeat_to_batch",
-           "flatten_outputs", "auto_dynamic_shapes", "check_outputs", "param_map", "param_map_of", "load_proto",
-           "zero_fraction", "CSR_SUFFIXES", "MS_DOMAIN"]
+           "flatten_outputs", "auto_dynamic_shapes", "check_outputs", "check_sparsity", "param_map", "param_map_of",
+           "load_proto", "zero_fraction", "CSR_SUFFIXES", "MS_DOMAIN", "META_PARAM_MAP", "META_SPARSE"]

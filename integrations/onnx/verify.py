@@ -75,6 +75,45 @@ def check_outputs(route, got, ref, atol, rtol) -> list[dict]:
     return rows
 
 
+def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tuple[list[dict], list[str]]:
+    """Zeros of every pruned (2-D) weight of ``model`` vs the ONNX initializer that holds it (through the
+    parameter map :func:`export` wrote; the CSR arrays of the sparse-kernel file count too): one row per weight,
+    and a message for every weight whose zeros did not survive."""
+    failures = []
+    eff = effective_weights(model)
+    proto = load_proto(onnx_path)            # read once for the sparsity and the parameter map
+    onnx_sp, pmap = onnx_weight_sparsity(proto), param_map_of(proto)
+    del proto
+    if sparse_kernel_path:
+        for k, v in onnx_weight_sparsity(sparse_kernel_path).items():
+            if v["storage"] == "csr":
+                onnx_sp.setdefault(sparse_input_stem(k), v)
+    by_param = {}
+    for oname, (pname, _tr) in pmap.items():
+        if oname in onnx_sp:
+            by_param.setdefault(pname, []).append((oname, onnx_sp[oname]["sparsity"]))
+    sparsity = []
+    for pname, w in eff.items():
+        if w.dim() < 2:
+            continue
+        ms = zero_fraction(w)
+        hits = by_param.get(pname, [])
+        if not hits and pname in onnx_sp:
+            hits = [(pname, onnx_sp[pname]["sparsity"])]
+        if not hits and ms <= 0.001:
+            continue
+        osp = min((h[1] for h in hits), default=None)
+        ok = osp is not None and osp >= ms - 1e-6
+        sparsity.append({"param": pname, "onnx": [h[0] for h in hits], "model_sparsity": ms, "onnx_sparsity": osp,
+                         "ok": ok})
+        if not ok:
+            failures.append(
+                f"sparsity did not survive for {pname!r}: {ms:.1%} zeros in the model, " +
+                ("no ONNX initializer holds this weight (the file was exported from a different model, or the "
+                 "model changed after export)" if osp is None else f"{osp:.1%} in ONNX initializer {hits[0][0]!r}"))
+    return sparsity, failures
+
+
 def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=None, sparse_kernel_path="auto",
            atol: float = 1e-4, rtol: float = 1e-3, runs: int = 30, warmup: int = 3, threads: int = 1,
            min_speedup: float = 1.05, raise_on_fail: bool = True, bench: bool = True,
@@ -134,37 +173,8 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
                     f"{r['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|torch| ({w['bad_fraction']:.1%} of "
                     f"entries; worst at {tuple(w['index'])}: onnx {w['onnx']:.6g} vs torch {w['torch']:.6g})")
     # ---- sparsity
-    eff = effective_weights(model)
-    proto = load_proto(onnx_path)            # read once for the sparsity and the parameter map
-    onnx_sp, pmap = onnx_weight_sparsity(proto), param_map_of(proto)
-    del proto
-    if sparse_kernel_path:
-        for k, v in onnx_weight_sparsity(sparse_kernel_path).items():
-            if v["storage"] == "csr":
-                onnx_sp.setdefault(sparse_input_stem(k), v)
-    by_param = {}
-    for oname, (pname, _tr) in pmap.items():
-        if oname in onnx_sp:
-            by_param.setdefault(pname, []).append((oname, onnx_sp[oname]["sparsity"]))
-    sparsity = []
-    for pname, w in eff.items():
-        if w.dim() < 2:
-            continue
-        ms = zero_fraction(w)
-        hits = by_param.get(pname, [])
-        if not hits and pname in onnx_sp:
-            hits = [(pname, onnx_sp[pname]["sparsity"])]
-        if not hits and ms <= 0.001:
-            continue
-        osp = min((h[1] for h in hits), default=None)
-        ok = osp is not None and osp >= ms - 1e-6
-        sparsity.append({"param": pname, "onnx": [h[0] for h in hits], "model_sparsity": ms, "onnx_sparsity": osp,
-                         "ok": ok})
-        if not ok:
-            failures.append(
-                f"sparsity did not survive for {pname!r}: {ms:.1%} zeros in the model, " +
-                ("no ONNX initializer holds this weight (the file was exported from a different model, or the "
-                 "model changed after export)" if osp is None else f"{osp:.1%} in ONNX initializer {hits[0][0]!r}"))
+    sparsity, sp_failures = check_sparsity(model, onnx_path, sparse_kernel_path)
+    failures += sp_failures
     # ---- latency
     routes = dict(runners)
     base_name = "pruned"
