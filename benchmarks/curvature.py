@@ -16,18 +16,17 @@ Runs on CUDA unchanged when a GPU is present (``--device cuda``).  Writes benchm
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import time
 
 import torch
 
 from obs_plugins import Curvature
-from obs_plugins.curvature.fisher import collect_fisher, fisher_bytes
+from obs_plugins.curvature.fisher import fisher_bytes
 from obs_plugins.experiment import setup_smollm2
 from obs_plugins.lm import causal_lm_loss
+
+from _common import Stopwatch, add_threads_argument, command_line, set_threads, write_results
 
 
 def _rss_peak_reset() -> bool:
@@ -83,11 +82,11 @@ def main() -> int:
     ap.add_argument("--fisher-samples", type=int, default=16, help="samples (windows) for the measured Fisher")
     ap.add_argument("--block-sizes", default="32,128,512")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    add_threads_argument(ap, default=2, help="torch threads (default 2, as in the recorded results)")
     ap.add_argument("--quick", action="store_true", help="skip the measured Fisher collection")
     ap.add_argument("--out", default="benchmarks/results/curvature")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dev = torch.device(args.device)
     setup = setup_smollm2(n_calib=args.calib, n_eval=1, seq_len=args.seq_len, batch_size=args.batch_size)
     model = setup.model.to(dev)
@@ -98,10 +97,9 @@ def main() -> int:
 
     modes = [False, True] if args.sequential else [False]
     for seq in modes:
-        with PeakMemory(dev) as pm:
-            t0 = time.perf_counter()
+        with PeakMemory(dev) as pm, Stopwatch() as sw:
             curv = Curvature.layerwise(model, params, setup.calib, sequential=seq, progress=True)
-            secs = time.perf_counter() - t0
+        secs = sw.seconds
         h_mb = sum(h.numel() * h.element_size() for h in curv.hessians.values()) / 2**20
         results["layerwise"].append({"mode": "sequential" if seq else "plain", "seconds": secs,
                                      "peak_added_mb": pm.added_mb, "stored_h_mb": h_mb,
@@ -121,20 +119,19 @@ def main() -> int:
         for B in [int(b) for b in args.block_sizes.split(",")]:
             for mode in ("blocks", "woodbury"):
                 curv = Curvature(model, [(q[0].module, q[0].name)], batches, loss_fn=causal_lm_loss)
-                with PeakMemory(dev) as pm:
-                    t0 = time.perf_counter()
-                    rep = collect_fisher(curv, block_size=B, mode=mode, num_samples=args.fisher_samples,
-                                         micro_batch=2, progress=True)
-                    secs = time.perf_counter() - t0
+                with PeakMemory(dev) as pm, Stopwatch() as sw:
+                    rep = curv.collect_fisher(block_size=B, mode=mode, num_samples=args.fisher_samples,
+                                              micro_batch=2, progress=True)
+                secs = sw.seconds
                 results["fisher_measured"].append({"target": q[0].key, "numel": q[0].current().numel(),
                                                    "block_size": B, "mode": mode, "samples": rep["samples"],
                                                    "engine": rep["engine"], "seconds": secs,
                                                    "stored_mb": rep["bytes"] / 2**20, "peak_added_mb": pm.added_mb})
                 del curv
 
-    cmd = "python benchmarks/curvature.py " + " ".join(sys.argv[1:])
+    cmd = command_line()
     lines = [f"SmolLM2-135M, {len(params)} decoder Linear weights ({numel / 1e6:.1f}M entries), device "
-             f"{dev}, {args.threads} threads. Command: `{cmd.strip()}`", "",
+             f"{dev}, {args.threads} threads. Command: `{cmd}`", "",
              f"Layerwise Gram over {args.calib}×{args.seq_len} tokens:", "",
              "| mode | time (s) | tokens/s | peak memory added (MiB) | stored H (MiB) |", "|---|---|---|---|---|"]
     for r in results["layerwise"]:
@@ -155,11 +152,7 @@ def main() -> int:
         for r in results["fisher_measured"]:
             lines.append(f"| {r['block_size']} | {r['mode']} | {r['engine']} | {r['seconds']:.1f} | "
                          f"{r['stored_mb']:.1f} | {r['peak_added_mb']:.0f} |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({**results, "command": cmd}, f, indent=2)
+    write_results(args.out, lines, {**results, "command": cmd}, indent=2)
     print("\n".join(lines))
     return 0 if all(math.isfinite(r["seconds"]) for r in results["layerwise"]) else 1
 

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -39,6 +37,9 @@ from torch import nn
 import obs_plugins
 from obs_plugins import api
 from obs_plugins.integrations import onnx as ox
+from obs_plugins.timing import MIN_RUNS, MIN_SPEEDUP, is_faster, is_slower, latency_stats, speedup
+
+from _common import Stopwatch, command_line, pyplot, save_figure, set_threads, write_results
 
 warnings.filterwarnings("ignore")
 
@@ -107,7 +108,7 @@ def structured_linear(model, ratio):
 
 def flops(model, inputs) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    args, kwargs = ox._as_args(inputs)
+    args, kwargs = ox.as_args(inputs)
     fc = FlopCounterMode(display=False)
     with fc, torch.no_grad():
         model(*args, **kwargs)
@@ -126,20 +127,18 @@ def zeroed_linear_flops(model, tokens: int, only=None) -> float:
 
 # ------------------------------------------------------------------------------------------- verdicts
 
-MIN_GAIN, MIN_RUNS = 1.05, 3
-
-
 def judge(s, d, route_lim, is_dense) -> dict:
-    """A route is a **win** only if it is >= MIN_GAIN× faster than dense with non-overlapping IQRs over at least
-    MIN_RUNS runs *and* no faster than its removed work allows (route limit × MIN_GAIN): a "speedup" beyond that
-    (e.g. a dense MatMul holding zeros) is run-to-run noise or a graph-level difference, labelled "noise"."""
-    speed = d["median_ms"] / s["median_ms"]
+    """A route is a **win** only if :func:`obs_plugins.timing.is_faster` than dense (>= MIN_SPEEDUP× with
+    non-overlapping IQRs over at least MIN_RUNS runs) *and* no faster than its removed work allows (route limit ×
+    MIN_SPEEDUP): a "speedup" beyond that (e.g. a dense MatMul holding zeros) is run-to-run noise or a
+    graph-level difference, labelled "noise"."""
+    speed = speedup(s, d)
     out = {"speedup": speed, "win": False, "slowdown": False, "noise": False}
     if is_dense or s["runs"] < MIN_RUNS:
         return out
-    if speed >= MIN_GAIN and s["q75_ms"] < d["q25_ms"]:
-        out["noise" if speed > route_lim * MIN_GAIN else "win"] = True
-    out["slowdown"] = speed < 1 / MIN_GAIN and s["q25_ms"] > d["q75_ms"]
+    if is_faster(s, d, MIN_SPEEDUP):
+        out["noise" if speed > route_lim * MIN_SPEEDUP else "win"] = True
+    out["slowdown"] = is_slower(s, d, MIN_SPEEDUP)
     return out
 
 
@@ -151,13 +150,13 @@ def bench_model(name, dense, make_inputs, variants, batch_sizes, runs, threads, 
     """variants: list of (label, kind, sparsity, factory() -> nn.Module), built and freed one at a time."""
     ex = make_inputs(2)
     rows, runners, checks = [], {}, {}
-    t0 = time.perf_counter()
+    sw = Stopwatch()
     res = ox.export(dense, ex, os.path.join(workdir, f"{name}_dense.onnx"), sparse_kernel="off")
     runners["dense"] = ox.OrtRunner(res.path, threads, arena=arena)
     print(f"[{name}] dense exported in {res.seconds:.0f} s", flush=True)
     # FLOP ratios are batch-independent here (attention is per sequence): count once at batch 1
     one = make_inputs(1)
-    args1, kwargs1 = ox._as_args(one)
+    args1, kwargs1 = ox.as_args(one)
     first1 = (list(args1) + list(kwargs1.values()))[0]
     tokens1 = int(np.prod(first1.shape[:2])) if first1.dim() >= 2 and not first1.is_floating_point() else 1
     fl_dense = flops(dense, one)
@@ -195,23 +194,23 @@ def bench_model(name, dense, make_inputs, variants, batch_sizes, runs, threads, 
     for b in batch_sizes:
         inp = make_inputs(b)
         names = [n for n in runners if not (b in skip_kernel_at and n.endswith("+sparse-kernel"))]
-        feeds = {n: ox._feeds(runners[n], inp) for n in names}
+        feeds = {n: runners[n].feeds(inp) for n in names}
         nr = runs.get(b, 5) if isinstance(runs, dict) else runs
-        tb = time.perf_counter()
-        times = ox._time_routes({n: runners[n] for n in names}, feeds, nr, 1)
-        st = {n: ox._stats(t) for n, t in times.items()}
+        with Stopwatch() as tb:
+            times = ox.time_runners({n: runners[n] for n in names}, feeds, nr, 1)
+        st = {n: latency_stats(t) for n, t in times.items()}
         d = st["dense"]
         for n in names:
             kind, sp, route, lim, route_lim = route_meta[n]
             rows.append({"model": name, "batch": b, "variant": n.split("+")[0], "kind": kind, "sparsity": sp,
                          "route": route, **st[n], "flop_limit": lim, "route_limit": route_lim,
                          **judge(st[n], d, route_lim, n == "dense")})
-        print(f"[{name}] batch {b}: {len(names)} routes × {nr} runs in {time.perf_counter() - tb:.0f} s: " +
+        print(f"[{name}] batch {b}: {len(names)} routes × {nr} runs in {tb.seconds:.0f} s: " +
               ", ".join(f"{n} {st[n]['median_ms']:.1f} ms" for n in names), flush=True)
     not_timed = {b: [n for n in runners if b in skip_kernel_at and n.endswith("+sparse-kernel")]
                  for b in batch_sizes}
     del runners
-    return rows, checks, {"seconds": time.perf_counter() - t0, "not_timed": not_timed}
+    return rows, checks, {"seconds": sw.seconds, "not_timed": not_timed}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -224,6 +223,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1: the sparse kernel "
                     "is single-threaded, and other jobs share the cores)")
+    ap.add_argument("--torch-threads", type=int, default=2, help="torch threads for export, verification and FLOP "
+                    "counting, not timed (default 2, as in the recorded results)")
     ap.add_argument("--runs", type=int, default=15, help="timed runs at batch 1 (batch 32: --runs-large)")
     ap.add_argument("--runs-large", type=int, default=5, help="timed runs at batch 32 (SmolLM2: 3)")
     ap.add_argument("--quick", action="store_true", help="linear + MiniLM, 5/2 runs")
@@ -232,9 +233,9 @@ def main() -> int:
     if args.quick:
         args.models, args.runs, args.runs_large = "linear,minilm", 5, 2
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    set_threads(args.torch_threads)
     bss = [int(b) for b in args.batch_sizes.split(",")]
-    t0 = time.perf_counter()
+    sw = Stopwatch()
     LOAD[:] = [os.getloadavg()[0]]
     all_rows, all_checks, meta = [], {}, {}
     work = tempfile.TemporaryDirectory()
@@ -279,11 +280,9 @@ def main() -> int:
         all_checks[name] = checks
         meta[name] = {**m, "runs": runs}
         del dense, variants
-        cmd = "python benchmarks/onnx_speed.py " + " ".join(sys.argv[1:])
-        write(args, all_rows, all_checks, meta, cmd.strip(), time.perf_counter() - t0, quiet=True)  # partial
+        write(args, all_rows, all_checks, meta, command_line(), sw.seconds, quiet=True)  # partial
     work.cleanup()
-    cmd = "python benchmarks/onnx_speed.py " + " ".join(sys.argv[1:])
-    write(args, all_rows, all_checks, meta, cmd.strip(), time.perf_counter() - t0)
+    write(args, all_rows, all_checks, meta, command_line(), sw.seconds)
     return 0
 
 
@@ -292,7 +291,6 @@ LOAD: list[float] = []   # 1-minute load average at the start of the run (other 
 
 def write(args, rows, checks, meta, cmd, wall, quiet=False):
     import onnxruntime as ort
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     lines = [f"ONNX Runtime {ort.__version__} CPU, fp32, {args.threads} intra-op thread(s), {os.cpu_count()}-core machine "
              f"(1-min load average {LOAD[0] if LOAD else float('nan'):.2f} at start, {os.getloadavg()[0]:.2f} at "
              f"the end); routes of a model interleaved per repetition; median (IQR) ms. Inputs: MiniLM "
@@ -325,11 +323,7 @@ def write(args, rows, checks, meta, cmd, wall, quiet=False):
                                                for b, n in d.items() if n)
                   + " (the single-threaded CSR kernel over 4096 tokens; see the linear and MiniLM batch-32 rows)."]
     lines += ["", targets(rows), "", f"Total wall time {wall:.0f} s."]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": cmd, "rows": rows, "checks": checks, "meta": meta, "wall_s": wall}, f, indent=1,
-                  default=str)
+    write_results(args.out, lines, {"command": cmd, "rows": rows, "checks": checks, "meta": meta, "wall_s": wall})
     plot(rows, args.out + ".png")
     if quiet:
         return
@@ -364,9 +358,7 @@ def targets(rows) -> str:
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     bss = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(bss), len(models), figsize=(4.2 * len(models), 3.4 * len(bss)), squeeze=False)
@@ -391,9 +383,7 @@ def plot(rows, path):
             ax.set_ylabel("ORT latency, ms")
             ax.set_yscale("log")
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Does ONNX Runtime run the exporter's file faster without its intermediate shape annotations (value_info)?
 
-The sparse-kernel rewrite (integrations/onnx.py) drops ``graph.value_info``; on MiniLM that route measured faster
+The sparse-kernel rewrite (integrations/onnx/rewrite.py) drops ``graph.value_info``; on MiniLM that route measured faster
 than its removed work allows.  This isolates the effect on the *dense* model: the same export with and without
 value_info, timed interleaved (ORT CPU, 1 intra-op thread, median and IQR), outputs compared.
 
@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from obs_plugins.integrations import onnx as ox
+from obs_plugins.timing import latency_stats
+
+from _common import add_threads_argument, set_threads
 
 warnings.filterwarnings("ignore")
 
@@ -28,8 +31,9 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads_argument(ap, help="ORT intra-op threads and torch threads (default 1)")
     args = ap.parse_args()
+    set_threads(args.threads)
     from obs_plugins.data import load_minilm, load_smollm2
     model, tok = load_minilm() if args.model == "minilm" else load_smollm2()
     model.eval()
@@ -43,14 +47,14 @@ def main() -> int:
                  "value_info stripped": ox.export(model, inp, os.path.join(d, "b.onnx"), sparse_kernel="off",
                                                   strip_value_info=True).path}
         runners = {k: ox.OrtRunner(p, args.threads) for k, p in paths.items()}
-        outs = [r.run(ox._feeds(r, inp))[0] for r in runners.values()]
+        outs = [r.run(r.feeds(inp))[0] for r in runners.values()]
         print(f"{args.model}: max |difference| of the two files' outputs {np.abs(outs[0] - outs[1]).max():.2e}")
         print("| batch | file | median ms (IQR) | speedup |\n|---|---|---|---|")
         for b in args.batch_sizes:
-            bi = ox._batched(inp, b)
-            feeds = {k: ox._feeds(r, bi) for k, r in runners.items()}
-            t = ox._time_routes(runners, feeds, args.runs, 2)
-            st = {k: ox._stats(v) for k, v in t.items()}
+            bi = ox.repeat_to_batch(inp, b)
+            feeds = {k: r.feeds(bi) for k, r in runners.items()}
+            t = ox.time_runners(runners, feeds, args.runs, 2)
+            st = {k: latency_stats(v) for k, v in t.items()}
             base = st["with value_info"]["median_ms"]
             for k, s in st.items():
                 print(f"| {b} | {k} | {s['median_ms']:.2f} ({s['q25_ms']:.2f}–{s['q75_ms']:.2f}) | "

@@ -104,6 +104,7 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         return 2
     sys.argv = [path] + args.rest
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))   # as `python <path>` does: benchmarks/_common.py
     runpy.run_path(path, run_name="__main__")
     return 0
 

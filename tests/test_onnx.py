@@ -248,19 +248,19 @@ def test_verdict_rules_known_answers():
         for v in d.values():
             v["speedup"] = d["dense"]["median_ms"] / v["median_ms"]
         return d
-    win = ox._verdict(1, with_speed({"dense": st(10, 9.8, 10.2), "pruned": st(5, 4.9, 5.1)}), "dense", 1.05, 0.5,
-                      False, True)
+    win = ox.route_verdict(1, with_speed({"dense": st(10, 9.8, 10.2), "pruned": st(5, 4.9, 5.1)}), "dense", 1.05,
+                           0.5, False, True)
     assert win["route"] == "pruned" and win["speedup"] == 2.0 and "2.00× faster" in win["verdict"]
     # 1.10× median but the IQRs overlap: not a win, and the verdict says why
-    ov = ox._verdict(1, with_speed({"dense": st(11, 9, 13), "pruned": st(10, 8, 12)}), "dense", 1.05, 0.9,
-                     False, True)
+    ov = ox.route_verdict(1, with_speed({"dense": st(11, 9, 13), "pruned": st(10, 8, 12)}), "dense", 1.05, 0.9,
+                          False, True)
     assert ov["route"] == "dense" and "within noise" in ov["verdict"] and "structured pruning" in ov["verdict"]
     assert "or batch 1" not in ov["verdict"]        # already at batch 1: do not advise it
     # a slowdown is never the chosen route
-    slow = ox._verdict(32, with_speed({"dense": st(10, 9.9, 10.1), "sparse-kernel": st(30, 29, 31)}), "dense",
-                       1.05, 0.9, True, True)
+    slow = ox.route_verdict(32, with_speed({"dense": st(10, 9.9, 10.1), "sparse-kernel": st(30, 29, 31)}),
+                            "dense", 1.05, 0.9, True, True)
     assert slow["route"] == "dense" and "no route is faster" in slow["verdict"]
     assert "use structured pruning or batch 1" in slow["verdict"]
-    few = ox._verdict(1, with_speed({"dense": st(10, 9.8, 10.2, 2), "pruned": st(5, 4.9, 5.1, 2)}), "dense", 1.05,
-                      0.5, False, True)
+    few = ox.route_verdict(1, with_speed({"dense": st(10, 9.8, 10.2, 2), "pruned": st(5, 4.9, 5.1, 2)}), "dense",
+                           1.05, 0.5, False, True)
     assert few["route"] == "dense" and "too few timed runs (2)" in few["verdict"]

@@ -1,0 +1,74 @@
+"""Step 1 of the flow: the weights as the model computes with them, masks baked on a copy (the caller's model is
+never touched)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+
+def _prune_hooks(module: nn.Module):
+    return [h for h in module._forward_pre_hooks.values()
+            if isinstance(h, prune.BasePruningMethod)]
+
+
+def _hook_names(h) -> list[str]:
+    return [h._tensor_name]     # a PruningContainer carries the same attribute as a single method
+
+
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every torch.nn.utils.prune mask baked in; ``model`` is not touched.
+
+    After a forward pass in grad mode a pruned module's ``weight`` is a non-leaf tensor that ``deepcopy``
+    refuses; we hand ``deepcopy`` detached stand-ins for those attributes through its memo (they are
+    recomputed from ``<name>_orig * <name>_mask`` by ``prune.remove`` anyway).
+    """
+    memo = {}
+    for m in model.modules():
+        for h in _prune_hooks(m):
+            for name in _hook_names(h):
+                t = m.__dict__.get(name)
+                if isinstance(t, torch.Tensor):
+                    memo[id(t)] = t.detach().clone()
+    with torch.no_grad():
+        cp = copy.deepcopy(model, memo)
+    for m in cp.modules():
+        for h in _prune_hooks(m):
+            for name in _hook_names(h):
+                prune.remove(m, name)
+    try:  # parametrizations (e.g. learned masks written as torch.nn.utils.parametrize)
+        from torch.nn.utils import parametrize
+        for m in cp.modules():
+            if parametrize.is_parametrized(m):
+                for name in list(m.parametrizations.keys()):
+                    parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    except ImportError:  # pragma: no cover
+        pass
+    cp.eval()
+    for p in cp.parameters():
+        p.requires_grad_(False)
+    return cp
+
+
+def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters as the model computes with them (``<name>_orig * <name>_mask`` for pruned ones); read-only."""
+    sd = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in sd:
+            continue
+        if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in sd:
+            base = k[: -len("_orig")]
+            out[base] = (v * sd[base + "_mask"]).detach()
+        elif v.is_floating_point():
+            out[k] = v.detach()
+    return out
+
+
+def zero_fraction(a) -> float:
+    """The fraction of exact zeros in a tensor or array."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    return float((a == 0).sum()) / max(a.size, 1)

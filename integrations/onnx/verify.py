@@ -1,0 +1,211 @@
+"""Step 5 of the flow: does the file reproduce the model (outputs, sparsity), and is any route faster?"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from obs_plugins.errors import PruningInputError
+from obs_plugins.timing import latency_stats, speedup
+
+from .bake import effective_weights, zero_fraction
+from .export import ExportResult, export, load_proto, param_map_of, sparse_kernel_file
+from .inputs import as_args, first_tensor, flatten_outputs, repeat_to_batch
+from .report import Report, route_verdict
+from .rewrite import CSR_SUFFIXES, sparse_input_stem
+from .runtime import OrtRunner, time_runners
+
+
+class VerificationError(AssertionError):
+    """The ONNX file does not reproduce the model (outputs or sparsity); the message says what and where."""
+
+
+def onnx_weight_sparsity(model) -> dict[str, dict]:
+    """Per-initializer zeros in an ONNX file or ModelProto (dense, COO ``sparse_initializer`` and our CSR
+    triplets)."""
+    import onnx
+    from onnx import numpy_helper
+    m = load_proto(model)
+    out = {}
+    inits = {i.name: i for i in m.graph.initializer}
+    for i in m.graph.initializer:
+        if i.name.endswith(CSR_SUFFIXES):
+            continue
+        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 1:
+            a = numpy_helper.to_array(i)
+            out[i.name] = {"shape": list(a.shape), "sparsity": zero_fraction(a), "storage": "dense"}
+    for s in m.graph.sparse_initializer:
+        size = int(np.prod(s.dims))
+        nnz = int(np.count_nonzero(numpy_helper.to_array(s.values)))
+        out[s.values.name] = {"shape": list(s.dims), "sparsity": 1 - nnz / size, "storage": "coo"}
+    for vi in m.graph.input:
+        if vi.type.HasField("sparse_tensor_type") and vi.name + CSR_SUFFIXES[0] in inits:
+            shape = [int(d) for d in numpy_helper.to_array(inits[vi.name + CSR_SUFFIXES[3]])]
+            vals = numpy_helper.to_array(inits[vi.name + CSR_SUFFIXES[0]])
+            out[vi.name] = {"shape": shape, "sparsity": 1 - np.count_nonzero(vals) / int(np.prod(shape)),
+                            "storage": "csr"}
+    return out
+
+
+def check_outputs(route, got, ref, atol, rtol) -> list[dict]:
+    rows = []
+    if len(got) < len(ref):
+        raise VerificationError(f"{route}: the ONNX model returns {len(got)} outputs, PyTorch {len(ref)}; "
+                                "the file was exported from a different model")
+    for k, (g, r) in enumerate(zip(got, ref)):
+        r = r.detach().cpu().float().numpy()
+        g = np.asarray(g, dtype=np.float32)
+        if g.shape != r.shape:
+            raise VerificationError(f"{route}: output {k} has shape {g.shape} in ONNX but {r.shape} in PyTorch; "
+                                    "the file was exported from a different model (or with other sizes)")
+        err = np.abs(g - r)
+        rel = err / np.maximum(np.abs(r), 1e-6)
+        bad = err > atol + rtol * np.abs(r)
+        ok = bool(not bad.any() and np.isfinite(g).all())
+        row = {"route": route, "index": k, "shape": list(r.shape), "max_abs": float(err.max(initial=0)),
+               "max_rel": float(np.where(np.abs(r) > atol, rel, 0).max(initial=0)), "ok": ok}
+        if not ok:
+            j = np.unravel_index(int(np.argmax(np.where(np.isfinite(err), err, np.inf))), err.shape)
+            row["worst"] = {"index": [int(x) for x in j], "onnx": float(g[j]), "torch": float(r[j]),
+                            "bad_fraction": float(bad.mean())}
+        rows.append(row)
+    return rows
+
+
+def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tuple[list[dict], list[str]]:
+    """Zeros of every pruned (2-D) weight of ``model`` vs the ONNX initializer that holds it (through the
+    parameter map :func:`export` wrote; the CSR arrays of the sparse-kernel file count too): one row per weight,
+    and a message for every weight whose zeros did not survive."""
+    failures = []
+    eff = effective_weights(model)
+    proto = load_proto(onnx_path)            # read once for the sparsity and the parameter map
+    onnx_sp, pmap = onnx_weight_sparsity(proto), param_map_of(proto)
+    del proto
+    if sparse_kernel_path:
+        for k, v in onnx_weight_sparsity(sparse_kernel_path).items():
+            if v["storage"] == "csr":
+                onnx_sp.setdefault(sparse_input_stem(k), v)
+    by_param = {}
+    for oname, (pname, _tr) in pmap.items():
+        if oname in onnx_sp:
+            by_param.setdefault(pname, []).append((oname, onnx_sp[oname]["sparsity"]))
+    sparsity = []
+    for pname, w in eff.items():
+        if w.dim() < 2:
+            continue
+        ms = zero_fraction(w)
+        hits = by_param.get(pname, [])
+        if not hits and pname in onnx_sp:
+            hits = [(pname, onnx_sp[pname]["sparsity"])]
+        if not hits and ms <= 0.001:
+            continue
+        osp = min((h[1] for h in hits), default=None)
+        ok = osp is not None and osp >= ms - 1e-6
+        sparsity.append({"param": pname, "onnx": [h[0] for h in hits], "model_sparsity": ms, "onnx_sparsity": osp,
+                         "ok": ok})
+        if not ok:
+            failures.append(
+                f"sparsity did not survive for {pname!r}: {ms:.1%} zeros in the model, " +
+                ("no ONNX initializer holds this weight (the file was exported from a different model, or the "
+                 "model changed after export)" if osp is None else f"{osp:.1%} in ONNX initializer {hits[0][0]!r}"))
+    return sparsity, failures
+
+
+def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=None, sparse_kernel_path="auto",
+           atol: float = 1e-4, rtol: float = 1e-3, runs: int = 30, warmup: int = 3, threads: int = 1,
+           min_speedup: float = 1.05, raise_on_fail: bool = True, bench: bool = True,
+           budget_s: float | None = None) -> Report:
+    """Check an exported file against ``model`` and time ONNX Runtime routes.
+
+    * outputs: ORT vs PyTorch on ``inputs`` (every route), max abs/rel error; ``|onnx - torch| <= atol +
+      rtol·|torch|`` elementwise or :class:`VerificationError` (when ``raise_on_fail``);
+    * sparsity: zeros of every pruned model weight vs its ONNX initializer (must not drop);
+    * latency at each of ``batch_sizes`` (default: the batch of ``inputs``; rows repeated to size): routes
+      ``dense`` (``baseline``: the unpruned nn.Module or its ONNX file, if given), ``pruned`` (the file, dense
+      kernels) and ``sparse-kernel`` (the SparseToDenseMatMul rewrite, if there is one); warm-up, ``runs``
+      interleaved repetitions (fewer, but at least 3, once ``budget_s`` seconds per batch size are spent),
+      median and IQR, ``threads`` intra-op threads.  The fastest route is named only
+      if it beats the baseline by ``min_speedup`` with non-overlapping IQRs; otherwise the verdict says why not.
+    """
+    import onnxruntime as ort
+    if isinstance(onnx_path, ExportResult):
+        if sparse_kernel_path == "auto":
+            sparse_kernel_path = onnx_path.sparse_kernel_path
+        onnx_path = onnx_path.path
+    onnx_path = str(onnx_path)
+    if not os.path.exists(onnx_path):
+        raise PruningInputError(f"onnx_path: {onnx_path} does not exist")
+    if sparse_kernel_path == "auto":
+        cand = sparse_kernel_file(onnx_path)
+        sparse_kernel_path = cand if os.path.exists(cand) else None
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise PruningInputError("runs/warmup/threads: need runs >= 1, warmup >= 0, threads >= 1")
+    args, kwargs = as_args(inputs)
+    first = first_tensor(args, kwargs)
+    if first is None:
+        raise PruningInputError("inputs: no tensor given")
+    b0 = first.shape[0]
+    batch_sizes = list(batch_sizes or [b0])
+    runners = {"pruned": OrtRunner(onnx_path, threads)}
+    if sparse_kernel_path:
+        runners["sparse-kernel"] = OrtRunner(sparse_kernel_path, threads)
+
+    # ---- outputs
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = flatten_outputs(model(*args, **kwargs))
+    finally:
+        model.train(was_training)
+    outputs, failures = [], []
+    for name, rn in runners.items():
+        rows = check_outputs(name, rn.run(rn.feeds(inputs)), ref, atol, rtol)
+        outputs += rows
+        for r in rows:
+            if not r["ok"]:
+                w = r["worst"]
+                failures.append(
+                    f"{name}: output {r['index']} {tuple(r['shape'])} differs from PyTorch: max abs error "
+                    f"{r['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|torch| ({w['bad_fraction']:.1%} of "
+                    f"entries; worst at {tuple(w['index'])}: onnx {w['onnx']:.6g} vs torch {w['torch']:.6g})")
+    # ---- sparsity
+    sparsity, sp_failures = check_sparsity(model, onnx_path, sparse_kernel_path)
+    failures += sp_failures
+    # ---- latency
+    routes = dict(runners)
+    base_name = "pruned"
+    tmp = None
+    if baseline is not None:
+        if isinstance(baseline, nn.Module):
+            tmp = tempfile.TemporaryDirectory()
+            bpath = os.path.join(tmp.name, "dense.onnx")
+            export(baseline, repeat_to_batch(inputs, max(b0, 2)), bpath, sparse_kernel="off")
+        else:
+            bpath = str(baseline)
+        routes = {"dense": OrtRunner(bpath, threads), **runners}
+        base_name = "dense"
+    latency, best = {}, {}
+    mean_sp = float(np.mean([s["model_sparsity"] for s in sparsity])) if sparsity else 0.0
+    for b in (batch_sizes if bench else []):
+        binp = repeat_to_batch(inputs, b)
+        feeds = {n: r.feeds(binp) for n, r in routes.items()}
+        times = time_runners(routes, feeds, runs, warmup, budget_s)
+        st = {n: latency_stats(t) for n, t in times.items()}
+        for n in st:
+            st[n]["speedup"] = speedup(st[n], st[base_name])
+        latency[b] = st
+        best[b] = route_verdict(b, st, base_name, min_speedup, mean_sp, bool(sparse_kernel_path), baseline is not None)
+    if tmp is not None:
+        tmp.cleanup()
+    info = {"path": onnx_path, "sparse_kernel_path": sparse_kernel_path, "atol": atol, "rtol": rtol,
+            "runs": runs, "warmup": warmup, "budget_s": budget_s, "threads": threads, "ort_version": ort.__version__,
+            "baseline_route": base_name, "failures": failures, "mean_pruned_sparsity": mean_sp,
+            "file_bytes": os.path.getsize(onnx_path)}
+    rep = Report(not failures, outputs, sparsity, latency, best, info)
+    if failures and raise_on_fail:
+        raise VerificationError("ONNX verification failed:\n  " + "\n  ".join(failures))
+    return rep
