@@ -149,6 +149,7 @@ class PrunePlan:
     """Everything a method decided, computed completely before anything is written to the model."""
     entries: dict[str, PlanEntry] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    solver_state: dict = field(default_factory=dict, repr=False)  # e.g. OBS-IHT's inverse factors, for reuse
 
     def add(self, target: Target, mask: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
         shape = target.current().shape

@@ -129,3 +129,18 @@ def test_later_iterations_start_from_the_sequential_sweep():
     for k, e in p1.entries.items():
         assert torch.equal(e.mask, p3.entries[k].mask)
     assert all(x["holdout_loss"] <= h[0]["holdout_loss"] for x in h if x.get("accepted"))
+
+
+def test_continuing_from_a_plan_reuses_its_factors_with_the_same_result():
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+    p1 = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.5)
+    assert set(p1.solver_state["factors"]) == set(p1.entries)
+    cfg = OBSIHTConfig(iterations=2, progress=False)
+    reused = solver.solve(curv, None, cfg, initial=p1)
+    fresh = copy.copy(p1)
+    fresh.solver_state = {}  # forces recomputing every factor from curv.hessians
+    recomputed = solver.solve(curv, None, cfg, initial=fresh)
+    for k, e in reused.entries.items():
+        assert torch.equal(e.mask, recomputed.entries[k].mask)
+        assert torch.allclose(e.new_weight, recomputed.entries[k].new_weight, atol=1e-6, rtol=0)

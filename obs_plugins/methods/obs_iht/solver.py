@@ -148,7 +148,9 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
             keep[t.key] = to_2d(t.module, e.mask)
             Wt[t.key] = to_2d(t.module, e.new_weight if e.new_weight is not None else t.current() * e.mask).float()
             est[t.key] = torch.zeros(())
-            factors[t.key] = inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
+            reuse = initial.solver_state.get("factors", {}).get(t.key)  # the sweep's own (H does not change)
+            factors[t.key] = reuse if reuse is not None and reuse.rel_damp >= config.rel_damp else \
+                inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
         report = {}
     else:
         counts, report = _counts(curvature, targets, W0, prior, counts_total, counts, config, nm)
@@ -176,7 +178,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         report["history"] = history
         report["best_iteration"] = best[0]
     Wbest = best[1]
-    plan = PrunePlan(report=report)
+    plan = PrunePlan(report=report, solver_state={"factors": factors})
     for t in targets:
         cur = t.current()
         mask = from_2d(t.module, keep[t.key], cur)
