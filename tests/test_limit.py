@@ -223,3 +223,23 @@ def test_bad_input_names_the_argument_and_changes_nothing(kwargs, arg):
 def test_default_epsilon_needs_two_batches():
     with pytest.raises(PruningInputError, match="epsilon"):
         estimate(Toy(), toy_batches(seeds=(0,)), nn.functional.cross_entropy, steps=4, progress=False)
+
+
+@pytest.mark.real_model
+def test_cli_limit_on_a_saved_model(tmp_path, capsys):
+    from obs_plugins import data
+    from obs_plugins.cli import main
+    try:
+        data.load_fashion_mnist("test")
+    except data.AssetMissing as e:
+        pytest.skip(f"asset not installable here: {e}")
+    model = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    torch.save(model, tmp_path / "m.pt")
+    rc = main(["limit", "--model", str(tmp_path / "m.pt"), "--steps", "4", "--probes", "1", "--hvp-samples", "512",
+               "--batches", "3", "--step", "0.25", "--report", str(tmp_path / "r"), "--quiet", "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "predicted limit" in out and "measured limit" in out
+    rep = LimitReport.load(tmp_path / "r.json")
+    assert rep.sweep["sparsity"] == [0.25, 0.5, 0.75] and rep.num_weights == 784 * 16 + 160
+    assert (tmp_path / "r.png").exists()
