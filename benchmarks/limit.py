@@ -138,7 +138,7 @@ def run_one(name, l1, args, data):
 def render(res, out: Path):
     args = res["args"]
     tols = args["tolerances"]
-    head = ("| model | D | SLQ steps×probes @ HVP images | dense test acc | ε | |w|<1e-3 | predicted s* | "
+    head = ("| model | D | SLQ steps×probes @ HVP images | dense test acc | ε | share abs(w) < 1e-3 | predicted s* | "
             + " | ".join(f"measured, acc ≥ dense−{t:g}" for t in tols)
             + " | measured, loss ≤ dense+ε | pred − meas (acc, tol " + f"{tols[0]:g}) | pred − meas (loss) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -161,7 +161,7 @@ def render(res, out: Path):
         "training images (per row below; the CNN's HVPs cost ~15× the MLP's, so it gets fewer steps). "
         "Measured: global one-shot magnitude pruning of every conv/linear weight, no fine-tuning, sparsity grid "
         "0.01 … 0.99 (step 0.01); test accuracy vs dense minus the tolerance, and training loss (the ε batches) "
-        "vs dense + ε. |w|<1e-3 = fraction of weights below 1e-3 after training.", "",
+        "vs dense + ε. 'share abs(w) < 1e-3' = fraction of the weights below 1e-3 after training.", "",
         *lines, "",
         f"Within 5 points of the measured limit: {ok_acc}/{len(res['rows'])} against the accuracy limit "
         f"(tolerance {tols[0]:g}), {ok_loss}/{len(res['rows'])} against the loss limit.", ""])

@@ -65,8 +65,8 @@ def main():
           f"{'l1 ' + format(args.l1, 'g') if args.l1 else 'plain'}, D = {rows[0]['D']:,}, ε = {rows[0]['epsilon']:.4f})",
           "", f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/limit_slq.py {shlex.join(sys.argv[1:])}` "
           f"— {(time.perf_counter() - t_all) / 60:.1f} min, {args.threads} thread(s).", "",
-          "| Lanczos steps | probes | HVP samples | predicted s* | spectrum mass |λ| < 1e-2 | < 1e-3 | time (s) |",
-          "|---|---|---|---|---|---|---|"]
+          "| Lanczos steps | probes | HVP samples | predicted s* | spectrum mass, abs(λ) < 1e-2 | abs(λ) < 1e-3 | time (s) |",
+          "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['steps']} | {r['probes']} | {r['samples']} | **{r['predicted']:.3f}** | {r['mass_below_1e_2']:.3f} | "
            f"{r['mass_below_1e_3']:.3f} | {r['seconds']:.0f} |" for r in rows]
     out = Path(args.out)
