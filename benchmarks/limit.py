@@ -1,6 +1,6 @@
 """Pruning-limit estimate vs the measured limit on Fashion-MNIST (Zhang et al., NeurIPS 2024; obs_plugins.limit).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/limit.py            # MLP and CNN, each plain and l1 (~20 min)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/limit.py            # MLP and CNN, each plain and l1 (~25 min)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/limit.py --quick    # smaller everything, a few minutes
 
 For each model (an MLP and a small CNN), trained plain and with the paper's l1 penalty (``lambda * sum |w|``
