@@ -55,8 +55,10 @@ What moves the estimate (measured on Fashion-MNIST MLPs, ``benchmarks/limit_slq.
   bulk lies relative to ``2 eps / R^2`` (~1e-2 at the crossing).  Lanczos resolves the extremes first, so the
   bulk is a few Ritz nodes and too few steps mislead: on a 784-32-10 MLP, 32 / 64 / 128 / 256 steps (4
   probes) gave s* = 0.952 / 0.816 / 0.934 / 0.934; 1 vs 4 probes at 128 steps 0.930 vs 0.934.  Use >= 128.
-* The estimate is the limit of the *feasibility* problem (some s-sparse point in the sublevel set): on a
-  plainly trained network it sat 10-20 points above what magnitude pruning without fine-tuning reaches.
+* The estimate is the limit of the *feasibility* problem (some s-sparse point in the sublevel set): on
+  plainly or lightly l1-trained MLP/CNN it sat 13-31 points above what magnitude pruning without
+  fine-tuning reaches; after strong l1 training (the paper's recipe) the MLP's came within 2.4 points
+  (``benchmarks/limit.py``, README).
 * The sample Hessian of ``n`` examples with ``C`` outputs has rank at most about ``n (C - 1)``: with fewer
   HVP examples than ``D / (C - 1)`` at least ``1 - n (C - 1) / D`` of the spectrum is exactly zero, every
   such direction counts fully in ``G``, and ``s*`` cannot fall below that floor.  Average the HVPs over more
