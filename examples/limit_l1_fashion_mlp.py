@@ -6,7 +6,10 @@ removes them at little cost and the predicted limit moves up.  This example trai
 without the penalty and prints, for each, the predicted limit and the measured one (global one-shot magnitude
 pruning, no fine-tuning, test accuracy within ``--tolerance`` of dense).
 
-    OMP_NUM_THREADS=1 python examples/limit_l1_fashion_mlp.py [--l1 1e-4] [--epochs 2] [--plot out.png]
+    OMP_NUM_THREADS=1 python examples/limit_l1_fashion_mlp.py [--l1 1e-3] [--epochs 2] [--plot out.png]
+
+Measured with the defaults (~3 min, 1 thread): plain 0.8298 dense accuracy, predicted 0.951, measured 0.44
+(accuracy within 0.01) / 0.50 (loss within eps); l1 1e-3: 0.7892 dense, predicted 0.957, measured 0.91 / 0.91.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def train(model, x, y, *, epochs: int, l1: float, seed: int = 0):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--l1", type=float, default=1e-4)
+    ap.add_argument("--l1", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--tolerance", type=float, default=0.01)
