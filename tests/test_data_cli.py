@@ -65,7 +65,7 @@ def test_cli_help_explains_each_subcommand(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--sparsity" in out and "--iterations" in out and "Shakespeare" in out
-    assert main(["limit"]) == 2  # not implemented yet: says so, non-zero
+    assert main(["limit", "--step", "1.5"]) == 2  # bad input: refused (before any training), non-zero
 
 
 def test_console_script_is_installed():
