@@ -154,8 +154,8 @@ def cmd_limit(args) -> int:
 
 BENCHES = {"llm": "benchmarks/one_shot_llm.py", "curvature": "benchmarks/curvature.py",
            "tickets": "benchmarks/tickets.py", "tickets-sweep": "benchmarks/tickets_sweep.py",
-           "onnx": "benchmarks/onnx_speed.py"}
-BENCHES["bip"] = "benchmarks/bip.py"  # BiP vs one-shot vs IMP (issue 16)
+           "onnx": "benchmarks/onnx_speed.py", "limit": "benchmarks/limit.py", "bip": "benchmarks/bip.py",
+           "allocation": "benchmarks/allocation.py"}
 
 
 def cmd_bench(args) -> int:
