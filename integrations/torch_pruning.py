@@ -27,8 +27,8 @@ from torch.nn.utils import parametrize
 from torch_pruning.pruner import function as tpf
 
 from obs_plugins.errors import PruningInputError
-from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, output_sensitivity,
-                                                    removal_operator, ridge_inverse)
+from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, greedy_removal,
+                                                    output_sensitivity, removal_operator, ridge_inverse)
 from obs_plugins.targets import from_2d, to_2d
 
 _IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
@@ -61,6 +61,17 @@ def _columns_by_root(module: nn.Module, idxs, root_idxs) -> dict[int, list[int]]
     return out
 
 
+def _strictly_increasing(x: torch.Tensor) -> torch.Tensor:
+    """Break the plateaus of a running maximum by one float step each, so a threshold ``score <= t`` (Torch-
+    Pruning's global rule) cuts exactly a prefix of the removal order and never a tie's worth more."""
+    out = x.clone()
+    inf = torch.tensor(float("inf"), dtype=x.dtype)
+    for t in range(1, len(out)):
+        if out[t] <= out[t - 1]:
+            out[t] = torch.nextafter(out[t - 1], inf)
+    return out
+
+
 def _group_name(group) -> str:
     dep = group[0].dep
     name = getattr(dep.target, "name", None) or type(dep.target.module).__name__
@@ -84,12 +95,17 @@ class OBSImportance(tp.importance.Importance):
             ``global_pruning=True``; ``None`` uses the bare layer errors (not comparable across layers: one layer
             then ranks lowest wholesale); or a dict ``key -> (out,)`` tensor.
         rel_damp: relative damping of each layer Gram (damping ladder, then a loud error).
+        mode: ``"greedy"`` (default, with ``compensate``): channels are removed one at a time, each time the one
+            adding the least loss given those already removed (kept columns updated, inverse downdated); a
+            channel's score is the running maximum of those increments along the order, so a threshold keeps a
+            prefix whose *joint* removal cost it measures.  ``"single"``: each channel's saliency alone (these
+            add up only while few channels go: removing many correlated channels costs far more than the sum).
         channel_blocks: ``{consumer module: b}`` -- score consecutive runs of ``b`` channels jointly (attention
             heads: the output projection with ``b = head_dim``); every channel of a block gets the block's score.
     """
 
     def __init__(self, curvature, *, compensate: bool = True, scale="loss", rel_damp: float = 1e-2,
-                 channel_blocks: dict | None = None, progress: bool = False):
+                 mode: str = "greedy", channel_blocks: dict | None = None, progress: bool = False):
         if not hasattr(curvature, "hessians") or not curvature.hessians:
             raise PruningInputError("curvature: needs layer Grams; build it with Curvature.layerwise(...)")
         if not (isinstance(rel_damp, (int, float)) and rel_damp > 0):
@@ -98,6 +114,9 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"scale: 'loss', None or a dict key -> tensor, got {scale!r}")
         if scale == "loss":
             curvature._need_loss("OBSImportance(scale='loss')")
+        if mode not in ("greedy", "single"):
+            raise PruningInputError(f"mode: 'greedy' or 'single', got {mode!r}")
+        self.mode = mode
         self.curvature = curvature
         self.compensate = bool(compensate)
         self.rel_damp = float(rel_damp)
@@ -153,8 +172,7 @@ class OBSImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
         pos = _positions(group)
-        scores = torch.zeros(len(pos), dtype=torch.float32)
-        used = 0
+        consumers = []
         for item in group:
             dep = item.dep
             module = dep.target.module
@@ -163,27 +181,41 @@ class OBSImportance(tp.importance.Importance):
             key, W, H = self._layer(module)
             if key is None:
                 continue
-            cols = _columns_by_root(module, item.idxs, item.root_idxs)
-            roots = [r for r in cols if r in pos]
-            b = self.channel_blocks.get(module)
-            if b:  # attention heads: a block of b consecutive root channels is scored as one set
-                blocks: dict[int, list[int]] = {}
-                for r in roots:
-                    blocks.setdefault(pos[r] // b, []).append(r)
-                units = list(blocks.values())
-            else:
-                units = [[r] for r in roots]
-            sets = [torch.tensor(sorted(c for r in u for c in cols[r])) for u in units]
-            sal = column_saliency(W, H, sets, row_weights=self._row_weights(key, W.shape[0]),
-                                  compensate=self.compensate, hinv=self._inverse(key) if self.compensate else None)
-            for u, v in zip(units, sal):
-                for r in u:
-                    scores[pos[r]] += v
-            used += 1
-        if used == 0:
+            cols = {r: c for r, c in _columns_by_root(module, item.idxs, item.root_idxs).items() if r in pos}
+            consumers.append((key, module, W, H, cols))
+        if not consumers:
             raise PruningInputError(f"curvature: no layer consuming the channels of group {_group_name(group)} is "
                                     "among the curvature's targets; collect the curvature over every Linear/Conv2d "
                                     "(prunable_linear_targets(model, exclude=())) or ignore that layer")
+        # units scored (and, in greedy mode, removed) together: channels, or blocks of b channels (heads)
+        b = max([self.channel_blocks.get(m, 1) for _, m, _, _, _ in consumers])
+        n = len(pos)
+        if n % b:
+            raise PruningInputError(f"channel_blocks: {n} channels of group {_group_name(group)} do not split into "
+                                    f"blocks of {b}")
+        by_pos = {p: r for r, p in pos.items()}
+        units = [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(n // b)]
+        scores = torch.zeros(n, dtype=torch.float32)
+        if self.compensate and self.mode == "greedy":
+            layers = []
+            for key, _m, W, H, cols in consumers:
+                sets = [sorted(c for r in u for c in cols.get(r, ())) for u in units]
+                layers.append((W, H, sets, self._row_weights(key, W.shape[0])))
+            order, inc = greedy_removal(layers, len(units), rel_damp=self.rel_damp, progress=self.progress)
+            running = _strictly_increasing(torch.cummax(inc, 0).values.float())
+            for t, u in enumerate(order):
+                for r in units[u]:
+                    scores[pos[r]] = running[t]
+        else:
+            for key, _m, W, H, cols in consumers:
+                live = [u for u in units if any(r in cols for r in u)]
+                sets = [torch.tensor(sorted(c for r in u for c in cols.get(r, ()))) for u in live]
+                sal = column_saliency(W, H, sets, row_weights=self._row_weights(key, W.shape[0]),
+                                      compensate=self.compensate,
+                                      hinv=self._inverse(key) if self.compensate else None)
+                for u, v in zip(live, sal):
+                    for r in u:
+                        scores[pos[r]] += v
         if not torch.isfinite(scores).all():
             raise PruningInputError(f"curvature: non-finite OBS scores for group {_group_name(group)}")
         return scores
@@ -460,7 +492,8 @@ def update_config(model: nn.Module, original: dict | None = None) -> dict:
             attrs[name] = {"intermediate_size": int(m.gate_proj.out_features)}
     heads = sorted({a["num_attention_heads"] for a in attrs.values() if "num_attention_heads" in a})
     inter = sorted({prods[0].out_features for prods, _ in _ffn_blocks(model)})
-    info = {"original": orig, "modules": modules, "attributes": attrs}
+    info = {"original": orig, "modules": modules, "attributes": attrs,
+            "attn_implementation": getattr(cfg, "_attn_implementation", None)}
     if len(heads) == 1 and hasattr(cfg, "num_attention_heads"):
         cfg.num_attention_heads = heads[0]
     if len(inter) == 1 and hasattr(cfg, "intermediate_size"):
@@ -490,7 +523,8 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
     import transformers
     from safetensors.torch import load_file
 
-    cfg = transformers.AutoConfig.from_pretrained(path, **config_kwargs)
+    cfg = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in config_kwargs.items()
+                                                           if k != "attn_implementation"})
     info = getattr(cfg, CONFIG_KEY, None)
     if not info:
         raise PruningInputError(f"path: {path} has no '{CONFIG_KEY}' entry in its config; it was not saved from a "
@@ -503,6 +537,9 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
     pruned_values = {k: getattr(cfg, k) for k in info["original"] if hasattr(cfg, k)}
     for k, v in info["original"].items():
         setattr(cfg, k, v)
+    attn = config_kwargs.get("attn_implementation", info.get("attn_implementation"))
+    if attn is not None:  # the saved model's own attention kernel: another one masks padded rows differently
+        cfg._attn_implementation = attn
     model = model_class(cfg)
     for name, (out_f, in_f, bias) in info["modules"].items():
         parent, _, leaf = name.rpartition(".")

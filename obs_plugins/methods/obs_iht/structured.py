@@ -123,6 +123,56 @@ def remove_columns(W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, *, re
     return new, float(loss)
 
 
+def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1e-2, progress: bool = False
+                   ) -> tuple[list[int], torch.Tensor]:
+    """Greedy joint OBS removal of ``n_units`` channels shared by several consuming layers.
+
+    ``layers``: ``[(W, H, sets, row_weights)]`` per consumer -- its 2-D weight, Gram, the column set of each unit
+    (``len(sets) == n_units``; an empty set means the unit does not feed this layer) and row weights (or None).
+    At every step the unit whose removal adds the least ``sum_layers 1/2 sum_r s_r w_rP ([H^-1]_PP)^-1 w_rP^T``
+    (given the units already removed, with the kept columns OBS-updated and the inverse downdated) is removed.
+    Returns ``(order, increments)``: the removal order and each step's added loss; ``increments[:t].sum()`` is the
+    predicted loss of removing the first ``t`` units together (exact for the damped layer quadratics).
+    """
+    from tqdm.auto import tqdm
+
+    state = []
+    for i, (W, H, sets, s) in enumerate(layers):
+        if len(sets) != n_units:
+            raise PruningInputError(f"layers[{i}]: expected {n_units} column sets, got {len(sets)}")
+        M = inverse_factor(H, rel_damp).hinv.to(torch.float64)
+        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
+        state.append([W.detach().to(torch.float64).clone(), M, [torch.as_tensor(c, dtype=torch.long) for c in sets],
+                      w])
+    alive = list(range(n_units))
+    order, inc = [], []
+    for _ in tqdm(range(n_units), desc="greedy OBS", disable=not progress, leave=False):
+        total = torch.zeros(len(alive), dtype=torch.float64)
+        for W, M, sets, w in state:
+            live = [j for j, u in enumerate(alive) if sets[u].numel()]
+            if live:
+                total[live] += column_saliency(W, M, [sets[alive[j]] for j in live], row_weights=w,
+                                               hinv=M).double()
+        j = int(torch.argmin(total))
+        u = alive.pop(j)
+        order.append(u)
+        inc.append(float(total[j]))
+        for st in state:
+            W, M, sets, _ = st
+            P = sets[u]
+            if P.numel() == 0:
+                continue
+            Mpp = M[P][:, P]
+            C = torch.linalg.solve(Mpp, M[P, :])        # (k, d)
+            W -= W[:, P] @ C
+            W[:, P] = 0.0
+            st[1] = M - M[:, P] @ C
+            st[1][P, :] = 0.0
+            st[1][:, P] = 0.0
+            st[1][P, P] = 1.0                            # removed columns: decoupled, never chosen again
+    return order, torch.tensor(inc, dtype=torch.float64)
+
+
 def ridge_inverse(H: torch.Tensor, rel_damp: float = 1e-2) -> torch.Tensor:
     """The damped inverse used by both functions above (``(H + rel_damp * mean diag(H) I)^-1``, ladder on
     failure), for callers that score and update the same layer several times."""
@@ -192,4 +242,4 @@ def output_sensitivity(curvature, keys: Sequence[str] | None = None, *, progress
     return out
 
 
-__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "ridge_inverse", "output_sensitivity"]
+__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "ridge_inverse", "output_sensitivity"]
