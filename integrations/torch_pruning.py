@@ -221,7 +221,7 @@ class OBSImportance(tp.importance.Importance):
         return scores
 
     # ------------------------------------------------------------------ pruning with compensation
-    def plan(self, group) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    def plan(self, group, *, update: bool | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
         """For one pruning group (the indices to remove), ``[(key, P, C)]`` for each consumer: the removed columns
         and the OBS update operator (``None`` without compensation).  Touches nothing."""
         out = []
@@ -236,28 +236,43 @@ class OBSImportance(tp.importance.Importance):
             if not cols:
                 continue
             P = torch.tensor(cols)
-            if self.compensate:
+            if self.compensate if update is None else update:
                 P, C = removal_operator(H, P, hinv=self._inverse(key))
             else:
                 C = None
             out.append((key, P, C))
         return out
 
-    def step(self, pruner) -> dict:
+    def step(self, pruner, *, update: bool | None = None, strict: bool = True) -> dict:
         """One ``pruner.step()`` with the OBS update: every group to prune is taken from
         ``pruner.step(interactive=True)``, every consumer's update operator is computed first (nothing changes
         if that fails), then per group the kept columns of each consumer are updated and ``group.prune()``
-        removes the channels; the Grams and sensitivities follow the new shapes, so iterative steps work."""
+        removes the channels; the Grams and sensitivities follow the new shapes, so iterative steps work.
+
+        The channels are chosen by the *pruner's* importance, so an ``OBSImportance`` can also add the OBS update
+        to a built-in ranking (``MetaPruner(..., importance=tp.importance.MagnitudeImportance())``).  ``update``:
+        apply the OBS update (default: ``self.compensate``); ``False`` only removes the channels.
+
+        Under plain global pruning the number of channels Torch-Pruning is about to remove is checked against
+        the count ``pruning_ratio`` implies *before* anything changes: fewer means a group was skipped whole (all
+        its channels below the threshold), more means ties at the threshold (``score <= threshold``).  With
+        ``strict`` (default) either raises; ``strict=False`` prunes and records both counts in the returned dict."""
+        update = self.compensate if update is None else bool(update)
         expected = _expected_global_removals(pruner)
         groups = list(pruner.step(interactive=True))
         got = sum(len(g[0].idxs) for g in groups)
-        if expected is not None and got != expected:
+        if strict and expected is not None and got < expected:
             raise PruningInputError(
                 f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: a group "
                 "whose channels all fell below the global threshold is skipped (it would lose every channel). "
                 "Nothing was changed. Use scale='loss' (scores comparable across layers), max_pruning_ratio, or "
-                "global_pruning=False")
-        plans = [self.plan(g) for g in groups]
+                "global_pruning=False (or strict=False to accept it)")
+        if strict and expected is not None and got > expected:
+            raise PruningInputError(
+                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: scores "
+                "tie at the global threshold (it removes every channel <= threshold). Nothing was changed "
+                "(strict=False accepts it)")
+        plans = [self.plan(g, update=update) for g in groups]
         removed = 0
         for g, plan in zip(groups, plans):
             with torch.no_grad():
@@ -269,7 +284,7 @@ class OBSImportance(tp.importance.Importance):
             g.prune()
             self._follow(drops)
             removed += len(g[0].idxs)
-        rec = {"groups": len(groups), "root_channels_removed": removed}
+        rec = {"groups": len(groups), "root_channels_removed": removed, "implied_by_ratio": expected}
         self.history.append(rec)
         return rec
 
@@ -423,7 +438,8 @@ def transformer_channel_blocks(model: nn.Module) -> dict:
 
 def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float, *, heads: bool = True,
                       ffn: bool = True, head_ratio: float | None = None, global_pruning: bool = False,
-                      forward_fn: Callable | None = None) -> dict:
+                      forward_fn: Callable | None = None, compensation: "OBSImportance | None" = None,
+                      update: bool | None = None, before_pass: Callable | None = None) -> dict:
     """Structured pruning of a Hugging Face BERT-style (MiniLM) or Llama-style (SmolLM2) model in place.
 
     The recipe: attention heads (BERT: whole heads of query/key/value with ``num_heads``, ``prune_num_heads=True``,
@@ -434,6 +450,11 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
     Torch-Pruning importance; an :class:`OBSImportance` prunes through its :meth:`~OBSImportance.step` (with
     the OBS update).  Then the attention modules' head counts and the config are updated in place
     (:func:`update_config`).  Returns the per-layer shapes.
+
+    ``compensation``: an :class:`OBSImportance` that adds the OBS update to another importance's ranking
+    (default: ``importance`` itself when it is one); ``update`` as in :meth:`OBSImportance.step`.
+    ``before_pass(model)`` runs before each Torch-Pruning pass (e.g. to fill the gradients Taylor/Hessian
+    importances read).
     """
     if not (0.0 <= ratio < 1.0):
         raise PruningInputError(f"ratio: must be in [0, 1), got {ratio!r}")
@@ -448,14 +469,21 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
     def run(keep_roots, extra):
         keep_ids = {id(m) for m in keep_roots}
         ignored = [m for m in all_linear if id(m) not in keep_ids] + embeds
+        if before_pass is not None:
+            before_pass(model)
         pr = tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
                                   ignored_layers=ignored, global_pruning=global_pruning, forward_fn=forward_fn,
                                   output_transform=_hf_output_transform, **extra)
-        if isinstance(importance, OBSImportance):
-            importance.step(pr)
+        comp = compensation if compensation is not None else (importance if isinstance(importance, OBSImportance)
+                                                              else None)
+        if comp is not None:
+            comp.step(pr, update=update)
         else:
             pr.step()
 
+    for imp in (importance, compensation):  # joint head scores for OBS unless the caller chose blocks
+        if isinstance(imp, OBSImportance) and not imp.channel_blocks:
+            imp.channel_blocks.update(transformer_channel_blocks(model))
     if heads and bert and head_ratio > 0:
         nh = {}
         for sa in bert:

@@ -386,3 +386,20 @@ def test_load_pruned_refuses_an_unpruned_checkpoint(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(PruningInputError, match="obs_pruned"):
         load_pruned(tmp_path)
+
+
+def test_greedy_fast_path_for_single_columns_equals_the_general_path(monkeypatch):
+    import obs_plugins.methods.obs_iht.structured as S
+    g = torch.Generator().manual_seed(0)
+    X1, X2 = torch.randn(300, 20, generator=g, dtype=torch.float64), torch.randn(300, 16, generator=g,
+                                                                                 dtype=torch.float64)
+    layers = [(torch.randn(5, 20, generator=g, dtype=torch.float64), 2 * X1.T @ X1 / 300,
+               [[j] for j in range(12)], torch.rand(5, generator=g)),
+              (torch.randn(4, 16, generator=g, dtype=torch.float64), 2 * X2.T @ X2 / 300,
+               [[j + 4] for j in range(12)], None)]
+    fast = S.greedy_removal(layers, 12)
+    monkeypatch.setattr(S, "_greedy_single_columns", lambda *a: None)   # would return None if it were used
+    monkeypatch.setitem(S.__dict__, "all", lambda it: False)            # force the general block path
+    general = S.greedy_removal(layers, 12)
+    assert fast[0] == general[0]
+    torch.testing.assert_close(fast[1], general[1], rtol=1e-6, atol=1e-10)
