@@ -16,9 +16,8 @@ view; :mod:`obs_plugins.methods.obs_iht.structured` does the maths.
 from __future__ import annotations
 
 import copy
-import json
 import os
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch_pruning as tp
