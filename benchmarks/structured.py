@@ -1,0 +1,452 @@
+"""Structured (channel / head) pruning through Torch-Pruning: OBSImportance vs Torch-Pruning's own importances.
+
+Two problems, no fine-tuning after pruning:
+
+* **Fashion-MNIST CNN** -- conv(16)-BN-ReLU-pool, conv(32)-BN-ReLU-pool, fc(128), fc(10), trained here (Adam 1e-3,
+  batch 128, ``--cnn-epochs`` epochs on 55k images; 5k held out of training for validation; the 10k test set is
+  only reported).  ``MetaPruner(global_pruning=True)`` over the two convs and fc1 (classifier ignored).
+* **MiniLM on BBC News** -- all-MiniLM-L6-v2, dense mean-pooled embeddings of the first 128 tokens, a frozen
+  logistic-regression head trained on the dense train embeddings; attention heads and FFN channels pruned per
+  layer (``prune_transformer``: heads of q/k/v with ``prune_num_heads``, FFN intermediate channels; hidden size,
+  embeddings and pooler kept); accuracy of the frozen head on the pruned model's test embeddings.  A fixed split
+  of the 2,225 articles (seed 0): 1,425 train / 300 validation / 500 test.
+
+Importances: GroupMagnitudeImportance (L2), GroupTaylorImportance, GroupHessianImportance (Torch-Pruning 1.6.1,
+default group mean normaliser), OBSImportance (loss-scaled greedy OBS).  Each is run "removal only" and with
+the OBS update of the consumers (``OBSImportance.step`` adds the least-squares update to any ranking).  The
+damping of the OBS curvature is chosen on the validation split (OBS ranking + update at 50%), never on test.
+
+Writes benchmarks/results/structured.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPORTANCES = ("magnitude", "taylor", "hessian", "obs")
+
+
+def _tp():
+    import torch_pruning as tp
+    return tp
+
+
+def builtin_importance(name):
+    tp = _tp()
+    return {"magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "taylor": tp.importance.GroupTaylorImportance,
+            "hessian": tp.importance.GroupHessianImportance}[name]()
+
+
+def fill_gradients(model, imp, batches, forward_loss, hessian_samples):
+    """What Taylor / Hessian importances read: summed gradients (Taylor) or per-sample squared gradients
+    accumulated in the importance (Hessian, first ``hessian_samples`` calibration samples)."""
+    tp = _tp()
+    model.zero_grad(set_to_none=True)
+    if isinstance(imp, tp.importance.GroupHessianImportance):
+        imp.zero_grad()
+        seen = 0
+        for b in batches:
+            for i in range(len(next(iter(b.values())) if isinstance(b, dict) else b[0])):
+                if seen >= hessian_samples:
+                    break
+                one = {k: v[i:i + 1] for k, v in b.items()} if isinstance(b, dict) else (b[0][i:i + 1], b[1][i:i + 1])
+                model.zero_grad(set_to_none=True)
+                forward_loss(model, one).backward()
+                imp.accumulate_grad(model)
+                seen += 1
+        # GroupHessianImportance writes the mean squared gradient into p.grad when first called
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    else:
+        for b in batches:
+            (forward_loss(model, b) / len(batches)).backward()
+
+
+# ================================================================================================ CNN
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32 * 7 * 7, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def fashion(seed):
+    from obs_plugins.data import load_fashion_mnist
+    Xtr, ytr = load_fashion_mnist("train")
+    Xte, yte = load_fashion_mnist("test")
+    norm = lambda X: ((X.float() / 255.0) - 0.2860) / 0.3530  # noqa: E731
+    perm = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(seed))
+    tr, va = perm[:55000], perm[55000:]
+    return (norm(Xtr[tr]).unsqueeze(1), ytr[tr]), (norm(Xtr[va]).unsqueeze(1), ytr[va]), \
+        (norm(Xte).unsqueeze(1), yte)
+
+
+@torch.no_grad()
+def accuracy(model, X, y, bs=1000):
+    model.eval()
+    return sum(int((model(X[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(X), bs)) / len(X)
+
+
+def train_cnn(train, epochs, seed, progress):
+    from tqdm.auto import tqdm
+    torch.manual_seed(seed)
+    model = CNN()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    X, y = train
+    g = torch.Generator().manual_seed(seed)
+    for ep in range(epochs):
+        model.train()
+        perm = torch.randperm(len(X), generator=g)
+        for i in tqdm(range(0, len(X), 128), desc=f"CNN epoch {ep + 1}", disable=not progress, leave=False):
+            idx = perm[i:i + 128]
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples):
+    """Prune a copy of ``dense``; returns the pruned model and the wall time of scoring + pruning."""
+    tp = _tp()
+    from obs_plugins import Curvature, prunable_linear_targets
+    from obs_plugins.integrations.torch_pruning import OBSImportance
+    m = copy.deepcopy(dense).eval()
+    t0 = time.perf_counter()
+    params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=())]
+    curv = Curvature.layerwise(m, params, calib, loss_fn=F.cross_entropy, progress=False)
+    obs = OBSImportance(curv, rel_damp=rel_damp)
+    imp = obs if imp_name == "obs" else builtin_importance(imp_name)
+    if imp_name in ("taylor", "hessian"):
+        fill_gradients(m, imp, calib, lambda mm, b: F.cross_entropy(mm(b[0]), b[1]), hessian_samples)
+    pr = tp.pruner.MetaPruner(m, calib[0][0][:2], importance=imp, pruning_ratio=ratio, global_pruning=True,
+                              ignored_layers=[m.fc2])
+    rec = obs.step(pr, update=update, strict=False)   # counts recorded (built-in scores can tie)
+    m.zero_grad(set_to_none=True)
+    return m.eval(), time.perf_counter() - t0, rec
+
+
+def run_cnn(args, log):
+    tp = _tp()
+    train, val, test = fashion(args.seed)
+    t0 = time.perf_counter()
+    cache = Path(args.cache) / f"structured_cnn_seed{args.seed}_ep{args.cnn_epochs}.pt"
+    if cache.exists():
+        dense = CNN()
+        dense.load_state_dict(torch.load(cache))
+        dense.eval()
+        log(f"CNN loaded from {cache} (trained by an earlier run of this script); val {accuracy(dense, *val):.4f}")
+    else:
+        dense = train_cnn(train, args.cnn_epochs, args.seed, args.progress)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dense.state_dict(), cache)
+        log(f"CNN trained in {time.perf_counter() - t0:.0f} s; val {accuracy(dense, *val):.4f}")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    idx = torch.randperm(len(train[0]), generator=g)[:args.cnn_calib]
+    calib = [(train[0][idx[i:i + 128]], train[1][idx[i:i + 128]]) for i in range(0, len(idx), 128)]
+    ex = test[0][:1]
+    macs0, params0 = tp.utils.count_ops_and_params(dense, ex)
+    res = {"dense": {"val": accuracy(dense, *val), "test": accuracy(dense, *test), "macs": macs0, "params": params0},
+           "rows": []}
+    # choose the OBS damping on validation (OBS ranking + update at 50%)
+    sel = {}
+    for lam in args.damp_grid:
+        m, _, _ = cnn_prune(dense, calib, 0.5, "obs", True, lam, args.hessian_samples)
+        sel[lam] = accuracy(m, *val)
+        log(f"  CNN damping {lam:g}: val {sel[lam]:.4f}")
+    lam = max(sel, key=lambda k: (sel[k], -abs(math.log10(k) + 2)))
+    res["damping_val"] = {str(k): v for k, v in sel.items()}
+    res["rel_damp"] = lam
+    for ratio in args.ratios:
+        for name in args.importances:
+            for update in (False, True):
+                m, sec, rec = cnn_prune(dense, calib, ratio, name, update, lam, args.hessian_samples)
+                macs, params = tp.utils.count_ops_and_params(m, ex)
+                row = {"ratio": ratio, "importance": name, "obs_update": update, "val": accuracy(m, *val),
+                       "test": accuracy(m, *test), "macs": macs, "params": params, "seconds": sec,
+                       "channels_removed": rec["root_channels_removed"], "implied": rec["implied_by_ratio"],
+                       "widths": [m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features]}
+                res["rows"].append(row)
+                log(f"  CNN {ratio:.0%} {name:9s} update={update!s:5s} test {row['test']:.4f} "
+                    f"MACs {macs / 1e6:.2f}M params {params / 1e3:.1f}k ({sec:.1f} s)")
+    return res
+
+
+# ================================================================================================ MiniLM
+def bbc_split(seed):
+    from obs_plugins.data import load_bbc_news
+    texts, labels, classes = load_bbc_news()
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    parts = {"train": perm[:1425], "val": perm[1425:1725], "test": perm[1725:]}
+    return texts, torch.tensor(labels), classes, parts
+
+
+def mean_pool(out, mask):
+    h = out.last_hidden_state
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def embed(model, enc, idx, bs=32):
+    model.eval()
+    out = []
+    for i in range(0, len(idx), bs):
+        j = idx[i:i + bs]
+        out.append(mean_pool(model(input_ids=enc["input_ids"][j], attention_mask=enc["attention_mask"][j]),
+                             enc["attention_mask"][j]))
+    return torch.cat(out)
+
+
+def fit_head(E, y, n_classes, weight_decay=1e-3, steps=300):
+    torch.manual_seed(0)
+    mu, sd = E.mean(0), E.std(0) + 1e-6
+    head = nn.Linear(E.shape[1], n_classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head((E - mu) / sd), y) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    head.requires_grad_(False)
+    return lambda Z: head((Z - mu) / sd)
+
+
+def minilm_prune(dense, enc, labels, calib_idx, head, ratio, imp_name, update, rel_damp, hessian_samples,
+                 mode="single"):
+    from obs_plugins import Curvature, prunable_linear_targets
+    from obs_plugins.integrations.torch_pruning import OBSImportance, prune_transformer
+    m = copy.deepcopy(dense).eval()
+    t0 = time.perf_counter()
+    batches = [{"input_ids": enc["input_ids"][calib_idx[i:i + 16]],
+                "attention_mask": enc["attention_mask"][calib_idx[i:i + 16]],
+                "labels": labels[calib_idx[i:i + 16]]} for i in range(0, len(calib_idx), 16)]
+
+    def fwd(model, b):
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+
+    def loss_fn(out, b):
+        return F.cross_entropy(head(mean_pool(out, b["attention_mask"])), b["labels"])
+
+    params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("pooler",))]
+    curv = Curvature.layerwise(m, params, batches, loss_fn=loss_fn, forward_fn=fwd, progress=False)
+    obs = OBSImportance(curv, rel_damp=rel_damp, mode=mode)
+    imp = obs if imp_name == "obs" else builtin_importance(imp_name)
+    before = None
+    if imp_name in ("taylor", "hessian"):
+        def before(model):
+            fill_gradients(model, imp, batches, lambda mm, b: loss_fn(fwd(mm, b), b), hessian_samples)
+    ex = {"input_ids": enc["input_ids"][:2], "attention_mask": enc["attention_mask"][:2]}
+    prune_transformer(m, ex, imp, ratio, compensation=obs, update=update, before_pass=before)
+    m.zero_grad(set_to_none=True)
+    return m.eval(), time.perf_counter() - t0
+
+
+def run_minilm(args, log):
+    tp = _tp()
+    from obs_plugins.data import load_minilm
+    dense, tok = load_minilm()
+    texts, labels, classes, parts = bbc_split(args.seed)
+    enc = tok(texts, truncation=True, max_length=128, padding="max_length", return_tensors="pt")
+    t0 = time.perf_counter()
+    parts = {"train": parts["train"][:args.minilm_head_train], "val": parts["val"][:args.minilm_val],
+             "test": parts["test"][:args.minilm_test]}
+    idx_all = parts["train"] + parts["val"] + parts["test"]
+    E = embed(dense, enc, idx_all)
+    n_tr, n_va = len(parts["train"]), len(parts["val"])
+    Etr, Eva, Ete = E[:n_tr], E[n_tr:n_tr + n_va], E[n_tr + n_va:]
+    log(f"MiniLM dense embeddings of {len(idx_all)} articles in {time.perf_counter() - t0:.0f} s")
+    ytr, yva, yte = labels[parts["train"]], labels[parts["val"]], labels[parts["test"]]
+    head = fit_head(Etr, ytr, len(classes))
+    acc = lambda Z, y: float((head(Z).argmax(1) == y).float().mean())  # noqa: E731
+    ex = {"input_ids": enc["input_ids"][:1], "attention_mask": enc["attention_mask"][:1]}
+    macs0, params0 = tp.utils.count_ops_and_params(dense, ex)
+    res = {"dense": {"val": acc(Eva, yva), "test": acc(Ete, yte), "macs": macs0, "params": params0}, "rows": []}
+    log(f"  MiniLM dense: val {res['dense']['val']:.4f} test {res['dense']['test']:.4f}")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    calib_idx = [parts["train"][i] for i in torch.randperm(n_tr, generator=g)[:args.minilm_calib].tolist()]
+    sel = {}
+    grid = args.minilm_damp_grid or args.damp_grid
+    for lam in grid if len(grid) > 1 else []:
+        m, _ = minilm_prune(dense, enc, labels, calib_idx, head, 0.5, "obs", True, lam, args.hessian_samples,
+                            args.minilm_mode)
+        sel[lam] = acc(embed(m, enc, parts["val"]), yva)
+        log(f"  MiniLM damping {lam:g}: val {sel[lam]:.4f}")
+    lam = max(sel, key=lambda k: (sel[k], -abs(math.log10(k) + 2))) if sel else grid[0]
+    res["damping_val"] = {str(k): v for k, v in sel.items()}
+    res["rel_damp"] = lam
+    for ratio in args.ratios:
+        for name in args.importances:
+            for update in (False, True):
+                m, sec = minilm_prune(dense, enc, labels, calib_idx, head, ratio, name, update, lam,
+                                      args.hessian_samples, args.minilm_mode)
+                macs, params = tp.utils.count_ops_and_params(m, ex)
+                row = {"ratio": ratio, "importance": name, "obs_update": update,
+                       "test": acc(embed(m, enc, parts["test"]), yte), "macs": macs, "params": params,
+                       "seconds": sec, "heads": [int(l.attention.self.num_attention_heads) for l in m.encoder.layer],
+                       "ffn": [int(l.intermediate.dense.out_features) for l in m.encoder.layer]}
+                res["rows"].append(row)
+                log(f"  MiniLM {ratio:.0%} {name:9s} update={update!s:5s} test {row['test']:.4f} "
+                    f"MACs {macs / 1e6:.1f}M params {params / 1e6:.2f}M ({sec:.1f} s)")
+    return res
+
+
+# ================================================================================================ report
+LABEL = {"magnitude": "GroupMagnitude (L2)", "taylor": "GroupTaylor", "hessian": "GroupHessian",
+         "obs": "**OBSImportance**"}
+
+
+def table(res, title, what):
+    rows = res["rows"]
+    ratios = sorted({r["ratio"] for r in rows})
+    d = res["dense"]
+    out = [f"### {title}", "",
+           f"Dense: test {d['test']:.4f}, {d['macs'] / 1e6:.2f}M MACs, {d['params'] / 1e6:.3f}M params; OBS "
+           f"damping {res['rel_damp']:g} (" + ("chosen on validation: " + ", ".join(
+               f"{k}: {v:.4f}" for k, v in res["damping_val"].items()) if res["damping_val"] else
+               "fixed, not selected") + ").", "",
+           "| importance | " + " | ".join(f"{r:.0%} removal only | {r:.0%} + OBS update" for r in ratios) + " |",
+           "|---|" + "---|" * (2 * len(ratios))]
+    for name in IMPORTANCES:
+        cells = []
+        for r in ratios:
+            for upd in (False, True):
+                x = [z for z in rows if z["ratio"] == r and z["importance"] == name and z["obs_update"] == upd]
+                cells.append(f"{x[0]['test']:.4f}" if x else "—")
+        out.append(f"| {LABEL[name]} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("| ratio | importance | MACs after | params after | " + what + " | prune time (s) |")
+    out.append("|---|---|---|---|---|---|")
+    for z in rows:
+        if z["obs_update"]:
+            extra = f"heads {z['heads']}, FFN {z['ffn']}" if "heads" in z else \
+                f"conv1/conv2/fc1 {z['widths']}, removed {z['channels_removed']} (ratio implies {z['implied']})"
+            out.append(f"| {z['ratio']:.0%} | {z['importance']} | {z['macs'] / 1e6:.2f}M ({z['macs'] / d['macs']:.0%}) "
+                       f"| {z['params'] / 1e6:.3f}M ({z['params'] / d['params']:.0%}) | {extra} | {z['seconds']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4))
+    axes = [axes] if len(results) == 1 else axes
+    for ax, (title, res) in zip(axes, results.items()):
+        ratios = sorted({r["ratio"] for r in res["rows"]})
+        w = 0.8 / (2 * len(IMPORTANCES))
+        for i, name in enumerate(IMPORTANCES):
+            for j, upd in enumerate((False, True)):
+                ys = [next((z["test"] for z in res["rows"] if z["ratio"] == r and z["importance"] == name and
+                            z["obs_update"] == upd), float("nan")) for r in ratios]
+                xs = [k + (2 * i + j) * w for k in range(len(ratios))]
+                ax.bar(xs, ys, w, label=f"{name}{' + OBS update' if upd else ''}", color=f"C{i}",
+                       alpha=1.0 if upd else 0.45)
+        ax.axhline(res["dense"]["test"], color="k", ls="--", lw=1, label="dense")
+        ax.set_xticks([k + 0.4 - w / 2 for k in range(len(ratios))], [f"{r:.0%}" for r in ratios])
+        ax.set_ylabel("test accuracy (no fine-tuning)")
+        ax.set_title(title)
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--damp-grid", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
+    ap.add_argument("--cnn-epochs", type=int, default=2)
+    ap.add_argument("--cnn-calib", type=int, default=1024, help="calibration images (from the training split)")
+    ap.add_argument("--minilm-calib", type=int, default=128, help="calibration articles (from the train split)")
+    ap.add_argument("--minilm-mode", choices=["single", "greedy"], default="single",
+                    help="OBSImportance mode for MiniLM (greedy costs ~5 min per 1536-wide FFN layer on 1 thread)")
+    ap.add_argument("--minilm-head-train", type=int, default=1425, help="train articles the head is fit on")
+    ap.add_argument("--minilm-val", type=int, default=300)
+    ap.add_argument("--minilm-test", type=int, default=500)
+    ap.add_argument("--minilm-damp-grid", type=float, nargs="+", default=None,
+                    help="damping grid for MiniLM (default: --damp-grid; one value = no selection)")
+    ap.add_argument("--hessian-samples", type=int, default=64, help="per-sample gradients for GroupHessian")
+    ap.add_argument("--only", choices=["cnn", "minilm"], default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "obs_plugins"),
+                    help="where the trained CNN is kept between runs")
+    ap.add_argument("--importances", nargs="+", choices=IMPORTANCES, default=list(IMPORTANCES))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--out", default=str(RESULTS / "structured"))
+    ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                    help="only merge the results of earlier runs (e.g. --only cnn and --only minilm) into --out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        runs = [json.loads(Path(f).read_text()) for f in args.render]
+        results = {k: v for r in runs for k, v in r["results"].items()}
+        write(out, results, [r["meta"] for r in runs])
+        return
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    results = {}
+    if args.only in (None, "cnn"):
+        results["Fashion-MNIST CNN (global channel pruning)"] = run_cnn(args, log)
+    if args.only in (None, "minilm"):
+        results["MiniLM on BBC News (heads + FFN channels, per layer)"] = run_minilm(args, log)
+    meta = {"args": vars(args), "wall_seconds": time.perf_counter() - t0, "torch": torch.__version__,
+            "torch_pruning": _tp().__version__}
+    write(out, results, [meta])
+    log(f"wrote {out}.md/.json/.png")
+
+
+def write(out, results, metas):
+    Path(str(out) + ".json").write_text(json.dumps({"meta": metas[0] if len(metas) == 1 else metas,
+                                                    "results": results}, indent=1))
+    md = ["# Structured pruning through Torch-Pruning", "",
+          "Test accuracy without fine-tuning. \"removal only\": the channels chosen by the importance are removed; "
+          "\"+ OBS update\": the layers consuming them get the least-squares (OBS) update from their layer Gram "
+          "(`OBSImportance.step`). Runs: " + "; ".join(
+              f"`{' '.join(str(a) for a in _cmd(m['args']))}` ({m['wall_seconds'] / 60:.1f} min)" for m in metas), ""]
+    for title, res in results.items():
+        md.append(table(res, title, "layout"))
+    Path(str(out) + ".md").write_text("\n".join(md))
+    plot(results, str(out) + ".png")
+
+
+def _cmd(a):
+    out = ["python benchmarks/structured.py"]
+    if a.get("only"):
+        out += ["--only", a["only"]]
+    if a.get("only") in (None, "minilm"):
+        out += ["--minilm-head-train", a["minilm_head_train"], "--minilm-val", a["minilm_val"], "--minilm-test",
+                a["minilm_test"], "--minilm-calib", a["minilm_calib"], "--hessian-samples", a["hessian_samples"]]
+        if a.get("minilm_damp_grid"):
+            out += ["--minilm-damp-grid", *a["minilm_damp_grid"]]
+    if a.get("only") in (None, "cnn"):
+        out += ["--cnn-epochs", a["cnn_epochs"], "--cnn-calib", a["cnn_calib"]]
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,602 @@
+"""Torch-Pruning adapter: OBS and Continuous-Sparsification channel importances, OBS compensation, and
+structurally pruned Hugging Face models that save and load back.
+
+Used the ordinary Torch-Pruning way::
+
+    curv = Curvature.layerwise(model, prunable_linear_targets(model, exclude=()), batches, loss_fn=F.cross_entropy)
+    imp = OBSImportance(curv)                       # loss-scaled OBS channel saliency
+    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.5,
+                                  global_pruning=True, ignored_layers=[model.fc])
+    imp.step(pruner)                                # = pruner.step(), plus the OBS update of every consumer
+
+This module only translates: a dependency group becomes, for every layer that *consumes* the group's channels
+(``prune_linear_in_channels`` / ``prune_conv_in_channels``), the column sets of those channels in its 2-D weight
+view; :mod:`obs_plugins.methods.obs_iht.structured` does the maths.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import parametrize
+from torch_pruning.pruner import function as tpf
+
+from obs_plugins.errors import PruningInputError
+from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, greedy_removal,
+                                                    output_sensitivity, removal_operator, ridge_inverse)
+from obs_plugins.targets import from_2d, to_2d
+
+_IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
+_OUT = (tpf.prune_linear_out_channels, tpf.prune_conv_out_channels)
+CONFIG_KEY = "obs_pruned"  # where the per-layer shapes live in a saved config
+
+
+def _is_in(handler) -> bool:
+    return handler in _IN
+
+
+def _is_out(handler) -> bool:
+    return handler in _OUT
+
+
+def _positions(group) -> dict[int, int]:
+    """root channel index -> position in the importance vector (the root dependency's order)."""
+    return {int(r): i for i, r in enumerate(group[0].root_idxs)}
+
+
+def _columns_by_root(module: nn.Module, idxs, root_idxs) -> dict[int, list[int]]:
+    """Columns of ``module``'s 2-D view fed by each root channel (a Conv2d input channel owns kh*kw columns; a
+    Linear after a flatten gets one index per column from Torch-Pruning already)."""
+    width = 1
+    if isinstance(module, nn.Conv2d):
+        width = module.kernel_size[0] * module.kernel_size[1]
+    out: dict[int, list[int]] = {}
+    for i, r in zip(idxs, root_idxs):
+        out.setdefault(int(r), []).extend(range(int(i) * width, (int(i) + 1) * width))
+    return out
+
+
+def _strictly_increasing(x: torch.Tensor) -> torch.Tensor:
+    """Break the plateaus of a running maximum by one float step each, so a threshold ``score <= t`` (Torch-
+    Pruning's global rule) cuts exactly a prefix of the removal order and never a tie's worth more."""
+    out = x.clone()
+    inf = torch.tensor(float("inf"), dtype=x.dtype)
+    for t in range(1, len(out)):
+        if out[t] <= out[t - 1]:
+            out[t] = torch.nextafter(out[t - 1], inf)
+    return out
+
+
+def _group_name(group) -> str:
+    dep = group[0].dep
+    name = getattr(dep.target, "name", None) or type(dep.target.module).__name__
+    return str(name)
+
+
+class OBSImportance(tp.importance.Importance):
+    """Channel importance = predicted model-loss increase of removing the channel, by Optimal Brain Surgeon.
+
+    For every layer consuming a group's channels: ``1/2 sum_r s_r w_rP ([H^-1]_PP)^-1 w_rP^T`` over the channel's
+    columns ``P`` (the layer loss left after the optimal update of the other columns), summed over consumers.
+
+    Args:
+        curvature: an :class:`obs_plugins.Curvature` from ``Curvature.layerwise`` over (at least) every layer
+            that consumes prunable channels (``prunable_linear_targets(model, exclude=())`` covers all).
+        compensate: score with the OBS update (``True``) or without it (``1/2 s_r w_rP H_PP w_rP^T``, the pure
+            removal error); :meth:`step` applies the update only when ``True``.
+        scale: ``"loss"`` (default) weights each consumer's output units by their loss sensitivity
+            (:func:`~obs_plugins.methods.obs_iht.structured.output_sensitivity`, one gradient pass; needs the
+            curvature's ``loss_fn``), which makes scores of different layers comparable under
+            ``global_pruning=True``; ``None`` uses the bare layer errors (not comparable across layers: one layer
+            then ranks lowest wholesale); or a dict ``key -> (out,)`` tensor.
+        rel_damp: relative damping of each layer Gram (damping ladder, then a loud error).
+        mode: ``"greedy"`` (default, with ``compensate``): channels are removed one at a time, each time the one
+            adding the least loss given those already removed (kept columns updated, inverse downdated); a
+            channel's score is the running maximum of those increments along the order, so a threshold keeps a
+            prefix whose *joint* removal cost it measures.  ``"single"``: each channel's saliency alone (these
+            add up only while few channels go: removing many correlated channels costs far more than the sum).
+        channel_blocks: ``{consumer module: b}`` -- score consecutive runs of ``b`` channels jointly (attention
+            heads: the output projection with ``b = head_dim``); every channel of a block gets the block's score.
+    """
+
+    def __init__(self, curvature, *, compensate: bool = True, scale="loss", rel_damp: float = 1e-2,
+                 mode: str = "greedy", channel_blocks: dict | None = None, progress: bool = False):
+        if not hasattr(curvature, "hessians") or not curvature.hessians:
+            raise PruningInputError("curvature: needs layer Grams; build it with Curvature.layerwise(...)")
+        if not (isinstance(rel_damp, (int, float)) and rel_damp > 0):
+            raise PruningInputError(f"rel_damp: must be a positive number, got {rel_damp!r}")
+        if not (scale is None or scale == "loss" or isinstance(scale, dict)):
+            raise PruningInputError(f"scale: 'loss', None or a dict key -> tensor, got {scale!r}")
+        if scale == "loss":
+            curvature._need_loss("OBSImportance(scale='loss')")
+        if mode not in ("greedy", "single"):
+            raise PruningInputError(f"mode: 'greedy' or 'single', got {mode!r}")
+        self.mode = mode
+        self.curvature = curvature
+        self.compensate = bool(compensate)
+        self.rel_damp = float(rel_damp)
+        self.channel_blocks = dict(channel_blocks or {})
+        self.progress = progress
+        self._scale_spec = scale
+        self._key: dict[int, str] = {}
+        self._module: dict[str, nn.Module] = {}
+        for t in curvature.targets:
+            if t.name == "weight" and t.key in curvature.hessians:
+                self._key[id(t.module)] = t.key
+                self._module[t.key] = t.module
+        self._H = {k: curvature.hessians[k] for k in self._module}
+        self._hinv: dict[str, torch.Tensor] = {}
+        self._s: dict[str, torch.Tensor] | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ state
+    def _row_weights(self, key: str, rows: int) -> torch.Tensor | None:
+        if self._scale_spec is None:
+            return None
+        if self._s is None:
+            if self._scale_spec == "loss":
+                self._s = output_sensitivity(self.curvature, list(self._module), progress=self.progress)
+            else:
+                self._s = {k: torch.as_tensor(v).float().reshape(-1) for k, v in self._scale_spec.items()}
+        if key not in self._s:
+            raise PruningInputError(f"scale: no output sensitivity for {key}")
+        s = self._s[key]
+        if s.numel() != rows:
+            raise PruningInputError(f"scale: {key} has {rows} output units now but {s.numel()} sensitivities; "
+                                    "prune through OBSImportance.step(pruner) so the importance follows the model")
+        return s
+
+    def _layer(self, module: nn.Module):
+        key = self._key.get(id(module))
+        if key is None:
+            return None, None, None
+        W = to_2d(module, module.weight.detach())
+        H = self._H[key]
+        if H.shape[0] != W.shape[1]:
+            raise PruningInputError(f"curvature: {key} has {W.shape[1]} input columns now but its Gram has "
+                                    f"{H.shape[0]}; prune through OBSImportance.step(pruner) (it keeps the Grams in "
+                                    "step with the model) or collect the curvature again")
+        return key, W, H
+
+    def _inverse(self, key: str) -> torch.Tensor:
+        if key not in self._hinv:
+            self._hinv[key] = ridge_inverse(self._H[key], self.rel_damp)
+        return self._hinv[key]
+
+    # ------------------------------------------------------------------ scores
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor:
+        pos = _positions(group)
+        consumers = []
+        for item in group:
+            dep = item.dep
+            module = dep.target.module
+            if not _is_in(dep.handler) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            key, W, H = self._layer(module)
+            if key is None:
+                continue
+            cols = {r: c for r, c in _columns_by_root(module, item.idxs, item.root_idxs).items() if r in pos}
+            consumers.append((key, module, W, H, cols))
+        if not consumers:
+            raise PruningInputError(f"curvature: no layer consuming the channels of group {_group_name(group)} is "
+                                    "among the curvature's targets; collect the curvature over every Linear/Conv2d "
+                                    "(prunable_linear_targets(model, exclude=())) or ignore that layer")
+        # units scored (and, in greedy mode, removed) together: channels, or blocks of b channels (heads)
+        b = max([self.channel_blocks.get(m, 1) for _, m, _, _, _ in consumers])
+        n = len(pos)
+        if n % b:
+            raise PruningInputError(f"channel_blocks: {n} channels of group {_group_name(group)} do not split into "
+                                    f"blocks of {b}")
+        by_pos = {p: r for r, p in pos.items()}
+        units = [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(n // b)]
+        scores = torch.zeros(n, dtype=torch.float32)
+        if self.compensate and self.mode == "greedy":
+            layers = []
+            for key, _m, W, H, cols in consumers:
+                sets = [sorted(c for r in u for c in cols.get(r, ())) for u in units]
+                layers.append((W, H, sets, self._row_weights(key, W.shape[0])))
+            order, inc = greedy_removal(layers, len(units), rel_damp=self.rel_damp, progress=self.progress)
+            running = _strictly_increasing(torch.cummax(inc, 0).values.float())
+            for t, u in enumerate(order):
+                for r in units[u]:
+                    scores[pos[r]] = running[t]
+        else:
+            for key, _m, W, H, cols in consumers:
+                live = [u for u in units if any(r in cols for r in u)]
+                sets = [torch.tensor(sorted(c for r in u for c in cols.get(r, ()))) for u in live]
+                sal = column_saliency(W, H, sets, row_weights=self._row_weights(key, W.shape[0]),
+                                      compensate=self.compensate,
+                                      hinv=self._inverse(key) if self.compensate else None)
+                for u, v in zip(live, sal):
+                    for r in u:
+                        scores[pos[r]] += v
+        if not torch.isfinite(scores).all():
+            raise PruningInputError(f"curvature: non-finite OBS scores for group {_group_name(group)}")
+        return scores
+
+    # ------------------------------------------------------------------ pruning with compensation
+    def plan(self, group, *, update: bool | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """For one pruning group (the indices to remove), ``[(key, P, C)]`` for each consumer: the removed columns
+        and the OBS update operator (``None`` without compensation).  Touches nothing."""
+        out = []
+        for item in group:
+            dep, module = item.dep, item.dep.target.module
+            if not _is_in(dep.handler) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            key, W, H = self._layer(module)
+            if key is None:
+                continue
+            cols = sorted(c for cs in _columns_by_root(module, item.idxs, item.idxs).values() for c in cs)
+            if not cols:
+                continue
+            P = torch.tensor(cols)
+            if self.compensate if update is None else update:
+                P, C = removal_operator(H, P, hinv=self._inverse(key))
+            else:
+                C = None
+            out.append((key, P, C))
+        return out
+
+    def step(self, pruner, *, update: bool | None = None, strict: bool = True) -> dict:
+        """One ``pruner.step()`` with the OBS update: every group to prune is taken from
+        ``pruner.step(interactive=True)``, every consumer's update operator is computed first (nothing changes
+        if that fails), then per group the kept columns of each consumer are updated and ``group.prune()``
+        removes the channels; the Grams and sensitivities follow the new shapes, so iterative steps work.
+
+        The channels are chosen by the *pruner's* importance, so an ``OBSImportance`` can also add the OBS update
+        to a built-in ranking (``MetaPruner(..., importance=tp.importance.MagnitudeImportance())``).  ``update``:
+        apply the OBS update (default: ``self.compensate``); ``False`` only removes the channels.
+
+        Under plain global pruning the number of channels Torch-Pruning is about to remove is checked against
+        the count ``pruning_ratio`` implies *before* anything changes: fewer means a group was skipped whole (all
+        its channels below the threshold), more means ties at the threshold (``score <= threshold``).  With
+        ``strict`` (default) either raises; ``strict=False`` prunes and records both counts in the returned dict."""
+        update = self.compensate if update is None else bool(update)
+        expected = _expected_global_removals(pruner)
+        groups = list(pruner.step(interactive=True))
+        got = sum(len(g[0].idxs) for g in groups)
+        if strict and expected is not None and got < expected:
+            raise PruningInputError(
+                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: a group "
+                "whose channels all fell below the global threshold is skipped (it would lose every channel). "
+                "Nothing was changed. Use scale='loss' (scores comparable across layers), max_pruning_ratio, or "
+                "global_pruning=False (or strict=False to accept it)")
+        if strict and expected is not None and got > expected:
+            raise PruningInputError(
+                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: scores "
+                "tie at the global threshold (it removes every channel <= threshold). Nothing was changed "
+                "(strict=False accepts it)")
+        plans = [self.plan(g, update=update) for g in groups]
+        removed = 0
+        for g, plan in zip(groups, plans):
+            with torch.no_grad():
+                for key, P, C in plan:
+                    m = self._module[key]
+                    W = to_2d(m, m.weight.detach())
+                    m.weight.copy_(from_2d(m, apply_removal(W, P, C), m.weight))
+            drops = self._drops(g)
+            g.prune()
+            self._follow(drops)
+            removed += len(g[0].idxs)
+        rec = {"groups": len(groups), "root_channels_removed": removed, "implied_by_ratio": expected}
+        self.history.append(rec)
+        return rec
+
+    def _drops(self, group):
+        """What the group removes from layers this importance tracks: (key, 'in'|'out', indices)."""
+        out = []
+        for item in group:
+            dep, module = item.dep, item.dep.target.module
+            key = self._key.get(id(module))
+            if key is None or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if _is_in(dep.handler):
+                cols = sorted(c for cs in _columns_by_root(module, item.idxs, item.idxs).values() for c in cs)
+                out.append((key, "in", cols))
+            elif _is_out(dep.handler):
+                out.append((key, "out", sorted(int(i) for i in item.idxs)))
+        return out
+
+    def _follow(self, drops):
+        for key, kind, idx in drops:
+            if kind == "in":
+                d = self._H[key].shape[0]
+                keep = torch.tensor(sorted(set(range(d)) - set(idx)), dtype=torch.long)
+                self._H[key] = self._H[key][keep][:, keep]
+                self._hinv.pop(key, None)
+            elif self._s is not None and key in self._s:
+                n = self._s[key].numel()
+                keep = torch.tensor(sorted(set(range(n)) - set(idx)), dtype=torch.long)
+                self._s[key] = self._s[key][keep]
+
+
+def _expected_global_removals(pruner) -> int | None:
+    """Channels a plain global ``MetaPruner`` step must remove (``None`` where the count is not this simple:
+    local pruning, heads, channel groups, user scopes, isomorphic or rounded pruning)."""
+    if not pruner.global_pruning or pruner.pruning_ratio_dict or pruner.num_heads or pruner.isomorphic or \
+            pruner.round_to or pruner.current_step >= pruner.iterative_steps:
+        return None
+    current = 0
+    for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                      root_module_types=pruner.root_module_types):
+        if not pruner._check_pruning_ratio(g):
+            continue
+        if pruner._get_channel_groups(g) != 1:
+            return None
+        current += pruner.DG.get_out_channels(g[0].dep.target.module)
+    initial = pruner._scope_initial_channels.get("DEFAULT_SCOPE", current)
+    target = pruner.per_step_pruning_ratio[pruner.current_step + 1]
+    return max(current - int(initial * (1 - target)), 0)
+
+
+class CSImportance(tp.importance.Importance):
+    """Channel importance from a finished Continuous Sparsification search with ``granularity="channel"``: the
+    learned mask score ``s`` of each output channel of the group's producing layers (mean over producers).
+
+    Args:
+        sparsifier: an :class:`obs_plugins.ContinuousSparsifier` built with ``granularity="channel"`` whose search
+            has finished (``cs.finish()``; the gates must be gone before Torch-Pruning traces the model).
+    """
+
+    def __init__(self, sparsifier):
+        from obs_plugins.methods.continuous_sparsification import ContinuousSparsifier
+        if not isinstance(sparsifier, ContinuousSparsifier):
+            raise PruningInputError(f"sparsifier: expected a ContinuousSparsifier, got {type(sparsifier).__name__}")
+        if sparsifier.config.granularity != "channel":
+            raise PruningInputError("sparsifier: CSImportance needs granularity='channel' scores, got "
+                                    f"granularity={sparsifier.config.granularity!r}")
+        self.sparsifier = sparsifier
+        self._key = {id(t.module): t.key for t in sparsifier.targets if t.name == "weight"}
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor:
+        pos = _positions(group)
+        total = torch.zeros(len(pos), dtype=torch.float32)
+        count = torch.zeros(len(pos), dtype=torch.float32)
+        for item in group:
+            dep, module = item.dep, item.dep.target.module
+            key = self._key.get(id(module))
+            if key is None or not _is_out(dep.handler):
+                continue
+            if parametrize.is_parametrized(module):
+                raise PruningInputError(f"sparsifier: {key} still carries its search gate; call finish() first")
+            s = self.sparsifier.scores[key].detach().reshape(-1).float().cpu()
+            n = module.weight.shape[0]
+            if s.numel() != n:
+                raise PruningInputError(f"sparsifier: {key} has {n} output channels but {s.numel()} scores (was the "
+                                        "layer pruned after the search?)")
+            for i, r in zip(item.idxs, item.root_idxs):
+                if int(r) in pos:
+                    total[pos[int(r)]] += s[int(i)]
+                    count[pos[int(r)]] += 1
+        if not bool((count > 0).any()):
+            raise PruningInputError(f"sparsifier: no layer producing the channels of group {_group_name(group)} has "
+                                    "learned channel scores; include it in the sparsifier's params")
+        return total / count.clamp(min=1)
+
+
+# ====================================================================================================== HF models
+def _attention_blocks(model: nn.Module):
+    """(BERT-style self-attention modules, Llama-style attention modules) in the model."""
+    bert, llama = [], []
+    for _, m in model.named_modules():
+        if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")):
+            bert.append(m)
+        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            llama.append(m)
+    return bert, llama
+
+
+def _ffn_blocks(model: nn.Module):
+    """[(producer Linears, consumer Linear)] of every FFN: BERT intermediate.dense -> output.dense, Llama
+    gate_proj/up_proj -> down_proj."""
+    out = []
+    for _, m in model.named_modules():
+        if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+            out.append(([m.gate_proj, m.up_proj], m.down_proj))
+        inter, outp = getattr(m, "intermediate", None), getattr(m, "output", None)
+        if inter is not None and isinstance(getattr(inter, "dense", None), nn.Linear) and \
+                isinstance(getattr(outp, "dense", None), nn.Linear):
+            out.append(([inter.dense], outp.dense))
+    return out
+
+
+def _bert_output_dense(model, sa):
+    for _, m in model.named_modules():
+        att = getattr(m, "self", None)
+        if att is sa and isinstance(getattr(getattr(m, "output", None), "dense", None), nn.Linear):
+            return m.output.dense
+    return None
+
+
+def _hf_output_transform(out):
+    for name in ("logits", "last_hidden_state"):
+        v = getattr(out, name, None)
+        if v is not None:
+            return v.sum()
+    if isinstance(out, (tuple, list)):
+        return out[0].sum()
+    return out.sum()
+
+
+def transformer_channel_blocks(model: nn.Module) -> dict:
+    """``{attention output projection: head_dim}`` for :class:`OBSImportance`'s joint head scores."""
+    bert, _ = _attention_blocks(model)
+    blocks = {}
+    for sa in bert:
+        od = _bert_output_dense(model, sa)
+        if od is not None:
+            blocks[od] = int(sa.attention_head_size)
+    return blocks
+
+
+def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float, *, heads: bool = True,
+                      ffn: bool = True, head_ratio: float | None = None, global_pruning: bool = False,
+                      forward_fn: Callable | None = None, compensation: "OBSImportance | None" = None,
+                      update: bool | None = None, before_pass: Callable | None = None) -> dict:
+    """Structured pruning of a Hugging Face BERT-style (MiniLM) or Llama-style (SmolLM2) model in place.
+
+    The recipe: attention heads (BERT: whole heads of query/key/value with ``num_heads``, ``prune_num_heads=True``,
+    ``prune_head_dims=False``; Llama attention is kept) and FFN channels (BERT ``intermediate.dense`` ->
+    ``output.dense``; Llama ``gate_proj``/``up_proj`` -> ``down_proj``); the hidden size, embeddings, pooler and
+    heads stay.  Heads and FFN channels are two Torch-Pruning passes, so ``global_pruning=True`` ranks heads against
+    heads and channels against channels and removes exactly the implied counts.  ``importance`` is any
+    Torch-Pruning importance; an :class:`OBSImportance` prunes through its :meth:`~OBSImportance.step` (with
+    the OBS update).  Then the attention modules' head counts and the config are updated in place
+    (:func:`update_config`).  Returns the per-layer shapes.
+
+    ``compensation``: an :class:`OBSImportance` that adds the OBS update to another importance's ranking
+    (default: ``importance`` itself when it is one); ``update`` as in :meth:`OBSImportance.step`.
+    ``before_pass(model)`` runs before each Torch-Pruning pass (e.g. to fill the gradients Taylor/Hessian
+    importances read).
+    """
+    if not (0.0 <= ratio < 1.0):
+        raise PruningInputError(f"ratio: must be in [0, 1), got {ratio!r}")
+    bert, llama = _attention_blocks(model)
+    ffns = _ffn_blocks(model)
+    if not bert and not ffns:
+        raise PruningInputError("model: no BERT-style attention or FFN blocks found")
+    head_ratio = ratio if head_ratio is None else head_ratio
+    all_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+
+    def run(keep_roots, extra):
+        keep_ids = {id(m) for m in keep_roots}
+        ignored = [m for m in all_linear if id(m) not in keep_ids] + embeds
+        if before_pass is not None:
+            before_pass(model)
+        pr = tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+                                  ignored_layers=ignored, global_pruning=global_pruning, forward_fn=forward_fn,
+                                  output_transform=_hf_output_transform, **extra)
+        comp = compensation if compensation is not None else (importance if isinstance(importance, OBSImportance)
+                                                              else None)
+        if comp is not None:
+            comp.step(pr, update=update)
+        else:
+            pr.step()
+
+    for imp in (importance, compensation):  # joint head scores for OBS unless the caller chose blocks
+        if isinstance(imp, OBSImportance) and not imp.channel_blocks:
+            imp.channel_blocks.update(transformer_channel_blocks(model))
+    if heads and bert and head_ratio > 0:
+        nh = {}
+        for sa in bert:
+            for lin in (sa.query, sa.key, sa.value):
+                nh[lin] = int(sa.num_attention_heads)
+        run(list(nh), dict(num_heads=nh, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio))
+        for sa in bert:
+            sa.num_attention_heads = sa.query.out_features // sa.attention_head_size
+            sa.all_head_size = sa.query.out_features
+    if ffn and ffns and ratio > 0:
+        run([p for prods, _ in ffns for p in prods], {})
+    return update_config(model)
+
+
+def update_config(model: nn.Module, original: dict | None = None) -> dict:
+    """Record the pruned shapes in ``model.config`` *in place* (replacing the config object would drop private
+    fields such as ``_attn_implementation``): ``num_attention_heads`` / ``intermediate_size`` when every layer
+    agrees, and ``config.obs_pruned`` = the original sizes, every Linear whose shape changed and the attention
+    modules' head counts, which :func:`load_pruned` uses to rebuild the model before loading its weights."""
+    cfg = model.config
+    prev = getattr(cfg, CONFIG_KEY, None) or {}
+    orig = dict(prev.get("original") or original or {})
+    for k in ("num_attention_heads", "intermediate_size"):
+        if k not in orig and hasattr(cfg, k):
+            orig[k] = getattr(cfg, k)
+    ref = _reference_shapes(model, orig)
+    modules, attrs = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and ref.get(name) != (m.out_features, m.in_features):
+            modules[name] = [m.out_features, m.in_features, m.bias is not None]
+        if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")):
+            attrs[name] = {"num_attention_heads": int(m.num_attention_heads), "all_head_size": int(m.all_head_size)}
+        if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+            attrs[name] = {"intermediate_size": int(m.gate_proj.out_features)}
+    heads = sorted({a["num_attention_heads"] for a in attrs.values() if "num_attention_heads" in a})
+    inter = sorted({prods[0].out_features for prods, _ in _ffn_blocks(model)})
+    info = {"original": orig, "modules": modules, "attributes": attrs,
+            "attn_implementation": getattr(cfg, "_attn_implementation", None)}
+    if len(heads) == 1 and hasattr(cfg, "num_attention_heads"):
+        cfg.num_attention_heads = heads[0]
+    if len(inter) == 1 and hasattr(cfg, "intermediate_size"):
+        cfg.intermediate_size = inter[0]
+    setattr(cfg, CONFIG_KEY, info)
+    return info
+
+
+def _reference_shapes(model: nn.Module, orig: dict) -> dict:
+    """Linear shapes of the unpruned architecture (built on the meta device from the original sizes)."""
+    cfg = copy.deepcopy(model.config)
+    for k, v in orig.items():
+        setattr(cfg, k, v)
+    if hasattr(cfg, CONFIG_KEY):
+        delattr(cfg, CONFIG_KEY)
+    with torch.device("meta"):
+        ref = type(model)(cfg)
+    return {n: (m.out_features, m.in_features) for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
+
+
+def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
+    """Load a structurally pruned model saved with ``save_pretrained``: the architecture is built from the
+    original sizes recorded in ``config.obs_pruned``, every pruned Linear is replaced by one of its saved shape,
+    the attention modules get their head counts, then the saved weights are loaded (strictly: missing or
+    unexpected keys other than tied weights are an error).  ``model_class`` defaults to the saved
+    ``config.architectures[0]`` from ``transformers``."""
+    import transformers
+    from safetensors.torch import load_file
+
+    cfg = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in config_kwargs.items()
+                                                           if k != "attn_implementation"})
+    info = getattr(cfg, CONFIG_KEY, None)
+    if not info:
+        raise PruningInputError(f"path: {path} has no '{CONFIG_KEY}' entry in its config; it was not saved from a "
+                                "model pruned with obs_plugins.integrations.torch_pruning (use from_pretrained)")
+    if model_class is None:
+        archs = getattr(cfg, "architectures", None) or []
+        if not archs or not hasattr(transformers, archs[0]):
+            raise PruningInputError("model_class: the config names no transformers architecture; pass model_class")
+        model_class = getattr(transformers, archs[0])
+    pruned_values = {k: getattr(cfg, k) for k in info["original"] if hasattr(cfg, k)}
+    for k, v in info["original"].items():
+        setattr(cfg, k, v)
+    attn = config_kwargs.get("attn_implementation", info.get("attn_implementation"))
+    if attn is not None:  # the saved model's own attention kernel: another one masks padded rows differently
+        cfg._attn_implementation = attn
+    model = model_class(cfg)
+    for name, (out_f, in_f, bias) in info["modules"].items():
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, leaf)
+        setattr(owner, leaf, nn.Linear(in_f, out_f, bias=bias, dtype=old.weight.dtype))
+    for name, values in info["attributes"].items():
+        m = model.get_submodule(name)
+        for k, v in values.items():
+            setattr(m, k, v)
+    for k, v in pruned_values.items():  # the config object stays the model's own: fields updated in place
+        setattr(cfg, k, v)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise PruningInputError(f"path: no .safetensors weights in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f)))
+    res = model.load_state_dict(state, strict=False)
+    tied = set()
+    tw = getattr(model, "_tied_weights_keys", None) or []
+    tied.update(tw if isinstance(tw, (list, tuple, set)) else list(tw))
+    missing = [k for k in res.missing_keys if k not in tied]
+    if missing or res.unexpected_keys:
+        raise PruningInputError(f"path: weights do not match the recorded shapes (missing {missing[:5]}, "
+                                f"unexpected {res.unexpected_keys[:5]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+__all__ = ["OBSImportance", "CSImportance", "prune_transformer", "transformer_channel_blocks", "update_config",
+           "load_pruned", "CONFIG_KEY"]

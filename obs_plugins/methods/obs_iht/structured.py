@@ -1,0 +1,280 @@
+"""Structured OBS: the cost of removing whole input columns of a layer, and the optimal update of the rest.
+
+Pure functions over a 2-D weight view ``W (rows, d)`` and the layer Gram ``H = 2 X X^T / n`` (d x d), the same
+conventions as :mod:`obs_plugins.curvature.linalg`: the layer loss is ``||dW X||^2 / n = 1/2 sum_r dw_r H dw_r^T``.
+Removing a channel of a network removes a *set of columns* ``P`` of every layer that consumes it (one column of a
+Linear, ``kh*kw`` columns of a Conv2d, ``head_dim`` columns of an attention output projection), so everything
+here takes column sets.
+
+* :func:`column_saliency` -- per set ``P``: ``1/2 sum_r s_r w_rP ([H^-1]_PP)^-1 w_rP^T`` (OBS: the layer loss
+  left after the optimal update of the kept columns) or ``1/2 sum_r s_r w_rP H_PP w_rP^T`` (no update);
+  ``s_r`` are optional per-row weights, e.g. :func:`output_sensitivity`, which make the numbers comparable across
+  layers (a second-order estimate of the model loss instead of the layer's own output error).
+* :func:`remove_columns` -- the OBS / least-squares update ``W <- W - W_P ([H^-1]_PP)^-1 [H^-1]_P:``; the row
+  weights drop out (every row shares ``H``), so one update serves every ``s``.
+* :func:`output_sensitivity` -- ``s_r = E_samples sum_positions (d loss_i / d y_r)^2`` for the output units of
+  each target from one gradient pass over the calibration batches (empirical Fisher, diagonal in the output).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...curvature.batching import batch_loss, move
+from ...curvature.linalg import check_finite, inverse_factor
+from ...errors import PruningInputError
+
+
+def channel_columns(channels: Sequence[int], width: int) -> list[torch.Tensor]:
+    """Column set of each input channel when every channel owns ``width`` consecutive columns (Conv2d:
+    ``kh*kw``, the column order of ``F.unfold``)."""
+    return [torch.arange(int(c) * width, (int(c) + 1) * width) for c in channels]
+
+
+def _check_sets(d: int, sets: Sequence[torch.Tensor], what: str = "column_sets") -> list[torch.Tensor]:
+    out = []
+    for i, s in enumerate(sets):
+        s = torch.as_tensor(s, dtype=torch.long).reshape(-1)
+        if s.numel() == 0:
+            raise PruningInputError(f"{what}[{i}]: empty column set")
+        if int(s.min()) < 0 or int(s.max()) >= d:
+            raise PruningInputError(f"{what}[{i}]: column indices must lie in [0, {d}), got "
+                                    f"[{int(s.min())}, {int(s.max())}]")
+        out.append(s)
+    return out
+
+
+def column_saliency(W: torch.Tensor, H: torch.Tensor, column_sets: Sequence[torch.Tensor], *,
+                    rel_damp: float = 1e-2, row_weights: torch.Tensor | None = None, compensate: bool = True,
+                    hinv: torch.Tensor | None = None) -> torch.Tensor:
+    """Predicted loss of removing each column set of ``W`` alone (see the module docstring); fp32, (len(sets),).
+
+    ``hinv``: a damped inverse of ``H`` already computed by the caller (else one is made with ``rel_damp`` and
+    the damping ladder).  ``row_weights``: (rows,) non-negative weights ``s_r``.
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise PruningInputError(f"H: expected ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got "
+                                f"{tuple(H.shape)}")
+    sets = _check_sets(W.shape[1], column_sets)
+    s = torch.ones(W.shape[0], dtype=torch.float64, device=W.device) if row_weights is None else \
+        row_weights.to(device=W.device, dtype=torch.float64).reshape(-1)
+    if s.numel() != W.shape[0]:
+        raise PruningInputError(f"row_weights: expected {W.shape[0]} entries (one per row of W), got {s.numel()}")
+    Wd = W.detach().to(torch.float64)
+    if compensate:
+        M = (hinv if hinv is not None else inverse_factor(H, rel_damp).hinv).to(torch.float64)
+    else:
+        check_finite(H)
+        M = H.to(torch.float64)
+    out = torch.empty(len(sets), dtype=torch.float64, device=W.device)
+    by_size: dict[int, list[int]] = {}
+    for i, c in enumerate(sets):
+        by_size.setdefault(c.numel(), []).append(i)
+    for k, idx in by_size.items():  # one batched solve per set size
+        P = torch.stack([sets[i] for i in idx])                  # (m, k)
+        block = M[P.unsqueeze(-1), P.unsqueeze(-2)]              # (m, k, k)
+        wp = Wd[:, P].permute(1, 2, 0)                           # (m, k, rows)
+        if compensate:
+            L, info = torch.linalg.cholesky_ex(block)
+            if int(info.max()) != 0:
+                raise PruningInputError("hinv: a diagonal block of the inverse curvature is not positive definite")
+            q = torch.cholesky_solve(wp, L)                      # (m, k, rows)
+        else:
+            q = block @ wp
+        out[idx] = 0.5 * ((wp * q).sum(1) * s).sum(-1)
+    return out.float()
+
+
+def removal_operator(H: torch.Tensor, pruned: torch.Tensor, *, rel_damp: float = 1e-2,
+                     hinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, C)`` with ``C = ([H^-1]_PP)^-1 [H^-1]_P:`` (k x d, float64): the OBS update of removing the columns
+    ``P`` is ``W <- W - W[:, P] @ C`` for every row alike, so ``C`` can be computed before the layer's rows are
+    known (another pruning step may remove some rows first)."""
+    P = _check_sets(H.shape[0], [pruned], "pruned")[0].unique()
+    M = (hinv if hinv is not None else inverse_factor(H, rel_damp).hinv).to(torch.float64)
+    C = torch.linalg.solve(M[P][:, P], M[P, :])
+    return P, C
+
+
+def apply_removal(W: torch.Tensor, P: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+    """``W - W[:, P] @ C`` with the columns ``P`` exactly zero (``C=None``: only zero them); same dtype as ``W``."""
+    Wd = W.detach().to(torch.float64)
+    new = Wd - Wd[:, P] @ C.to(Wd.device) if C is not None else Wd.clone()
+    new[:, P] = 0.0
+    return new.to(W.dtype)
+
+
+def remove_columns(W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, *, rel_damp: float = 1e-2,
+                   compensate: bool = True, hinv: torch.Tensor | None = None):
+    """Remove the columns ``pruned`` of ``W``; with ``compensate`` update the kept columns optimally for the
+    damped layer quadratic.  Returns ``(W_new, loss)``: ``W_new`` like ``W`` with exactly zero ``pruned`` columns,
+    ``loss`` the predicted layer-loss increase ``1/2 sum_r dw_r H dw_r^T`` of the change (undamped ``H``)."""
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise PruningInputError(f"H: expected ({W.shape[1]}, {W.shape[1]}) for W of shape {tuple(W.shape)}, got "
+                                f"{tuple(H.shape)}")
+    if compensate:
+        P, C = removal_operator(H, pruned, rel_damp=rel_damp, hinv=hinv)
+    else:
+        P, C = _check_sets(W.shape[1], [pruned], "pruned")[0].unique(), None
+    new = apply_removal(W, P, C)
+    dW = new.to(torch.float64) - W.detach().to(torch.float64)
+    loss = 0.5 * torch.einsum("ri,ij,rj->", dW, H.to(torch.float64), dW)
+    return new, float(loss)
+
+
+def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1e-2, progress: bool = False
+                   ) -> tuple[list[int], torch.Tensor]:
+    """Greedy joint OBS removal of ``n_units`` channels shared by several consuming layers.
+
+    ``layers``: ``[(W, H, sets, row_weights)]`` per consumer -- its 2-D weight, Gram, the column set of each unit
+    (``len(sets) == n_units``; an empty set means the unit does not feed this layer) and row weights (or None).
+    At every step the unit whose removal adds the least ``sum_layers 1/2 sum_r s_r w_rP ([H^-1]_PP)^-1 w_rP^T``
+    (given the units already removed, with the kept columns OBS-updated and the inverse downdated) is removed.
+    Returns ``(order, increments)``: the removal order and each step's added loss; ``increments[:t].sum()`` is the
+    predicted loss of removing the first ``t`` units together (exact for the damped layer quadratics).
+    """
+    from tqdm.auto import tqdm
+
+    state = []
+    for i, (W, H, sets, s) in enumerate(layers):
+        if len(sets) != n_units:
+            raise PruningInputError(f"layers[{i}]: expected {n_units} column sets, got {len(sets)}")
+        M = inverse_factor(H, rel_damp).hinv.to(torch.float64)
+        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
+        state.append([W.detach().to(torch.float64).clone(), M, [torch.as_tensor(c, dtype=torch.long) for c in sets],
+                      w])
+    if all(len(c) == 1 for _, _, sets, _ in state for c in sets):
+        return _greedy_single_columns(state, n_units, progress)
+    alive = list(range(n_units))
+    order, inc = [], []
+    for _ in tqdm(range(n_units), desc="greedy OBS", disable=not progress, leave=False):
+        total = torch.zeros(len(alive), dtype=torch.float64)
+        for W, M, sets, w in state:
+            live = [j for j, u in enumerate(alive) if sets[u].numel()]
+            if live:
+                total[live] += column_saliency(W, M, [sets[alive[j]] for j in live], row_weights=w,
+                                               hinv=M).double()
+        j = int(torch.argmin(total))
+        u = alive.pop(j)
+        order.append(u)
+        inc.append(float(total[j]))
+        for st in state:
+            W, M, sets, _ = st
+            P = sets[u]
+            if P.numel() == 0:
+                continue
+            Mpp = M[P][:, P]
+            C = torch.linalg.solve(Mpp, M[P, :])        # (k, d)
+            W -= W[:, P] @ C
+            W[:, P] = 0.0
+            st[1] = M - M[:, P] @ C
+            st[1][P, :] = 0.0
+            st[1][:, P] = 0.0
+            st[1][P, P] = 1.0                            # removed columns: decoupled, never chosen again
+    return order, torch.tensor(inc, dtype=torch.float64)
+
+
+def _greedy_single_columns(state, n_units, progress):
+    """:func:`greedy_removal` when every unit is one column of every layer (FFN channels): rank-one updates."""
+    from tqdm.auto import tqdm
+
+    cols = [torch.tensor([int(c[0]) for c in sets]) for _, _, sets, _ in state]
+    Ws = [W[:, c].clone() for (W, _, _, _), c in zip(state, cols)]   # only the unit columns matter for scores
+    Ms = [M for _, M, _, _ in state]
+    ws = [w for _, _, _, w in state]
+    alive = torch.ones(n_units, dtype=torch.bool)
+    order, inc = [], []
+    for _ in tqdm(range(n_units), desc="greedy OBS", disable=not progress, leave=False):
+        total = torch.zeros(n_units, dtype=torch.float64)
+        for W, M, w, c in zip(Ws, Ms, ws, cols):
+            d = torch.diagonal(M)[c]
+            total += 0.5 * (w.unsqueeze(1) * W ** 2).sum(0) / d
+        total[~alive] = float("inf")
+        u = int(torch.argmin(total))
+        order.append(u)
+        inc.append(float(total[u]))
+        alive[u] = False
+        for i, (W, M, c) in enumerate(zip(Ws, Ms, cols)):
+            q = int(c[u])
+            row = M[q, c] / M[q, q]                   # (n_units,) on the unit columns
+            W -= W[:, u:u + 1] * row.unsqueeze(0)
+            W[:, u] = 0.0
+            mq = M[:, q].clone()
+            M -= torch.outer(mq, M[q, :]) / mq[q]
+            M[q, :] = 0.0
+            M[:, q] = 0.0
+            M[q, q] = 1.0
+    return order, torch.tensor(inc, dtype=torch.float64)
+
+
+def ridge_inverse(H: torch.Tensor, rel_damp: float = 1e-2) -> torch.Tensor:
+    """The damped inverse used by both functions above (``(H + rel_damp * mean diag(H) I)^-1``, ladder on
+    failure), for callers that score and update the same layer several times."""
+    return inverse_factor(H, rel_damp).hinv
+
+
+def output_sensitivity(curvature, keys: Sequence[str] | None = None, *, progress: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """Per output unit of each target layer, ``s_r = 1/N sum_i sum_positions (d loss_i / d y_{i,r})^2``.
+
+    One forward/backward pass over the curvature's calibration batches (needs its ``loss_fn``).  ``loss_i`` is
+    the per-sample loss: the batch loss is taken to be a mean over the batch's leading dimension, so the
+    gradient of output ``y_i`` is multiplied by the batch size.  With it, ``1/2 sum_r s_r (1/2 dw_r H dw_r^T)`` is
+    a Gauss-Newton estimate of the model-loss increase caused by a change ``dW`` of the layer.
+    """
+    from tqdm.auto import tqdm
+
+    curvature._need_loss("output_sensitivity")
+    model = curvature.model
+    targets = [t for t in curvature.targets if t.name == "weight" and (keys is None or t.key in keys)]
+    if not targets:
+        raise PruningInputError("keys: no weight targets of the curvature selected")
+    acc = {t.key: None for t in targets}
+    n_samples = 0
+    captured: list = []
+    handles = []
+    for t in targets:
+        chan = 1 if isinstance(t.module, torch.nn.Conv2d) else -1   # output-channel dimension of y
+
+        def hook(_m, _a, out, _key=t.key, _dim=chan):
+            if torch.is_tensor(out) and out.requires_grad:
+                captured.append((_key, _dim % out.dim(), out))
+            return None
+        handles.append(t.module.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        for b in tqdm(curvature.batches, desc="output sensitivity", disable=not progress, leave=False):
+            b = move(b, curvature.device)
+            captured.clear()
+            with torch.enable_grad():
+                out = curvature.forward_fn(model, b)
+                loss = batch_loss(curvature.loss_fn, out, b)
+                if not captured:
+                    raise PruningInputError("curvature: no target layer output requires grad (are the model's "
+                                            "weights frozen?)")
+                grads = torch.autograd.grad(loss, [o for _, _, o in captured], allow_unused=True)
+            bs = captured[0][2].shape[0]
+            n_samples += bs
+            for (key, dim, o), g in zip(captured, grads):
+                if g is None:
+                    continue
+                g = (g.detach().to(torch.float64) * bs) ** 2
+                dims = [i for i in range(g.dim()) if i != dim]
+                v = g.sum(dim=dims) if dims else g
+                acc[key] = v if acc[key] is None else acc[key] + v
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+        captured.clear()
+    out = {}
+    for t in targets:
+        if acc[t.key] is None:
+            raise PruningInputError(f"curvature: layer {t.key} got no gradient from the loss")
+        out[t.key] = (acc[t.key] / max(n_samples, 1)).float()
+    return out
+
+
+__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "ridge_inverse", "output_sensitivity"]

@@ -1,0 +1,405 @@
+"""Torch-Pruning adapter: OBS / CS channel importances, OBS compensation, HF structured pruning and reload."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+tp = pytest.importorskip("torch_pruning")
+transformers = pytest.importorskip("transformers")
+
+from conftest import state_equal  # noqa: E402
+from obs_plugins import ContinuousSparsifier, Curvature, PruningInputError, prunable_linear_targets  # noqa: E402
+from obs_plugins.integrations.torch_pruning import (CSImportance, OBSImportance, load_pruned,  # noqa: E402
+                                                     prune_transformer, transformer_channel_blocks)
+from obs_plugins.methods.obs_iht.structured import greedy_removal, output_sensitivity  # noqa: E402
+
+
+def all_layers(model, exclude=()):
+    return [(t.module, t.name) for t in prunable_linear_targets(model, exclude=exclude)]
+
+
+def mlp_problem(seed=0, n=256, widths=(6, 12, 3)):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    X = torch.randn(n, widths[0], generator=g)
+    Y = model(X).detach() + 0.1 * torch.randn(n, widths[-1], generator=g)
+    return model, [(X[i:i + 64], Y[i:i + 64]) for i in range(0, n, 64)], X
+
+
+def mse_sum(out, target):  # per-sample loss sum_r (y_r - t_r)^2, averaged over the batch
+    return ((out - target) ** 2).sum(1).mean()
+
+
+def groups_of(pruner):
+    return list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                         root_module_types=pruner.root_module_types))
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(12 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+
+
+def cnn_batches():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(48, 1, 12, 12, generator=g)
+    y = torch.randint(0, 5, (48,), generator=g)
+    return [(X[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+
+
+# ------------------------------------------------------------------------------------------- known answers
+@pytest.mark.parametrize("compensate", [True, False])
+def test_mlp_channel_saliency_equals_brute_force_quadratic(compensate):
+    model, batches, X = mlp_problem()
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, dtype=torch.float64,
+                               progress=False)
+    imp = OBSImportance(curv, scale=None, compensate=compensate, rel_damp=1e-10, mode="single")
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, ignored_layers=[model[2]])
+    (group,) = groups_of(pr)
+    scores = imp(group).double()
+    with torch.no_grad():
+        A = torch.relu(model[0](X)).double()          # (n, 12): the layer input of fc2
+        W = model[2].weight.double()                   # (3, 12)
+        Y = A @ W.t()
+    n = A.shape[0]
+    brute = []
+    for j in range(12):
+        keep = [k for k in range(12) if k != j]
+        if compensate:   # the best fc2 without channel j: least squares on the other columns
+            coef = torch.linalg.lstsq(A[:, keep], Y).solution
+            err = ((Y - A[:, keep] @ coef) ** 2).sum() / n
+        else:
+            err = ((A[:, j:j + 1] @ W[:, j:j + 1].t()) ** 2).sum() / n
+        brute.append(float(err))
+    assert scores.shape == (12,)
+    torch.testing.assert_close(scores, torch.tensor(brute, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+
+
+def test_greedy_scores_are_joint_least_squares_losses_along_the_removal_order():
+    model, batches, X = mlp_problem()
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, dtype=torch.float64,
+                               progress=False)
+    with torch.no_grad():
+        A = torch.relu(model[0](X)).double()
+        Y = A @ model[2].weight.double().t()
+    W, H = model[2].weight.detach(), curv.hessians["2.weight"]
+    order, inc = greedy_removal([(W, H, [[j] for j in range(12)], None)], 12, rel_damp=1e-10)
+    assert sorted(order) == list(range(12))
+    for t in range(1, 12):   # removing the first t channels together: least squares on the rest
+        keep = [k for k in range(12) if k not in order[:t]]
+        coef = torch.linalg.lstsq(A[:, keep], Y).solution
+        brute = float(((Y - A[:, keep] @ coef) ** 2).sum() / A.shape[0])
+        assert float(inc[:t].sum()) == pytest.approx(brute, rel=1e-5, abs=1e-9)
+        # and each step took the cheapest next channel
+        others = [k for k in keep]
+        costs = []
+        for j in others:
+            kk = [k for k in keep if k != j]
+            c = torch.linalg.lstsq(A[:, kk], Y).solution
+            costs.append(float(((Y - A[:, kk] @ c) ** 2).sum() / A.shape[0]))
+        if t < 11:
+            assert others[int(torch.tensor(costs).argmin())] == order[t]
+    # the importance's score is the running maximum of the increments along that order
+    imp = OBSImportance(curv, scale=None, rel_damp=1e-10)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, ignored_layers=[model[2]])
+    s = imp(groups_of(pr)[0]).double()
+    run = torch.cummax(inc, 0).values
+    torch.testing.assert_close(s[order], run, rtol=1e-5, atol=1e-12)
+    assert bool((s[order].diff() > 0).all())   # strictly increasing: a threshold never cuts through a tie
+
+
+def test_output_sensitivity_is_the_per_sample_output_fisher():
+    model, batches, X = mlp_problem()
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, progress=False)
+    s = output_sensitivity(curv)
+    Y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        out = model(X)
+    expected = (2 * (out - Y)).pow(2).mean(0)          # d l_i / d y_r = 2 (y_r - t_r)
+    torch.testing.assert_close(s["2.weight"], expected, rtol=1e-4, atol=1e-7)
+    assert s["0.weight"].shape == (12,) and bool((s["0.weight"] >= 0).all())
+
+
+def test_step_applies_the_least_squares_update_of_the_consumer():
+    model, batches, X = mlp_problem()
+    ref = copy.deepcopy(model)
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, dtype=torch.float64,
+                               progress=False)
+    imp = OBSImportance(curv, rel_damp=1e-10)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, ignored_layers=[model[2]])
+    rec = imp.step(pr)
+    assert rec["root_channels_removed"] == 6 and model[0].out_features == 6 and model[2].in_features == 6
+    # which hidden channels survived: match the kept fc1 rows to the original ones
+    kept = [int((ref[0].weight - r).abs().sum(1).argmin()) for r in model[0].weight]
+    torch.testing.assert_close(model[0].weight, ref[0].weight[kept])
+    with torch.no_grad():
+        A = torch.relu(ref[0](X)).double()
+        Y = A @ ref[2].weight.double().t()
+    coef = torch.linalg.lstsq(A[:, kept], Y).solution           # (6, 3)
+    torch.testing.assert_close(model[2].weight.double(), coef.t(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[2].bias, ref[2].bias)
+
+
+def test_global_pruning_removes_the_implied_count_and_loss_scale_is_rescaling_invariant():
+    # 8-16-16-3 ReLU MLP; a copy with fc2 scaled by 1e-3 and fc3 by 1e3 computes the same function
+    model, batches, X = mlp_problem(widths=(8, 16, 16, 3))
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled[2].weight.mul_(1e-3); scaled[2].bias.mul_(1e-3); scaled[4].weight.mul_(1e3)
+    torch.testing.assert_close(scaled(X), model(X), rtol=1e-4, atol=1e-5)
+
+    def importance(m, scale):
+        curv = Curvature.layerwise(m, all_layers(m), batches, loss_fn=mse_sum, progress=False)
+        return OBSImportance(curv, scale=scale)
+
+    def pruner(m, imp):
+        return tp.pruner.MetaPruner(m, X[:2], importance=imp, pruning_ratio=0.5, global_pruning=True,
+                                    ignored_layers=[m[4]])
+
+    # loss-scaled scores do not see the rescaling
+    a, b = importance(model, "loss"), importance(scaled, "loss")
+    sa = [a(g) for g in groups_of(pruner(model, a))]
+    sb = [b(g) for g in groups_of(pruner(scaled, b))]
+    for x, y in zip(sa, sb):
+        torch.testing.assert_close(x, y, rtol=2e-3, atol=0.0)
+    # bare layer errors rank all of hidden layer 1 lowest: Torch-Pruning would skip that group silently, so
+    # step() refuses before changing anything
+    before = copy.deepcopy(scaled.state_dict())
+    bare = importance(scaled, None)
+    with pytest.raises(PruningInputError, match="pruning_ratio implies 16"):
+        bare.step(pruner(scaled, bare))
+    assert state_equal(scaled.state_dict(), before)
+    # with the loss scale the count is exactly the ratio's: 32 channels -> 16
+    imp = importance(scaled, "loss")
+    assert imp.step(pruner(scaled, imp))["root_channels_removed"] == 16
+    assert scaled[0].out_features + scaled[2].out_features == 16
+    assert scaled(X).shape == (X.shape[0], 3)
+
+
+# ------------------------------------------------------------------------------------------- CNN
+def test_cnn_obs_scores_finite_right_length_and_pruned_forward():
+    model = small_cnn()
+    batches = cnn_batches()
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+    imp = OBSImportance(curv)
+    ex = batches[0][0][:2]
+    pr = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=0.5, global_pruning=True,
+                              ignored_layers=[model[9]])
+    lengths = []
+    for g in groups_of(pr):
+        s = imp(g)
+        assert s.shape == (len(g[0].idxs),) and bool(torch.isfinite(s).all()) and bool((s >= 0).all())
+        lengths.append(len(s))
+    assert sorted(lengths) == [8, 12, 16]
+    imp.step(pr)
+    assert model[0].out_channels + model[3].out_channels + model[7].out_features == 18  # 36 -> 18
+    assert model[7].in_features == model[3].out_channels * 36
+    out = model(batches[0][0])
+    assert out.shape == (16, 5) and bool(torch.isfinite(out).all())
+
+
+def test_cnn_obs_compensation_lowers_the_loss_against_plain_removal():
+    batches = cnn_batches()
+    losses = {}
+    for comp in (False, True):
+        model = small_cnn()
+        curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+        imp = OBSImportance(curv, compensate=comp)
+        pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.3,
+                                  ignored_layers=[model[9]])
+        imp.step(pr)
+        with torch.no_grad():
+            ref = small_cnn()
+            losses[comp] = sum(float(F.mse_loss(model(x), ref(x))) for x, _ in batches)
+    assert losses[True] < losses[False]
+
+
+def test_cs_importance_is_the_learned_channel_score_of_the_producers():
+    model = small_cnn()
+    cs = ContinuousSparsifier(model, [(model[0], "weight"), (model[3], "weight"), (model[7], "weight")],
+                              granularity="channel")
+    with torch.no_grad():
+        for k, s in cs.scores.items():
+            s.copy_(torch.randn(s.shape))
+    cs.finish(rewind=False)
+    imp = CSImportance(cs)
+    pr = tp.pruner.MetaPruner(model, cnn_batches()[0][0][:2], importance=imp, pruning_ratio=0.5,
+                              ignored_layers=[model[9]])
+    by_root = {}
+    for g in groups_of(pr):
+        s = imp(g)
+        assert s.shape == (len(g[0].idxs),) and bool(torch.isfinite(s).all())
+        by_root[g[0].dep.target.module] = s
+    torch.testing.assert_close(by_root[model[0]], cs.scores["0.weight"].reshape(-1))
+    torch.testing.assert_close(by_root[model[3]], cs.scores["3.weight"].reshape(-1))
+    pr.step()
+    assert model[0].out_channels == 4 and model(cnn_batches()[0][0]).shape == (16, 5)
+
+
+def test_bad_inputs_are_named():
+    model, batches, X = mlp_problem()
+    curv = Curvature.layerwise(model, all_layers(model), batches, progress=False)   # no loss_fn
+    with pytest.raises(PruningInputError, match="loss"):
+        OBSImportance(curv)
+    with pytest.raises(PruningInputError, match="rel_damp"):
+        OBSImportance(curv, scale=None, rel_damp=-1.0)
+    with pytest.raises(PruningInputError, match="scale"):
+        OBSImportance(curv, scale="gradient")
+    only_fc1 = Curvature.layerwise(model, [(model[0], "weight")], batches, progress=False)
+    imp = OBSImportance(only_fc1, scale=None)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, ignored_layers=[model[2]])
+    with pytest.raises(PruningInputError, match="consuming"):
+        imp(groups_of(pr)[0])
+    cs = ContinuousSparsifier(model, [(model[0], "weight")])
+    with pytest.raises(PruningInputError, match="granularity"):
+        CSImportance(cs)
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def token_batches(padded=True):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 60, (8, 12), generator=g)
+    am = torch.ones_like(ids)
+    if padded:
+        am[:3, 8:] = 0
+    return ids, am, [{"input_ids": ids[i:i + 4], "attention_mask": am[i:i + 4]} for i in (0, 4)]
+
+
+def bert_loss(out, batch):
+    return out.last_hidden_state.pow(2).mean()
+
+
+def test_bert_scores_finite_right_length_obs_and_cs():
+    model = tiny_bert()
+    ids, am, batches = token_batches()
+    curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                               progress=False)
+    heads = {lin: 4 for layer in model.encoder.layer
+             for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)}
+    ign = [model.embeddings, model.pooler] + [x for layer in model.encoder.layer
+                                              for x in (layer.attention.output.dense, layer.output.dense)]
+    ex = {"input_ids": ids[:2], "attention_mask": am[:2]}
+    obs = OBSImportance(curv, channel_blocks=transformer_channel_blocks(model))
+    pr = tp.pruner.MetaPruner(model, ex, importance=obs, pruning_ratio=0.5, ignored_layers=ign, num_heads=heads,
+                              prune_num_heads=True, prune_head_dims=False,
+                              output_transform=lambda o: o.last_hidden_state.sum())
+    groups = [pr._downstream_node_as_root_if_attention(g) or g for g in groups_of(pr)]
+    sizes = sorted(len(g[0].idxs) for g in groups)
+    assert sizes == [32, 32, 64, 64]   # two attention groups (4 heads x 8), two FFN groups
+    for g in groups:
+        s = obs(g)
+        assert s.shape == (len(g[0].idxs),) and bool(torch.isfinite(s).all())
+        if len(s) == 32:               # heads: one joint score per head, shared by its 8 channels
+            assert bool((s.view(4, 8) == s.view(4, 8)[:, :1]).all())
+    cs = ContinuousSparsifier(model, [(layer.intermediate.dense, "weight") for layer in model.encoder.layer],
+                              granularity="channel")
+    with torch.no_grad():
+        for s in cs.scores.values():
+            s.copy_(torch.randn(s.shape))
+    cs.finish(rewind=False)
+    csi = CSImportance(cs)
+    for g in groups:
+        if len(g[0].idxs) == 64:
+            s = csi(g)
+            key = [k for k in cs.scores if cs.targets[[t.key for t in cs.targets].index(k)].module
+                   is g[0].dep.target.module][0]
+            torch.testing.assert_close(s, cs.scores[key].reshape(-1))
+
+
+def test_bert_prune_heads_and_ffn_forward_and_exact_reload(tmp_path):
+    model = tiny_bert()
+    ids, am, batches = token_batches()
+    model.config._attn_implementation = "eager"
+    curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                               progress=False)
+    imp = OBSImportance(curv, channel_blocks=transformer_channel_blocks(model))
+    info = prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, imp, 0.5)
+    for layer in model.encoder.layer:
+        sa = layer.attention.self
+        assert sa.num_attention_heads == 2 and sa.query.out_features == 16 and sa.key.out_features == 16
+        assert layer.attention.output.dense.in_features == 16 and layer.intermediate.dense.out_features == 32
+    assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 32
+    assert model.config._attn_implementation == "eager"            # the config object was updated in place
+    assert info["original"] == {"num_attention_heads": 4, "intermediate_size": 64}
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).last_hidden_state
+    assert out.shape == (8, 12, 32) and bool(torch.isfinite(out).all())
+    model.save_pretrained(tmp_path)
+    back = load_pruned(tmp_path)
+    assert back.config._attn_implementation == model.config._attn_implementation
+    with torch.no_grad():
+        again = back(input_ids=ids, attention_mask=am).last_hidden_state
+    assert torch.equal(out, again)
+    assert state_equal(model.state_dict(), back.state_dict())
+
+
+def test_llama_ffn_prune_and_exact_reload_uniform_and_global(tmp_path):
+    from obs_plugins.lm import causal_lm_loss
+    ids, _, _ = token_batches(padded=False)
+    batches = [{"input_ids": ids[i:i + 4]} for i in (0, 4)]
+    for global_pruning in (False, True):
+        model = tiny_llama()
+        curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=causal_lm_loss, progress=False)
+        imp = OBSImportance(curv)
+        prune_transformer(model, {"input_ids": ids[:2]}, imp, 0.5, global_pruning=global_pruning)
+        widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+        assert sum(widths) == 64 and all(layer.mlp.up_proj.out_features == w and layer.mlp.down_proj.in_features == w
+                                         for layer, w in zip(model.model.layers, widths))
+        assert model.model.layers[0].self_attn.q_proj.out_features == 32      # attention kept
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+        d = tmp_path / f"g{int(global_pruning)}"
+        model.save_pretrained(d)
+        with torch.no_grad():
+            assert torch.equal(load_pruned(d)(input_ids=ids).logits, out)
+        if not global_pruning:   # uniform widths: the plain config is enough for from_pretrained too
+            assert model.config.intermediate_size == 32
+            plain = transformers.AutoModelForCausalLM.from_pretrained(d)
+            with torch.no_grad():
+                assert torch.equal(plain(input_ids=ids).logits, out)
+
+
+def test_load_pruned_refuses_an_unpruned_checkpoint(tmp_path):
+    model = tiny_bert()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(PruningInputError, match="obs_pruned"):
+        load_pruned(tmp_path)
+
+
+def test_greedy_fast_path_for_single_columns_equals_the_general_path(monkeypatch):
+    import obs_plugins.methods.obs_iht.structured as S
+    g = torch.Generator().manual_seed(0)
+    X1, X2 = torch.randn(300, 20, generator=g, dtype=torch.float64), torch.randn(300, 16, generator=g,
+                                                                                 dtype=torch.float64)
+    layers = [(torch.randn(5, 20, generator=g, dtype=torch.float64), 2 * X1.T @ X1 / 300,
+               [[j] for j in range(12)], torch.rand(5, generator=g)),
+              (torch.randn(4, 16, generator=g, dtype=torch.float64), 2 * X2.T @ X2 / 300,
+               [[j + 4] for j in range(12)], None)]
+    fast = S.greedy_removal(layers, 12)
+    monkeypatch.setattr(S, "_greedy_single_columns", lambda *a: None)   # would return None if it were used
+    monkeypatch.setitem(S.__dict__, "all", lambda it: False)            # force the general block path
+    general = S.greedy_removal(layers, 12)
+    assert fast[0] == general[0]
+    torch.testing.assert_close(fast[1], general[1], rtol=1e-6, atol=1e-10)
