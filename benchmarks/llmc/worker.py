@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         evals[name] = torch.load(path)
     if args.method != "dense" and not args.calib:
         ap.error("--calib is required to prune")
-    sparsity, mask_structure = _parse_sparsity(args.sparsity)
+    sparsity, mask_structure = _parse_sparsity(args.sparsity) if args.method != "dense" else (0.0, "0:0")
 
     from importlib.metadata import version
 
