@@ -155,7 +155,7 @@ def cmd_limit(args) -> int:
 BENCHES = {"llm": "benchmarks/one_shot_llm.py", "curvature": "benchmarks/curvature.py",
            "tickets": "benchmarks/tickets.py", "tickets-sweep": "benchmarks/tickets_sweep.py",
            "onnx": "benchmarks/onnx_speed.py", "limit": "benchmarks/limit.py", "bip": "benchmarks/bip.py",
-           "allocation": "benchmarks/allocation.py"}
+           "allocation": "benchmarks/allocation.py", "llmc": "benchmarks/vs_llmcompressor.py"}
 
 
 def cmd_bench(args) -> int:

@@ -1,0 +1,270 @@
+"""OBS-IHT side by side with llm-compressor (vLLM project) SparseGPT and Wanda, in one run, on the same model,
+the same calibration windows and the same held-out text.
+
+SmolLM2-135M-Instruct (fp32, dequantized from the packaged GGUF by ``obs_plugins.data.load_smollm2``) is saved
+once to ``benchmarks/.cache/smollm2-fp32`` for llm-compressor; the calibration and held-out windows are the very
+batches ``obs_plugins.experiment.setup_smollm2`` gives our side, saved as LongTensors.  llm-compressor pins an
+older transformers than ours, so it runs in its own venv (``benchmarks/.venv-llmc``, made by
+``benchmarks/llmc/setup_venv.sh`` when missing) through ``benchmarks/llmc/worker.py``, one subprocess per
+(method, sparsity).  Ours runs in this process through ``obs_plugins.experiment.run_rows``.
+
+Times: theirs is the wall time of ``oneshot`` (calibration passes + pruning); ours is the layer-curvature pass
+(calibration) + the prune, so both include calibration.  Ratios are ours / llm-compressor SparseGPT.
+
+    python benchmarks/vs_llmcompressor.py                      # 50% / 70% / 2:4, T=3, 2 threads
+    python benchmarks/vs_llmcompressor.py --calib 16 --eval 8 --sparsities 0.5 --threads 1   # small look
+    obs-prune bench llmc --skip-ours                            # llm-compressor rows only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from obs_plugins.experiment import run_rows, setup_smollm2
+from obs_plugins.lm import perplexity
+
+ROOT = Path(__file__).resolve().parent
+VENV_PY = ROOT / ".venv-llmc" / "bin" / "python"
+WORKER = ROOT / "llmc" / "worker.py"
+SETUP_VENV = ROOT / "llmc" / "setup_venv.sh"
+CACHE = ROOT / ".cache"
+LLMC_METHODS = {"sparsegpt": "llmc SparseGPT", "wanda": "llmc Wanda"}
+
+
+def windows_of(batches: list[dict]) -> torch.Tensor:
+    """The (n, seq_len) token windows behind ``causal_lm_batches`` batches (their ``input_ids``, in order)."""
+    return torch.cat([b["input_ids"] for b in batches]).to(torch.long).contiguous()
+
+
+def save_windows(batches: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(windows_of(batches).clone(), path)
+    return path
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    """Save the dense fp32 model once (``save_pretrained``, safetensors) for llm-compressor to load.
+
+    transformers marks a model loaded from GGUF as quantized and refuses to save it, although its weights are
+    already dequantized fp32; so a copy without the GGUF quantization config is built, given the same state
+    dict (strictly), and saved.  ``model`` itself is not changed."""
+    if not (path / "config.json").exists():
+        import copy
+        import shutil
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        clone = type(model)(cfg).to(torch.float32)
+        clone.load_state_dict(model.state_dict(), strict=True)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        clone.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def ensure_venv() -> None:
+    if not VENV_PY.exists():
+        print(f"vs_llmcompressor: {VENV_PY.parent.parent} is missing; running {SETUP_VENV} ...", flush=True)
+        subprocess.run(["bash", str(SETUP_VENV)], check=True)
+
+
+def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sparsity: str, out: Path,
+               threads: int) -> dict:
+    cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
+           "--threads", str(threads), "--out", str(out)] + (["--calib", str(calib)] if calib else [])
+    for name, p in evals.items():
+        cmd += ["--eval", f"{name}={p}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false")
+    print(f"vs_llmcompressor: llm-compressor {method} at {sparsity} ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log = out.with_suffix(".log")
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {method} {sparsity} failed (rc {proc.returncode}); see {log}:\n"
+                           + (proc.stdout + proc.stderr)[-3000:])
+    res = json.loads(out.read_text())
+    res["process_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsities", default="0.5,0.7,2:4")
+    ap.add_argument("--methods", default="sparsegpt,wanda", help="llm-compressor methods: sparsegpt,wanda")
+    ap.add_argument("--iterations", type=int, default=3, help="OBS-IHT iterations T (best T is reported)")
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--eval", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, ours and theirs")
+    ap.add_argument("--skip-ours", action="store_true", help="run only the llm-compressor rows")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/vs_llmcompressor")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in LLMC_METHODS]
+    if bad:
+        ap.error(f"--methods: unknown {bad}; choose from {sorted(LLMC_METHODS)}")
+    sparsities = [s for s in args.sparsities.split(",") if s]
+    torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    t_all = time.perf_counter()
+
+    ensure_venv()
+    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
+    model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
+    work = CACHE / f"llmc-c{args.calib}-e{args.eval}-s{args.seq_len}"
+    calib_pt = save_windows(setup.calib, work / "calib.pt")
+    evals = {"heldout": save_windows(setup.heldout, work / "heldout.pt")}
+
+    # the dense check: same model folder and the same perplexity protocol on both sides
+    dense = perplexity(setup.model, setup.heldout, progress=progress, desc="perplexity dense")
+    theirs_dense = run_worker(model_dir, None, evals, "dense", "0", work / "dense.json", args.threads)
+    rel = abs(theirs_dense["ppl"]["heldout"] - dense) / dense
+    if rel > 1e-3:
+        raise RuntimeError(f"dense perplexity differs: ours {dense:.6f}, llm-compressor venv "
+                           f"{theirs_dense['ppl']['heldout']:.6f} (rel {rel:.2e} > 1e-3): the model folder or the "
+                           "evaluation protocol does not match")
+    rows = [{"sparsity": "0", "method": "dense", "ppl": dense, "measured_sparsity": 0.0, "seconds": 0.0,
+             "dense_check": {"ours": dense, "theirs": theirs_dense["ppl"]["heldout"], "rel": rel}}]
+    versions = theirs_dense["versions"]
+
+    for sp in sparsities:
+        for m in methods:
+            r = run_worker(model_dir, calib_pt, evals, m, sp, work / f"{m}_{sp.replace(':', 'of')}.json",
+                           args.threads)
+            versions = r["versions"]
+            rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"]["heldout"],
+                         "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"],
+                         "n_weights": r["n_weights"], "settings": r.get("settings"),
+                         "per_weight_sparsity": r["per_weight_sparsity"]})
+            print(json.dumps(rows[-1], default=str), flush=True)
+        if not args.skip_ours:
+            more, curv = run_rows(setup, sp, ["obs_iht"], iterations=args.iterations, progress=progress)
+            calib_s = (getattr(curv, "info", None) or {}).get("seconds", 0.0)
+            for r in more:
+                rows.append({"sparsity": sp, "method": "ours " + r["method"], "ppl": r["ppl"],
+                             "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"] + calib_s,
+                             "prune_seconds": r["prune_seconds"], "calibration_seconds": calib_s,
+                             "n_weights": len(setup.targets), "history": r.get("history")})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "history"}, default=str), flush=True)
+    for r in rows:
+        r["vs_dense"] = r["ppl"] / dense
+
+    cmd = "python benchmarks/vs_llmcompressor.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    total = time.perf_counter() - t_all
+    summary = _summary(rows, sparsities)
+    lines = _markdown(rows, summary, setup, args, cmd.strip(), versions, total)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"rows": rows, "summary": summary, "setup": setup.info, "command": cmd.strip(), "versions": versions,
+         "machine": _machine(args.threads), "total_seconds": total}, indent=2, default=str))
+    _plot(rows, sparsities, str(out.with_suffix(".png")))
+    print("\n".join(lines))
+    return 0
+
+
+def _pick(rows, sp, prefix):
+    hit = [r for r in rows if r["sparsity"] == sp and r["method"].startswith(prefix)]
+    return hit[0] if hit else None
+
+
+def _summary(rows, sparsities) -> list[dict]:
+    """Per sparsity: ours / llm-compressor SparseGPT for perplexity and time (and best T vs their Wanda)."""
+    out = []
+    for sp in sparsities:
+        sg, wa = _pick(rows, sp, "llmc SparseGPT"), _pick(rows, sp, "llmc Wanda")
+        t1, best = _pick(rows, sp, "ours OBS-IHT T=1"), _pick(rows, sp, "ours OBS-IHT best")
+        best = best or t1
+        ratio = lambda a, b, k: (a[k] / b[k]) if a and b and b[k] else None  # noqa: E731
+        out.append({"sparsity": sp, "best": best["method"].removeprefix("ours OBS-IHT ") if best else None,
+                    "ppl_T1_vs_sparsegpt": ratio(t1, sg, "ppl"), "ppl_best_vs_sparsegpt": ratio(best, sg, "ppl"),
+                    "ppl_best_vs_wanda": ratio(best, wa, "ppl"),
+                    "time_T1_vs_sparsegpt": ratio(t1, sg, "seconds"),
+                    "time_best_vs_sparsegpt": ratio(best, sg, "seconds")})
+    return out
+
+
+def _machine(threads) -> str:
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads} torch thread(s) per side, "
+            f"Python {platform.python_version()}")
+
+
+def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
+    f = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
+    sg_settings = next((r["settings"] for r in rows if r["method"] == "llmc SparseGPT" and r.get("settings")), {})
+    dc = rows[0]["dense_check"]
+    lines = [
+        f"SmolLM2-135M-Instruct (fp32 from the packaged GGUF), the {len(setup.targets)} Linear weights of "
+        f"model.layers (q/k/v/o/gate/up/down; embeddings/lm_head kept); calibration {setup.info['calib']}; "
+        f"held-out {setup.info['heldout']}; the same windows on both sides.", "",
+        f"Machine: {_machine(args.threads)}. llm-compressor {versions.get('llmcompressor', '?')} "
+        f"(compressed-tensors {versions.get('compressed-tensors', '?')}, transformers "
+        f"{versions.get('transformers', '?')}, torch {versions.get('torch', '?')}) in benchmarks/.venv-llmc; "
+        f"ours torch {torch.__version__}.", "",
+        f"Command: `{cmd}`", "",
+        f"Dense check: ours {dc['ours']:.4f}, llm-compressor venv {dc['theirs']:.4f} (relative difference "
+        f"{dc['rel']:.1e}).", "",
+        "llm-compressor settings (its defaults unless listed): "
+        + ", ".join(f"{k}={sg_settings[k]}" for k in ("block_size", "dampening_frac", "targets") if k in sg_settings)
+        + "; its default calibration pipeline (sequential: each decoder layer is calibrated on the outputs of the"
+        " layers already pruned). Time = wall time of `oneshot` (calibration + pruning) for theirs; layer"
+        " curvature (calibration) + prune for ours.", "",
+        "| sparsity | method | measured sparsity | held-out ppl | × dense | time (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['sparsity']} | {r['method']} | {r['measured_sparsity']:.4f} | {r['ppl']:.2f} | "
+                     f"{r['vs_dense']:.3f} | {r['seconds']:.1f} |")
+    if not args.skip_ours:
+        lines += ["", "Ours / llm-compressor SparseGPT (perplexity: lower is better; time: below 1 is faster):", "",
+                  "| sparsity | best T | ppl T=1 | ppl best T | ppl best T / their Wanda | time T=1 | time best T |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in summary:
+            lines.append(f"| {s['sparsity']} | {s['best']} | {f(s['ppl_T1_vs_sparsegpt'], '.3f')} | "
+                         f"{f(s['ppl_best_vs_sparsegpt'], '.3f')} | {f(s['ppl_best_vs_wanda'], '.3f')} | "
+                         f"{f(s['time_T1_vs_sparsegpt'], '.2f')} | {f(s['time_best_vs_sparsegpt'], '.2f')} |")
+    lines.append(f"\nTotal wall time {total:.0f} s (other jobs may have shared the cores).")
+    return lines
+
+
+def _plot(rows, sparsities, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [m for m in dict.fromkeys(r["method"].split(" best")[0] + (" best T" if " best" in r["method"] else "")
+                                      for r in rows) if m != "dense"]
+    key = lambda r: r["method"].split(" best")[0] + (" best T" if " best" in r["method"] else "")  # noqa: E731
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(len(names), 1)
+    for i, m in enumerate(names):
+        got = [[r for r in rows if r["sparsity"] == s and key(r) == m] for s in sparsities]
+        xs = [j + i * width for j in range(len(sparsities))]
+        axes[0].bar(xs, [g[0]["ppl"] if g else float("nan") for g in got], width, label=m)
+        axes[1].bar(xs, [g[0]["seconds"] if g else float("nan") for g in got], width, label=m)
+    axes[0].axhline(rows[0]["ppl"], color="k", ls="--", label="dense")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("held-out perplexity (log)")
+    axes[1].set_ylabel("time incl. calibration (s)")
+    for ax in axes:
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sparsities))], sparsities)
+        ax.set_xlabel("sparsity")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: OBS-IHT vs llm-compressor (same model, windows, machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

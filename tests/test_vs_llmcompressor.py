@@ -1,0 +1,119 @@
+"""benchmarks/vs_llmcompressor.py and benchmarks/llmc/worker.py without llm-compressor: the windows handed to the
+worker are our batches' tokens, and the worker's perplexity (its own copy, the worker imports nothing from
+obs_plugins) equals obs_plugins.lm.perplexity and a float64 brute-force reference."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from obs_plugins.lm import causal_lm_batches, perplexity
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return _load("llmc_worker", BENCH / "llmc" / "worker.py")
+
+
+@pytest.fixture(scope="module")
+def driver():
+    return _load("vs_llmcompressor", BENCH / "vs_llmcompressor.py")
+
+
+def _tiny_llama(layers=2, vocab=61):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _brute_ppl(model, windows):
+    """float64 exp(mean next-token NLL over every shifted token of every window)."""
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    return math.exp(float(nll.mean()))
+
+
+def test_saved_windows_are_our_batches(driver, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, 1000, (10, 7), generator=g)
+    batches = causal_lm_batches(windows, 4)  # 4 + 4 + 2: the last batch is short
+    path = driver.save_windows(batches, tmp_path / "calib.pt")
+    saved = torch.load(path)
+    assert saved.dtype == torch.long and saved.shape == (10, 7)
+    assert torch.equal(saved, windows)
+    again = causal_lm_batches(saved, 4)
+    assert len(again) == len(batches) == 3
+    for a, b in zip(again, batches):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_worker_perplexity_equals_ours_and_brute_force(worker):
+    model = _tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, 61, (5, 9), generator=g)  # batches of 4 + 1
+    theirs = worker.perplexity(model, windows, batch_size=4)
+    ours = perplexity(model, causal_lm_batches(windows, 4), progress=False)
+    ref = _brute_ppl(model, windows)
+    assert theirs == pytest.approx(ours, rel=1e-12)
+    assert theirs == pytest.approx(ref, rel=1e-5)
+    assert not model.training
+    with pytest.raises(ValueError, match="windows"):
+        worker.perplexity(model, windows[0])
+
+
+def test_worker_targets_are_the_decoder_linears(worker):
+    model = _tiny_llama(layers=3)
+    lin = worker.decoder_linears(model)
+    assert len(lin) == 3 * 7
+    assert "lm_head" not in lin and all(n.startswith("model.layers.") for n in lin)
+    m = lin["model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        m.weight.view(-1)[:10] = 0
+    total = sum(x.weight.numel() for x in lin.values())
+    assert worker.measured_sparsity(lin) == pytest.approx(10 / total, abs=0)
+
+
+def test_worker_sparsity_specs(worker):
+    assert worker._parse_sparsity("0.7") == (0.7, "0:0")
+    assert worker._parse_sparsity("2:4") == (0.5, "2:4")
+    for bad in ("1.2", "0", "4:4", "3:2"):
+        with pytest.raises(ValueError, match="--sparsity"):
+            worker._parse_sparsity(bad)
+
+
+def test_summary_ratios(driver):
+    rows = [{"sparsity": "0.5", "method": "llmc SparseGPT", "ppl": 40.0, "seconds": 100.0},
+            {"sparsity": "0.5", "method": "llmc Wanda", "ppl": 50.0, "seconds": 20.0},
+            {"sparsity": "0.5", "method": "ours OBS-IHT T=1", "ppl": 38.0, "seconds": 80.0},
+            {"sparsity": "0.5", "method": "ours OBS-IHT best T=3", "ppl": 30.0, "seconds": 200.0}]
+    (s,) = driver._summary(rows, ["0.5"])
+    assert s["best"] == "best T=3"
+    assert s["ppl_best_vs_sparsegpt"] == 0.75 and s["ppl_T1_vs_sparsegpt"] == 0.95
+    assert s["ppl_best_vs_wanda"] == 0.6
+    assert s["time_T1_vs_sparsegpt"] == 0.8 and s["time_best_vs_sparsegpt"] == 2.0
+
+
+@pytest.mark.real_model
+def test_real_windows_match_setup(driver, tmp_path):
+    from obs_plugins.experiment import setup_smollm2
+    setup = setup_smollm2(n_calib=4, n_eval=4, seq_len=32)
+    for batches in (setup.calib, setup.heldout):
+        saved = torch.load(driver.save_windows(batches, tmp_path / "w.pt"))
+        assert saved.shape == (4, 32)
+        assert torch.equal(saved, torch.cat([b["input_ids"] for b in batches]))
