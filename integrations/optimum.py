@@ -388,6 +388,26 @@ def _is_causal_lm(model) -> bool:
 
 
 # ---------------------------------------------------------------- one-shot
+def save_plain(model, save_dir) -> None:
+    """``model.save_pretrained(save_dir)``; a model loaded from a GGUF file (which transformers dequantizes to
+    plain tensors at load, but then refuses to serialize) is saved as the plain model it is."""
+    hq = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(hq, "quantization_config", None), "quant_method", None)
+    if hq is None or str(getattr(method, "value", method)) != "gguf":
+        model.save_pretrained(save_dir)
+        return
+    cfg = model.config
+    saved = (model.hf_quantizer, cfg.__dict__.get("quantization_config"))
+    try:
+        model.hf_quantizer = None
+        cfg.__dict__.pop("quantization_config", None)
+        model.save_pretrained(save_dir)
+    finally:
+        model.hf_quantizer = saved[0]
+        if saved[1] is not None:
+            cfg.quantization_config = saved[1]
+
+
 @dataclass
 class PruneResult:
     """What ``Pruner.prune`` did: the plan's report, exact counts, where files went."""
@@ -489,7 +509,7 @@ class Pruner(OptimumQuantizer):
         if save_dir is not None:
             save_dir = str(save_dir)
             os.makedirs(save_dir, exist_ok=True)
-            model.save_pretrained(save_dir)
+            save_plain(model, save_dir)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(save_dir)
             config.save_pretrained(save_dir)
@@ -542,7 +562,8 @@ class PruningCallback(TrainerCallback):
     installed at ``begin_step``, its scores join the optimizer (no weight decay; the scheduler's factor), its
     penalty's gradient is added before every optimizer step, and its rounds x epochs temperature schedule is
     spread over ``begin_step..end_step``; then the ticket is cut at exactly ``sparsity`` and fine-tuned with
-    fixed masks.  ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).
+    fixed masks; the kept weights keep their gated values ``w * gate`` at the cut (no rewinding: this is
+    fine-tuning, not a ticket search), so the network changes only where weights are removed.  ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).
     ``calibration_batches``: batches for the curvature (default: drawn from the Trainer's training data).
     """
 
@@ -683,8 +704,12 @@ class PruningCallback(TrainerCallback):
 
     def _cut_ticket(self, state):
         cs = self.sparsifier
+        with torch.no_grad():  # the gated weights w * gate the network was trained with
+            gated = {t.key: getattr(t.module, t.name).detach().clone() for t in cs.targets}
         cs.finish(rewind=False)
         plan = cs.make_plan(amount=self.config.sparsity)
+        for key, e in plan.entries.items():  # keep them, so the function only changes where weights are cut
+            e.new_weight = gated[key]
         plan.apply(reparametrize=True)
         self.history.append({"step": state.global_step, "target_sparsity": self.config.sparsity,
                              "sparsity": self.sparsity(), "natural_sparsity": plan.report.get("natural_sparsity")})
