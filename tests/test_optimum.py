@@ -437,3 +437,33 @@ def test_optimum_cli_registration(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     zeros, total = _selected_counts(back, PruningConfig(method="magnitude", sparsity=0.25))
     assert zeros == round(0.25 * total)
+
+
+def test_cs_cut_keeps_the_gated_weights_and_removes_exactly_k():
+    """At the cut the kept weights take their gated values w * gate (the function the search trained), the rest
+    are masked; exactly round(sparsity * n) weights go."""
+    from types import SimpleNamespace
+    model = tiny_bert(labels=3)
+    cfg = PruningConfig(method="cs", sparsity=0.6, end_step=8,
+                        method_config=obs_plugins.CSConfig(rounds=1, epochs=2, progress=False))
+    cb = PruningCallback(cfg)
+    cb.model, cb.lr_scheduler = model, None
+    cb.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb._setup_schedule(10)
+    cb.targets = hf.select_targets(model, cfg)
+    cb.params = [(t.module, t.name) for t in cb.targets]
+    cb.weights = sum(t.orig().numel() for t in cb.targets)
+    cb._start(SimpleNamespace(global_step=0))
+    assert len(cb.optimizer.param_groups) == 2 and cb.optimizer.param_groups[1]["weight_decay"] == 0.0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in cb.sparsifier.parameters():
+            s.copy_(torch.randn(s.shape, generator=g))
+        gated = {t.key: getattr(t.module, t.name).detach().clone() for t in cb.targets}
+    cb._cut_ticket(SimpleNamespace(global_step=8))
+    removed = 0
+    for t in cb.targets:
+        mask = t.prior_mask()
+        removed += int((~mask).sum())
+        assert torch.equal(t.current(), gated[t.key] * mask)
+    assert removed == round(0.6 * cb.weights)
