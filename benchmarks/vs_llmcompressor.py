@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from obs_plugins.experiment import run_rows, setup_smollm2
-from obs_plugins.lm import perplexity
+from obs_plugins.experiment import dense_row, run_rows, setup_smollm2
 
 ROOT = Path(__file__).resolve().parent
 VENV_PY = ROOT / ".venv-llmc" / "bin" / "python"
@@ -109,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, ours and theirs")
     ap.add_argument("--skip-ours", action="store_true", help="run only the llm-compressor rows")
+    ap.add_argument("--ours", default="obs_iht_onepass,obs_iht",
+                    help="our rows (obs_plugins.experiment.run_rows methods): one-pass T=1, sequential T=1 + best T")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/vs_llmcompressor")
     args = ap.parse_args(argv)
@@ -126,18 +127,17 @@ def main(argv=None) -> int:
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
     work = CACHE / f"llmc-c{args.calib}-e{args.eval}-s{args.seq_len}"
     calib_pt = save_windows(setup.calib, work / "calib.pt")
-    evals = {"heldout": save_windows(setup.heldout, work / "heldout.pt")}
+    evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}
 
     # the dense check: same model folder and the same perplexity protocol on both sides
-    dense = perplexity(setup.model, setup.heldout, progress=progress, desc="perplexity dense")
+    dense = dense_row(setup, progress)["ppl"]
     theirs_dense = run_worker(model_dir, None, evals, "dense", "0", work / "dense.json", args.threads)
-    rel = abs(theirs_dense["ppl"]["heldout"] - dense) / dense
+    rel = max(abs(theirs_dense["ppl"][h] - dense[h]) / dense[h] for h in dense)
     if rel > 1e-3:
-        raise RuntimeError(f"dense perplexity differs: ours {dense:.6f}, llm-compressor venv "
-                           f"{theirs_dense['ppl']['heldout']:.6f} (rel {rel:.2e} > 1e-3): the model folder or the "
-                           "evaluation protocol does not match")
+        raise RuntimeError(f"dense perplexity differs: ours {dense}, llm-compressor venv {theirs_dense['ppl']} "
+                           f"(rel {rel:.2e} > 1e-3): the model folder or the evaluation protocol does not match")
     rows = [{"sparsity": "0", "method": "dense", "ppl": dense, "measured_sparsity": 0.0, "seconds": 0.0,
-             "dense_check": {"ours": dense, "theirs": theirs_dense["ppl"]["heldout"], "rel": rel}}]
+             "dense_check": {"ours": dense, "theirs": theirs_dense["ppl"], "rel": rel}}]
     versions = theirs_dense["versions"]
 
     for sp in sparsities:
@@ -145,13 +145,13 @@ def main(argv=None) -> int:
             r = run_worker(model_dir, calib_pt, evals, m, sp, work / f"{m}_{sp.replace(':', 'of')}.json",
                            args.threads)
             versions = r["versions"]
-            rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"]["heldout"],
+            rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"],
                          "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"],
                          "n_weights": r["n_weights"], "settings": r.get("settings"),
                          "per_weight_sparsity": r["per_weight_sparsity"]})
             print(json.dumps(rows[-1], default=str), flush=True)
         if not args.skip_ours:
-            more, curv = run_rows(setup, sp, ["obs_iht"], iterations=args.iterations, progress=progress)
+            more, curv = run_rows(setup, sp, args.ours.split(","), iterations=args.iterations, progress=progress)
             calib_s = (getattr(curv, "info", None) or {}).get("seconds", 0.0)
             for r in more:
                 rows.append({"sparsity": sp, "method": "ours " + r["method"], "ppl": r["ppl"],
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                              "n_weights": len(setup.targets), "history": r.get("history")})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "history"}, default=str), flush=True)
     for r in rows:
-        r["vs_dense"] = r["ppl"] / dense
+        r["vs_dense"] = {h: r["ppl"][h] / dense[h] for h in dense}
 
     cmd = "python benchmarks/vs_llmcompressor.py " + " ".join(sys.argv[1:] if argv is None else argv)
     total = time.perf_counter() - t_all
@@ -187,15 +187,25 @@ def _summary(rows, sparsities) -> list[dict]:
     out = []
     for sp in sparsities:
         sg, wa = _pick(rows, sp, "llmc SparseGPT"), _pick(rows, sp, "llmc Wanda")
-        t1, best = _pick(rows, sp, "ours OBS-IHT T=1"), _pick(rows, sp, "ours OBS-IHT best")
-        best = best or t1
-        ratio = lambda a, b, k: (a[k] / b[k]) if a and b and b[k] else None  # noqa: E731
+        t1 = next((r for r in rows if r["sparsity"] == sp and r["method"] == "ours OBS-IHT T=1"), None)
+        best = _pick(rows, sp, "ours OBS-IHT best") or t1
+
+        def ratio(a, b, k):
+            if not (a and b):
+                return None
+            if isinstance(a[k], dict):
+                return {h: a[k][h] / b[k][h] for h in a[k]}
+            return a[k] / b[k] if b[k] else None
         out.append({"sparsity": sp, "best": best["method"].removeprefix("ours OBS-IHT ") if best else None,
                     "ppl_T1_vs_sparsegpt": ratio(t1, sg, "ppl"), "ppl_best_vs_sparsegpt": ratio(best, sg, "ppl"),
                     "ppl_best_vs_wanda": ratio(best, wa, "ppl"),
                     "time_T1_vs_sparsegpt": ratio(t1, sg, "seconds"),
                     "time_best_vs_sparsegpt": ratio(best, sg, "seconds")})
     return out
+
+
+def _ppl(d) -> str:
+    return ", ".join(f"{h} {v:.4f}" for h, v in d.items())
 
 
 def _machine(threads) -> str:
@@ -207,6 +217,7 @@ def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
     f = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
     sg_settings = next((r["settings"] for r in rows if r["method"] == "llmc SparseGPT" and r.get("settings")), {})
     dc = rows[0]["dense_check"]
+    texts = list(rows[0]["ppl"])
     lines = [
         f"SmolLM2-135M-Instruct (fp32 from the packaged GGUF), the {len(setup.targets)} Linear weights of "
         f"model.layers (q/k/v/o/gate/up/down; embeddings/lm_head kept); calibration {setup.info['calib']}; "
@@ -216,24 +227,27 @@ def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
         f"{versions.get('transformers', '?')}, torch {versions.get('torch', '?')}) in benchmarks/.venv-llmc; "
         f"ours torch {torch.__version__}.", "",
         f"Command: `{cmd}`", "",
-        f"Dense check: ours {dc['ours']:.4f}, llm-compressor venv {dc['theirs']:.4f} (relative difference "
-        f"{dc['rel']:.1e}).", "",
+        f"Dense check: ours {_ppl(dc['ours'])}, llm-compressor venv {_ppl(dc['theirs'])} (largest relative "
+        f"difference {dc['rel']:.1e}).", "",
         "llm-compressor settings (its defaults unless listed): "
         + ", ".join(f"{k}={sg_settings[k]}" for k in ("block_size", "dampening_frac", "targets") if k in sg_settings)
         + "; its default calibration pipeline (sequential: each decoder layer is calibrated on the outputs of the"
         " layers already pruned). Time = wall time of `oneshot` (calibration + pruning) for theirs; layer"
         " curvature (calibration) + prune for ours.", "",
-        "| sparsity | method | measured sparsity | held-out ppl | × dense | time (s) |", "|---|---|---|---|---|---|"]
+        "| sparsity | method | measured sparsity | " + " | ".join(f"ppl {h} | × dense" for h in texts)
+        + " | time (s) |", "|---|---|---|" + "---|---|" * len(texts) + "---|"]
     for r in rows:
-        lines.append(f"| {r['sparsity']} | {r['method']} | {r['measured_sparsity']:.4f} | {r['ppl']:.2f} | "
-                     f"{r['vs_dense']:.3f} | {r['seconds']:.1f} |")
+        cells = " | ".join(f"{r['ppl'][h]:.2f} | {r['vs_dense'][h]:.3f}" for h in texts)
+        lines.append(f"| {r['sparsity']} | {r['method']} | {r['measured_sparsity']:.4f} | {cells} | "
+                     f"{r['seconds']:.1f} |")
     if not args.skip_ours:
         lines += ["", "Ours / llm-compressor SparseGPT (perplexity: lower is better; time: below 1 is faster):", "",
-                  "| sparsity | best T | ppl T=1 | ppl best T | ppl best T / their Wanda | time T=1 | time best T |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| sparsity | best T | ppl T=1 (" + " / ".join(texts) + ") | ppl best T | ppl best T / their Wanda "
+                  "| time T=1 | time best T |", "|---|---|---|---|---|---|---|"]
+        g = lambda d: "—" if d is None else " / ".join(f"{d[h]:.3f}" for h in texts)  # noqa: E731
         for s in summary:
-            lines.append(f"| {s['sparsity']} | {s['best']} | {f(s['ppl_T1_vs_sparsegpt'], '.3f')} | "
-                         f"{f(s['ppl_best_vs_sparsegpt'], '.3f')} | {f(s['ppl_best_vs_wanda'], '.3f')} | "
+            lines.append(f"| {s['sparsity']} | {s['best']} | {g(s['ppl_T1_vs_sparsegpt'])} | "
+                         f"{g(s['ppl_best_vs_sparsegpt'])} | {g(s['ppl_best_vs_wanda'])} | "
                          f"{f(s['time_T1_vs_sparsegpt'], '.2f')} | {f(s['time_best_vs_sparsegpt'], '.2f')} |")
     lines.append(f"\nTotal wall time {total:.0f} s (other jobs may have shared the cores).")
     return lines
@@ -247,15 +261,16 @@ def _plot(rows, sparsities, path):
                                       for r in rows) if m != "dense"]
     key = lambda r: r["method"].split(" best")[0] + (" best T" if " best" in r["method"] else "")  # noqa: E731
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    text = list(rows[0]["ppl"])[-1]  # the text of another author
     width = 0.8 / max(len(names), 1)
     for i, m in enumerate(names):
         got = [[r for r in rows if r["sparsity"] == s and key(r) == m] for s in sparsities]
         xs = [j + i * width for j in range(len(sparsities))]
-        axes[0].bar(xs, [g[0]["ppl"] if g else float("nan") for g in got], width, label=m)
+        axes[0].bar(xs, [g[0]["ppl"][text] if g else float("nan") for g in got], width, label=m)
         axes[1].bar(xs, [g[0]["seconds"] if g else float("nan") for g in got], width, label=m)
-    axes[0].axhline(rows[0]["ppl"], color="k", ls="--", label="dense")
+    axes[0].axhline(rows[0]["ppl"][text], color="k", ls="--", label="dense")
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("held-out perplexity (log)")
+    axes[0].set_ylabel(f"perplexity on {text} (log)")
     axes[1].set_ylabel("time incl. calibration (s)")
     for ax in axes:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sparsities))], sparsities)

@@ -63,7 +63,7 @@ class LLMSetup:
 
 
 def _source_text(name: str, calib_plays, heldout_plays) -> str:
-    from .data import load_austen, load_bbc_news, load_kjv_bible, load_shakespeare
+    from .data import load_bbc_news, load_kjv_bible, load_shakespeare
     if name == "shakespeare":
         return load_shakespeare(list(calib_plays))
     if name == "kjv":

@@ -113,7 +113,7 @@ def test_summary_ratios(driver):
 def test_real_windows_match_setup(driver, tmp_path):
     from obs_plugins.experiment import setup_smollm2
     setup = setup_smollm2(n_calib=4, n_eval=4, seq_len=32)
-    for batches in (setup.calib, setup.heldout):
+    for batches in (setup.calib, *setup.heldout.values()):
         saved = torch.load(driver.save_windows(batches, tmp_path / "w.pt"))
         assert saved.shape == (4, 32)
         assert torch.equal(saved, torch.cat([b["input_ids"] for b in batches]))
