@@ -127,20 +127,24 @@ class Curvature:
         finally:
             self.model.train(was)
 
-    def _collect_onepass(self) -> None:
-        accs = self._new_accumulators(self.targets)
-        batches = [move(b, self.device) for b in self.batches]
-        handles = add_gram_hooks(self.targets, accs)
+    def _collect(self, targets, run: Callable[[], object]) -> None:
+        """Grams of ``targets`` from hooks while ``run()`` feeds the model (all-reduced, then stored)."""
+        accs = self._new_accumulators(targets)
+        handles = add_gram_hooks(targets, accs)
         try:
-            with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
-                run_batches(self.model, batches, self.forward_fn, desc="collecting layer curvature",
-                            progress=self.progress)
+            run()
         finally:
             for h in handles:
                 h.remove()
         for a in accs.values():
             a.all_reduce()
         self._store(accs)
+
+    def _collect_onepass(self) -> None:
+        batches = [move(b, self.device) for b in self.batches]
+        with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
+            self._collect(self.targets, lambda: run_batches(self.model, batches, self.forward_fn,
+                                                            desc="collecting layer curvature", progress=self.progress))
         self._grams_pending = False
 
     def _collect_eager_sequential(self, on_block) -> None:
@@ -181,16 +185,7 @@ class Curvature:
                           leave=False):
                 bt = by_block[i]
                 if bt:
-                    accs = self._new_accumulators(bt)
-                    handles = add_gram_hooks(bt, accs)
-                    try:
-                        run_block(blocks[i], cached)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    for a in accs.values():
-                        a.all_reduce()
-                    self._store(accs)
+                    self._collect(bt, lambda: run_block(blocks[i], cached))
                     planned.update(solve_layers(bt, {t.key: self._hessians[t.key] for t in bt}))
                 if i < last:
                     with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):

@@ -45,6 +45,7 @@ from torch.nn.utils import parametrize
 from ...curvature import batching
 from ...curvature.fisher import batch_rows
 from ...errors import PruningInputError
+from .._state import check_saved_state
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
 from ...targets import Target, out_dim, resolve_targets
 from .config import BiPConfig
@@ -450,16 +451,8 @@ class BiPTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a saved search (build the trainer on the same model/params/config, then load)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise PruningInputError(f"state: not a BiPTrainer state (version {STATE_VERSION})")
-        keys = [t.key for t in self.targets]
-        if list(state["keys"]) != keys:
-            raise PruningInputError(f"state: saved for parameters {state['keys']}, this trainer has {keys}")
-        mine = dataclasses.asdict(self.config)
-        differ = sorted(k for k in mine if k != "progress" and state["config"].get(k) != mine[k])
-        if differ:
-            raise PruningInputError(f"state: saved with a different config ({differ}); build the trainer with the "
-                                    "saved config")
+        check_saved_state(state, owner="BiPTrainer", noun="trainer", version=STATE_VERSION,
+                          keys=[t.key for t in self.targets], config=self.config)
         for k, s in state["scores"].items():
             if tuple(s.shape) != tuple(self.scores[k].shape) or tuple(state["masks"][k].shape) != tuple(s.shape):
                 raise PruningInputError(f"state: scores/mask of {k} have shape {tuple(s.shape)}, expected "
