@@ -66,7 +66,8 @@ ROUTES: dict[str, MethodRoute] = {
     "magnitude": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=False),
     "wanda": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=True),
     "continuous_sparsification": MethodRoute(one_shot=False, gradual="cs", nm=False, curvature=False),
-    # "bip": MethodRoute(one_shot=False, gradual="bip", nm=False, curvature=False),  # when BiP lands
+    # BiP: config round trip only for now; its alternating updates in a Trainer are not wired (BiPTrainer.fit)
+    "bip": MethodRoute(one_shot=False, gradual=None, nm=False, curvature=False),
 }
 ALIASES = {"cs": "continuous_sparsification", "continuous-sparsification": "continuous_sparsification",
            "obs-iht": "obs_iht", "obsiht": "obs_iht"}

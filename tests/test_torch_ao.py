@@ -30,7 +30,7 @@ def test_sparsifier_equals_the_torch_prune_flow(iterations):
 
     tparams = [(twin[0], "weight"), (twin[2], "weight")]
     tcurv = Curvature.layerwise(twin, tparams, batches, loss_fn=mse, progress=False)
-    prune.global_unstructured(tparams, pruning_method=OBSIHT, amount=0.7, curvature=tcurv,
+    prune.global_unstructured(tparams, pruning_method=OBSIHT, amount=0.7, curvature=tcurv, allocation="uniform",
                               iterations=iterations, progress=False)
     for m, n in tparams:
         prune.remove(m, n)
