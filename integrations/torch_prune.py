@@ -20,6 +20,7 @@ from torch.nn.utils import prune
 
 from obs_plugins.errors import PruningInputError
 from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm
+from obs_plugins.targets import check_targets
 from obs_plugins.methods.obs_iht import OBSIHTConfig
 from obs_plugins.methods.obs_iht import solve as obs_iht_solve
 
@@ -47,6 +48,16 @@ class _PlanPruningMethod(prune.BasePruningMethod):
     def _release(self) -> None:
         pass
 
+    _scores_from = "its own scores"
+
+    @classmethod
+    def _check_apply(cls, module, name, importance_scores) -> None:
+        if importance_scores is not None:
+            raise PruningInputError(f"importance_scores: {cls.__name__} uses {cls._scores_from}")
+        if not isinstance(name, str) or not (hasattr(module, name) or hasattr(module, name + "_orig")):
+            have = sorted(n for n, _ in module.named_parameters(recurse=False))
+            raise PruningInputError(f"name: {type(module).__name__} has no parameter {name!r}; it has {have}")
+
     def _targets(self):
         targets = self._all_targets()
         if self._target is not None:
@@ -62,6 +73,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
         # PruningContainer on a second round); our mask comes back in the same shape
         try:
             targets = self._targets()
+            check_targets(targets)  # NaN/Inf weights are named here, not mistaken for a different parameter list
             kept = [tgt.prior_mask() for tgt in targets]
             expected = torch.cat([tgt.current()[m] for tgt, m in zip(targets, kept)])
             if expected.numel() != t.numel():
@@ -99,6 +111,7 @@ class OBSIHT(_PlanPruningMethod):
     (every listed tensor loses ``amount``).
     """
     _source_name = "curvature"
+    _scores_from = "its own OBS saliency"
 
     def __init__(self, amount, curvature=None, *, _target=None, **config):
         super().__init__(amount, _target=_target)
@@ -125,8 +138,7 @@ class OBSIHT(_PlanPruningMethod):
 
     @classmethod
     def apply(cls, module, name, amount, curvature=None, importance_scores=None, **config):
-        if importance_scores is not None:
-            raise PruningInputError("importance_scores: OBSIHT computes its own OBS saliency")
+        cls._check_apply(module, name, importance_scores)
         return super().apply(module, name, amount=amount, curvature=curvature, _target=(module, name), **config)
 
     def _all_targets(self):
@@ -142,6 +154,7 @@ class OBSIHT(_PlanPruningMethod):
 class ContinuousSparsification(_PlanPruningMethod):
     """Masks from a trained :class:`obs_plugins.ContinuousSparsifier` (learned scores, exact sparsity)."""
     _source_name = "sparsifier"
+    _scores_from = "the learned scores"
 
     def __init__(self, amount, sparsifier=None, *, _target=None):
         super().__init__(amount, _target=_target)
@@ -151,8 +164,7 @@ class ContinuousSparsification(_PlanPruningMethod):
 
     @classmethod
     def apply(cls, module, name, amount, sparsifier=None, importance_scores=None):
-        if importance_scores is not None:
-            raise PruningInputError("importance_scores: ContinuousSparsification uses the learned scores")
+        cls._check_apply(module, name, importance_scores)
         return super().apply(module, name, amount=amount, sparsifier=sparsifier, _target=(module, name))
 
     def _all_targets(self):
@@ -168,6 +180,7 @@ class ContinuousSparsification(_PlanPruningMethod):
 class BiP(_PlanPruningMethod):
     """Masks from a finished :class:`obs_plugins.BiPTrainer` (bi-level learned scores, exact sparsity)."""
     _source_name = "trainer"
+    _scores_from = "the learned scores"
 
     def __init__(self, amount, trainer=None, *, _target=None):
         super().__init__(amount, _target=_target)
@@ -177,8 +190,7 @@ class BiP(_PlanPruningMethod):
 
     @classmethod
     def apply(cls, module, name, amount, trainer=None, importance_scores=None):
-        if importance_scores is not None:
-            raise PruningInputError("importance_scores: BiP uses the learned scores")
+        cls._check_apply(module, name, importance_scores)
         return super().apply(module, name, amount=amount, trainer=trainer, _target=(module, name))
 
     def _all_targets(self):

@@ -151,6 +151,22 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
     return out
 
 
+def check_targets(targets: list[Target]) -> None:
+    """Every target holds finite values on one real device (a meta tensor has no values to prune)."""
+    devices = set()
+    for t in targets:
+        w = t.orig()
+        if w.device.type == "meta":
+            raise PruningInputError(f"params: {t.key} is on the meta device (no values); load the real weights first")
+        devices.add(str(w.device))
+        if not torch.isfinite(t.current()).all():
+            bad = int((~torch.isfinite(t.current())).sum())
+            raise PruningInputError(f"params: {t.key} holds {bad} NaN/Inf values; fix the weights before pruning")
+    if len(devices) > 1:
+        raise PruningInputError(f"params: the tensors live on several devices ({', '.join(sorted(devices))}); move the "
+                                "model to one device")
+
+
 def prunable_linear_targets(model: nn.Module, *, exclude: tuple[str, ...] = ("lm_head",),
                             types=(nn.Linear, nn.Conv2d)) -> list[Target]:
     """Every Linear/Conv2d/Conv1D weight in the model, minus names containing an ``exclude`` entry."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningInputError
-from ..targets import Target, layer_kind, out_dim, resolve_targets, to_2d
+from ..targets import Target, check_targets, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import batch_loss, default_forward, move
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, collect_sequential,
                       feed, run_batches, run_block)
@@ -91,6 +91,7 @@ class Curvature:
         curv = cls(model, params, batches, loss_fn=loss_fn, forward_fn=forward_fn)
         if not curv.batches:
             raise PruningInputError("batches: no calibration batches given")
+        check_targets(curv.targets)
         curv.dtype, curv.progress = dtype, progress
         if on_block is not None:
             curv._collect_eager_sequential(on_block)
