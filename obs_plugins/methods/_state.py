@@ -1,4 +1,4 @@
-"""Checks shared by the learned methods' ``load_state_dict`` (Continuous Sparsification, BiP)."""
+"""Checks shared by the learned methods (Continuous Sparsification, BiP): configs and saved states."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,3 +17,20 @@ def check_saved_state(state, *, owner: str, noun: str, version: int, keys: list[
     if differ:
         raise PruningInputError(f"state: saved with a different config ({differ}); build the {noun} with the "
                                 "saved config")
+
+
+def resolve_config(config, cls, overrides: dict, *, owner: str):
+    """``config`` (an instance of ``cls`` or None for the defaults) with keyword ``overrides``, validated."""
+    if config is None:
+        config = cls()
+    elif not isinstance(config, cls):
+        raise PruningInputError(f"config: expected a {cls.__name__}, got {type(config).__name__}")
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise PruningInputError(f"{owner}: unknown argument(s) {unknown}; {cls.__name__} fields: "
+                                    f"{sorted(fields)}")
+        config = dataclasses.replace(config, **overrides)
+    config.validate()
+    return config

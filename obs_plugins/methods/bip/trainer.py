@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 from ...curvature import batching
 from ...curvature.fisher import batch_rows
 from ...errors import PruningInputError
-from .._state import check_saved_state
+from .._state import check_saved_state, resolve_config
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
 from ...targets import Target, out_dim, resolve_targets
 from .config import BiPConfig
@@ -119,20 +119,9 @@ class BiPTrainer:
                  **overrides):
         if not isinstance(model, nn.Module):
             raise PruningInputError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if config is None:
-            config = BiPConfig()
-        elif not isinstance(config, BiPConfig):
-            raise PruningInputError(f"config: expected a BiPConfig, got {type(config).__name__}")
         if sparsity is not None:
             overrides["sparsity"] = sparsity
-        if overrides:
-            fields = {f.name for f in dataclasses.fields(BiPConfig)}
-            unknown = sorted(set(overrides) - fields)
-            if unknown:
-                raise PruningInputError(f"BiPTrainer: unknown argument(s) {unknown}; BiPConfig fields: "
-                                        f"{sorted(fields)}")
-            config = dataclasses.replace(config, **overrides)
-        config.validate()
+        config = resolve_config(config, BiPConfig, overrides, owner="BiPTrainer")
         targets = resolve_targets(model, params)
         channel = config.granularity == "channel"
         parts: dict[str, list[str]] = {}

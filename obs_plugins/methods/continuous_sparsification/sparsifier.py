@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...errors import PruningInputError
-from .._state import check_saved_state
+from .._state import check_saved_state, resolve_config
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
 from ...targets import Target, out_dim, resolve_targets
 from .config import CSConfig, check_epochs
@@ -81,18 +81,7 @@ class ContinuousSparsifier:
     def __init__(self, model: nn.Module, params, config: CSConfig | None = None, **overrides):
         if not isinstance(model, nn.Module):
             raise PruningInputError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if config is None:
-            config = CSConfig()
-        elif not isinstance(config, CSConfig):
-            raise PruningInputError(f"config: expected a CSConfig, got {type(config).__name__}")
-        if overrides:
-            fields = {f.name for f in dataclasses.fields(CSConfig)}
-            unknown = sorted(set(overrides) - fields)
-            if unknown:
-                raise PruningInputError(f"ContinuousSparsifier: unknown argument(s) {unknown}; "
-                                        f"CSConfig fields: {sorted(fields)}")
-            config = dataclasses.replace(config, **overrides)
-        config.validate()
+        config = resolve_config(config, CSConfig, overrides, owner="ContinuousSparsifier")
         targets = resolve_targets(model, params)
         for t in targets:
             if parametrize.is_parametrized(t.module, self._stored_name(t)):
