@@ -4,3 +4,7 @@ class CurvatureError(RuntimeError):
 
 class PruningInputError(ValueError):
     """A user argument is invalid; the message names the argument. The model has not been changed."""
+
+
+class TiedWeightWarning(UserWarning):
+    """A pruned tensor is shared with a module that was not listed (tied embeddings): both will change."""

@@ -167,6 +167,37 @@ def check_targets(targets: list[Target]) -> None:
                                 "model to one device")
 
 
+def check_tied(model: nn.Module | None, targets: list[Target]) -> list[tuple[str, str]]:
+    """Warn (:class:`TiedWeightWarning`) for every target whose storage another, unlisted parameter of the
+    model shares (e.g. ``lm_head.weight`` tied to ``embed_tokens.weight``): pruning it rewrites both, with
+    updates tuned for the listed one.  Returns the ``(listed, unlisted)`` pairs."""
+    import warnings
+    from .errors import TiedWeightWarning
+    if model is None:
+        return []
+    listed = {(id(t.module), t.name) for t in targets}
+    listed |= {(id(t.module), t.name + "_orig") for t in targets}
+    by_ptr = {}
+    for t in targets:
+        o = t.orig()
+        if o.device.type != "meta":
+            by_ptr.setdefault((o.data_ptr(), tuple(o.shape)), t.key)
+    pairs = []
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            if (id(mod), pname) in listed or p.device.type == "meta":
+                continue
+            key = by_ptr.get((p.data_ptr(), tuple(p.shape)))
+            other = f"{mname}.{pname}" if mname else pname
+            if key is not None and (key, other) not in pairs:
+                pairs.append((key, other))
+    for key, other in pairs:
+        warnings.warn(f"params: {key} is tied to {other}, which is not listed; pruning {key} rewrites {other} "
+                      f"too, with updates tuned for {key} alone. Untie them (e.g. tie_word_embeddings=False and "
+                      f"a cloned weight) or leave {key} out of params", TiedWeightWarning, stacklevel=3)
+    return pairs
+
+
 def prunable_linear_targets(model: nn.Module, *, exclude: tuple[str, ...] = ("lm_head",),
                             types=(nn.Linear, nn.Conv2d)) -> list[Target]:
     """Every Linear/Conv2d/Conv1D weight in the model, minus names containing an ``exclude`` entry."""

@@ -137,3 +137,17 @@ def test_a_rejected_step_leaves_the_weights_of_iteration_one():
     assert h[-1]["accepted"] is False and p2.report["best_iteration"] == 1
     for k, e in p1.entries.items():
         assert torch.equal(e.mask, p2.entries[k].mask) and torch.equal(e.new_weight, p2.entries[k].new_weight)
+
+
+def test_default_cap_yields_when_the_request_needs_more():
+    """Found by tests/test_properties.py: 20 of 21 weights (s = 0.95) cannot be pruned under the default cap
+    min(0.99, s + 0.2) on a 6- and a 15-weight layer (5 + 14 = 19 < 20); the default cap yields, a user's cap
+    does not."""
+    from obs_plugins.methods.obs_iht.solver import layer_bounds
+    prior = {"a": torch.ones(3, 2, dtype=torch.bool), "b": torch.ones(5, 3, dtype=torch.bool)}
+    lo, hi, bounds = layer_bounds(prior, 20, 0.0, None)
+    assert hi == {"a": 6, "b": 15} and bounds["max"] == 1.0
+    lo, hi, bounds = layer_bounds(prior, 10, 0.0, None)  # s = 10/21: the ordinary cap
+    assert bounds["max"] == pytest.approx(10 / 21 + 0.2) and hi == {"a": 4, "b": 10}
+    with pytest.raises(PruningInputError, match="layer_max_sparsity"):
+        layer_bounds(prior, 20, 0.0, 0.9)

@@ -1,6 +1,8 @@
-"""Bad input tried as a user would (issue 22, first part): each case gets a clear PruningInputError naming the
-argument, and the model's state_dict, requires_grad flags and hooks are bit-identical afterwards."""
+"""Bad input tried as a user would (issue 22): each case gets a clear PruningInputError naming the argument, and
+the model's state_dict, requires_grad flags and hooks are bit-identical afterwards; the valid-but-odd inputs prune
+exactly the count asked and leave finite weights."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -63,6 +65,58 @@ def case_loss_other_convention(model, params, batches):
     api.plan(OBSIHTConfig(iterations=2, progress=False), curvature=curv, amount=0.5)
 
 
+def case_batch_wrong_width(model, params, batches):
+    batches[2] = (torch.randn(16, 31), batches[2][1])  # one calibration batch of the wrong width
+    Curvature.layerwise(model, params, batches, progress=False)
+
+
+def case_batch_wrong_width_later(model, params, batches):  # found only when the loss is first evaluated
+    import torch.nn.functional as F
+    curv = Curvature.layerwise(model, params, batches, loss_fn=F.cross_entropy, progress=False)
+    curv.batches[3] = (torch.randn(16, 29), batches[3][1])
+    api.plan(OBSIHTConfig(iterations=2, progress=False), curvature=curv, amount=0.5)
+
+
+def case_target_wrong_shape(model, params, batches):
+    import torch.nn.functional as F
+    batches = [(x, y[:-1]) for x, y in batches]  # one label short
+    curv = Curvature.layerwise(model, params, batches, loss_fn=F.cross_entropy, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+
+
+def case_sequential_tokens_out_of_vocab(model, params, batches):
+    from test_sequential import llama_problem
+    llama, lparams, lbatches = llama_problem()
+    lbatches[1] = {**lbatches[1], "input_ids": lbatches[1]["input_ids"] + 200}  # ids beyond the vocabulary
+    curv = Curvature.layerwise(llama, lparams, lbatches, progress=False)
+    prune.global_unstructured(lparams, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+
+
+def case_onnx_example_inputs(model, params, batches, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from obs_plugins.integrations import onnx as ox
+    ox.export(model, torch.randn(2, 31), tmp_path / "m.onnx")
+
+
+def case_onnx_verify_inputs(model, params, batches, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from obs_plugins.integrations import onnx as ox
+    r = ox.export(model, torch.randn(2, 30), tmp_path / "m.onnx")
+    ox.verify(r.path, model, torch.randn(2, 29), runs=1, warmup=0)
+
+
+def _amount(a):
+    def case(model, params, batches):
+        curv = Curvature.layerwise(model, params, batches, progress=False)
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=a, curvature=curv, progress=False)
+    case.__name__ = f"case_amount_{a!r}"
+    return case
+
+
+def case_empty_calibration(model, params, batches):
+    Curvature.layerwise(model, params, [], progress=False)
+
+
 CASES = {  # case -> the words the message must contain
     case_nm_width_not_multiple: ("nm", "0.weight", "30"),
     case_nm_width_wanda: ("nm", "0.weight", "30"),
@@ -71,17 +125,32 @@ CASES = {  # case -> the words the message must contain
     case_meta_device: ("params", "meta"),
     case_misspelt_name: ("name", "'wieght'", "weight", "bias"),
     case_loss_other_convention: ("loss_fn", "(output, target)"),
+    case_batch_wrong_width: ("batches[2]", "'0' (Linear)", "(16, 31)", "mat1 and mat2"),
+    case_batch_wrong_width_later: ("batches[3]", "'0' (Linear)", "(16, 29)"),
+    case_target_wrong_shape: ("loss_fn", "target (15,)", "(16, 4)"),
+    case_sequential_tokens_out_of_vocab: ("batches[1]", "embed_tokens", "(Embedding)"),
+    case_onnx_example_inputs: ("example_inputs", "'0' (Linear)", "(2, 31)"),
+    case_onnx_verify_inputs: ("inputs", "'0' (Linear)", "(2, 29)"),
+    _amount(-0.1): ("amount",),
+    _amount(1.5): ("amount",),
+    _amount(True): ("amount", "True"),
+    _amount("0.5"): ("amount", "'0.5'"),
+    _amount(10 ** 6): ("amount", "272"),
+    case_empty_calibration: ("batches",),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=lambda c: c.__name__[5:])
-def test_bad_input_is_named_and_leaves_the_model_as_it_was(case):
+def test_bad_input_is_named_and_leaves_the_model_as_it_was(case, tmp_path):
     model, params, batches = problem()
     if case is case_nan_before_calibration:
         model[0].weight.data[1, 1] = float("inf")
     before = state(model)
     with pytest.raises(PruningInputError) as err:
-        case(model, params, batches)
+        if "onnx" in case.__name__:
+            case(model, params, batches, tmp_path)
+        else:
+            case(model, params, batches)
     for words in CASES[case]:
         assert words in str(err.value), (words, str(err.value))
     after = state(model)
@@ -91,3 +160,74 @@ def test_bad_input_is_named_and_leaves_the_model_as_it_was(case):
         before[0]["2.weight"], after[0]["2.weight"] = before[0]["2.weight"].nan_to_num(), after[0]["2.weight"].nan_to_num()
     assert same(before, after)
     assert not prune.is_pruned(model)
+
+
+def _prep_dead(model, batches):  # 5 input columns never active: dead columns of the Gram
+    for x, _ in batches:
+        x[:, :5] = 0
+
+
+VALID = {  # name -> (amount, prepare(model, batches) or None, calibration batches override or None, dtype)
+    "count": (100, None, None, None),
+    "all_weights": (1.0, None, None, None),
+    "frozen_params": (0.5, lambda m, b: [p.requires_grad_(False) for p in m.parameters()], None, None),
+    "fp16": (0.5, None, None, torch.float16),
+    "bf16": (0.5, None, None, torch.bfloat16),
+    "dead_columns": (0.5, _prep_dead, None, None),
+    "rank_deficient": (0.5, None, [(torch.randn(3, 30), torch.randint(0, 4, (3,)))], None),
+}
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_valid_but_odd_input_prunes_the_exact_count(name):
+    amount, prep, override, dtype = VALID[name]
+    model, params, batches = problem()
+    if prep:
+        prep(model, batches)
+    if dtype is not None:
+        model.to(dtype)
+        batches = [(x.to(dtype), y) for x, y in batches]
+    flags = [p.requires_grad for p in model.parameters()]
+    curv = Curvature.layerwise(model, params, override or batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=amount, curvature=curv, progress=False)
+    total = sum(getattr(m, n).numel() for m, n in params)
+    want = amount if isinstance(amount, int) and not isinstance(amount, bool) and amount > 1 else round(amount * total)
+    assert sum(int((getattr(m, n) == 0).sum()) for m, n in params) == want
+    assert all(torch.isfinite(getattr(m, n)).all() and getattr(m, n).dtype == (dtype or torch.float32)
+               for m, n in params)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_pruning_twice_keeps_the_first_zeros_and_adds_the_second_count():
+    model, params, batches = problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+    first = [getattr(m, n) == 0 for m, n in params]
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+    second = [getattr(m, n) == 0 for m, n in params]
+    assert all((s | ~f).all() for f, s in zip(first, second))  # nothing un-pruned
+    assert sum(int(s.sum()) for s in second) == 136 + 68  # torch's amount: a fraction of the survivors
+
+
+def test_tied_weight_warns_naming_both_modules():
+    from obs_plugins import TiedWeightWarning
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    m = Tied()
+    batches = [torch.randint(0, 10, (4, 5))]
+    with pytest.warns(TiedWeightWarning, match=r"head\.weight is tied to emb\.weight"):
+        Curvature.layerwise(m, [(m.head, "weight")], batches, progress=False)
+    with warnings.catch_warnings():  # untied: no warning
+        warnings.simplefilter("error", TiedWeightWarning)
+        m.head.weight = nn.Parameter(m.emb.weight.detach().clone())
+        Curvature.layerwise(m, [(m.head, "weight")], batches, progress=False)

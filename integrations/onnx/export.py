@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from obs_plugins.curvature.batching import named_failure
 from obs_plugins.errors import PruningInputError
 
 from .bake import baked_copy, effective_weights, zero_fraction
@@ -79,6 +80,9 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
     import warnings
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # inputs the model cannot take: say so naming the argument and the module, before torch.export's
+        # page-long trace (one eager forward on the example rows)
+        named_failure("example_inputs", cp, lambda: cp(*args, **kwargs), example_inputs)
         prog = torch.onnx.export(cp, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=ds,
                                  verbose=verbose, external_data=False, **kw)
     proto = prog.model_proto

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from obs_plugins.curvature.batching import named_failure
 from obs_plugins.errors import PruningInputError
 from obs_plugins.timing import latency_stats, speedup
 
@@ -158,7 +159,7 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
     model.eval()
     try:
         with torch.no_grad():
-            ref = flatten_outputs(model(*args, **kwargs))
+            ref = flatten_outputs(named_failure("inputs", model, lambda: model(*args, **kwargs), inputs))
     finally:
         model.train(was_training)
     outputs, failures = [], []

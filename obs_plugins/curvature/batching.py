@@ -43,10 +43,24 @@ def batch_loss(loss_fn: Callable, output, batch) -> torch.Tensor:
             f"loss_fn: calling loss_fn(output, {got.split(' ')[0]}) failed ({e}); obs-plugins follows torch's "
             "convention: loss_fn(output, target) for (inputs, target) batches such as F.cross_entropy, and "
             "loss_fn(output, batch) for dict batches") from e
+    except (RuntimeError, ValueError, IndexError) as e:  # e.g. a target of the wrong shape for the output
+        if isinstance(e, (PruningInputError, torch.OutOfMemoryError)):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise PruningInputError(f"loss_fn: loss_fn(output {describe(_output_tensor(output))}, "
+                                f"{'target ' if is_pair(batch) else 'batch '}{describe(arg)}) failed: "
+                                f"{type(e).__name__}: {msg}") from e
     if not (torch.is_tensor(loss) and loss.numel() == 1):
         raise PruningInputError(f"loss_fn: must return a scalar tensor, got "
                                 f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}")
     return loss.reshape(())
+
+
+def _output_tensor(output):
+    """The logits-like tensor of a model output, for messages (``.logits`` of Hugging Face outputs)."""
+    if torch.is_tensor(output):
+        return output
+    return getattr(output, "logits", None) if getattr(output, "logits", None) is not None else output
 
 
 def move(batch, device):
@@ -58,3 +72,102 @@ def move(batch, device):
     if isinstance(batch, (tuple, list)):
         return type(batch)(move(v, device) for v in batch)
     return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures of the user's model on the user's inputs, named at the boundary (which argument, which module)
+def _tensors(x) -> list[torch.Tensor]:
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def describe(x) -> str:
+    """Shapes and dtypes of the tensors in ``x`` (``{'input_ids': (2, 8) int64}``-like), for error messages."""
+    def one(t):
+        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    if torch.is_tensor(x):
+        return one(x)
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in x) + ("," if len(x) == 1 else "") + ")"
+    return type(x).__name__
+
+
+def failing_module(model: nn.Module, run: Callable[[], object]) -> str | None:
+    """``'name' (Type)`` of the innermost module of ``model`` whose forward raises when ``run()`` is repeated,
+    or None.  Only called after a failure, so the ordinary path carries no hooks."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[nn.Module] = []
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, _a: stack.append(mod)))
+        handles.append(m.register_forward_hook(lambda mod, _a, _o: stack.pop() if stack else None))
+    try:
+        with torch.no_grad():
+            run()
+    except Exception:  # noqa: BLE001 - we only want to know where it fails
+        if stack:
+            m = stack[-1]
+            return f"{names.get(id(m)) or '(the model itself)'!r} ({type(m).__name__})"
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+# what a model raises on inputs of the wrong shape / dtype / vocabulary; our own errors and OOM pass through
+_INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError)
+
+
+def named_failure(what: str, model: nn.Module, run: Callable[[], object], inputs=None):
+    """``run()``; a failure of the model on the caller's inputs becomes a :class:`PruningInputError` naming
+    the argument ``what`` (``batches[3]``, ``example_inputs``, ``inputs``), the module that failed and the
+    shapes given.  The model is not changed by the check (hooks are removed)."""
+    from ..errors import CurvatureError
+    try:
+        return run()
+    except (PruningInputError, CurvatureError):
+        raise
+    except _INPUT_ERRORS as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        where = failing_module(model, run)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shapes = f" (given {describe(inputs)})" if inputs is not None else ""
+        raise PruningInputError(f"{what}: the model's forward pass failed{' in module ' + where if where else ''}"
+                                f"{shapes}: {type(e).__name__}: {msg[:300]}") from e
+
+
+class NamedForward:
+    """``forward_fn(model, batch)`` whose failures name the calibration batch (``batches[i]``) and module."""
+
+    def __init__(self, forward_fn: Callable, batches: list):
+        self.forward_fn, self.batches = forward_fn, batches
+
+    def index(self, batch) -> int | None:
+        tb = _tensors(batch)
+        for i, c in enumerate(self.batches):
+            tc = _tensors(c)
+            if tc and len(tc) == len(tb) and all(
+                    x is y or (x.shape == y.shape and x.device == y.device and x.data_ptr() == y.data_ptr())
+                    for x, y in zip(tc, tb)):
+                return i
+        return None
+
+    def __call__(self, model, batch):
+        from ..errors import CurvatureError
+        try:
+            return self.forward_fn(model, batch)
+        except (PruningInputError, CurvatureError, torch.OutOfMemoryError):
+            raise
+        except _INPUT_ERRORS:
+            i = self.index(batch)
+            what = f"batches[{i}]" if i is not None else "batches (a calibration batch)"
+            named_failure(what, model, lambda: self.forward_fn(model, batch), batch)
+            raise  # the repeat did not fail: the original error stands

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import PruningInputError
-from ..targets import Target, check_targets, layer_kind, out_dim, resolve_targets, to_2d
-from .batching import batch_loss, default_forward, move
+from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
+from .batching import NamedForward, batch_loss, default_forward, move
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, collect_sequential,
                       feed, run_batches, run_block)
 
@@ -34,7 +34,8 @@ class Curvature:
         self.targets: list[Target] = resolve_targets(model, params)
         self.batches = list(batches) if batches is not None else []
         self.loss_fn = loss_fn
-        self.forward_fn = forward_fn or default_forward
+        # a failure on a calibration batch names it (batches[i]) and the module that raised
+        self.forward_fn = NamedForward(forward_fn or default_forward, self.batches)
         self._hessians: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self.fisher: dict = {}
@@ -92,6 +93,7 @@ class Curvature:
         if not curv.batches:
             raise PruningInputError("batches: no calibration batches given")
         check_targets(curv.targets)
+        check_tied(model, curv.targets)
         curv.dtype, curv.progress = dtype, progress
         if on_block is not None:
             curv._collect_eager_sequential(on_block)

@@ -21,7 +21,8 @@ class OBSIHTConfig:
                  ``prune.global_unstructured`` the default is "global" when the curvature has a loss.
     layer_min_sparsity, layer_max_sparsity: bounds on each tensor's sparsity under a ranked allocation
                  (prior zeros count); ``layer_max_sparsity=None`` means ``min(0.99, s + 0.2)`` for an overall
-                 sparsity ``s``, so no layer is ever removed whole.
+                 sparsity ``s``, so no layer is ever removed whole (lifted to 1.0 only when the request itself
+                 cannot be met under it, e.g. ``s`` near 1 on tiny layers; ``report["layer_sparsity_bounds"]``).
     rel_damp:    relative damping ``lambda = rel_damp * mean(diag H)``; the ladder climbs from here on failure.
     blocksize:   columns per lazy-update block of the sweep (mask chosen adaptively per block).
     step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||projected direction||), searched

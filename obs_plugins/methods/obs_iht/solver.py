@@ -226,7 +226,8 @@ def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]
 def layer_bounds(prior, counts_total, min_sparsity, max_sparsity):
     """Per-tensor bounds on new prunes from per-layer sparsity bounds (prior zeros count towards them).
 
-    ``max_sparsity=None``: ``min(0.99, s + 0.2)`` with ``s`` the overall sparsity this plan reaches."""
+    ``max_sparsity=None``: ``min(0.99, s + 0.2)`` with ``s`` the overall sparsity this plan reaches, lifted to
+    1.0 when the request cannot be met under it (``s`` near 1, or layers too small for the rounding)."""
     total = sum(p.numel() for p in prior.values())
     zeros = sum(int((~p).sum()) for p in prior.values())
     s = (zeros + counts_total) / max(total, 1)
@@ -237,6 +238,10 @@ def layer_bounds(prior, counts_total, min_sparsity, max_sparsity):
         avail, z = int(p.sum()), int((~p).sum())
         hi[k] = min(avail, max(0, math.floor(hi_s * p.numel() + 1e-9) - z))
         lo[k] = min(hi[k], max(0, math.ceil(lo_s * p.numel() - 1e-9) - z))
+    if sum(hi.values()) < counts_total and max_sparsity is None:
+        # the default cap cannot hold this request (overall sparsity near 1, or tiny layers): it yields, and
+        # every layer may go as far as the request needs (the bound reported is 1.0)
+        hi_s, hi = 1.0, {k: int(p.sum()) for k, p in prior.items()}
     if sum(hi.values()) < counts_total:
         raise PruningInputError(f"layer_max_sparsity={hi_s:.4g}: the layers cannot hold {counts_total} new prunes "
                                 f"under this cap (at most {sum(hi.values())}); raise it")
