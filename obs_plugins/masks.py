@@ -137,6 +137,45 @@ def allocate_uniform(prior: dict[str, torch.Tensor], k_total: int) -> dict[str, 
     return counts
 
 
+def allocate_proportional(weights: dict[str, float], prior: dict[str, torch.Tensor], k_total: int) -> dict[str, int]:
+    """Per-tensor prune counts proportional to ``weights`` (>= 0), none above a tensor's remaining entries,
+    summing exactly to ``k_total``: what a capped tensor cannot take goes to the others in proportion
+    (water-filling), then cumulative rounding."""
+    keys = list(prior)
+    avail = {k: int(prior[k].sum()) for k in keys}
+    if not 0 <= k_total <= sum(avail.values()):
+        raise PruningInputError(f"amount: cannot prune {k_total} of {sum(avail.values())} remaining entries")
+    share = {k: 0.0 for k in keys}
+    free, left = [k for k in keys if avail[k] > 0], float(k_total)
+    while free and left > 1e-9:
+        w = sum(max(0.0, float(weights[k])) for k in free)
+        if w <= 0:  # no weight left on the free tensors: spread the rest by their room
+            w, wt = sum(avail[k] - share[k] for k in free), {k: avail[k] - share[k] for k in free}
+        else:
+            wt = {k: max(0.0, float(weights[k])) for k in free}
+        full = [k for k in free if share[k] + left * wt[k] / w >= avail[k]]
+        if not full:
+            for k in free:
+                share[k] += left * wt[k] / w
+            left = 0.0
+            break
+        for k in full:
+            left -= avail[k] - share[k]
+            share[k] = float(avail[k])
+        free = [k for k in free if k not in full]
+    counts, acc, done = {}, 0.0, 0
+    for k in keys:  # cumulative rounding: exact total, each within 1 of its share (and never above avail)
+        acc += share[k]
+        target = min(k_total, round(acc))
+        counts[k] = min(avail[k], target - done)
+        done += counts[k]
+    for k in keys:  # rounding left a remainder (a capped tensor refused its extra one): give it where room is
+        extra = min(k_total - done, avail[k] - counts[k])
+        counts[k] += extra
+        done += extra
+    return counts
+
+
 @dataclass
 class PlanEntry:
     target: Target

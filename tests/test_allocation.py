@@ -151,3 +151,59 @@ def test_default_cap_yields_when_the_request_needs_more():
     assert bounds["max"] == pytest.approx(10 / 21 + 0.2) and hi == {"a": 4, "b": 10}
     with pytest.raises(PruningInputError, match="layer_max_sparsity"):
         layer_bounds(prior, 20, 0.0, 0.9)
+
+
+def test_allocate_proportional_is_exact_and_respects_room():
+    from obs_plugins.masks import allocate_proportional
+    prior = {"a": torch.ones(10, dtype=torch.bool), "b": torch.ones(10, dtype=torch.bool),
+             "c": torch.tensor([True] * 4 + [False] * 6)}
+    assert allocate_proportional({"a": 1.0, "b": 1.0, "c": 2.0}, prior, 8) == {"a": 2, "b": 2, "c": 4}
+    # c can take only 4: the rest goes to a and b in proportion (1:3)
+    assert allocate_proportional({"a": 1.0, "b": 3.0, "c": 100.0}, prior, 12) == {"a": 2, "b": 6, "c": 4}
+    assert allocate_proportional({"a": 0.0, "b": 0.0, "c": 0.0}, prior, 24) == {"a": 10, "b": 10, "c": 4}
+    with pytest.raises(PruningInputError, match="amount"):
+        allocate_proportional({"a": 1.0, "b": 1.0, "c": 1.0}, prior, 25)
+
+
+def test_owl_gives_blocks_with_more_outliers_lower_sparsity():
+    """OWL on a tiny 3-block Llama: the block sparsities are s - (r_l - mean r) with the outlier ratios r
+    rescaled to [0, 2 lambda] (recomputed here by hand from the Grams), every tensor of a block gets its block's
+    sparsity, and the total is exact."""
+    from test_sequential import llama_problem
+    from obs_plugins.methods.obs_iht import solve
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    grams = {k: v.clone() for k, v in curv.hessians.items()}  # OWL's scores use the dense model's Grams
+    total = sum(m.weight.numel() for m, _ in params)
+    k = total // 2
+    plan = solve(curv, k, OBSIHTConfig(allocation="owl", owl_lambda=0.1, owl_m=3.0, progress=False))
+    r = plan.report
+    ratios = []
+    for b in range(3):
+        ws = [(m, n) for m, n in params if any(m is x for x in model.model.layers[b].modules())]
+        sc = torch.cat([(m.weight.abs() * torch.diagonal(grams[key]).sqrt()).flatten()
+                        for (m, _), key in zip(ws, [curv.target(m, "weight").key for m, _ in ws])])
+        ratios.append(float((sc > 3.0 * sc.mean()).float().mean()))
+    assert [r["owl_outlier_ratio"][str(b)] for b in range(3)] == pytest.approx(ratios)
+    lo, hi = min(ratios), max(ratios)
+    scaled = [(x - lo) / (hi - lo) * 0.2 for x in ratios]
+    want = [0.5 - (x - sum(scaled) / 3) for x in scaled]
+    assert [r["owl_block_sparsity"][str(b)] for b in range(3)] == pytest.approx(want)
+    most, least = ratios.index(hi), ratios.index(lo)
+    assert r["owl_block_sparsity"][str(most)] < 0.5 < r["owl_block_sparsity"][str(least)]
+    assert sum(int((~e.mask).sum()) for e in plan.entries.values()) == k
+    for key, e in plan.entries.items():
+        b = int(key.split(".")[2])
+        assert abs(float((~e.mask).float().mean()) - want[b]) < 2 / e.mask.numel() + 1e-6
+
+
+def test_owl_needs_a_block_stack():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    params = [(model[0], "weight"), (model[2], "weight")]
+    curv = Curvature.layerwise(model, params, [torch.randn(8, 6)], progress=False)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="owl"):
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, allocation="owl",
+                                  progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -280,3 +280,46 @@ def test_fisher_allocation_follows_the_fisher_saliency_ranking():
     prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.6, curvature=curv, allocation="fisher",
                               layer_max_sparsity=1.0, progress=False)
     assert zeros(model) == expected
+
+
+@pytest.mark.parametrize("rows,d,prior", [(7, 20, False), (300, 136, True), (40, 257, True)])
+def test_batched_block_solve_equals_the_column_loop(rows, d, prior):
+    """The batched triangular solve of a block's errors (default for small layers and off the CPU) gives the
+    column-by-column sweep's masks, weights (to rounding) and predicted loss, with and without prior masks."""
+    from obs_plugins.curvature.linalg import inverse_factor
+    from obs_plugins.methods.obs_iht.solver import obs_sweep
+    g = torch.Generator().manual_seed(rows + d)
+    X = torch.randn(3 * d, d, generator=g)
+    U = inverse_factor(2 * X.t() @ X / (3 * d), 0.01).hinv_chol_upper
+    W = torch.randn(rows, d, generator=g)
+    keep_prior = torch.rand(rows, d, generator=g) > 0.3 if prior else None
+    k = int(0.4 * rows * d)
+    W_loop, keep_loop, loss_loop = obs_sweep(W, U, k=k, keep_prior=keep_prior, blocksize=64, batched=False)
+    W_bat, keep_bat, loss_bat = obs_sweep(W, U, k=k, keep_prior=keep_prior, blocksize=64, batched=True)
+    assert torch.equal(keep_loop, keep_bat)
+    assert int((~keep_bat).sum()) == k + (0 if keep_prior is None else int((~keep_prior).sum()))
+    torch.testing.assert_close(W_bat, W_loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_bat, loss_loop, rtol=1e-5, atol=1e-5)
+    assert (W_bat[~keep_bat] == 0).all()
+    Wp_loop = obs_sweep(W, U, keep=keep_loop, batched=False)[0]  # the projection (fixed support) too
+    torch.testing.assert_close(obs_sweep(W, U, keep=keep_loop, batched=True)[0], Wp_loop, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_with_the_same_input_share_one_inverse_factor():
+    """q/k/v (and gate/up) of a decoder block see the same input, so their Grams are equal and the sweep
+    factors them once: 4 distinct factors per block of 7 weights, the same plan as factoring each."""
+    from test_sequential import llama_problem
+    from obs_plugins.methods.obs_iht import solve
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    plan = solve(curv, sum(p[0].weight.numel() for p in params) // 2,
+                 OBSIHTConfig(progress=False))
+    factors = plan.solver_state["factors"]
+    for b in range(3):
+        mine = [f for k, f in factors.items() if k.startswith(f"model.layers.{b}.")]
+        assert len(mine) == 7 and len({id(f) for f in mine}) == 4
+        q, kk, v = (factors[f"model.layers.{b}.self_attn.{n}_proj.weight"] for n in "qkv")
+        assert q is kk is v
+    for k, f in factors.items():  # each shared factor is the one of that layer's own Gram
+        ref = inverse_factor(curv.hessians[k], 0.01)
+        torch.testing.assert_close(f.hinv_chol_upper, ref.hinv_chol_upper)

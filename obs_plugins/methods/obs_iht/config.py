@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-ALLOCATIONS = ("uniform", "global", "fisher")
+ALLOCATIONS = ("uniform", "global", "fisher", "owl")
 
 
 @dataclass
@@ -19,6 +19,9 @@ class OBSIHTConfig:
                  Gram's OBS error scaled by the loss sensitivity of each output; needs ``loss_fn``) or "fisher"
                  (one ranking of empirical-Fisher OBS saliencies; needs Fisher blocks).  Through
                  ``prune.global_unstructured`` the default is "global" when the curvature has a loss.
+                 "owl": outlier-weighted layer-wise sparsity (Yin et al. 2023) for decoder/encoder stacks: blocks
+                 with more Wanda-score outliers (> ``owl_m`` x the block mean) are pruned less, block sparsities
+                 within ``s +- owl_lambda``; per-layer OBS sweep as usual.
     layer_min_sparsity, layer_max_sparsity: bounds on each tensor's sparsity under a ranked allocation
                  (prior zeros count); ``layer_max_sparsity=None`` means ``min(0.99, s + 0.2)`` for an overall
                  sparsity ``s``, so no layer is ever removed whole (lifted to 1.0 only when the request itself
@@ -39,6 +42,8 @@ class OBSIHTConfig:
     allocation: str = "uniform"
     layer_min_sparsity: float = 0.0
     layer_max_sparsity: float | None = None
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
     rel_damp: float = 0.01
     blocksize: int = 128
     step_sizes: tuple = (0.01, 0.02, 0.04)
@@ -60,6 +65,11 @@ class OBSIHTConfig:
             raise PruningInputError(f"layer_min_sparsity: must be in [0, 1), got {lo!r}")
         if hi is not None and (isinstance(hi, bool) or not isinstance(hi, (int, float)) or not lo <= hi <= 1):
             raise PruningInputError(f"layer_max_sparsity: must be in [layer_min_sparsity, 1] or None, got {hi!r}")
+        if isinstance(self.owl_lambda, bool) or not isinstance(self.owl_lambda, (int, float)) \
+                or not 0 <= self.owl_lambda < 0.5:
+            raise PruningInputError(f"owl_lambda: must be in [0, 0.5), got {self.owl_lambda!r}")
+        if isinstance(self.owl_m, bool) or not isinstance(self.owl_m, (int, float)) or not self.owl_m > 0:
+            raise PruningInputError(f"owl_m: must be > 0, got {self.owl_m!r}")
         if not self.rel_damp > 0:
             raise PruningInputError(f"rel_damp: must be > 0, got {self.rel_damp!r}")
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 
 from ...curvature.linalg import inverse_factor
 from ...errors import PruningInputError
-from ...masks import PrunePlan, allocate_global, allocate_uniform, parse_nm
+from ...masks import PrunePlan, parse_nm
+from .allocation import allocation_counts, global_saliency, layer_bounds  # noqa: F401 (re-exported)
 from ...targets import from_2d, to_2d
 
 
@@ -51,13 +53,17 @@ def _cpu_threads(n: int, device: torch.device):
 
 def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None = None,
               keep: torch.Tensor | None = None, keep_prior: torch.Tensor | None = None,
-              nm: tuple[int, int] | None = None, blocksize: int = 128):
+              nm: tuple[int, int] | None = None, blocksize: int = 128, batched: bool | None = None):
     """One OBS pass over the columns of ``W`` with lazy block updates (the layer-wise OBS projection).
 
     Exactly one of: ``keep`` (a fixed bool mask to project onto), ``k`` (number of new prunes, chosen
     adaptively per block by the saliency ``w^2 / U_jj^2``), or ``nm`` (N:M per row and group).
     ``keep_prior`` marks entries that must stay pruned (previous masks).  Returns ``(W_new, keep, loss)`` with
     ``loss`` the predicted increase of ``1/2 sum_rows dw H dw^T``; pruned entries of ``W_new`` are exactly 0.
+    ``batched``: once a block's support is chosen, solve its column updates as one batched triangular system
+    (:func:`_block_errors`); ``False`` runs the textbook column-by-column loop (same masks, weights to rounding;
+    N:M always loops, its groups are chosen inside the block).  ``None``: batched off the CPU and for layers of
+    at most 256 rows (measured on 2 CPU cores: 1.8-2.8x faster at 64-192 rows, no faster at 576-1536 rows).
     """
     rows, d = W.shape
     U = hinv_chol_upper
@@ -69,13 +75,34 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     if choose and nm is None and k is None:
         raise ValueError("obs_sweep: give k, keep or nm")
     loss = torch.zeros((), dtype=U.dtype, device=W.device)
+    if batched is None:
+        batched = W.device.type != "cpu" or rows <= 256
     with _cpu_threads(1, W.device):
-        _sweep_blocks(W, U, keep, prior, quotas, nm if choose else None, blocksize, loss)
+        _sweep_blocks(W, U, keep, prior, quotas, nm if choose else None, blocksize, loss, batched)
     W[~keep] = 0.0
     return W, keep, loss
 
 
-def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss):
+def _block_errors(W1, U1, keep1, row_chunk: int = 256):
+    """The whole block's OBS errors at once, for a support fixed within the block.
+
+    Column by column, a pruned entry's error is ``err_i = w_i / U_ii`` with ``w_i`` already updated by the
+    errors of the columns before it, and a kept entry's is 0; so each row's errors solve one lower-triangular
+    system ``A_r err_r = b_r`` with ``A_r = diag(keep) + diag(~keep) U1^T`` and ``b_r = W1_r * ~keep_r``.
+    Batched over rows (``row_chunk`` at a time: ``row_chunk * b * b`` floats), instead of ``b`` Python steps."""
+    rows, b = W1.shape
+    eye = torch.eye(b, dtype=U1.dtype, device=U1.device)
+    lower = U1.t().tril()
+    err = torch.empty_like(W1)
+    for r0 in range(0, rows, row_chunk):
+        k = keep1[r0:r0 + row_chunk]
+        A = torch.where(k.unsqueeze(2), eye, lower)
+        rhs = torch.where(k, torch.zeros_like(W1[r0:r0 + row_chunk]), W1[r0:r0 + row_chunk])
+        err[r0:r0 + row_chunk] = torch.linalg.solve_triangular(A, rhs.unsqueeze(2), upper=False).squeeze(2)
+    return err
+
+
+def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss, batched=True):
     rows, d = W.shape
     for bi, i1 in enumerate(range(0, d, blocksize)):
         i2 = min(i1 + blocksize, d)
@@ -89,6 +116,14 @@ def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss):
             blk = keep[:, i1:i2].reshape(-1).clone()
             blk[idx] = False
             keep[:, i1:i2] = blk.reshape(rows, i2 - i1)
+        if batched and nm is None:  # the support of this block is fixed now: solve its errors in one go
+            keep1 = keep[:, i1:i2]
+            Err1 = _block_errors(W1, U1, keep1)
+            loss += 0.5 * (Err1 ** 2).sum()
+            W1 = torch.where(keep1, W1 - Err1 @ U1, torch.zeros_like(W1))
+            W[:, i1:i2] = W1
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             col = i1 + i
             if nm is not None and col % nm[1] == 0:
@@ -107,6 +142,23 @@ def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss):
             Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+
+class SharedFactors:
+    """Inverse factors by Gram: layers fed the same input (q/k/v, gate/up of a decoder block) have equal Grams,
+    so the damped inverse and its Cholesky factor are computed once for them (fingerprint, then exact equality)."""
+
+    def __init__(self, rel_damp: float):
+        self.rel_damp, self.seen = rel_damp, {}
+
+    def get(self, H: torch.Tensor, what: str = "H"):
+        fp = (tuple(H.shape), H.dtype, float(H.diagonal().sum()), float(H[0].sum()))
+        for H2, f in self.seen.get(fp, []):
+            if H2 is H or torch.equal(H2, H):
+                return f
+        f = inverse_factor(H, self.rel_damp, what=what)
+        self.seen.setdefault(fp, []).append((H, f))
+        return f
 
 
 def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] | None = None,
@@ -153,21 +205,28 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                 inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
         report = {}
     else:
-        counts, report = _counts(curvature, targets, W0, prior, counts_total, counts, config, nm)
+        counts, report = allocation_counts(curvature, targets, W0, prior, counts_total, counts, config, nm)
 
         def sweep(block_targets, grams):  # T = 1: the OBS sweep chooses the support, updates the kept weights
+            t_in = time.perf_counter()
             out = {}
             quiet = not config.progress or curvature.sequential  # sequential: the block bar shows progress
+            shared = SharedFactors(config.rel_damp)
             for t in tqdm(block_targets, desc="OBS sweep", disable=quiet, leave=False):
                 k = t.key
-                factors[k] = inverse_factor(grams[k], config.rel_damp, what=f"H of {k}")
+                factors[k] = shared.get(grams[k], what=f"H of {k}")
                 W, keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k],
                                                keep_prior=prior[k], nm=nm, blocksize=config.blocksize)
                 Wt[k] = W.float()
                 out[k] = from_2d(t.module, Wt[k], t.current())
+            timing["factor_and_sweep"] += time.perf_counter() - t_in
             return out
 
+        t_all = time.perf_counter()
+        timing = {"factor_and_sweep": 0.0}
         curvature.blockwise(targets, sweep)
+        timing["calibration_and_propagation"] = time.perf_counter() - t_all - timing["factor_and_sweep"]
+        report["seconds_T1"] = timing
     report.update({"method": "obs_iht", "iterations_requested": config.iterations,
                    "calibration": "sequential" if curvature.sequential else "one-pass",
                    "rel_damp_used": {k: f.rel_damp for k, f in factors.items()},
@@ -186,78 +245,6 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         plan.add(t, mask, neww)
     report["layer_sparsity"] = plan.layer_sparsity()
     return plan
-
-
-def _counts(curvature, targets, W0, prior, counts_total, counts, config, nm):
-    """New prunes per tensor: N:M (None), the caller's ``counts``, or ``config.allocation`` of ``counts_total``."""
-    if nm is not None:
-        return {k: None for k in W0}, {"allocation": "nm"}
-    if counts is not None:
-        if set(counts) != set(W0):
-            raise PruningInputError(f"counts: expected one count per target {sorted(W0)}, got {sorted(counts)}")
-        return counts, {"allocation": "given"}
-    if config.allocation == "uniform":
-        return allocate_uniform(prior, counts_total), {"allocation": "uniform"}
-    if config.allocation == "fisher":
-        sal = {k: _fisher_saliency(curvature, k) for k in W0}
-    else:
-        sal = global_saliency(curvature, targets, W0, config.rel_damp)
-    lo, hi, bounds = layer_bounds(prior, counts_total, config.layer_min_sparsity, config.layer_max_sparsity)
-    return allocate_global(sal, prior, counts_total, min_prune=lo, max_prune=hi), \
-        {"allocation": config.allocation, "layer_sparsity_bounds": bounds}
-
-
-def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]:
-    """Loss-comparable OBS saliency of every weight: ``sigma_i * w_ij^2 / [H^-1]_jj``.
-
-    ``w^2 / [H^-1]_jj`` is the OBS error of removing ``w_ij`` measured on the layer's own output (its Gram
-    ``H``); ``sigma_i`` (the mean squared loss gradient at output ``i`` of the layer) turns that output error
-    into loss, the Kronecker-factored empirical Fisher ``F_i ~ sigma_i * H / 2`` of row ``i``.  Layer Grams
-    alone are not comparable across layers; the empirical-Fisher diagonal alone sent whole layers to 100%."""
-    sens = curvature.output_sensitivity()
-    out = {}
-    for t in targets:
-        k = t.key
-        d = torch.diagonal(inverse_factor(curvature.hessians[k], rel_damp, what=f"H of {k}").hinv).float()
-        out[k] = sens[k].float().unsqueeze(1) * W0[k] ** 2 / d.unsqueeze(0)
-    return out
-
-
-def layer_bounds(prior, counts_total, min_sparsity, max_sparsity):
-    """Per-tensor bounds on new prunes from per-layer sparsity bounds (prior zeros count towards them).
-
-    ``max_sparsity=None``: ``min(0.99, s + 0.2)`` with ``s`` the overall sparsity this plan reaches, lifted to
-    1.0 when the request cannot be met under it (``s`` near 1, or layers too small for the rounding)."""
-    total = sum(p.numel() for p in prior.values())
-    zeros = sum(int((~p).sum()) for p in prior.values())
-    s = (zeros + counts_total) / max(total, 1)
-    hi_s = min(0.99, s + 0.2) if max_sparsity is None else max_sparsity
-    lo_s = min_sparsity
-    lo, hi = {}, {}
-    for k, p in prior.items():
-        avail, z = int(p.sum()), int((~p).sum())
-        hi[k] = min(avail, max(0, math.floor(hi_s * p.numel() + 1e-9) - z))
-        lo[k] = min(hi[k], max(0, math.ceil(lo_s * p.numel() - 1e-9) - z))
-    if sum(hi.values()) < counts_total and max_sparsity is None:
-        # the default cap cannot hold this request (overall sparsity near 1, or tiny layers): it yields, and
-        # every layer may go as far as the request needs (the bound reported is 1.0)
-        hi_s, hi = 1.0, {k: int(p.sum()) for k, p in prior.items()}
-    if sum(hi.values()) < counts_total:
-        raise PruningInputError(f"layer_max_sparsity={hi_s:.4g}: the layers cannot hold {counts_total} new prunes "
-                                f"under this cap (at most {sum(hi.values())}); raise it")
-    if sum(lo.values()) > counts_total:
-        raise PruningInputError(f"layer_min_sparsity={lo_s:.4g}: every layer at this floor already needs "
-                                f"{sum(lo.values())} new prunes, more than the {counts_total} asked; lower it")
-    return lo, hi, {"min": lo_s, "max": hi_s}
-
-
-def _fisher_saliency(curvature, key):
-    """allocation='fisher': the empirical-Fisher OBS saliency of the model loss (needs Fisher blocks)."""
-    if key not in (getattr(curvature, "fisher", None) or {}):
-        raise PruningInputError(f"allocation='fisher' needs Fisher curvature for {key} (collect it with "
-                                "curv.collect_fisher(...)); or use allocation='global' or 'uniform'")
-    from ...curvature.fisher import obs_saliency
-    return to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)).float()
 
 
 def _project(curvature, targets, Z, keep, factors, config, nm):
@@ -286,7 +273,9 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     scale = 1.0  # the grid is re-centred on the last accepted step, times step_decay
     for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
                    leave=False):
+        t0 = time.perf_counter()
         train_loss, G = curvature.loss_and_grad(_overrides(targets, W), grad_batches)
+        t1 = time.perf_counter()
         D = {}
         for t in targets:
             g = to_2d(t.module, G[t.key]).to(factors[t.key].hinv.dtype)
@@ -295,6 +284,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         # project(W - eta D) = W - eta project(D): one projection serves every candidate step size
         PD = _project(curvature, targets, D, keep, factors, config, nm)
         dnorm = math.sqrt(sum(float((PD[k] ** 2).sum()) for k in PD)) or 1.0
+        t2 = time.perf_counter()
         def try_step(r):
             r = min(r, config.max_step)  # trust region: ||step|| <= max_step * ||theta||
             cand = {k: W[k] - (r * wnorm / dnorm) * PD[k] for k in W}
@@ -317,6 +307,8 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         scale = rho_b / config.step_sizes[len(config.step_sizes) // 2] * config.step_decay
         history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
                         "train_loss_before": train_loss,
+                        "seconds": {"gradient": t1 - t0, "direction_and_projection": t2 - t1,
+                                    "step_search": time.perf_counter() - t2, "trials": len(trials)},
                         "tried": {round(r, 6): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
         if loss_b >= best[2]:
             history[-1]["accepted"] = False
