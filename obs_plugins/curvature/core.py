@@ -20,6 +20,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _leading_dim(out) -> int:
+    """Batch size of a model output (a tensor, a tuple, or a Hugging Face ``ModelOutput`` with ``logits``)."""
+    t = out if torch.is_tensor(out) else getattr(out, "logits", None)
+    if t is None and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        t = out[0]
+    return int(t.shape[0]) if torch.is_tensor(t) and t.dim() else 1
+
+
 class Curvature:
     """Curvature of a pruning problem, keyed by ``Target.key`` in the order of ``params``.
 
@@ -361,39 +369,59 @@ class Curvature:
         n = max(len(batches), 1)
         return total / n, {k: g / n for k, g in grads.items()}
 
-    def output_sensitivity(self, batches: Iterable | None = None, *, progress: bool = False) -> dict[str, torch.Tensor]:
-        """Per target, the mean over calibration batches of ``sum_rows (dL/dy_i)^2`` for each output ``i`` of the
-        layer (rows: tokens / positions; ``y`` the layer output, ``L`` the batch loss): the output factor of a
-        Kronecker-factored empirical Fisher, at the model's current weights.  One forward/backward pass."""
+    def output_sensitivity(self, batches: Iterable | None = None, *, keys=None, per_sample: bool = False,
+                           progress: bool = False) -> dict[str, torch.Tensor]:
+        """Per target, for each output ``i`` of the layer, the summed squared loss gradient ``sum_rows (dL/dy_i)^2``
+        (rows: tokens / positions; ``y`` the layer output): the output factor of a Kronecker-factored empirical
+        Fisher, at the model's current weights.  One forward/backward pass; float64 accumulation.
+
+        ``per_sample=False``: ``L`` is each batch's loss, averaged over batches (what the global allocation
+        ranks).  ``per_sample=True``: ``L`` is the per-sample loss ``loss_i`` -- the batch loss taken to be a mean
+        over the batch's leading dimension, so each gradient is multiplied by the batch size -- averaged over
+        samples; then ``1/2 sum_i s_i (1/2 dw_i H dw_i^T)`` estimates the loss increase of a change ``dW``
+        (Gauss-Newton; what structured removal scores).  ``keys``: only these targets."""
         from tqdm.auto import tqdm
-        self._need_loss("output sensitivity (global allocation)")
+        self._need_loss("output sensitivity")
         use = self.batches if batches is None else list(batches)
-        acc = {t.key: torch.zeros(t.current().shape[out_dim(t.module)], dtype=torch.float32, device=self.device)
-               for t in self.targets}
+        targets = [t for t in self.targets if keys is None or t.key in keys]
+        if not targets:
+            raise PruningInputError(f"keys: none of {list(keys)[:3]} is a target of this curvature")
+        acc = {t.key: torch.zeros(t.current().shape[out_dim(t.module)], dtype=torch.float64, device=self.device)
+               for t in targets}
+        seen = {t.key: False for t in targets}
 
         def hook(module, _args, out, _key, _kind):
-            if not out.requires_grad:
+            if not (torch.is_tensor(out) and out.requires_grad):
                 return
+            scale = float(out.shape[0]) if per_sample else 1.0
             def on_grad(g):
-                g = g.detach().float()
+                g = g.detach().double() * scale
                 g = g.transpose(1, -1).reshape(-1, g.shape[1]) if _kind == "conv2d" else g.reshape(-1, g.shape[-1])
                 acc[_key].add_((g * g).sum(0))
+                seen[_key] = True
             out.register_hook(on_grad)
 
         handles = [t.module.register_forward_hook(lambda m, a, o, _k=t.key, _c=layer_kind(t.module): hook(m, a, o, _k, _c))
-                   for t in self.targets]
+                   for t in targets]
+        n_samples = 0
         try:
             with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
-                    self._only_targets_require_grad():
+                    self._only_targets_require_grad(), torch.enable_grad():
                 params = self._grad_params()
                 for b in tqdm(use, desc="output sensitivity", disable=not progress, leave=False):
                     b = move(b, self.device)
-                    loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
-                    torch.autograd.grad(loss, params)
+                    out = self.forward_fn(self.model, b)
+                    n_samples += _leading_dim(out)
+                    torch.autograd.grad(batch_loss(self.loss_fn, out, b), params, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        return {k: v / max(len(use), 1) for k, v in acc.items()}
+        missing = [k for k, v in seen.items() if not v]
+        if missing:
+            raise PruningInputError(f"curvature: layer {missing[0]} got no gradient from the loss (is it used by the "
+                                    "forward pass and the loss?)")
+        n = max(n_samples if per_sample else len(use), 1)
+        return {k: (v / n).float() for k, v in acc.items()}
 
     def hvp(self, vec: Mapping[str, torch.Tensor], batches: Iterable | None = None) -> dict[str, torch.Tensor]:
         """Hessian-vector product of the mean loss w.r.t. the targets (double backward, averaged over batches)."""

@@ -21,7 +21,6 @@ from typing import Sequence
 
 import torch
 
-from ...curvature.batching import batch_loss, move
 from ...curvature.linalg import check_finite, inverse_factor
 from ...errors import PruningInputError
 
@@ -216,65 +215,14 @@ def ridge_inverse(H: torch.Tensor, rel_damp: float = 1e-2) -> torch.Tensor:
 
 def output_sensitivity(curvature, keys: Sequence[str] | None = None, *, progress: bool = False
                        ) -> dict[str, torch.Tensor]:
-    """Per output unit of each target layer, ``s_r = 1/N sum_i sum_positions (d loss_i / d y_{i,r})^2``.
-
-    One forward/backward pass over the curvature's calibration batches (needs its ``loss_fn``).  ``loss_i`` is
-    the per-sample loss: the batch loss is taken to be a mean over the batch's leading dimension, so the
-    gradient of output ``y_i`` is multiplied by the batch size.  With it, ``1/2 sum_r s_r (1/2 dw_r H dw_r^T)`` is
-    a Gauss-Newton estimate of the model-loss increase caused by a change ``dW`` of the layer.
-    """
-    from tqdm.auto import tqdm
-
-    curvature._need_loss("output_sensitivity")
-    model = curvature.model
-    targets = [t for t in curvature.targets if t.name == "weight" and (keys is None or t.key in keys)]
+    """Per output unit of each target weight, ``s_r = 1/N sum_i sum_positions (d loss_i / d y_{i,r})^2``: the
+    per-sample form of :meth:`Curvature.output_sensitivity` (``per_sample=True``; the batch loss is taken to be a
+    mean over the batch's leading dimension).  With it, ``1/2 sum_r s_r (1/2 dw_r H dw_r^T)`` is a Gauss-Newton
+    estimate of the model-loss increase caused by a change ``dW`` of the layer."""
+    targets = [t.key for t in curvature.targets if t.name == "weight" and (keys is None or t.key in keys)]
     if not targets:
         raise PruningInputError("keys: no weight targets of the curvature selected")
-    acc = {t.key: None for t in targets}
-    n_samples = 0
-    captured: list = []
-    handles = []
-    for t in targets:
-        chan = 1 if isinstance(t.module, torch.nn.Conv2d) else -1   # output-channel dimension of y
-
-        def hook(_m, _a, out, _key=t.key, _dim=chan):
-            if torch.is_tensor(out) and out.requires_grad:
-                captured.append((_key, _dim % out.dim(), out))
-            return None
-        handles.append(t.module.register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        for b in tqdm(curvature.batches, desc="output sensitivity", disable=not progress, leave=False):
-            b = move(b, curvature.device)
-            captured.clear()
-            with torch.enable_grad():
-                out = curvature.forward_fn(model, b)
-                loss = batch_loss(curvature.loss_fn, out, b)
-                if not captured:
-                    raise PruningInputError("curvature: no target layer output requires grad (are the model's "
-                                            "weights frozen?)")
-                grads = torch.autograd.grad(loss, [o for _, _, o in captured], allow_unused=True)
-            bs = captured[0][2].shape[0]
-            n_samples += bs
-            for (key, dim, o), g in zip(captured, grads):
-                if g is None:
-                    continue
-                g = (g.detach().to(torch.float64) * bs) ** 2
-                dims = [i for i in range(g.dim()) if i != dim]
-                v = g.sum(dim=dims) if dims else g
-                acc[key] = v if acc[key] is None else acc[key] + v
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-        captured.clear()
-    out = {}
-    for t in targets:
-        if acc[t.key] is None:
-            raise PruningInputError(f"curvature: layer {t.key} got no gradient from the loss")
-        out[t.key] = (acc[t.key] / max(n_samples, 1)).float()
-    return out
+    return curvature.output_sensitivity(keys=targets, per_sample=True, progress=progress)
 
 
 __all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "ridge_inverse", "output_sensitivity"]
