@@ -144,3 +144,23 @@ def test_continuing_from_a_plan_reuses_its_factors_with_the_same_result():
     for k, e in reused.entries.items():
         assert torch.equal(e.mask, recomputed.entries[k].mask)
         assert torch.allclose(e.new_weight, recomputed.entries[k].new_weight, atol=1e-6, rtol=0)
+
+
+def test_a_key_value_cache_does_not_leak_between_block_runs():
+    """Found on SmolLM2 (config.use_cache=True): the block inputs were captured with transformers' DynamicCache,
+    so every re-run of a block (collect, then propagate) appended to it and later runs attended to earlier runs'
+    keys.  The plan of a model with use_cache=True must equal the plan of the same model with use_cache=False."""
+    model, params, batches = llama_problem()
+    twin = copy.deepcopy(model)
+    model.config.use_cache = True
+    twin.config.use_cache = False
+    plans = []
+    for m in (model, twin):
+        ps = [(mod, "weight") for n, mod in m.named_modules()
+              if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers.")]
+        curv = Curvature.layerwise(m, ps, batches, progress=False)
+        plans.append(api.plan(OBSIHTConfig(progress=False), curvature=curv, amount=0.7))
+    assert model.config.use_cache is True  # restored
+    for (k, a), b in zip(plans[0].entries.items(), plans[1].entries.values()):
+        assert torch.equal(a.mask, b.mask), k
+        torch.testing.assert_close(a.new_weight, b.new_weight, rtol=0, atol=0)

@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-batch-size", type=int, default=1, help="oneshot's calibration batch size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--save-weights", default=None, help="also torch.save the pruned decoder Linear weights here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     evals = {}
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
     changed = [n for n, p in model.named_parameters() if n in keep and not torch.equal(p.detach(), keep[n])]
     out["untouched_changed"] = changed  # embeddings, norms, lm_head: must stay empty
     out["transformers_version"] = transformers.__version__
+    if args.save_weights:  # for layer-by-layer comparisons with ours
+        torch.save({n: m.weight.detach().clone() for n, m in lin.items()}, args.save_weights)
     out["ppl"] = {}
     for name, w in evals.items():
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ the same H as one process that saw all of it.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -99,17 +100,55 @@ def block_stack(model: nn.Module, targets: list[Target]) -> nn.ModuleList | None
     return blocks if all(id(t.module) in inside for t in targets) else None
 
 
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def _is_kv_cache(v) -> bool:
+    return v is not None and hasattr(v, "update") and hasattr(v, "get_seq_length")
+
+
+def stateless_kwargs(kwargs: dict) -> dict:
+    """A block's keyword inputs without key/value caches: the blocks are re-run several times on the same cached
+    inputs (collect, then propagate), and a cache (e.g. transformers' DynamicCache) would grow on every run, so
+    later runs attend to the earlier runs' keys.  ``use_cache`` is switched off."""
+    out = {}
+    for k, v in kwargs.items():
+        if k in _CACHE_KWARGS or _is_kv_cache(v):
+            out[k] = None
+        elif k == "use_cache":
+            out[k] = False
+        else:
+            out[k] = v
+    return out
+
+
+@contextlib.contextmanager
+def no_kv_cache(model):
+    """``model.config.use_cache = False`` for the duration (restored), so no cache is built at all."""
+    cfg = getattr(model, "config", None)
+    had = cfg is not None and hasattr(cfg, "use_cache")
+    old = cfg.use_cache if had else None
+    if had:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if had:
+            cfg.use_cache = old
+
+
 def capture_block_inputs(model, first_block, batches, forward_fn) -> list[tuple[list, dict]]:
-    """The positional and keyword inputs of ``first_block`` for every batch (the forward stops there)."""
+    """The positional and keyword inputs of ``first_block`` for every batch (the forward stops there), without
+    key/value caches (:func:`stateless_kwargs`)."""
     cached = []
 
     def catch(_m, args, kwargs):
-        cached.append((list(args), dict(kwargs)))
+        cached.append((list(args), stateless_kwargs(dict(kwargs))))
         raise _Stop
 
     h = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_kv_cache(model):
             for batch in batches:
                 try:
                     forward_fn(model, batch)
