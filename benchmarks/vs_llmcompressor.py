@@ -78,7 +78,10 @@ def ensure_venv() -> None:
 
 
 def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sparsity: str, out: Path,
-               threads: int) -> dict:
+               threads: int, reuse: bool = False) -> dict:
+    if reuse and out.exists():
+        print(f"vs_llmcompressor: reusing {out}", flush=True)
+        return json.loads(out.read_text())
     cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
            "--threads", str(threads), "--out", str(out)] + (["--calib", str(calib)] if calib else [])
     for name, p in evals.items():
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, ours and theirs")
     ap.add_argument("--skip-ours", action="store_true", help="run only the llm-compressor rows")
+    ap.add_argument("--reuse-theirs", action="store_true",
+                    help="reuse llm-compressor results already in benchmarks/.cache for these windows (same calib/"
+                         "eval/seq-len) instead of re-running them")
     ap.add_argument("--ours", default="obs_iht_onepass,obs_iht",
                     help="our rows (obs_plugins.experiment.run_rows methods): one-pass T=1, sequential T=1 + best T")
     ap.add_argument("--no-progress", action="store_true")
@@ -131,7 +137,8 @@ def main(argv=None) -> int:
 
     # the dense check: same model folder and the same perplexity protocol on both sides
     dense = dense_row(setup, progress)["ppl"]
-    theirs_dense = run_worker(model_dir, None, evals, "dense", "0", work / "dense.json", args.threads)
+    theirs_dense = run_worker(model_dir, None, evals, "dense", "0", work / "dense.json", args.threads,
+                              args.reuse_theirs)
     rel = max(abs(theirs_dense["ppl"][h] - dense[h]) / dense[h] for h in dense)
     if rel > 1e-3:
         raise RuntimeError(f"dense perplexity differs: ours {dense}, llm-compressor venv {theirs_dense['ppl']} "
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     for sp in sparsities:
         for m in methods:
             r = run_worker(model_dir, calib_pt, evals, m, sp, work / f"{m}_{sp.replace(':', 'of')}.json",
-                           args.threads)
+                           args.threads, args.reuse_theirs)
             versions = r["versions"]
             rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"],
                          "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"],
