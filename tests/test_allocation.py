@@ -9,7 +9,7 @@ from torch.nn.utils import prune
 
 from obs_plugins import OBSIHT, Curvature, OBSIHTConfig, PruningInputError, api
 from obs_plugins.masks import allocate_global
-from obs_plugins.methods.obs_iht.solver import global_saliency, layer_bounds
+from obs_plugins.methods.obs_iht.allocation import global_saliency, layer_bounds
 
 
 def classifier(seed=0):
@@ -143,7 +143,6 @@ def test_default_cap_yields_when_the_request_needs_more():
     """Found by tests/test_properties.py: 20 of 21 weights (s = 0.95) cannot be pruned under the default cap
     min(0.99, s + 0.2) on a 6- and a 15-weight layer (5 + 14 = 19 < 20); the default cap yields, a user's cap
     does not."""
-    from obs_plugins.methods.obs_iht.solver import layer_bounds
     prior = {"a": torch.ones(3, 2, dtype=torch.bool), "b": torch.ones(5, 3, dtype=torch.bool)}
     lo, hi, bounds = layer_bounds(prior, 20, 0.0, None)
     assert hi == {"a": 6, "b": 15} and bounds["max"] == 1.0

@@ -14,7 +14,7 @@ import torch
 from ...curvature.linalg import inverse_factor
 from ...errors import PruningInputError
 from ...masks import PrunePlan, parse_nm
-from .allocation import allocation_counts, global_saliency, layer_bounds  # noqa: F401 (re-exported)
+from .allocation import allocation_counts
 from ...targets import from_2d, to_2d
 
 
@@ -109,7 +109,6 @@ def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss, batched=True):
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1)
-        Err1 = torch.zeros_like(W1)
         if quotas is not None and quotas[bi]:
             sal = (W1 ** 2 / diag.unsqueeze(0) ** 2).masked_fill(~prior[:, i1:i2], float("inf"))
             idx = torch.sort(sal.reshape(-1), stable=True).indices[:quotas[bi]]
@@ -124,6 +123,7 @@ def _sweep_blocks(W, U, keep, prior, quotas, nm, blocksize, loss, batched=True):
             W[:, i1:i2] = W1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
             continue
+        Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
             if nm is not None and col % nm[1] == 0:
