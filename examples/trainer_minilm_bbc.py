@@ -1,13 +1,14 @@
 """Gradual pruning during fine-tuning with a transformers Trainer: MiniLM + a classification head on BBC News.
 
-    python examples/trainer_minilm_bbc.py [--methods dense obs_iht cs magnitude] [--sparsity 0.7]
+    python examples/trainer_minilm_bbc.py [--methods dense obs_iht cs bip magnitude] [--sparsity 0.7]
 
 all-MiniLM-L6-v2 (BERT encoder) gets a fresh 5-way head and is fine-tuned on a fixed subset of BBC News
 (split once with seed 0 into train / validation / test; 128 tokens per article).  Every run trains the same
 number of steps with the same optimizer; pruned runs add ``PruningCallback``: OBS-IHT (and magnitude) on a cubic
 schedule to ``--sparsity`` over the first 60% of the steps (OBS-IHT re-collects layer curvature from
-``--curvature-batches`` training batches at each of ``--prune-steps`` pruning steps), Continuous Sparsification with its temperature schedule over the same span, then
-fine-tuning with fixed masks.  Masks cover every encoder Linear (36 tensors; embeddings, pooler and head stay
+``--curvature-batches`` training batches at each of ``--prune-steps`` pruning steps), Continuous Sparsification with
+its temperature schedule over the same span, BiP (a mask of exactly ``--sparsity`` from the start, one implicit-gradient
+score step after every optimizer step, cut at the end of the span), then fine-tuning with fixed masks.  Masks cover every encoder Linear (36 tensors; embeddings, pooler and head stay
 dense).  Validation accuracy is printed for choosing settings; the test accuracy is the reported figure.
 """
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main():
     ap.add_argument("--curvature-batches", type=int, default=1, help="training batches per OBS-IHT curvature")
     ap.add_argument("--cs-penalty", type=float, default=1e-7)
     ap.add_argument("--cs-mask-lr", type=float, default=1e-2)
+    ap.add_argument("--bip-mask-lr", type=float, default=10.0, help="BiP score learning rate (SGD, momentum 0.9)")
+    ap.add_argument("--bip-gamma", type=float, default=1.0, help="BiP lower-level ridge weight (implicit-gradient scale)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -103,6 +106,8 @@ def main():
             if method in ("cs", "continuous_sparsification"):
                 mc = obs_plugins.CSConfig(rounds=1, epochs=4, penalty=args.cs_penalty, mask_lr=args.cs_mask_lr,
                                           progress=False)
+            elif method == "bip":
+                mc = obs_plugins.BiPConfig(mask_lr=args.bip_mask_lr, gamma=args.bip_gamma, progress=False)
             cfg = PruningConfig(method=method, sparsity=args.sparsity, end_step=ramp_end,
                                 frequency=max(1, ramp_end // args.prune_steps),
                                 curvature_batches=args.curvature_batches, method_config=mc)
@@ -119,7 +124,7 @@ def main():
         row = {"method": method, "sparsity": sp, "val_acc": accuracy(model, val_ds), "test_acc": accuracy(model, test_ds),
                "train_seconds": secs}
         if callbacks:
-            row["schedule"] = [{k: h[k] for k in ("step", "sparsity")} for h in callbacks[0].history]
+            row["schedule"] = [{k: h[k] for k in ("step", "sparsity")} for h in callbacks[0].history if "sparsity" in h]
         rows.append(row)
         print(f"{method:>10}: encoder-Linear sparsity {sp:.4f}  val acc {row['val_acc']:.4f}  test acc "
               f"{row['test_acc']:.4f}  ({secs:.0f} s)", flush=True)

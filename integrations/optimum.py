@@ -51,7 +51,8 @@ class MethodRoute:
 
     one_shot: ``Pruner.prune`` can run it (a solver on layer curvature / weights);
     gradual:  the ``PruningCallback`` schedule: "cubic" (Zhu & Gupta, one-shot plans at growing sparsity),
-              "cs" (Continuous Sparsification's temperature schedule) or None (not available in training);
+              "cs" (Continuous Sparsification's temperature schedule), "bip" (BiP's alternating weight / mask
+              updates at the target sparsity) or None (not available in training);
     nm:       it takes an "N:M" pattern (through its config's ``nm`` field);
     curvature: it needs layer curvature (calibration batches).
     """
@@ -66,8 +67,7 @@ ROUTES: dict[str, MethodRoute] = {
     "magnitude": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=False),
     "wanda": MethodRoute(one_shot=True, gradual="cubic", nm=True, curvature=True),
     "continuous_sparsification": MethodRoute(one_shot=False, gradual="cs", nm=False, curvature=False),
-    # BiP: config round trip only for now; its alternating updates in a Trainer are not wired (BiPTrainer.fit)
-    "bip": MethodRoute(one_shot=False, gradual=None, nm=False, curvature=False),
+    "bip": MethodRoute(one_shot=False, gradual="bip", nm=False, curvature=False),
 }
 ALIASES = {"cs": "continuous_sparsification", "continuous-sparsification": "continuous_sparsification",
            "obs-iht": "obs_iht", "obsiht": "obs_iht"}
@@ -564,8 +564,15 @@ class PruningCallback(TrainerCallback):
     penalty's gradient is added before every optimizer step, and its rounds x epochs temperature schedule is
     spread over ``begin_step..end_step``; then the ticket is cut at exactly ``sparsity`` and fine-tuned with
     fixed masks; the kept weights keep their gated values ``w * gate`` at the cut (no rewinding: this is
-    fine-tuning, not a ticket search), so the network changes only where weights are removed.  ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).
-    ``calibration_batches``: batches for the curvature (default: drawn from the Trainer's training data).
+    fine-tuning, not a ticket search), so the network changes only where weights are removed.  BiP route: a
+    ``BiPTrainer`` gates the weights at ``begin_step`` with a mask of exactly ``sparsity`` (top-k of scores
+    initialised from ``|w|``); every Trainer optimizer step is the lower level (the weights, mask fixed) and after
+    every ``lower_steps`` of them the callback takes one upper-level step on the scores (the paper's implicit
+    gradient, on a fresh training batch, with its own SGD(``mask_lr``, momentum 0.9)); at ``end_step`` the mask the
+    last step trained with is cut (exactly ``sparsity``; the network is unchanged by the cut) and fine-tuned with fixed masks.
+    ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).
+    ``calibration_batches``: batches for the curvature, or BiP's upper level (cycled); default: drawn from the
+    Trainer's training data (shuffled with ``seed``).
     """
 
     def __init__(self, config: PruningConfig, *, calibration_batches=None, loss_fn: Callable | None = None,
@@ -577,12 +584,16 @@ class PruningCallback(TrainerCallback):
         if config.pattern != "unstructured":
             raise PruningInputError(f"pattern: PruningCallback prunes gradually, so only 'unstructured'; use "
                                     f"Pruner for {config.pattern!r}")
+        if config.route.gradual == "bip" and config.method_config_object().granularity != "weight":
+            raise PruningInputError("method_config: PruningCallback runs BiP with granularity='weight'; channel "
+                                    "scores go through Torch-Pruning (obs_plugins.integrations.torch_pruning)")
         self.config = config
         self.calibration = calibration_batches
         self.loss_fn = loss_fn or default_loss
         self.seed = seed
         self.targets = None
         self.sparsifier = None
+        self.bip = None
         self.history: list[dict] = []
         self._batches = None
         self._pruned_total = 0
@@ -602,12 +613,20 @@ class PruningCallback(TrainerCallback):
                 raise PruningInputError(f"end_step: CS needs at least rounds x epochs = {self._cs_epochs} steps "
                                         f"between begin_step and end_step, got {span}")
             self._epoch_ends = [self.begin + round(span * (i + 1) / self._cs_epochs) for i in range(self._cs_epochs)]
+        elif self.config.route.gradual == "bip":
+            if self.end <= self.begin:
+                raise PruningInputError(f"end_step: BiP needs end_step > begin_step, got {self.end} <= {self.begin}")
         else:
             f = c.frequency or max(1, (self.end - self.begin) // 10)
             self.prune_steps = sorted(set(list(range(self.begin + f, self.end, f)) + [self.end]))
 
     def _next_calibration(self, n):
         if self.calibration is not None:
+            if self.config.route.gradual == "bip":  # the upper level: a fresh batch each time, cycling
+                batches = list(self.calibration)
+                out = [batches[(self._cycle + i) % len(batches)] for i in range(n)]
+                self._cycle += n
+                return out
             return list(self.calibration)[:n] if n else list(self.calibration)
         out = []
         for _ in range(n):
@@ -627,7 +646,12 @@ class PruningCallback(TrainerCallback):
         self.targets = select_targets(model, self.config)
         self.params = [(t.module, t.name) for t in self.targets]
         self.weights = sum(t.orig().numel() for t in self.targets)
-        if self.config.route.curvature and self.calibration is None:
+        self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                  * max(1, getattr(args, "world_size", 1)))
+        self._cycle = 0
+        if self.calibration is not None and self.config.route.gradual == "bip" and not list(self.calibration):
+            raise PruningInputError("calibration_batches: empty; BiP's upper level needs batches")
+        if (self.config.route.curvature or self.config.route.gradual == "bip") and self.calibration is None:
             if train_dataloader is None:
                 raise PruningInputError("calibration_batches: no training dataloader to draw curvature batches "
                                         "from; give calibration_batches=")
@@ -653,6 +677,13 @@ class PruningCallback(TrainerCallback):
                 sched.base_lrs.append(lr)
                 sched.lr_lambdas.append(sched.lr_lambdas[0])
             self._cs_epoch = 0
+        elif self.config.route.gradual == "bip":
+            from obs_plugins.methods.bip import BiPTrainer
+            cfg = self.config.method_config_object(progress=False)
+            self.bip = BiPTrainer(self.model, self.params, sparsity=self.config.sparsity, config=cfg)
+            self.bip.straight_through = False  # the Trainer's steps are the lower level: no score gradient there
+            self.mask_optimizer = torch.optim.SGD(self.bip.score_groups(), lr=cfg.mask_lr, momentum=0.9)
+            self._since_upper = 0
 
     def _prune_to(self, sparsity, state):
         target_zeros = round(sparsity * self.weights)
@@ -699,6 +730,27 @@ class PruningCallback(TrainerCallback):
                 self._cs_epoch += 1
             if cs.done:
                 self._cut_ticket(state)
+        elif self.config.route.gradual == "bip":
+            if self.bip is None and step >= self.begin:
+                self._start(state)
+                return
+            bip = self.bip
+            if bip is None or bip.finished:
+                return
+            bip.count_lower_step(self._samples_per_step)
+            self._since_upper += 1
+            if step >= self.end:  # cut the mask this step trained with (a score step now would go unused)
+                self._cut_bip(state)
+                return
+            if self._since_upper >= bip.config.lower_steps:
+                was = self.model.training
+                self.model.train()
+                try:
+                    loss = bip.upper_step(self._next_calibration(1)[0], self.mask_optimizer, self.loss_fn)
+                finally:
+                    self.model.train(was)
+                self._since_upper = 0
+                self.history.append({"step": state.global_step, "upper_loss": loss})
         elif step in self.prune_steps:
             self._prune_to(cubic_sparsity(step, self.begin, self.end, self.config.sparsity,
                                           self.config.initial_sparsity), state)
@@ -715,10 +767,30 @@ class PruningCallback(TrainerCallback):
         self.history.append({"step": state.global_step, "target_sparsity": self.config.sparsity,
                              "sparsity": self.sparsity(), "natural_sparsity": plan.report.get("natural_sparsity")})
 
+    def _cut_bip(self, state):
+        bip = self.bip
+        with torch.no_grad():  # the weights theta the gates multiplied (kept entries unchanged by the cut)
+            theta = {t.key: t.orig().detach().clone() for t in bip.targets}
+        bip.finish()
+        plan = bip.make_plan(k=round(self.config.sparsity * self.weights)
+                             - (self.weights - sum(int(t.prior_mask().sum()) for t in self.targets)))
+        for key, e in plan.entries.items():
+            e.new_weight = theta[key]
+        plan.apply(reparametrize=True)
+        self.history.append({"step": state.global_step, "target_sparsity": self.config.sparsity,
+                             "sparsity": self.sparsity(), "upper_steps": bip.upper_steps,
+                             "training_mask_overlap": plan.report.get("training_mask_overlap"),
+                             "samples_forward_backward": bip.samples_forward_backward})
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.targets is None:
             return
-        if self.config.route.gradual == "cs":
+        if self.config.route.gradual == "bip":
+            if self.bip is None:
+                self._start(state)
+            if not self.bip.finished:  # training stopped before end_step: cut the training mask now
+                self._cut_bip(state)
+        elif self.config.route.gradual == "cs":
             if self.sparsifier is None:
                 self._start(state)
             if not self.sparsifier.finished:  # training stopped before the schedule ended: cut it now

@@ -375,6 +375,71 @@ def test_callback_cs_schedule_reaches_exact_target(tmp_path):
     assert not any("parametrizations" in n or n.endswith("_mask") for n in model.state_dict())
 
 
+def test_callback_bip_alternates_levels_cuts_exactly_and_the_cut_leaves_the_network_unchanged(tmp_path):
+    """BiP in a real Trainer: every optimizer step is a lower-level step, each followed by one score step on a fresh
+    batch; at end_step the training mask is cut (exactly k) without changing the network's outputs; the masks then
+    hold through the fine-tuning steps and bake into plain weights."""
+    bipc = obs_plugins.BiPConfig(mask_lr=1.0, gamma=1.0)
+    cfg = PruningConfig(method="bip", sparsity=0.7, end_step=6, method_config=bipc)
+    probe = {k: v[:4] for k, v in torch.utils.data.default_collate([_Seq(seed=5)[i] for i in range(4)]).items()}
+    seen, zeros_after = {}, {}
+
+    class Before(transformers.TrainerCallback):  # runs before the pruning callback in the same event
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 6:
+                model.eval()
+                with torch.no_grad():
+                    seen["gated"] = model(**{k: v for k, v in probe.items() if k != "labels"}).logits
+                model.train()
+
+    class After(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            t = obs_plugins.resolve_targets(model, ["bert.encoder.layer.0.intermediate.dense"])[0]
+            if state.global_step == 6:
+                model.eval()
+                with torch.no_grad():
+                    seen["cut"] = model(**{k: v for k, v in probe.items() if k != "labels"}).logits
+                model.train()
+            if state.global_step >= 6:
+                zeros_after[state.global_step] = t.current() == 0
+
+    model = tiny_bert(labels=3)
+    cb = PruningCallback(cfg)
+    init_scores = {}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=8,
+                                          learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True,
+                                          disable_tqdm=True, seed=0, weight_decay=0.01, logging_steps=1)
+    targets = hf.select_targets(model, cfg)
+    for t in targets:
+        init_scores[t.key] = t.orig().detach().abs().clone()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[Before(), cb, After()])
+    trainer.train()
+    bip = cb.bip
+    assert bip.finished and bip.lower_steps == 6 and bip.upper_steps == 5  # none after the last lower step
+    assert bip.samples_forward_backward == 6 * 8 + 5 * 8  # the Trainer's batches + the upper level's
+    assert any(not torch.equal(bip.scores[k].detach().expand_as(v), v) for k, v in init_scores.items())
+    h = cb.history[-1]
+    assert h["step"] == 6 and h["training_mask_overlap"] == 1.0
+    assert torch.equal(seen["cut"], seen["gated"])  # the cut mask is the one the network trained with
+    zeros = sum(int((t.orig() == 0).sum()) for t in targets)
+    assert zeros == round(0.7 * cb.weights)
+    for step in range(7, 11):  # fixed masks through the fine-tuning steps
+        assert torch.equal(zeros_after[step], zeros_after[6])
+    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    assert len(losses) == 10 and all(l == l for l in losses)
+    assert not any("parametrizations" in n or n.endswith(("_orig", "_mask")) for n in model.state_dict())
+    model.save_pretrained(tmp_path / "out")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    for t in targets:
+        assert torch.equal(back.get_parameter(t.key), t.orig())
+
+
+def test_callback_bip_rejects_channel_granularity():
+    with pytest.raises(PruningInputError, match="^method_config"):
+        PruningCallback(PruningConfig(method="bip", sparsity=0.5,
+                                      method_config=obs_plugins.BiPConfig(granularity="channel")))
+
+
 def test_callback_rejects_bad_input_before_training(tmp_path):
     with pytest.raises(PruningInputError, match="^pattern"):
         PruningCallback(PruningConfig(method="magnitude", pattern="2:4", sparsity=None))

@@ -160,7 +160,9 @@ class BiPTrainer:
         self._keep = self._keep_counts()
         self._masks: dict[str, torch.Tensor] = {}
         self._update_masks()
-        self._straight = True          # masks carry the straight-through gradient to the scores
+        # masks carry the straight-through gradient to the scores in ordinary forwards; a loop that runs the
+        # lower level itself (a Trainer) sets this False: the upper step computes g_s without it
+        self.straight_through = True
         self._recording: list | None = None
         self.lower_steps = 0           # optimizer steps on theta
         self.upper_steps = 0           # score steps
@@ -218,7 +220,7 @@ class BiPTrainer:
 
     def _gated(self, key: str, part: str, w: torch.Tensor) -> torch.Tensor:
         m = self._masks[key]
-        if self._straight and self._recording is None and torch.is_grad_enabled():
+        if self.straight_through and self._recording is None and torch.is_grad_enabled():
             m = _Straight.apply(self.scores[key], m)
         if part == "bias":
             m = m.reshape(-1)
@@ -283,11 +285,11 @@ class BiPTrainer:
 
     @contextlib.contextmanager
     def _no_straight(self):
-        was, self._straight = self._straight, False
+        was, self.straight_through = self.straight_through, False
         try:
             yield
         finally:
-            self._straight = was
+            self.straight_through = was
 
     def lower_step(self, batch, optimizer: torch.optim.Optimizer, loss_fn: Callable | None = None, *,
                    batch_loss: Callable | None = None) -> float:
@@ -301,6 +303,15 @@ class BiPTrainer:
         self.lower_steps += 1
         self.samples_forward_backward += batch_rows(batch)
         return float(loss.detach())
+
+    def count_lower_step(self, samples: int) -> None:
+        """Record a lower-level step of ``samples`` samples taken by another loop (e.g. a ``transformers.Trainer``
+        stepping the gated weights), so the step and sample counters cover both levels."""
+        self._check_searching("count_lower_step")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise PruningInputError(f"samples: must be an int >= 0, got {samples!r}")
+        self.lower_steps += 1
+        self.samples_forward_backward += samples
 
     def score_gradient(self, batch, loss_fn: Callable | None = None, *, batch_loss: Callable | None = None,
                        implicit: bool | None = None) -> tuple[float, dict[str, torch.Tensor]]:
