@@ -78,12 +78,12 @@ def ensure_venv() -> None:
 
 
 def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sparsity: str, out: Path,
-               threads: int, reuse: bool = False) -> dict:
+               threads: int, reuse: bool = False, device: str = "cpu") -> dict:
     if reuse and out.exists():
         print(f"vs_llmcompressor: reusing {out}", flush=True)
         return json.loads(out.read_text())
     cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
-           "--threads", str(threads), "--out", str(out)] + (["--calib", str(calib)] if calib else [])
+           "--threads", str(threads), "--device", device, "--out", str(out)] + (["--calib", str(calib)] if calib else [])
     for name, p in evals.items():
         cmd += ["--eval", f"{name}={p}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
                          "eval/seq-len) instead of re-running them")
     ap.add_argument("--ours", default="obs_iht_onepass,obs_iht",
                     help="our rows (obs_plugins.experiment.run_rows methods): one-pass T=1, sequential T=1 + best T")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:i]: both sides prune and evaluate there (CUDA: times are wall times of each side)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/vs_llmcompressor")
     args = ap.parse_args(argv)
@@ -131,14 +133,20 @@ def main(argv=None) -> int:
     ensure_venv()
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
-    work = CACHE / f"llmc-c{args.calib}-e{args.eval}-s{args.seq_len}"
+    if args.device != "cpu":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            ap.error(f"--device: {args.device} asked for but torch.cuda.is_available() is False")
+        setup.model.to(args.device)
+    # results (and --reuse-theirs) are kept per window set and, off the CPU, per device
+    work = CACHE / (f"llmc-c{args.calib}-e{args.eval}-s{args.seq_len}"
+                    + ("" if args.device == "cpu" else "-" + args.device.replace(":", "")))
     calib_pt = save_windows(setup.calib, work / "calib.pt")
     evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}
 
     # the dense check: same model folder and the same perplexity protocol on both sides
     dense = dense_row(setup, progress)["ppl"]
     theirs_dense = run_worker(model_dir, None, evals, "dense", "0", work / "dense.json", args.threads,
-                              args.reuse_theirs)
+                              args.reuse_theirs, args.device)
     rel = max(abs(theirs_dense["ppl"][h] - dense[h]) / dense[h] for h in dense)
     if rel > 1e-3:
         raise RuntimeError(f"dense perplexity differs: ours {dense}, llm-compressor venv {theirs_dense['ppl']} "
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
     for sp in sparsities:
         for m in methods:
             r = run_worker(model_dir, calib_pt, evals, m, sp, work / f"{m}_{sp.replace(':', 'of')}.json",
-                           args.threads, args.reuse_theirs)
+                           args.threads, args.reuse_theirs, args.device)
             versions = r["versions"]
             rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"],
                          "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"],
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(
         {"rows": rows, "summary": summary, "setup": setup.info, "command": cmd.strip(), "versions": versions,
-         "machine": _machine(args.threads), "total_seconds": total}, indent=2, default=str))
+         "machine": _machine(args.threads, args.device), "total_seconds": total}, indent=2, default=str))
     _plot(rows, sparsities, str(out.with_suffix(".png")))
     print("\n".join(lines))
     return 0
@@ -215,9 +223,10 @@ def _ppl(d) -> str:
     return ", ".join(f"{h} {v:.4f}" for h, v in d.items())
 
 
-def _machine(threads) -> str:
+def _machine(threads, device="cpu") -> str:
+    where = "" if device == "cpu" else f"; pruned and evaluated on {device} ({torch.cuda.get_device_name(device)})"
     return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads} torch thread(s) per side, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}{where}")
 
 
 def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
@@ -229,7 +238,7 @@ def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
         f"SmolLM2-135M-Instruct (fp32 from the packaged GGUF), the {len(setup.targets)} Linear weights of "
         f"model.layers (q/k/v/o/gate/up/down; embeddings/lm_head kept); calibration {setup.info['calib']}; "
         f"held-out {setup.info['heldout']}; the same windows on both sides.", "",
-        f"Machine: {_machine(args.threads)}. llm-compressor {versions.get('llmcompressor', '?')} "
+        f"Machine: {_machine(args.threads, args.device)}. llm-compressor {versions.get('llmcompressor', '?')} "
         f"(compressed-tensors {versions.get('compressed-tensors', '?')}, transformers "
         f"{versions.get('transformers', '?')}, torch {versions.get('torch', '?')}) in benchmarks/.venv-llmc; "
         f"ours torch {torch.__version__}.", "",

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="perplexity batch size (ours is 4)")
     ap.add_argument("--calib-batch-size", type=int, default=1, help="oneshot's calibration batch size")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the model is pruned and evaluated")
     ap.add_argument("--out", required=True)
     ap.add_argument("--save-weights", default=None, help="also torch.save the pruned decoder Linear weights here")
     args = ap.parse_args(argv)
@@ -116,13 +117,13 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(args.device)
     model.eval()
     load_s = time.perf_counter() - t0
     lin = decoder_linears(model)
     keep = {n: p.detach().clone() for n, p in model.named_parameters() if not any(n.startswith(k) for k in lin)}
     out = {"method": args.method, "sparsity": args.sparsity if args.method != "dense" else "0", "n_weights": len(lin), "load_seconds": load_s,
-           "versions": {p: version(p) for p in ("torch", "transformers")}, "threads": args.threads,
+           "versions": {p: version(p) for p in ("torch", "transformers")}, "threads": args.threads, "device": args.device,
            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads"}
     if args.method != "dense":
         import llmcompressor
