@@ -2,6 +2,7 @@
 import copy
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -323,3 +324,52 @@ def test_layers_with_the_same_input_share_one_inverse_factor():
     for k, f in factors.items():  # each shared factor is the one of that layer's own Gram
         ref = inverse_factor(curv.hessians[k], 0.01)
         torch.testing.assert_close(f.hinv_chol_upper, ref.hinv_chol_upper)
+
+
+def _full_grid_then_extend(f, grid, max_step, extend=3):
+    """The reference: every grid point, then halving / doubling from the best edge while the loss falls."""
+    trials = [f(min(r, max_step)) for r in grid]
+    for _ in range(extend):
+        best = min(trials, key=lambda x: x[0])
+        rs = sorted(x[1] for x in trials)
+        if best[1] == rs[-1] and rs[-1] < max_step:
+            trials.append(f(min(rs[-1] * 2, max_step)))
+        elif best[1] == rs[0]:
+            trials.append(f(rs[0] / 2))
+        else:
+            break
+        if trials[-1][0] >= best[0]:
+            break
+    return trials
+
+
+@pytest.mark.parametrize("r_star", [1e-4, 0.003, 0.01, 0.014, 0.02, 0.03, 0.04, 0.1, 0.3, 5.0])
+def test_line_search_picks_what_the_full_grid_picks_with_fewer_evaluations(r_star):
+    from obs_plugins.methods.obs_iht.solver import _line_search
+    calls = []
+
+    def f(r):
+        calls.append(r)
+        return (math.log2(r) - math.log2(r_star)) ** 2, r, None
+
+    grid, max_step = (0.01, 0.02, 0.04), 0.25
+    ours = _line_search(f, grid, max_step)
+    n_ours, calls[:] = len(calls), []
+    ref = _full_grid_then_extend(f, grid, max_step)
+    assert min(ours, key=lambda x: x[0])[1] == min(ref, key=lambda x: x[0])[1]
+    assert n_ours <= len(calls)
+    if r_star <= 0.014:  # the best step is the smallest grid point or below: one evaluation saved
+        assert n_ours == len(calls) - 1
+    assert all(r <= max_step for r in calls)
+
+
+def test_line_search_single_point_grid_doubles_up_to_the_trust_region():
+    from obs_plugins.methods.obs_iht.solver import _line_search
+    seen = []
+
+    def f(r):
+        seen.append(r)
+        return -r, r, None  # always better with a larger step: capped at max_step
+
+    trials = _line_search(f, (25.0,), 50.0)
+    assert seen == [25.0, 50.0] and min(trials)[1] == 50.0

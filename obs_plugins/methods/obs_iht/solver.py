@@ -259,6 +259,50 @@ def _overrides(targets, W):
     return {t.key: from_2d(t.module, W[t.key], t.current()) for t in targets}
 
 
+def _line_search(f, grid, max_step: float, extend: int = 3) -> list:
+    """Walk the step grid from its middle point towards lower held-out loss: down through the smaller grid points
+    while the loss falls, else up through the larger ones, then on past the grid's edge by halving / doubling (at
+    most ``extend`` times) while it still falls.  On a loss that is unimodal along the step this picks the step
+    that evaluating the whole grid and extending it from its best edge would, with one evaluation fewer when the
+    best step is the smallest grid point.  ``f(r) -> (loss, r, candidate)``; every ``r`` is capped at ``max_step``
+    (the trust region: ``||step|| <= max_step * ||theta||``).  Returns the evaluated trials."""
+    g = sorted(min(r, max_step) for r in grid)
+    seen: dict[float, tuple] = {}
+    mid = len(g) // 2
+    seen[g[mid]] = f(g[mid])
+    best = [seen[g[mid]][0]]
+
+    def better(r) -> bool:
+        r = min(r, max_step)
+        if r in seen:
+            return False
+        seen[r] = f(r)
+        if seen[r][0] < best[0]:
+            best[0] = seen[r][0]
+            return True
+        return False
+
+    def walk(points, grow: bool) -> bool:
+        moved = False
+        for r in points:
+            if not better(r):
+                return moved
+            moved = True
+        r = points[-1] if points else g[mid]
+        for _ in range(extend):
+            if grow and r >= max_step:
+                break
+            r = r * 2 if grow else r / 2
+            if not better(r):
+                break
+            moved = True
+        return moved
+
+    if not (mid > 0 and walk(g[:mid][::-1], grow=False)):
+        walk(g[mid + 1:], grow=True)
+    return list(seen.values())
+
+
 def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     """Iterations 2..T: theta <- project(theta - eta * grad f(theta) H^-1), eta chosen on held-out batches."""
     from tqdm.auto import tqdm
@@ -286,23 +330,10 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         dnorm = math.sqrt(sum(float((PD[k] ** 2).sum()) for k in PD)) or 1.0
         t2 = time.perf_counter()
         def try_step(r):
-            r = min(r, config.max_step)  # trust region: ||step|| <= max_step * ||theta||
             cand = {k: W[k] - (r * wnorm / dnorm) * PD[k] for k in W}
             return curvature.loss(_overrides(targets, cand), hold), r, cand
 
-        trials = [try_step(r * scale) for r in config.step_sizes]
-        # the best step at an edge of the grid: keep going that way while the held-out loss improves
-        for _ in range(3):
-            best_t = min(trials, key=lambda x: x[0])
-            rs = sorted(x[1] for x in trials)
-            if best_t[1] == rs[-1] and rs[-1] < config.max_step:
-                trials.append(try_step(rs[-1] * 2))
-            elif best_t[1] == rs[0]:
-                trials.append(try_step(rs[0] / 2))
-            else:
-                break
-            if trials[-1][0] >= best_t[0]:
-                break
+        trials = _line_search(try_step, [r * scale for r in config.step_sizes], config.max_step)
         loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0])
         scale = rho_b / config.step_sizes[len(config.step_sizes) // 2] * config.step_decay
         history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
