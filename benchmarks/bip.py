@@ -206,7 +206,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the weights (every method)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.9, 0.95])
-    p.add_argument("--channel-targets", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--channel-targets", type=float, nargs="*", default=[0.5, 0.7],
+                   help="channel sparsities (none: unstructured only, e.g. for a multi-seed check of one point)")
     p.add_argument("--tune-at", type=float, default=0.9)
     p.add_argument("--tune-channel-at", type=float, default=0.7)
     p.add_argument("--grid-mask-lr", type=float, nargs="+", default=[1.0, 10.0])
@@ -248,7 +249,8 @@ def main(argv=None):
 
     print("tuning BiP on validation", flush=True)
     best_u = tune(dense, loader, ev, args, args.tune_at, False, args.grid_mask_lr, res["tuning"])
-    best_c = tune(dense, loader, ev, args, args.tune_channel_at, True, args.grid_channel_mask_lr, res["tuning"])
+    best_c = (tune(dense, loader, ev, args, args.tune_channel_at, True, args.grid_channel_mask_lr, res["tuning"])
+              if args.channel_targets else {})
     res["chosen"] = {"unstructured": {("IG" if k else "FO"): v for k, v in best_u.items()},
                      "channels": {("IG" if k else "FO"): v for k, v in best_c.items()}}
     print(f"  chosen (mask_lr, gamma): {res['chosen']}", flush=True)
@@ -261,7 +263,7 @@ def main(argv=None):
     imp = {t: {"val": r["val_accuracy"], "test": r["accuracy"], "epochs": r["epochs"] - args.epochs + args.dense_epochs,
                "rounds": r["rounds"], "weight_sparsity": r["sparsity"], "chain_seconds": imp_s} for t, r in imp.items()}
     print("IMP (channels)", flush=True)
-    imp_c = imp_channels(init, dense, rewind, loader, ev, args, args.channel_targets)
+    imp_c = imp_channels(init, dense, rewind, loader, ev, args, args.channel_targets) if args.channel_targets else {}
 
     for mode, targets, best, imp_r in (("unstructured", args.targets, best_u, imp),
                                        ("channels", args.channel_targets, best_c, imp_c)):
@@ -296,7 +298,7 @@ def write(res, args, command, wall, n_tr, n_val, n_te):
         f"gamma {args.grid_gamma} for the IG variant): "
         + "; ".join(f"{mode} {v}: mask_lr={res['chosen'][mode][v][0]:g}" + (
             f", γ={res['chosen'][mode][v][1]:g}" if v == "IG" else "") for mode in ("unstructured", "channels")
-            for v in ("IG", "FO")) + ".",
+            if res["chosen"][mode] for v in ("IG", "FO")) + ".",
         "",
         "| mode | sparsity | " + " | ".join(f"{m} test acc (epochs)" for m in methods) + " | BiP-IG − IMP | "
         "IMP epochs / BiP-IG epochs |",
