@@ -172,8 +172,10 @@ def main(argv=None) -> int:
                 rows.append({"sparsity": sp, "method": "ours " + r["method"], "ppl": r["ppl"],
                              "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"] + calib_s,
                              "prune_seconds": r["prune_seconds"], "calibration_seconds": calib_s,
-                             "n_weights": len(setup.targets), "history": r.get("history")})
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "history"}, default=str), flush=True)
+                             "n_weights": len(setup.targets), "history": r.get("history"),
+                             "seconds_T1": r.get("seconds_T1")})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("history", "seconds_T1")},
+                                 default=str), flush=True)
     for r in rows:
         r["vs_dense"] = {h: r["ppl"][h] / dense[h] for h in dense}
 

@@ -154,6 +154,7 @@ def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs
             kw = {} if step_sizes is None else {"step_sizes": tuple(step_sizes)}
             p1 = api.prune(OBSIHTConfig(iterations=1, nm=nm, progress=progress), curvature=curvature, amount=amount)
             rows.append(_row(setup, "OBS-IHT T=1", sparsity, p1, t0, progress))
+            rows[-1]["seconds_T1"] = p1.report.get("seconds_T1")
             if iterations > 1:  # continue from T=1 (the dense weights are restored: the gradient is taken at
                 api.restore(setup.targets, snap)  # the plan's weights through curvature overrides)
                 t1 = time.perf_counter()
