@@ -11,10 +11,24 @@ Two problems, no fine-tuning after pruning:
   embeddings and pooler kept); accuracy of the frozen head on the pruned model's test embeddings.  A fixed split
   of the 2,225 articles (seed 0): 1,425 train / 300 validation / 500 test.
 
-Importances: GroupMagnitudeImportance (L2), GroupTaylorImportance, GroupHessianImportance (Torch-Pruning 1.6.1,
-default group mean normaliser), OBSImportance (loss-scaled greedy OBS).  Each is run "removal only" and with
-the OBS update of the consumers (``OBSImportance.step`` adds the least-squares update to any ranking).  The
-damping of the OBS curvature is chosen on the validation split (OBS ranking + update at 50%), never on test.
+Importances: GroupMagnitudeImportance (L2), GroupTaylorImportance, GroupHessianImportance (Torch-Pruning 1.6,
+default group mean normaliser), OBSImportance (loss-scaled greedy OBS), and for the CNN the two learned channel
+rankings CSImportance / BiPImportance.  Each is run "removal only" and with the OBS update of the consumers
+(``OBSImportance.step`` adds the least-squares update to any ranking).  The damping of the OBS curvature is chosen
+on the validation split (OBS ranking + update at 50%), never on test.
+
+CS / BiP (CNN only): a channel-granularity search over conv1/conv2/fc1 from the dense weights for a fixed budget
+of ``--search-epochs`` passes over the training split (Adam ``--search-lr`` on the weights, batch 128, global
+allocation like ``global_pruning=True``), then the learned channel scores rank the channels **of the dense model**
+(the search's weights are discarded: every row prunes the same network).  CS: one search (rounds=1, the
+temperature annealed 1 -> 200 over ``--cs-chunks`` equal parts of the budget, rewound to the dense weights),
+used at every ratio; its penalty is chosen from ``--cs-penalty-grid``.  BiP: one search per ratio (its top-k
+mask is trained at that sparsity; paper implicit gradient, SGD(momentum 0.9) on the scores); score lr x gamma
+chosen from ``--bip-mask-lr-grid`` x ``--bip-gamma-grid``.  Both choices on the validation split at 50% (ranking
++ OBS update, the damping's criterion), among the settings under which Torch-Pruning removes the most channels
+(it skips a layer whose channels all rank below the global threshold, and fewer channels removed would win).
+BiP is also reported with the search's own weights under its final mask (the model BiP trained; one more epoch
+of training than the others, so not a no-fine-tuning comparison).
 
 Writes benchmarks/results/structured.{md,json,png}.
 """
@@ -32,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPORTANCES = ("magnitude", "taylor", "hessian", "obs")
+IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "cs", "bip")
+LEARNED = ("cs", "bip")
 
 
 def _tp():
@@ -123,17 +138,83 @@ def train_cnn(train, epochs, seed, progress):
     return model.eval()
 
 
-def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples):
-    """Prune a copy of ``dense``; returns the pruned model and the wall time of scoring + pruning."""
+def cnn_search(dense, train, name, ratio, args, *, penalty=None, mask_lr=None, gamma=None):
+    """A channel-granularity CS or BiP search over conv1/conv2/fc1 from a copy of ``dense``, ``--search-epochs``
+    passes over the training split (batch 128, seeded order); returns the finished search (its ``model`` holds
+    the search's weights: CS rewound to the dense ones, BiP its own) and its wall time."""
+    from obs_plugins import BiPTrainer, ContinuousSparsifier
+    m = copy.deepcopy(dense)
+    params = [(m.conv1, "weight"), (m.conv2, "weight"), (m.fc1, "weight")]
+    X, y = train
+    g = torch.Generator().manual_seed(args.seed + 2)
+    batches = []
+    for _ in range(args.search_epochs):
+        perm = torch.randperm(len(X), generator=g)
+        batches.append([(X[perm[i:i + 128]], y[perm[i:i + 128]]) for i in range(0, len(X), 128)])
+    t0 = time.perf_counter()
+    if name == "cs":
+        flat = [b for ep in batches for b in ep]
+        n = args.cs_chunks
+        parts = [flat[len(flat) * k // n:len(flat) * (k + 1) // n] for k in range(n)]
+        search = ContinuousSparsifier(m, params, granularity="channel", allocation="global", rounds=1, epochs=n,
+                                      penalty=penalty, final_temperature=200.0, rewind_step=0, progress=False)
+        opt = torch.optim.Adam(search.param_groups(lr=args.search_lr))
+        m.train()
+        for part in parts:   # one temperature per part: beta = 200 ** (k / (n - 1))
+            for xb, yb in part:
+                loss = F.cross_entropy(m(xb), yb) + search.penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                search.step()
+            search.step_epoch()
+        search.finish(rewind=True)
+    else:
+        search = BiPTrainer(m, params, sparsity=ratio, granularity="channel", allocation="global", gamma=gamma,
+                            mask_lr=mask_lr, progress=False)
+        opt = torch.optim.Adam(search.param_groups(args.search_lr))
+        mopt = torch.optim.SGD(search.score_groups(), lr=mask_lr, momentum=0.9)
+        for ep in batches:
+            search.fit(ep, F.cross_entropy, epochs=1, optimizer=opt, mask_optimizer=mopt, finish=False)
+        search.finish()
+    m.eval()
+    return search, time.perf_counter() - t0
+
+
+def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, search=None, weights="dense"):
+    """Prune a copy of ``dense`` (for CS / BiP: a copy of the finished ``search``'s model, with the dense weights
+    loaded, or with ``weights="searched"`` BiP's own weights under its final mask); returns the pruned model and
+    the wall time of scoring + pruning."""
     tp = _tp()
     from obs_plugins import Curvature, prunable_linear_targets
-    from obs_plugins.integrations.torch_pruning import OBSImportance
-    m = copy.deepcopy(dense).eval()
+    from obs_plugins.integrations.torch_pruning import BiPImportance, CSImportance, OBSImportance
+    if imp_name in LEARNED:
+        search = copy.deepcopy(search)   # the search and its model together: the copy's targets are the copy's
+        m = search.model
+        if weights == "dense":
+            m.load_state_dict(dense.state_dict())
+        else:   # the model BiP trained: its mask applied (removed channels' weights and biases zero)
+            with torch.no_grad():
+                masks, bias = search.masks(), search.bias_masks()
+                for t in search.targets:
+                    t.module.weight.mul_(masks[t.key].to(t.module.weight.dtype))
+                    if t.key in bias:
+                        t.module.bias.mul_(bias[t.key].to(t.module.bias.dtype))
+        m.eval()
+    else:
+        m = copy.deepcopy(dense).eval()
     t0 = time.perf_counter()
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=())]
     curv = Curvature.layerwise(m, params, calib, loss_fn=F.cross_entropy, progress=False)
     obs = OBSImportance(curv, rel_damp=rel_damp)
-    imp = obs if imp_name == "obs" else builtin_importance(imp_name)
+    if imp_name == "obs":
+        imp = obs
+    elif imp_name == "cs":
+        imp = CSImportance(search)
+    elif imp_name == "bip":
+        imp = BiPImportance(search)
+    else:
+        imp = builtin_importance(imp_name)
     if imp_name in ("taylor", "hessian"):
         fill_gradients(m, imp, calib, lambda mm, b: F.cross_entropy(mm(b[0]), b[1]), hessian_samples)
     pr = tp.pruner.MetaPruner(m, calib[0][0][:2], importance=imp, pruning_ratio=ratio, global_pruning=True,
@@ -141,6 +222,16 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples):
     rec = obs.step(pr, update=update, strict=False)   # counts recorded (built-in scores can tie)
     m.zero_grad(set_to_none=True)
     return m.eval(), time.perf_counter() - t0, rec
+
+
+def state_digest(model):
+    """sha256 of a model's state dict (names and bytes): the same dense model across runs, or not."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_cnn(args, log):
@@ -164,7 +255,9 @@ def run_cnn(args, log):
     ex = test[0][:1]
     macs0, params0 = tp.utils.count_ops_and_params(dense, ex)
     res = {"dense": {"val": accuracy(dense, *val), "test": accuracy(dense, *test), "macs": macs0, "params": params0},
-           "rows": []}
+           "dense_sha256": state_digest(dense), "rows": []}
+    log(f"  CNN dense: val {res['dense']['val']:.4f} test {res['dense']['test']:.4f} sha256 "
+        f"{res['dense_sha256'][:16]}")
     # choose the OBS damping on validation (OBS ranking + update at 50%)
     sel = {}
     for lam in args.damp_grid:
@@ -174,18 +267,52 @@ def run_cnn(args, log):
     lam = max(sel, key=lambda k: (sel[k], -abs(math.log10(k) + 2)))
     res["damping_val"] = {str(k): v for k, v in sel.items()}
     res["rel_damp"] = lam
+    # CS / BiP: search settings chosen on validation at 50% (ranking + OBS update, the damping's criterion)
+    searches, res["search"] = {}, {}
+    grids = {"cs": [{"penalty": p} for p in args.cs_penalty_grid],
+             "bip": [{"mask_lr": lr, "gamma": ga} for lr in args.bip_mask_lr_grid for ga in args.bip_gamma_grid]}
+    for name in [n for n in args.importances if n in LEARNED]:
+        tried = []
+        for cfg in grids[name]:
+            search, sec = cnn_search(dense, train, name, 0.5, args, **cfg)
+            m, _, rec = cnn_prune(dense, calib, 0.5, name, True, lam, args.hessian_samples, search=search)
+            tried.append({**cfg, "val": accuracy(m, *val), "removed": rec["root_channels_removed"],
+                          "implied": rec["implied_by_ratio"], "search_seconds": sec, "search": search})
+            log(f"  CNN {name} search {cfg} ({sec:.0f} s): val {tried[-1]['val']:.4f} at 50% + update, removed "
+                f"{rec['root_channels_removed']} channels (ratio implies {rec['implied_by_ratio']})")
+        # Torch-Pruning skips a group whose channels all fall below the global threshold (it removes fewer than
+        # the ratio implies): a setting is compared at the implied count first, then by accuracy (ties: grid order)
+        best = max(tried, key=lambda t: (t["removed"], t["val"]))
+        chosen = {k: best[k] for k in grids[name][0]}
+        res["search"][name] = {"chosen": chosen, "grid_val": [{k: v for k, v in t.items() if k != "search"}
+                                                              for t in tried],
+                               "epochs": args.search_epochs, "lr": args.search_lr}
+        if name == "cs":
+            searches.update({("cs", r): (best["search"], best["search_seconds"]) for r in args.ratios})
+        else:
+            for r in args.ratios:
+                searches[("bip", r)] = (best["search"], best["search_seconds"]) if r == 0.5 else \
+                    cnn_search(dense, train, "bip", r, args, **chosen)
+        log(f"  CNN {name}: chosen {chosen}")
     for ratio in args.ratios:
         for name in args.importances:
-            for update in (False, True):
-                m, sec, rec = cnn_prune(dense, calib, ratio, name, update, lam, args.hessian_samples)
-                macs, params = tp.utils.count_ops_and_params(m, ex)
-                row = {"ratio": ratio, "importance": name, "obs_update": update, "val": accuracy(m, *val),
-                       "test": accuracy(m, *test), "macs": macs, "params": params, "seconds": sec,
-                       "channels_removed": rec["root_channels_removed"], "implied": rec["implied_by_ratio"],
-                       "widths": [m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features]}
-                res["rows"].append(row)
-                log(f"  CNN {ratio:.0%} {name:9s} update={update!s:5s} test {row['test']:.4f} "
-                    f"MACs {macs / 1e6:.2f}M params {params / 1e3:.1f}k ({sec:.1f} s)")
+            variants = ["dense", "searched"] if name == "bip" else ["dense"]
+            for weights in variants:
+                search, search_sec = searches.get((name, ratio), (None, None))
+                for update in (False, True):
+                    m, sec, rec = cnn_prune(dense, calib, ratio, name, update, lam, args.hessian_samples,
+                                            search=search, weights=weights)
+                    macs, params = tp.utils.count_ops_and_params(m, ex)
+                    row = {"ratio": ratio, "importance": name, "obs_update": update, "val": accuracy(m, *val),
+                           "test": accuracy(m, *test), "macs": macs, "params": params, "seconds": sec,
+                           "channels_removed": rec["root_channels_removed"], "implied": rec["implied_by_ratio"],
+                           "widths": [m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features],
+                           "weights": weights}
+                    if search_sec is not None:
+                        row["search_seconds"] = search_sec
+                    res["rows"].append(row)
+                    log(f"  CNN {ratio:.0%} {name:9s} {weights:8s} update={update!s:5s} test {row['test']:.4f} "
+                        f"MACs {macs / 1e6:.2f}M params {params / 1e3:.1f}k ({sec:.1f} s)")
     return res
 
 
@@ -295,7 +422,7 @@ def run_minilm(args, log):
     res["damping_val"] = {str(k): v for k, v in sel.items()}
     res["rel_damp"] = lam
     for ratio in args.ratios:
-        for name in args.importances:
+        for name in [n for n in args.importances if n not in LEARNED]:   # CS / BiP: CNN only
             for update in (False, True):
                 m, sec = minilm_prune(dense, enc, labels, calib_idx, head, ratio, name, update, lam,
                                       args.hessian_samples, args.minilm_mode)
@@ -311,8 +438,33 @@ def run_minilm(args, log):
 
 
 # ================================================================================================ report
-LABEL = {"magnitude": "GroupMagnitude (L2)", "taylor": "GroupTaylor", "hessian": "GroupHessian",
-         "obs": "**OBSImportance**"}
+LABEL = {("magnitude", "dense"): "GroupMagnitude (L2)", ("taylor", "dense"): "GroupTaylor",
+         ("hessian", "dense"): "GroupHessian", ("obs", "dense"): "**OBSImportance**",
+         ("cs", "dense"): "CSImportance (search's ranking)", ("bip", "dense"): "BiPImportance (search's ranking)",
+         ("bip", "searched"): "BiP search's own weights (not comparable: +1 epoch of masked training)"}
+SERIES = list(LABEL)   # (importance, weights) in table order; rows without "weights" prune the dense model
+
+
+def _weights(z):
+    return z.get("weights", "dense")
+
+
+def _series(rows):
+    return [s for s in SERIES if any((z["importance"], _weights(z)) == s for z in rows)]
+
+
+def _search_text(res):
+    out = []
+    for name, info in (res.get("search") or {}).items():
+        grid = "; ".join(", ".join(f"{k} {v:g}" for k, v in t.items() if k in info["chosen"]) +
+                         f": {t['val']:.4f}" + (f" ({t['removed']} of {t['implied']} channels removed)"
+                                                 if t.get("removed") != t.get("implied") else "")
+                         for t in info["grid_val"])
+        out.append(f"{ {'cs': 'CS', 'bip': 'BiP'}.get(name, name)} search: {info['epochs']} epoch(s) on the training split, Adam lr "
+                   f"{info['lr']:g} on the weights; chosen on validation at 50% + OBS update, among the settings "
+                   f"that remove the most channels (the implied count) ({grid}): "
+                   + ", ".join(f"{k} {v:g}" for k, v in info["chosen"].items()) + ".")
+    return out
 
 
 def table(res, title, what):
@@ -323,16 +475,17 @@ def table(res, title, what):
            f"Dense: test {d['test']:.4f}, {d['macs'] / 1e6:.2f}M MACs, {d['params'] / 1e6:.3f}M params; OBS "
            f"damping {res['rel_damp']:g} (" + ("chosen on validation: " + ", ".join(
                f"{k}: {v:.4f}" for k, v in res["damping_val"].items()) if res["damping_val"] else
-               "fixed, not selected") + ").", "",
+               "fixed, not selected") + ").", *(["", *_search_text(res)] if res.get("search") else []), "",
            "| importance | " + " | ".join(f"{r:.0%} removal only | {r:.0%} + OBS update" for r in ratios) + " |",
            "|---|" + "---|" * (2 * len(ratios))]
-    for name in IMPORTANCES:
+    for name, weights in _series(rows):
         cells = []
         for r in ratios:
             for upd in (False, True):
-                x = [z for z in rows if z["ratio"] == r and z["importance"] == name and z["obs_update"] == upd]
+                x = [z for z in rows if z["ratio"] == r and z["importance"] == name and z["obs_update"] == upd
+                     and _weights(z) == weights]
                 cells.append(f"{x[0]['test']:.4f}" if x else "—")
-        out.append(f"| {LABEL[name]} | " + " | ".join(cells) + " |")
+        out.append(f"| {LABEL[name, weights]} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("| ratio | importance | MACs after | params after | " + what + " | prune time (s) |")
     out.append("|---|---|---|---|---|---|")
@@ -340,7 +493,8 @@ def table(res, title, what):
         if z["obs_update"]:
             extra = f"heads {z['heads']}, FFN {z['ffn']}" if "heads" in z else \
                 f"conv1/conv2/fc1 {z['widths']}, removed {z['channels_removed']} (ratio implies {z['implied']})"
-            out.append(f"| {z['ratio']:.0%} | {z['importance']} | {z['macs'] / 1e6:.2f}M ({z['macs'] / d['macs']:.0%}) "
+            imp = z["importance"] + (" (own weights)" if _weights(z) == "searched" else "")
+            out.append(f"| {z['ratio']:.0%} | {imp} | {z['macs'] / 1e6:.2f}M ({z['macs'] / d['macs']:.0%}) "
                        f"| {z['params'] / 1e6:.3f}M ({z['params'] / d['params']:.0%}) | {extra} | {z['seconds']:.1f} |")
     return "\n".join(out) + "\n"
 
@@ -353,13 +507,15 @@ def plot(results, path):
     axes = [axes] if len(results) == 1 else axes
     for ax, (title, res) in zip(axes, results.items()):
         ratios = sorted({r["ratio"] for r in res["rows"]})
-        w = 0.8 / (2 * len(IMPORTANCES))
-        for i, name in enumerate(IMPORTANCES):
+        series = _series(res["rows"])
+        w = 0.8 / (2 * len(series))
+        for i, (name, weights) in enumerate(series):
             for j, upd in enumerate((False, True)):
                 ys = [next((z["test"] for z in res["rows"] if z["ratio"] == r and z["importance"] == name and
-                            z["obs_update"] == upd), float("nan")) for r in ratios]
+                            z["obs_update"] == upd and _weights(z) == weights), float("nan")) for r in ratios]
                 xs = [k + (2 * i + j) * w for k in range(len(ratios))]
-                ax.bar(xs, ys, w, label=f"{name}{' + OBS update' if upd else ''}", color=f"C{i}",
+                tag = name + (" (own weights)" if weights == "searched" else "")
+                ax.bar(xs, ys, w, label=f"{tag}{' + OBS update' if upd else ''}", color=f"C{i}",
                        alpha=1.0 if upd else 0.45)
         ax.axhline(res["dense"]["test"], color="k", ls="--", lw=1, label="dense")
         ax.set_xticks([k + 0.4 - w / 2 for k in range(len(ratios))], [f"{r:.0%}" for r in ratios])
@@ -389,7 +545,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "obs_plugins"),
                     help="where the trained CNN is kept between runs")
-    ap.add_argument("--importances", nargs="+", choices=IMPORTANCES, default=list(IMPORTANCES))
+    ap.add_argument("--importances", nargs="+", choices=IMPORTANCES, default=list(IMPORTANCES),
+                    help="cs / bip: CNN only (a channel search each; skipped for MiniLM)")
+    ap.add_argument("--search-epochs", type=int, default=1, help="CS / BiP search budget (passes over train)")
+    ap.add_argument("--search-lr", type=float, default=1e-3, help="Adam lr on the weights during the search")
+    ap.add_argument("--cs-chunks", type=int, default=5, help="CS temperature steps within the search budget")
+    ap.add_argument("--cs-penalty-grid", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4])
+    ap.add_argument("--bip-mask-lr-grid", type=float, nargs="+", default=[0.1, 1.0])
+    ap.add_argument("--bip-gamma-grid", type=float, nargs="+", default=[0.3, 3.0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--out", default=str(RESULTS / "structured"))
@@ -401,8 +564,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.render:
         runs = [json.loads(Path(f).read_text()) for f in args.render]
-        results = {k: v for r in runs for k, v in r["results"].items()}
-        write(out, results, [r["meta"] for r in runs])
+        write(out, merge_results(runs), [r["meta"] for r in runs])
         return
     t0 = time.perf_counter()
 
@@ -418,6 +580,31 @@ def main(argv=None):
             "torch_pruning": _tp().__version__}
     write(out, results, [meta])
     log(f"wrote {out}.md/.json/.png")
+
+
+def merge_results(runs):
+    """Results of several runs; runs of the same problem (e.g. ``--only cnn`` with different ``--importances``)
+    are joined row by row, which needs the same dense model and OBS damping (else an error)."""
+    results = {}
+    for r in runs:
+        for title, res in r["results"].items():
+            if title not in results:
+                results[title] = copy.deepcopy(res)
+                continue
+            have = results[title]
+            for k in ("dense", "rel_damp", "damping_val", "dense_sha256"):
+                if k in have and k in res and have[k] != res[k]:
+                    raise SystemExit(f"--render: the runs of {title!r} differ in {k} ({have[k]} vs {res[k]}); "
+                                     "they did not prune the same model")
+            keys = {(z["ratio"], z["importance"], z["obs_update"], _weights(z)) for z in have["rows"]}
+            for z in res["rows"]:
+                if (z["ratio"], z["importance"], z["obs_update"], _weights(z)) in keys:
+                    raise SystemExit(f"--render: {title!r} has the row {z['importance']} {z['ratio']} twice")
+                have["rows"].append(z)
+            have.setdefault("search", {}).update(res.get("search") or {})
+            if "dense_sha256" in res:
+                have["dense_sha256"] = res["dense_sha256"]
+    return results
 
 
 def write(out, results, metas):
@@ -445,6 +632,9 @@ def _cmd(a):
             out += ["--minilm-damp-grid", *a["minilm_damp_grid"]]
     if a.get("only") in (None, "cnn"):
         out += ["--cnn-epochs", a["cnn_epochs"], "--cnn-calib", a["cnn_calib"]]
+    imps = a.get("importances") or []
+    if imps and list(imps) != list(IMPORTANCES):
+        out += ["--importances", *imps]
     return out
 
 

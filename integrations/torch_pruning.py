@@ -1,4 +1,4 @@
-"""Torch-Pruning adapter: OBS and Continuous-Sparsification channel importances, OBS compensation, and
+"""Torch-Pruning adapter: OBS, Continuous-Sparsification and BiP channel importances, OBS compensation, and
 structurally pruned Hugging Face models that save and load back.
 
 Used the ordinary Torch-Pruning way::
@@ -334,7 +334,54 @@ def _expected_global_removals(pruner) -> int | None:
     return max(current - int(initial * (1 - target)), 0)
 
 
-class CSImportance(tp.importance.Importance):
+class _ChannelScoreImportance(tp.importance.Importance):
+    """Shared by :class:`CSImportance` and :class:`BiPImportance`: a finished channel-granularity search's learned
+    score of each output channel (``source.scores[key]``, one per channel, shaped for broadcasting) of the group's
+    *producing* layers, averaged over producers (a residual sum's branches, q/k/v of a head), higher = kept.
+
+    ``arg`` is the argument errors name; ``finish`` how to end the search (for the error message)."""
+
+    def __init__(self, source, *, arg: str, granularity: str, finish: str):
+        if granularity != "channel":
+            raise PruningInputError(f"{arg}: {type(self).__name__} needs granularity='channel' scores, got "
+                                    f"granularity={granularity!r}")
+        if not getattr(source, "finished", False):
+            raise PruningInputError(f"{arg}: the search is still running (its gates are still on the model, where "
+                                    f"Torch-Pruning would trace them); call {finish} first")
+        self._source = source
+        self._arg = arg
+        self._finish = finish
+        self._key = {id(t.module): t.key for t in source.targets if t.name == "weight"}
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor:
+        arg = self._arg
+        pos = _positions(group)
+        total = torch.zeros(len(pos), dtype=torch.float32)
+        count = torch.zeros(len(pos), dtype=torch.float32)
+        for item in group:
+            dep, module = item.dep, item.dep.target.module
+            key = self._key.get(id(module))
+            if key is None or not _is_out(dep.handler):
+                continue
+            if parametrize.is_parametrized(module):
+                raise PruningInputError(f"{arg}: {key} still carries a search gate; call {self._finish} first")
+            s = self._source.scores[key].detach().reshape(-1).float().cpu()
+            n = module.weight.shape[0]
+            if s.numel() != n:
+                raise PruningInputError(f"{arg}: {key} has {n} output channels but {s.numel()} scores (was the "
+                                        "layer pruned after the search?)")
+            for i, r in zip(item.idxs, item.root_idxs):
+                if int(r) in pos:
+                    total[pos[int(r)]] += s[int(i)]
+                    count[pos[int(r)]] += 1
+        if not bool((count > 0).any()):
+            raise PruningInputError(f"{arg}: no layer producing the channels of group {_group_name(group)} has "
+                                    f"learned channel scores; include it in the {arg}'s params")
+        return total / count.clamp(min=1)
+
+
+class CSImportance(_ChannelScoreImportance):
     """Channel importance from a finished Continuous Sparsification search with ``granularity="channel"``: the
     learned mask score ``s`` of each output channel of the group's producing layers (mean over producers).
 
@@ -347,37 +394,33 @@ class CSImportance(tp.importance.Importance):
         from obs_plugins.methods.continuous_sparsification import ContinuousSparsifier
         if not isinstance(sparsifier, ContinuousSparsifier):
             raise PruningInputError(f"sparsifier: expected a ContinuousSparsifier, got {type(sparsifier).__name__}")
-        if sparsifier.config.granularity != "channel":
-            raise PruningInputError("sparsifier: CSImportance needs granularity='channel' scores, got "
-                                    f"granularity={sparsifier.config.granularity!r}")
+        super().__init__(sparsifier, arg="sparsifier", granularity=sparsifier.config.granularity,
+                         finish="cs.finish()")
         self.sparsifier = sparsifier
-        self._key = {id(t.module): t.key for t in sparsifier.targets if t.name == "weight"}
 
-    @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor:
-        pos = _positions(group)
-        total = torch.zeros(len(pos), dtype=torch.float32)
-        count = torch.zeros(len(pos), dtype=torch.float32)
-        for item in group:
-            dep, module = item.dep, item.dep.target.module
-            key = self._key.get(id(module))
-            if key is None or not _is_out(dep.handler):
-                continue
-            if parametrize.is_parametrized(module):
-                raise PruningInputError(f"sparsifier: {key} still carries its search gate; call finish() first")
-            s = self.sparsifier.scores[key].detach().reshape(-1).float().cpu()
-            n = module.weight.shape[0]
-            if s.numel() != n:
-                raise PruningInputError(f"sparsifier: {key} has {n} output channels but {s.numel()} scores (was the "
-                                        "layer pruned after the search?)")
-            for i, r in zip(item.idxs, item.root_idxs):
-                if int(r) in pos:
-                    total[pos[int(r)]] += s[int(i)]
-                    count[pos[int(r)]] += 1
-        if not bool((count > 0).any()):
-            raise PruningInputError(f"sparsifier: no layer producing the channels of group {_group_name(group)} has "
-                                    "learned channel scores; include it in the sparsifier's params")
-        return total / count.clamp(min=1)
+
+class BiPImportance(_ChannelScoreImportance):
+    """Channel importance from a finished BiP search with ``granularity="channel"``: the learned upper-level score
+    ``s`` of each output channel of the group's producing layers (mean over producers).  BiP keeps the top-k
+    scores, so a higher score is a more important channel.
+
+    Args:
+        trainer: an :class:`obs_plugins.BiPTrainer` built with ``granularity="channel"`` whose search has finished
+            (``bip.finish()``, or ``fit`` with ``finish=True``; the gates must be gone before Torch-Pruning traces
+            the model).  ``finish()`` leaves the weights the search trained in the model; load other weights
+            (e.g. the dense ones) first if only the ranking is wanted.
+
+    The scores are not normalised across layers (they start as each channel's mean ``|w|``, so a wide-fan-in
+    layer ranks low wholesale): under ``global_pruning=True`` Torch-Pruning skips a layer whose channels all fall
+    below the threshold; :meth:`OBSImportance.step` refuses that (``strict``), or prune per layer.
+    """
+
+    def __init__(self, trainer):
+        from obs_plugins.methods.bip import BiPTrainer
+        if not isinstance(trainer, BiPTrainer):
+            raise PruningInputError(f"trainer: expected a BiPTrainer, got {type(trainer).__name__}")
+        super().__init__(trainer, arg="trainer", granularity=trainer.config.granularity, finish="bip.finish()")
+        self.trainer = trainer
 
 
 # ====================================================================================================== HF models
@@ -598,5 +641,5 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["OBSImportance", "CSImportance", "prune_transformer", "transformer_channel_blocks", "update_config",
-           "load_pruned", "CONFIG_KEY"]
+__all__ = ["OBSImportance", "CSImportance", "BiPImportance", "prune_transformer", "transformer_channel_blocks",
+           "update_config", "load_pruned", "CONFIG_KEY"]

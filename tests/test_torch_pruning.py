@@ -1,4 +1,4 @@
-"""Torch-Pruning adapter: OBS / CS channel importances, OBS compensation, HF structured pruning and reload."""
+"""Torch-Pruning adapter: OBS / CS / BiP channel importances, OBS compensation, HF structured pruning and reload."""
 import copy
 
 import pytest
@@ -10,9 +10,10 @@ tp = pytest.importorskip("torch_pruning")
 transformers = pytest.importorskip("transformers")
 
 from conftest import state_equal  # noqa: E402
-from obs_plugins import ContinuousSparsifier, Curvature, PruningInputError, prunable_linear_targets  # noqa: E402
-from obs_plugins.integrations.torch_pruning import (CSImportance, OBSImportance, load_pruned,  # noqa: E402
-                                                     prune_transformer, transformer_channel_blocks)
+from obs_plugins import (BiPTrainer, ContinuousSparsifier, Curvature, PruningInputError,  # noqa: E402
+                         prunable_linear_targets)
+from obs_plugins.integrations.torch_pruning import (BiPImportance, CSImportance, OBSImportance,  # noqa: E402
+                                                     load_pruned, prune_transformer, transformer_channel_blocks)
 from obs_plugins.methods.obs_iht.structured import greedy_removal, output_sensitivity  # noqa: E402
 
 
@@ -244,6 +245,161 @@ def test_cs_importance_is_the_learned_channel_score_of_the_producers():
     assert model[0].out_channels == 4 and model(cnn_batches()[0][0]).shape == (16, 5)
 
 
+def distinct_scores(search, seed):
+    """Overwrite a search's channel scores with distinct values (a permutation over all its channels)."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(s.numel() for s in search.scores.values())
+    vals = torch.randperm(total, generator=g).float() / total - 0.5
+    with torch.no_grad():
+        for s in search.scores.values():
+            s.copy_(vals[:s.numel()].reshape(s.shape))
+            vals = vals[s.numel():]
+
+
+def kept_channels(pruned, original):
+    """Which output channels of ``original`` survived in ``pruned`` (matched by their distinct bias values)."""
+    return sorted(int((original.bias - b).abs().argmin()) for b in pruned.bias)
+
+
+def cnn_channel_bip(model, **kw):
+    return BiPTrainer(model, [(model[0], "weight"), (model[3], "weight"), (model[7], "weight")], sparsity=0.5,
+                      granularity="channel", progress=False, **kw)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_bip_importance_is_the_learned_channel_score_and_the_lowest_scored_go(global_pruning):
+    model = small_cnn()
+    ref = copy.deepcopy(model)
+    bip = cnn_channel_bip(model)
+    distinct_scores(bip, seed=2)
+    bip.finish()
+    imp = BiPImportance(bip)
+    pr = tp.pruner.MetaPruner(model, cnn_batches()[0][0][:2], importance=imp, pruning_ratio=0.5,
+                              global_pruning=global_pruning, ignored_layers=[model[9]])
+    by_root = {g[0].dep.target.module: imp(g) for g in groups_of(pr)}
+    assert len(by_root) == 3
+    scores = {i: bip.scores[f"{i}.weight"].detach().reshape(-1) for i in (0, 3, 7)}
+    for i in (0, 3, 7):
+        assert torch.equal(by_root[model[i]], scores[i])
+    # what Torch-Pruning must keep: the top half of every layer, or the top 18 of all 36 channels
+    if global_pruning:
+        cut = torch.cat(list(scores.values())).sort().values[17]
+        expected = {i: [c for c in range(len(s)) if s[c] > cut] for i, s in scores.items()}
+        assert all(expected.values()) and sum(map(len, expected.values())) == 18   # no layer emptied
+    else:
+        expected = {i: sorted(s.argsort(descending=True)[:len(s) // 2].tolist()) for i, s in scores.items()}
+    pr.step()
+    for i in (0, 3, 7):
+        assert kept_channels(model[i], ref[i]) == expected[i]
+    out = model(cnn_batches()[0][0])
+    assert out.shape == (16, 5) and bool(torch.isfinite(out).all())
+
+
+class TwoBranch(nn.Module):
+    """relu(a(x) + b(x)) -> c: the hidden channels have two producers, a and b."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 10), nn.Linear(6, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x) + self.b(x)))
+
+
+@pytest.mark.parametrize("method", ["cs", "bip"])
+def test_learned_channel_importance_is_the_mean_over_the_producers(method):
+    model = TwoBranch()
+    ref = copy.deepcopy(model)
+    params = [(model.a, "weight"), (model.b, "weight")]
+    if method == "cs":
+        search = ContinuousSparsifier(model, params, granularity="channel", progress=False)
+        distinct_scores(search, seed=4)
+        imp = CSImportance(search.finish(rewind=False))
+    else:
+        search = BiPTrainer(model, params, sparsity=0.5, granularity="channel", progress=False)
+        distinct_scores(search, seed=4)
+        search.finish()
+        imp = BiPImportance(search)
+    pr = tp.pruner.MetaPruner(model, torch.randn(2, 6), importance=imp, pruning_ratio=0.5,
+                              ignored_layers=[model.c])
+    (group,) = groups_of(pr)
+    mean = (search.scores["a.weight"].detach().reshape(-1) + search.scores["b.weight"].detach().reshape(-1)) / 2
+    torch.testing.assert_close(imp(group), mean)
+    pr.step()
+    top = sorted(mean.argsort(descending=True)[:5].tolist())
+    assert kept_channels(model.a, ref.a) == top and kept_channels(model.b, ref.b) == top
+    assert model(torch.randn(4, 6)).shape == (4, 3)
+
+
+def test_cnn_bip_search_scores_finite_right_length_and_pruned_forward():
+    model = small_cnn()
+    batches = cnn_batches()
+    # per-layer allocation: a global top-k of the initial mean |w| would switch off all of fc1 (the widest fan-in,
+    # the smallest weights), after which no gradient reaches any score
+    bip = cnn_channel_bip(model, mask_lr=0.1, gamma=3.0, allocation="uniform")
+    start = {k: s.detach().clone() for k, s in bip.scores.items()}
+    bip.fit(batches, F.cross_entropy, lr=0.01, epochs=1)          # 1 weight step, 1 score step, 1 weight step
+    assert bip.upper_steps == 1 and bip.finished
+    assert all(not torch.equal(start[k], s.detach()) for k, s in bip.scores.items())   # the search moved them
+    model.eval()
+    imp = BiPImportance(bip)
+    pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.5,
+                              ignored_layers=[model[9]])
+    lengths = []
+    for g in groups_of(pr):
+        s = imp(g)
+        assert s.shape == (len(g[0].idxs),) and bool(torch.isfinite(s).all())
+        torch.testing.assert_close(s, bip.scores[bip.targets[[t.module for t in bip.targets].index(
+            g[0].dep.target.module)].key].detach().reshape(-1))
+        lengths.append(len(s))
+    assert sorted(lengths) == [8, 12, 16]
+    pr.step()
+    assert (model[0].out_channels, model[3].out_channels, model[7].out_features) == (4, 6, 8)
+    out = model(batches[0][0])
+    assert out.shape == (16, 5) and bool(torch.isfinite(out).all())
+
+
+def test_bip_importance_bad_inputs_are_named():
+    model = small_cnn()
+    ex = cnn_batches()[0][0][:2]
+    cs = ContinuousSparsifier(model, [(model[0], "weight")], granularity="channel", progress=False)
+    with pytest.raises(PruningInputError, match="trainer: expected a BiPTrainer, got ContinuousSparsifier"):
+        BiPImportance(cs)
+    cs.finish(rewind=False)
+    weights = BiPTrainer(model, [(model[0], "weight")], sparsity=0.5, progress=False)
+    weights.finish()
+    with pytest.raises(PruningInputError, match="trainer: BiPImportance needs granularity='channel'"):
+        BiPImportance(weights)
+    running = cnn_channel_bip(model)
+    with pytest.raises(PruningInputError, match=r"trainer: the search is still running.*bip\.finish\(\)"):
+        BiPImportance(running)
+    running.finish()
+    # the layer pruned after the search: its scores no longer match its channels
+    pruned = copy.deepcopy(model)
+    bip = cnn_channel_bip(pruned)
+    bip.finish()
+    tp.pruner.MetaPruner(pruned, ex, importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
+                         ignored_layers=[pruned[9]]).step()
+    imp = BiPImportance(bip)
+    pr = tp.pruner.MetaPruner(pruned, ex, importance=imp, pruning_ratio=0.5, ignored_layers=[pruned[9]])
+    with pytest.raises(PruningInputError, match="trainer: 0.weight has 4 output channels but 8 scores"):
+        imp(next(g for g in groups_of(pr) if g[0].dep.target.module is pruned[0]))
+    # no producer of the group among the trainer's layers
+    only_fc1 = BiPTrainer(model, [(model[7], "weight")], sparsity=0.5, granularity="channel", progress=False)
+    only_fc1.finish()
+    imp = BiPImportance(only_fc1)
+    pr = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=0.5, ignored_layers=[model[9]])
+    with pytest.raises(PruningInputError, match="trainer: no layer producing the channels"):
+        imp(next(g for g in groups_of(pr) if g[0].dep.target.module is model[0]))
+    # a gate put back on a producer after the importance was made
+    assert bool(torch.isfinite(imp(next(g for g in groups_of(pr) if g[0].dep.target.module is model[7]))).all())
+    again = BiPTrainer(model, [(model[7], "weight")], sparsity=0.5, granularity="channel", progress=False)
+    with pytest.raises(PruningInputError, match="trainer: 7.weight still carries a search gate"):
+        imp(next(g for g in groups_of(pr) if g[0].dep.target.module is model[7]))
+    again.finish()
+
+
 def test_bad_inputs_are_named():
     model, batches, X = mlp_problem()
     curv = Curvature.layerwise(model, all_layers(model), batches, progress=False)   # no loss_fn
@@ -261,6 +417,10 @@ def test_bad_inputs_are_named():
     cs = ContinuousSparsifier(model, [(model[0], "weight")])
     with pytest.raises(PruningInputError, match="granularity"):
         CSImportance(cs)
+    cs.finish(rewind=False)
+    running = ContinuousSparsifier(model, [(model[0], "weight")], granularity="channel")
+    with pytest.raises(PruningInputError, match=r"sparsifier: the search is still running.*cs\.finish\(\)"):
+        CSImportance(running)
 
 
 # ------------------------------------------------------------------------------------------- Hugging Face
@@ -326,6 +486,48 @@ def test_bert_scores_finite_right_length_obs_and_cs():
             key = [k for k in cs.scores if cs.targets[[t.key for t in cs.targets].index(k)].module
                    is g[0].dep.target.module][0]
             torch.testing.assert_close(s, cs.scores[key].reshape(-1))
+
+
+def test_bert_bip_scores_finite_right_length_and_pruned_forward():
+    model = tiny_bert()
+    ids, am, batches = token_batches()
+    layers = model.encoder.layer
+    qkv = [(la.attention.self.query, la.attention.self.key, la.attention.self.value) for la in layers]
+    params = [(m, "weight") for trio in qkv for m in trio] + [(la.intermediate.dense, "weight") for la in layers]
+    bip = BiPTrainer(model, params, sparsity=0.5, granularity="channel", allocation="uniform", mask_lr=0.1,
+                     gamma=3.0, progress=False)
+    start = {k: s.detach().clone() for k, s in bip.scores.items()}
+    bip.fit(batches, batch_loss=lambda m, b: bert_loss(m(**b), b), lr=0.01, epochs=1)   # 1 weight + 1 score step
+    assert bip.upper_steps == 1
+    assert any(not torch.equal(start[k], s.detach()) for k, s in bip.scores.items())
+    model.eval()
+    imp = BiPImportance(bip)
+    key = {id(t.module): t.key for t in bip.targets}
+    score = lambda m: bip.scores[key[id(m)]].detach().reshape(-1)  # noqa: E731
+    heads = {lin: 4 for trio in qkv for lin in trio}
+    ign = [model.embeddings, model.pooler] + [x for la in layers for x in (la.attention.output.dense, la.output.dense)]
+    ex = {"input_ids": ids[:2], "attention_mask": am[:2]}
+    pr = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=0.5, ignored_layers=ign, num_heads=heads,
+                              prune_num_heads=True, prune_head_dims=False,
+                              output_transform=lambda o: o.last_hidden_state.sum())
+    groups = [pr._downstream_node_as_root_if_attention(g) or g for g in groups_of(pr)]
+    assert sorted(len(g[0].idxs) for g in groups) == [32, 32, 64, 64]
+    for g in groups:
+        s = imp(g)
+        assert s.shape == (len(g[0].idxs),) and bool(torch.isfinite(s).all())
+        mods = {id(it.dep.target.module) for it in g}
+        if len(s) == 32:   # a head group: three producers, query/key/value, averaged
+            (trio,) = [t for t in qkv if id(t[0]) in mods]
+            torch.testing.assert_close(s, sum(score(m) for m in trio) / 3)
+        else:
+            (la,) = [la for la in layers if id(la.intermediate.dense) in mods]
+            torch.testing.assert_close(s, score(la.intermediate.dense))
+    prune_transformer(model, ex, BiPImportance(bip), 0.5)
+    for la in layers:
+        assert la.attention.self.num_attention_heads == 2 and la.intermediate.dense.out_features == 32
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).last_hidden_state
+    assert out.shape == (8, 12, 32) and bool(torch.isfinite(out).all())
 
 
 def test_bert_prune_heads_and_ffn_forward_and_exact_reload(tmp_path):
