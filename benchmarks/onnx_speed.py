@@ -91,6 +91,25 @@ def structured_llama_ffn(model, ratio, example):
     return m.eval()
 
 
+def structured_obs(model, ratio, example, tok, name, seq_len, n_calib=16):
+    """The library's own route: ``prune_transformer`` with ``OBSImportance`` (per-layer Grams from ``n_calib``
+    windows of real text -- BBC News for MiniLM, Shakespeare for SmolLM2 -- each channel's OBS removal error, the
+    OBS update of the consumers), the same per-layer ratios and module sets as the magnitude recipe above."""
+    from obs_plugins import Curvature, prunable_linear_targets
+    from obs_plugins.data import load_bbc_news, load_shakespeare
+    from obs_plugins.experiment import text_windows
+    from obs_plugins.integrations.torch_pruning import OBSImportance, prune_transformer
+    m = copy.deepcopy(model).eval()
+    text = "\n\n".join(load_bbc_news()[0]) if name == "minilm" else load_shakespeare()
+    ids = text_windows(tok, text, n_calib, seq_len)
+    batches = [{"input_ids": ids[i:i + 8], "attention_mask": torch.ones_like(ids[i:i + 8])}
+               for i in range(0, n_calib, 8)]
+    params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("pooler", "lm_head"))]
+    curv = Curvature.layerwise(m, params, batches, sequential=False, progress=False)
+    prune_transformer(m, example, OBSImportance(curv, scale=None, mode="single"), ratio, heads=name == "minilm")
+    return m.eval()
+
+
 def structured_linear(model, ratio):
     lin = model[0] if isinstance(model, nn.Sequential) else model
     keep = int(round(lin.out_features * (1 - ratio)))
@@ -228,6 +247,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=15, help="timed runs at batch 1 (batch 32: --runs-large)")
     ap.add_argument("--runs-large", type=int, default=5, help="timed runs at batch 32 (SmolLM2: 3)")
     ap.add_argument("--quick", action="store_true", help="linear + MiniLM, 5/2 runs")
+    ap.add_argument("--structured-importance", choices=("magnitude", "obs"), default="magnitude",
+                    help="MiniLM/SmolLM2 structured rows: Torch-Pruning MagnitudeImportance, or the library's "
+                         "prune_transformer + OBSImportance (same shapes per layer)")
+    ap.add_argument("--kinds", default="unstructured,structured", help="which pruned variants to build and time")
     ap.add_argument("--out", default="benchmarks/results/onnx_speed")
     args = ap.parse_args()
     if args.quick:
@@ -266,6 +289,9 @@ def main() -> int:
             variants = [(f"unstructured-{int(s * 100)}", "unstructured", s, lambda s=s: unstructured(dense, s))
                         for s in (0.5, 0.9)]
             sfn = structured_bert if name == "minilm" else structured_llama_ffn
+            if args.structured_importance == "obs":
+                def sfn(model, s, ex, _tok=tok, _name=name):
+                    return structured_obs(model, s, ex, _tok, _name, args.seq_len)
             variants += [(f"structured-{int(s * 100)}", "structured", s, lambda s=s, f=sfn: f(dense, s, make(2)))
                          for s in (0.3, 0.5)]
             if name == "smollm2":
@@ -274,6 +300,8 @@ def main() -> int:
         else:
             print(f"unknown model {name}", file=sys.stderr)
             return 2
+        kinds = set(args.kinds.split(","))
+        variants = [v for v in variants if v[1] in kinds]
         rows, checks, m = bench_model(name, dense, make, variants, bss, runs, args.threads, work.name, skip,
                                       arena=name != "smollm2")
         all_rows += rows
@@ -295,6 +323,9 @@ def write(args, rows, checks, meta, cmd, wall, quiet=False):
              f"(1-min load average {LOAD[0] if LOAD else float('nan'):.2f} at start, {os.getloadavg()[0]:.2f} at "
              f"the end); routes of a model interleaved per repetition; median (IQR) ms. Inputs: MiniLM "
              f"and SmolLM2 {args.seq_len} tokens per sequence; linear = one 4096×4096 nn.Linear. "
+             f"Structured MiniLM/SmolLM2 rows ranked by "
+             + ("Torch-Pruning MagnitudeImportance. " if getattr(args, "structured_importance", "magnitude")
+                == "magnitude" else "OBSImportance through prune_transformer (with the OBS update). ") +
              "FLOP limit = dense/pruned FLOPs (the best any kernel could do); route limit = what this route's "
              "removed work allows (1× for dense kernels over zeros; the rewritten weights' zeros for "
              "SparseToDenseMatMul). **win** = ≥1.05× with non-overlapping IQRs over ≥3 runs, within the route "
