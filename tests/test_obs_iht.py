@@ -373,3 +373,45 @@ def test_line_search_single_point_grid_doubles_up_to_the_trust_region():
 
     trials = _line_search(f, (25.0,), 50.0)
     assert seen == [25.0, 50.0] and min(trials)[1] == 50.0
+
+
+@pytest.mark.parametrize("rows,d,solve_block", [(5, 24, 16), (9, 40, 7), (3, 130, 16)])
+def test_projection_on_a_fixed_support_is_the_textbook_left_to_right_obs(rows, d, solve_block):
+    """The projection onto a fixed support (sub-blocks solved at once, the default) equals the textbook OBS sweep
+    in float64, written without any Cholesky factor: column by column, a pruned weight is removed with the OBS
+    update of the columns not yet visited, w_F <- w_F - w_i / [H_F^-1]_00 * [H_F^-1]_0,: with F = {i, ..., d-1}
+    (SparseGPT's order; the columns already visited keep their values)."""
+    from obs_plugins.curvature.linalg import damped, inverse_factor
+    g = torch.Generator().manual_seed(rows * d)
+    X = torch.randn(2 * d, d, generator=g, dtype=torch.float64)
+    H = 2 * X.t() @ X / (2 * d)
+    Z = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    keep = torch.rand(rows, d, generator=g) > 0.45
+    U = inverse_factor(H, 0.01).hinv_chol_upper
+    out, keep_out, _ = obs_sweep(Z, U, keep=keep, blocksize=32, solve_block=solve_block)
+    Hd = damped(H, 0.01)
+    ref = Z.clone()
+    for i in range(d):
+        hinv_f = torch.linalg.inv(Hd[i:, i:])
+        pruned = ~keep[:, i]
+        ref[pruned, i:] -= (ref[pruned, i] / hinv_f[0, 0]).unsqueeze(1) * hinv_f[0].unsqueeze(0)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    assert torch.equal(keep_out, keep) and (out[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("nm,blocksize", [((2, 4), 128), ((1, 4), 8), ((2, 4), 6)])
+def test_batched_nm_sweep_equals_the_column_loop(nm, blocksize):
+    """N:M (N of every M pruned) with each group of M columns solved at once gives the column loop's masks and
+    weights; a blocksize that is not a multiple of M is rounded up to one (it used to split a group and crash)."""
+    from obs_plugins.curvature.linalg import inverse_factor
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(96, 32, generator=g)
+    U = inverse_factor(2 * X.t() @ X / 96, 0.01).hinv_chol_upper
+    W = torch.randn(20, 32, generator=g)
+    prior = torch.rand(20, 32, generator=g) > 0.2
+    W_loop, keep_loop, loss_loop = obs_sweep(W, U, nm=nm, keep_prior=prior, blocksize=blocksize, batched=False)
+    W_bat, keep_bat, loss_bat = obs_sweep(W, U, nm=nm, keep_prior=prior, blocksize=blocksize)
+    assert torch.equal(keep_loop, keep_bat)
+    assert (keep_bat.reshape(20, -1, nm[1]).sum(-1) <= nm[1] - nm[0]).all() and not (keep_bat & ~prior).any()
+    torch.testing.assert_close(W_bat, W_loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_bat, loss_loop, rtol=1e-5, atol=1e-5)
