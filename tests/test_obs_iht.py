@@ -415,3 +415,37 @@ def test_batched_nm_sweep_equals_the_column_loop(nm, blocksize):
     assert (keep_bat.reshape(20, -1, nm[1]).sum(-1) <= nm[1] - nm[0]).all() and not (keep_bat & ~prior).any()
     torch.testing.assert_close(W_bat, W_loop, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_bat, loss_loop, rtol=1e-5, atol=1e-5)
+
+
+def test_step_coefficients_cap_each_tensor_at_the_steps_relative_size():
+    """Hand-computed: ||theta|| = 10 (tensors of norm 6 and 8), ||PD|| = 5 (4 and 3), rho = 0.1 -> eta = 0.2;
+    tensor a would move 0.2 * 4 = 0.8 > 0.1 * 6, so its factor is cut to 0.6 / 4 = 0.15; b moves 0.6 < 0.8: 0.2."""
+    from obs_plugins.methods.obs_iht.solver import step_coefficients
+    w, pd = {"a": 6.0, "b": 8.0}, {"a": 4.0, "b": 3.0}
+    c = step_coefficients(0.1, 10.0, 5.0, w, pd, layer_trust=True)
+    assert c == pytest.approx({"a": 0.15, "b": 0.2})
+    assert step_coefficients(0.1, 10.0, 5.0, w, pd, layer_trust=False) == pytest.approx({"a": 0.2, "b": 0.2})
+    assert step_coefficients(0.1, 10.0, 5.0, w, {"a": 5.0, "b": 0.0}, True)["b"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("layer_trust", [True, False])
+def test_no_tensor_moves_more_than_the_step_with_layer_trust(layer_trust):
+    """An accepted IHT step moves every tensor by at most rho of its own norm under layer_trust (and the history
+    names the tensors it cut); without it the step is one eta for all, so some tensor moves by more."""
+    from test_allocation import classifier
+    from obs_plugins import api
+    model, params, batches = classifier()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=torch.nn.functional.cross_entropy, progress=False)
+    p1 = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.7)
+    p2 = api.plan(OBSIHTConfig(iterations=2, step_sizes=(0.02, 0.04, 0.08), layer_trust=layer_trust,
+                               progress=False), curvature=curv, amount=0.7)
+    h = p2.report["history"][1]
+    assert h["accepted"], h
+    rel = {k: float((p2.entries[k].new_weight - e.new_weight).norm() / e.new_weight.norm())
+           for k, e in p1.entries.items()}
+    if layer_trust:
+        assert max(rel.values()) <= h["step_size"] * (1 + 1e-4)
+        assert h["layers_clipped"] and all(rel[k] == pytest.approx(h["step_size"], rel=1e-3)
+                                           for k in h["layers_clipped"])
+    else:
+        assert max(rel.values()) > h["step_size"] and h["layers_clipped"] == []

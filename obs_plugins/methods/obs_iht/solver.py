@@ -309,6 +309,16 @@ def _line_search(f, grid, max_step: float, extend: int = 3) -> list:
     return list(seen.values())
 
 
+def step_coefficients(r: float, wnorm: float, dnorm: float, w_norm: dict, pd_norm: dict, layer_trust: bool):
+    """Per tensor, the factor ``c_l`` of a step ``theta_l - c_l * PD_l`` of relative size ``r``: ``eta = r ||theta||
+    / ||PD||`` for all, and with ``layer_trust`` at most ``r ||theta_l|| / ||PD_l||``, so that no tensor moves by
+    more than ``r`` of its own norm."""
+    eta = r * wnorm / dnorm
+    if not layer_trust:
+        return {k: eta for k in pd_norm}
+    return {k: min(eta, r * w_norm[k] / pd_norm[k]) if pd_norm[k] > 0 else eta for k in pd_norm}
+
+
 def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     """Iterations 2..T: theta <- project(theta - eta * grad f(theta) H^-1), eta chosen on held-out batches."""
     from tqdm.auto import tqdm
@@ -334,16 +344,26 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         # project(W - eta D) = W - eta project(D): one projection serves every candidate step size
         PD = _project(curvature, targets, D, keep, factors, config, nm)
         dnorm = math.sqrt(sum(float((PD[k] ** 2).sum()) for k in PD)) or 1.0
+        pd_norm = {k: float(PD[k].norm()) for k in PD}
+        w_norm = {k: float(W[k].norm()) for k in W}
         t2 = time.perf_counter()
+
         def try_step(r):
-            cand = {k: W[k] - (r * wnorm / dnorm) * PD[k] for k in W}
+            cand = {k: W[k] - step_coefficients(r, wnorm, dnorm, w_norm, pd_norm, config.layer_trust)[k] * PD[k]
+                    for k in W}
             return curvature.loss(_overrides(targets, cand), hold), r, cand
 
         trials = _line_search(try_step, [r * scale for r in config.step_sizes], config.max_step)
         loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0])
         scale = rho_b / config.step_sizes[len(config.step_sizes) // 2] * config.step_decay
+        coef = step_coefficients(rho_b, wnorm, dnorm, w_norm, pd_norm, config.layer_trust)
+        clipped = sorted((k for k in coef if coef[k] < rho_b * wnorm / dnorm),
+                         key=lambda k: coef[k] / (rho_b * wnorm / dnorm))
         history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
                         "train_loss_before": train_loss,
+                        "direction_share": {k: pd_norm[k] / dnorm for k in
+                                            sorted(pd_norm, key=pd_norm.get, reverse=True)[:3]},
+                        "layers_clipped": clipped,
                         "seconds": {"gradient": t1 - t0, "direction_and_projection": t2 - t1,
                                     "step_search": time.perf_counter() - t2, "trials": len(trials)},
                         "tried": {round(r, 6): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
