@@ -200,7 +200,8 @@ def cmd_limit(args) -> int:
 BENCHES = {"llm": "benchmarks/one_shot_llm.py", "curvature": "benchmarks/curvature.py",
            "tickets": "benchmarks/tickets.py", "tickets-sweep": "benchmarks/tickets_sweep.py",
            "onnx": "benchmarks/onnx_speed.py", "limit": "benchmarks/limit.py", "bip": "benchmarks/bip.py",
-           "allocation": "benchmarks/allocation.py", "llmc": "benchmarks/vs_llmcompressor.py"}
+           "allocation": "benchmarks/allocation.py", "llmc": "benchmarks/vs_llmcompressor.py",
+           "iht-direction": "benchmarks/iht_direction.py"}
 
 
 def cmd_bench(args) -> int:
