@@ -76,8 +76,7 @@ def main() -> None:
                                   for sh, k in shares]})
 
     def window_losses(overrides, batches):
-        with curv._weights(overrides), torch.no_grad():
-            return [float(causal_lm_loss(s.model(**b), b)) for b in _single_windows(batches)]
+        return [curv.loss(overrides, [b]) for b in _single_windows(batches)]
 
     per_window = {}
     for name, batches in s.heldout.items():

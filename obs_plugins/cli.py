@@ -201,7 +201,7 @@ BENCHES = {"llm": "benchmarks/one_shot_llm.py", "curvature": "benchmarks/curvatu
            "tickets": "benchmarks/tickets.py", "tickets-sweep": "benchmarks/tickets_sweep.py",
            "onnx": "benchmarks/onnx_speed.py", "limit": "benchmarks/limit.py", "bip": "benchmarks/bip.py",
            "allocation": "benchmarks/allocation.py", "llmc": "benchmarks/vs_llmcompressor.py",
-           "iht-direction": "benchmarks/iht_direction.py"}
+           "iht-direction": "benchmarks/iht_direction.py", "sweep": "benchmarks/sweep_speed.py"}
 
 
 def cmd_bench(args) -> int:

@@ -417,15 +417,20 @@ def test_batched_nm_sweep_equals_the_column_loop(nm, blocksize):
     torch.testing.assert_close(loss_bat, loss_loop, rtol=1e-5, atol=1e-5)
 
 
-def test_step_coefficients_cap_each_tensor_at_the_steps_relative_size():
-    """Hand-computed: ||theta|| = 10 (tensors of norm 6 and 8), ||PD|| = 5 (4 and 3), rho = 0.1 -> eta = 0.2;
-    tensor a would move 0.2 * 4 = 0.8 > 0.1 * 6, so its factor is cut to 0.6 / 4 = 0.15; b moves 0.6 < 0.8: 0.2."""
-    from obs_plugins.methods.obs_iht.solver import step_coefficients
+def test_unit_step_caps_each_tensor_at_the_steps_relative_size():
+    """Hand-computed: ||theta|| = 10 (tensors of norm 6 and 8), ||PD|| = 5 (4 and 3): eta = 10 / 5 = 2 per unit
+    step; at rho = 0.1 tensor a would move 0.1 * 2 * 4 = 0.8 > 0.1 * 6, so its factor is cut to 6 / 4 = 1.5 (it
+    moves 0.6); b would move 0.6 < 0.1 * 8: it keeps 2.  A tensor with no direction keeps eta."""
+    from obs_plugins.methods.obs_iht.solver import unit_step
     w, pd = {"a": 6.0, "b": 8.0}, {"a": 4.0, "b": 3.0}
-    c = step_coefficients(0.1, 10.0, 5.0, w, pd, layer_trust=True)
-    assert c == pytest.approx({"a": 0.15, "b": 0.2})
-    assert step_coefficients(0.1, 10.0, 5.0, w, pd, layer_trust=False) == pytest.approx({"a": 0.2, "b": 0.2})
-    assert step_coefficients(0.1, 10.0, 5.0, w, {"a": 5.0, "b": 0.0}, True)["b"] == pytest.approx(0.2)
+    assert unit_step(10.0, 5.0, w, pd, layer_trust=True) == pytest.approx({"a": 1.5, "b": 2.0})
+    assert unit_step(10.0, 5.0, w, pd, layer_trust=False) == pytest.approx({"a": 2.0, "b": 2.0})
+    assert unit_step(10.0, 5.0, w, {"a": 5.0, "b": 0.0}, True)["b"] == pytest.approx(2.0)
+
+
+def test_layer_trust_must_be_a_bool():
+    with pytest.raises(PruningInputError, match="layer_trust"):
+        OBSIHTConfig(layer_trust="yes").validate()
 
 
 @pytest.mark.parametrize("layer_trust", [True, False])

@@ -65,7 +65,7 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     ``batched`` (default): once the support of ``solve_block`` columns is known (``M`` columns for N:M), their
     OBS errors are one batched triangular solve (:func:`_block_errors`) and the later columns get one matrix
     product; ``False`` runs the textbook column-by-column loop (same masks, weights to rounding; the tests'
-    reference).  Measured on 2 CPU cores (576-1536 rows, 576-1536 columns): 1.7-2.9x faster than the loop.
+    reference).  Timings on SmolLM2 shapes: benchmarks/sweep_speed.py.
     """
     rows, d = W.shape
     U = hinv_chol_upper
@@ -309,14 +309,15 @@ def _line_search(f, grid, max_step: float, extend: int = 3) -> list:
     return list(seen.values())
 
 
-def step_coefficients(r: float, wnorm: float, dnorm: float, w_norm: dict, pd_norm: dict, layer_trust: bool):
-    """Per tensor, the factor ``c_l`` of a step ``theta_l - c_l * PD_l`` of relative size ``r``: ``eta = r ||theta||
-    / ||PD||`` for all, and with ``layer_trust`` at most ``r ||theta_l|| / ||PD_l||``, so that no tensor moves by
-    more than ``r`` of its own norm."""
-    eta = r * wnorm / dnorm
+def unit_step(wnorm: float, dnorm: float, w_norm: dict, pd_norm: dict, layer_trust: bool) -> dict:
+    """Per tensor, the factor ``u_l`` of a step ``theta_l - rho * u_l * PD_l`` of relative size ``rho``:
+    ``||theta|| / ||PD||`` for all (``||step|| = rho ||theta||``), and with ``layer_trust`` at most
+    ``||theta_l|| / ||PD_l||``, so that no tensor moves by more than ``rho`` of its own norm.  Both bounds scale
+    with ``rho``, so the factors (and which tensors are cut) do not depend on the step size."""
+    eta = wnorm / dnorm
     if not layer_trust:
         return {k: eta for k in pd_norm}
-    return {k: min(eta, r * w_norm[k] / pd_norm[k]) if pd_norm[k] > 0 else eta for k in pd_norm}
+    return {k: min(eta, w_norm[k] / pd_norm[k]) if pd_norm[k] > 0 else eta for k in pd_norm}
 
 
 def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
@@ -345,20 +346,17 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
         PD = _project(curvature, targets, D, keep, factors, config, nm)
         dnorm = math.sqrt(sum(float((PD[k] ** 2).sum()) for k in PD)) or 1.0
         pd_norm = {k: float(PD[k].norm()) for k in PD}
-        w_norm = {k: float(W[k].norm()) for k in W}
+        unit = unit_step(wnorm, dnorm, {k: float(W[k].norm()) for k in W}, pd_norm, config.layer_trust)
+        clipped = sorted((k for k in unit if unit[k] < wnorm / dnorm), key=unit.get)
         t2 = time.perf_counter()
 
         def try_step(r):
-            cand = {k: W[k] - step_coefficients(r, wnorm, dnorm, w_norm, pd_norm, config.layer_trust)[k] * PD[k]
-                    for k in W}
+            cand = {k: W[k] - (r * unit[k]) * PD[k] for k in W}
             return curvature.loss(_overrides(targets, cand), hold), r, cand
 
         trials = _line_search(try_step, [r * scale for r in config.step_sizes], config.max_step)
         loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0])
         scale = rho_b / config.step_sizes[len(config.step_sizes) // 2] * config.step_decay
-        coef = step_coefficients(rho_b, wnorm, dnorm, w_norm, pd_norm, config.layer_trust)
-        clipped = sorted((k for k in coef if coef[k] < rho_b * wnorm / dnorm),
-                         key=lambda k: coef[k] / (rho_b * wnorm / dnorm))
         history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
                         "train_loss_before": train_loss,
                         "direction_share": {k: pd_norm[k] / dnorm for k in
