@@ -28,9 +28,11 @@ class OBSIHTConfig:
                  cannot be met under it, e.g. ``s`` near 1 on tiny layers; ``report["layer_sparsity_bounds"]``).
     rel_damp:    relative damping ``lambda = rel_damp * mean(diag H)``; the ladder climbs from here on failure.
     blocksize:   columns per lazy-update block of the sweep (mask chosen adaptively per block).
-    step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||projected direction||), searched
-                 per step on the held-out calibration split; extended by doubling/halving while the best is at
-                 an edge; later steps re-centre the grid on the last accepted step times ``step_decay``.
+    step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||projected direction||) for the
+                 search on the held-out calibration split: it starts at the middle value, moves through the
+                 others (then by doubling / halving) until the best step is bracketed, and ends at the vertex of
+                 the parabola through the bracket (evaluated only when it is > 20% from the bracket's best
+                 point); later steps re-centre the grid on the last accepted step times ``step_decay``.
     max_step:    trust region: no step moves the weights by more than ``max_step * ||theta||``; a step that does
                  not lower the held-out loss is never accepted (the iterations stop there).
     layer_trust: the trust region holds for every tensor too: a step of relative size ``rho`` moves no tensor by
