@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-draw", type=int, default=0,
+                    help="another set of calibration windows from the same texts (0: the default set); the "
+                         "held-out windows are the same for every draw")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, ours and theirs")
     ap.add_argument("--skip-ours", action="store_true", help="run only the llm-compressor rows")
     ap.add_argument("--reuse-theirs", action="store_true",
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
 
     ensure_venv()
-    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
+    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, calib_draw=args.calib_draw)
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
         setup.model.to(args.device)
     # results (and --reuse-theirs) are kept per window set and, off the CPU, per device
     work = CACHE / (f"llmc-c{args.calib}-e{args.eval}-s{args.seq_len}"
+                    + (f"-d{args.calib_draw}" if args.calib_draw else "")
                     + ("" if args.device == "cpu" else "-" + args.device.replace(":", "")))
     calib_pt = save_windows(setup.calib, work / "calib.pt")
     evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}

@@ -33,16 +33,25 @@ CALIB_SOURCES = ("shakespeare", "kjv", "bbc")  # the mixed calibration set: dram
 HELDOUT_TEXTS = ("shakespeare", "austen")     # held-out plays of the calibration author, and another author
 
 
-def text_windows(tokenizer, text: str, n: int, seq_len: int) -> torch.Tensor:
+def text_windows(tokenizer, text: str, n: int, seq_len: int, draw: int = 0) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens spread evenly over ``text``: each is the start of the tokenisation of
-    a character chunk (only the chunks are tokenised, not the whole corpus)."""
+    a character chunk (only the chunks are tokenised, not the whole corpus).  ``draw`` > 0 shifts every window by
+    the fractional part of ``draw`` times the golden ratio of the stride: another evenly spread set of windows
+    from the same text (``draw=0``: the first window starts the text, the last one ends it)."""
     chars = seq_len * 12  # English BPE: ~4-5 characters a token; generous so a chunk always has enough tokens
     if len(text) < n * chars:
         raise ValueError(f"n/seq_len: the text has {len(text)} characters, {n * chars} are needed")
-    stride = (len(text) - chars) // max(n - 1, 1)
+    if not (isinstance(draw, int) and draw >= 0):
+        raise ValueError(f"draw: must be an int >= 0, got {draw!r}")
+    if draw == 0:
+        stride, shift = (len(text) - chars) // max(n - 1, 1), 0
+    else:
+        stride = (len(text) - chars) // n
+        shift = int((draw * 0.6180339887498949) % 1.0 * stride)
     out = []
     for i in range(n):
-        ids = tokenizer(text[i * stride:i * stride + chars], return_tensors="pt").input_ids[0]
+        start = shift + i * stride
+        ids = tokenizer(text[start:start + chars], return_tensors="pt").input_ids[0]
         if ids.numel() < seq_len:
             raise ValueError(f"seq_len: a {chars}-character chunk gave only {ids.numel()} tokens")
         out.append(ids[:seq_len])
@@ -75,10 +84,11 @@ def _source_text(name: str, calib_plays, heldout_plays) -> str:
 
 def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch_size: int = 4,
                   calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS, blocks: int | None = None,
-                  calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS) -> LLMSetup:
+                  calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_draw: int = 0) -> LLMSetup:
     """``calib_sources``: the calibration windows are spread over each source and interleaved (so the held-out
     calibration batches OBS-IHT chooses its steps on are mixed too); ``("shakespeare",)`` is the single-author
-    set.  ``heldout_texts``: perplexity sets, never used for any choice.  ``blocks``: prune only the Linear
+    set.  ``calib_draw``: another set of calibration windows from the same sources (``text_windows``' ``draw``; the
+    held-out windows never change).  ``heldout_texts``: perplexity sets, never used for any choice.  ``blocks``: prune only the Linear
     weights of the first ``blocks`` decoder layers (default: all 30)."""
     from .data import load_austen, load_shakespeare, load_smollm2
     t0 = time.perf_counter()
@@ -88,7 +98,8 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
     if not srcs:
         raise ValueError("calib_sources: give at least one source")
     per = [n_calib // len(srcs) + (i < n_calib % len(srcs)) for i in range(len(srcs))]
-    wins = [text_windows(tok, _source_text(s, calib_plays, heldout_plays), n, seq_len) for s, n in zip(srcs, per)]
+    wins = [text_windows(tok, _source_text(s, calib_plays, heldout_plays), n, seq_len, draw=calib_draw)
+            for s, n in zip(srcs, per)]
     order = [w[i] for i in range(max(per)) for w in wins if i < len(w)]  # interleaved: s0, s1, s2, s0, ...
     calib = causal_lm_batches(torch.stack(order), batch_size)
     held_text = {"shakespeare": lambda: load_shakespeare(list(heldout_plays)), "austen": load_austen}
@@ -107,7 +118,8 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
             "bbc": "BBC News articles"}
     held_desc = {"shakespeare": f"Shakespeare ({', '.join(heldout_plays)})", "austen": "Jane Austen's six novels"}
     return LLMSetup(model, tok, calib, held, targets, load_s,
-                    {"calib": f"{n_calib}x{seq_len} tokens from " + " + ".join(desc[x] for x in srcs),
+                    {"calib": f"{n_calib}x{seq_len} tokens from " + " + ".join(desc[x] for x in srcs)
+                              + (f" (draw {calib_draw})" if calib_draw else ""),
                      "heldout": "; ".join(f"{n_eval}x{seq_len} tokens of {held_desc[h]}" for h in heldout_texts)})
 
 

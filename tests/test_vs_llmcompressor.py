@@ -117,3 +117,28 @@ def test_real_windows_match_setup(driver, tmp_path):
         saved = torch.load(driver.save_windows(batches, tmp_path / "w.pt"))
         assert saved.shape == (4, 32)
         assert torch.equal(saved, torch.cat([b["input_ids"] for b in batches]))
+
+
+class _CharTokenizer:
+    """One token per character (ord), enough to test where windows start."""
+
+    def __call__(self, text, return_tensors="pt"):
+        import types
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) for c in text]]))
+
+
+def test_text_windows_draws_are_other_evenly_spread_windows():
+    from obs_plugins.experiment import text_windows
+    text = "".join(chr(65 + (i % 26)) for i in range(10_000))  # position i holds letter i mod 26
+    tok, n, seq = _CharTokenizer(), 4, 8  # chunks of 96 characters
+    starts = lambda w: [int(x[0]) - 65 for x in w]  # first letter -> start position mod 26
+    w0 = text_windows(tok, text, n, seq)
+    assert w0.shape == (n, seq) and starts(w0) == [(i * ((10_000 - 96) // 3)) % 26 for i in range(n)]
+    w1 = text_windows(tok, text, n, seq, draw=1)
+    stride = (10_000 - 96) // 4
+    shift = int(0.6180339887498949 * stride)  # 1517
+    assert starts(w1) == [(shift + i * stride) % 26 for i in range(n)]
+    assert shift + (n - 1) * stride + 96 <= 10_000  # the last window still lies inside the text
+    assert not torch.equal(w0, w1) and not torch.equal(w1, text_windows(tok, text, n, seq, draw=2))
+    with pytest.raises(ValueError, match="draw"):
+        text_windows(tok, text, n, seq, draw=-1)
