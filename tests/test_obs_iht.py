@@ -472,3 +472,17 @@ def test_no_tensor_moves_more_than_the_step_with_layer_trust(layer_trust):
                                            for k in h["layers_clipped"])
     else:
         assert max(rel.values()) > h["step_size"] and h["layers_clipped"] == []
+
+
+def test_grad_dtype_setting(monkeypatch):
+    from obs_plugins import OBSIHTConfig
+    from obs_plugins.errors import PruningInputError
+    from obs_plugins.methods.obs_iht import solver
+    with pytest.raises(PruningInputError, match="grad_dtype"):
+        OBSIHTConfig(grad_dtype="fp16").validate()
+    cpu = torch.device("cpu")
+    assert solver.grad_dtype("float32", cpu) is None and solver.grad_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(solver, "native_bf16", lambda d: True)
+    assert solver.grad_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(solver, "native_bf16", lambda d: False)
+    assert solver.grad_dtype("auto", cpu) is None

@@ -343,19 +343,28 @@ class Curvature:
                 p.requires_grad_(f)
 
     def loss_and_grad(self, overrides: Mapping[str, torch.Tensor] | None = None, batches: Iterable | None = None,
-                      *, progress: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean loss and its gradient w.r.t. every target's effective weight (param-shaped, fp32)."""
+                      *, progress: bool = False, compute_dtype: torch.dtype | None = None
+                      ) -> tuple[float, dict[str, torch.Tensor]]:
+        """Mean loss and its gradient w.r.t. every target's effective weight (param-shaped, fp32).
+
+        ``compute_dtype`` (e.g. ``torch.bfloat16``): run the forward and backward passes under
+        ``torch.autocast`` in that dtype (matrix products in it, accumulating in fp32; the weights are not
+        cast); the per-batch gradients are still summed in fp32.  None: the model's own dtype."""
         from tqdm.auto import tqdm
         self._need_loss("loss_and_grad")
         batches = self.batches if batches is None else list(batches)
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
+        def cast():
+            return (torch.autocast(self.device.type, dtype=compute_dtype) if compute_dtype is not None
+                    else contextlib.nullcontext())
         with self._eval_mode(), self._weights(overrides), self._mid_apply_attributes(), \
                 self._only_targets_require_grad():
             params = self._grad_params()
             for b in tqdm(batches, desc="gradient", disable=not progress, leave=False):
                 b = move(b, self.device)
-                loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
+                with cast():
+                    loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
                 gs = torch.autograd.grad(loss, params)
                 total += float(loss.detach())
                 for t, g in zip(self.targets, gs):

@@ -240,6 +240,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
     best = (None, Wt)
     if config.iterations > 1:
         best, history = _iht_steps(curvature, targets, Wt, keep, factors, config, nm)
+        report["grad_dtype"] = str(grad_dtype(config.grad_dtype, curvature.device)).replace("torch.", "")
         report["history"] = history
         report["best_iteration"] = best[0]
     Wbest = best[1]
@@ -341,6 +342,26 @@ def unit_step(wnorm: float, dnorm: float, w_norm: dict, pd_norm: dict, layer_tru
     return {k: min(eta, w_norm[k] / pd_norm[k]) if pd_norm[k] > 0 else eta for k in pd_norm}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matrix products natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        try:
+            return any(p is not None and bool(p()) for p in probes)
+        except Exception:  # private probes: an unknown build simply counts as "no"
+            return False
+    return False
+
+
+def grad_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The compute dtype of the iterations' gradient pass (None: the model's own, fp32)."""
+    if name == "bfloat16" or (name == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
 def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     """Iterations 2..T: theta <- project(theta - eta * grad f(theta) H^-1), eta chosen on held-out batches."""
     from tqdm.auto import tqdm
@@ -353,10 +374,11 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     W = W1
     wnorm = math.sqrt(sum(float((W[t.key] ** 2).sum()) for t in targets))
     scale = 1.0  # the grid is re-centred on the last accepted step, times step_decay
+    compute_dtype = grad_dtype(config.grad_dtype, curvature.device)
     for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
                    leave=False):
         t0 = time.perf_counter()
-        train_loss, G = curvature.loss_and_grad(_overrides(targets, W), grad_batches)
+        train_loss, G = curvature.loss_and_grad(_overrides(targets, W), grad_batches, compute_dtype=compute_dtype)
         t1 = time.perf_counter()
         D = {}
         for t in targets:
