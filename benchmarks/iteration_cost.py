@@ -1,0 +1,60 @@
+"""Per-iteration cost of OBS-IHT against its T=1 prune, read from benchmark JSON files (issue 18).
+
+    python benchmarks/iteration_cost.py benchmarks/results/vs_llmcompressor_T8.json [more.json ...]
+
+For every "best T" row (``history`` holds each iteration's ``seconds``: the gradient pass, direction and
+projection, step search) it prints the phases, the iteration total and its ratio to the same sparsity's T=1
+prune time (the sequential calibration + sweep, ``prune_seconds`` of the T=1 row of the same run).  Nothing is
+re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cost_rows(path: str) -> list[dict]:
+    d = json.loads(Path(path).read_text())
+    rows = d["rows"]
+    out = []
+    for r in rows:
+        if not r.get("history"):
+            continue
+        t1 = [x for x in rows if x["sparsity"] == r["sparsity"] and x["method"].endswith("OBS-IHT T=1")]
+        base = t1[0]["prune_seconds"] if t1 else None
+        for h in r["history"]:
+            s = h.get("seconds")
+            if not s:
+                continue
+            total = s["gradient"] + s["direction_and_projection"] + s["step_search"]
+            out.append({"run": Path(path).stem, "sparsity": r["sparsity"], "iteration": h["iteration"],
+                        "gradient": s["gradient"], "projection": s["direction_and_projection"],
+                        "search": s["step_search"], "trials": s["trials"], "total": total, "t1": base,
+                        "ratio": total / base if base else None, "accepted": h.get("accepted")})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    args = ap.parse_args(argv)
+    rows = [r for p in args.runs for r in cost_rows(p)]
+    if not rows:
+        ap.error("runs: no row with an iteration history")
+    print("| run | sparsity | iteration | gradient s | direction + projection s | step search s (trials) | "
+          "total s | T=1 prune s | total / T=1 | accepted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['sparsity']} | {r['iteration']} | {r['gradient']:.1f} | {r['projection']:.1f} | "
+              f"{r['search']:.1f} ({r['trials']}) | {r['total']:.1f} | {r['t1']:.1f} | {r['ratio']:.2f} | "
+              f"{r['accepted']} |")
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    print(f"\n{len(ratios)} iterations: total / T=1 from {min(ratios):.2f} to {max(ratios):.2f}, "
+          f"median {sorted(ratios)[len(ratios) // 2]:.2f}; <= 1.0 for {sum(x <= 1.0 for x in ratios)} of "
+          f"{len(ratios)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
