@@ -7,7 +7,8 @@ all-MiniLM-L6-v2 (BERT encoder) gets a fresh 5-way head and is fine-tuned on a f
 number of steps with the same optimizer; pruned runs add ``PruningCallback``: OBS-IHT (and magnitude) on a cubic
 schedule to ``--sparsity`` over the first 60% of the steps (OBS-IHT re-collects layer curvature from
 ``--curvature-batches`` training batches at each of ``--prune-steps`` pruning steps), Continuous Sparsification with
-its temperature schedule over the same span, BiP (a mask of exactly ``--sparsity`` from the start, one implicit-gradient
+its temperature schedule over the same span (scores started from the |w| ranking with tempered gates, the callback's
+default since issue 15; ``--cs-score-init constant`` is the paper's start from ties, which fails here), BiP (a mask of exactly ``--sparsity`` from the start, one implicit-gradient
 score step after every optimizer step, cut at the end of the span), then fine-tuning with fixed masks.  Masks cover every encoder Linear (36 tensors; embeddings, pooler and head stay
 dense).  Validation accuracy is printed for choosing settings; the test accuracy is the reported figure.
 """
@@ -69,6 +70,14 @@ def main():
     ap.add_argument("--curvature-batches", type=int, default=1, help="training batches per OBS-IHT curvature")
     ap.add_argument("--cs-penalty", type=float, default=1e-7)
     ap.add_argument("--cs-mask-lr", type=float, default=1e-2)
+    ap.add_argument("--cs-score-init", default="auto", choices=["auto", "constant", "magnitude"],
+                    help="CS score init (auto = magnitude in PruningCallback; constant = every score 0, the paper)")
+    ap.add_argument("--cs-spread", type=float, default=1.0, help="CS score_init_spread (magnitude init)")
+    ap.add_argument("--cs-quantile", type=float, default=None,
+                    help="CS score_init_quantile (magnitude init; default: the target sparsity)")
+    ap.add_argument("--cs-allocation", default="global", choices=["global", "uniform"])
+    ap.add_argument("--cs-mask-scale", default="auto", choices=["auto", "paper", "tempered", "none"],
+                    help="CS gate scale (auto = tempered in PruningCallback; paper = 1/sigmoid(s0))")
     ap.add_argument("--bip-mask-lr", type=float, default=10.0, help="BiP score learning rate (SGD, momentum 0.9)")
     ap.add_argument("--bip-gamma", type=float, default=1.0, help="BiP lower-level ridge weight (implicit-gradient scale)")
     ap.add_argument("--threads", type=int, default=1)
@@ -105,6 +114,9 @@ def main():
             mc = None
             if method in ("cs", "continuous_sparsification"):
                 mc = obs_plugins.CSConfig(rounds=1, epochs=4, penalty=args.cs_penalty, mask_lr=args.cs_mask_lr,
+                                          score_init=args.cs_score_init, score_init_spread=args.cs_spread,
+                                          score_init_quantile=args.cs_quantile, allocation=args.cs_allocation,
+                                          mask_scale=args.cs_mask_scale,
                                           progress=False)
             elif method == "bip":
                 mc = obs_plugins.BiPConfig(mask_lr=args.bip_mask_lr, gamma=args.bip_gamma, progress=False)

@@ -560,7 +560,11 @@ class PruningCallback(TrainerCallback):
     the cubic schedule's sparsity with the method's one-shot plan (OBS-IHT/Wanda re-collect layer curvature from
     ``curvature_batches`` fresh training batches first); masks are torch.nn.utils.prune masks, so pruned
     weights get no gradient and stay zero whatever the optimizer does.  CS route: a ``ContinuousSparsifier`` is
-    installed at ``begin_step``, its scores join the optimizer (no weight decay; the scheduler's factor), its
+    installed at ``begin_step`` -- with ``score_init="auto"`` (the default) its scores start ranked like ``|w|``
+    (``score_init="magnitude"``, natural threshold at the target sparsity unless ``score_init_quantile`` is set,
+    gates scaled "tempered" so that kept ones tend to 1; ``score_init="constant"`` is the paper's start from ties,
+    which a short fine-tune cannot resolve: issue 15) --, its scores join the optimizer (no weight decay; the
+    scheduler's factor), its
     penalty's gradient is added before every optimizer step, and its rounds x epochs temperature schedule is
     spread over ``begin_step..end_step``; then the ticket is cut at exactly ``sparsity`` and fine-tuned with
     fixed masks; the kept weights keep their gated values ``w * gate`` at the cut (no rewinding: this is
@@ -667,7 +671,10 @@ class PruningCallback(TrainerCallback):
         if self.config.route.gradual == "cs":
             from obs_plugins.methods.continuous_sparsification import ContinuousSparsifier
             cfg = self.config.method_config_object(progress=False)
-            self.sparsifier = ContinuousSparsifier(self.model, self.params, cfg)
+            if cfg.resolved_score_init("magnitude") == "magnitude" and cfg.score_init_quantile is None:
+                cfg = dataclasses.replace(cfg, score_init_quantile=float(self.config.sparsity))
+            # fine-tuning: "auto" scores start from the magnitude ranking (ties would leave a near-random cut)
+            self.sparsifier = ContinuousSparsifier(self.model, self.params, cfg, score_init_auto="magnitude")
             base = self.optimizer.param_groups[0]
             lr = cfg.mask_lr if cfg.mask_lr is not None else base.get("initial_lr", base["lr"])
             self.optimizer.add_param_group({"params": list(self.sparsifier.parameters()), "weight_decay": 0.0,

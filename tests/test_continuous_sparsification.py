@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from obs_plugins import ContinuousSparsification, ContinuousSparsifier, CSConfig, PruningInputError, get_method
+from obs_plugins import (ContinuousSparsification, ContinuousSparsifier, CSConfig, MagnitudeConfig, PruningInputError,
+                         api, get_method)
 from obs_plugins.methods.continuous_sparsification import plan_from_sparsifier
 
 
@@ -214,7 +215,16 @@ def test_state_survives_save_load_mid_search():
                                      ({"final_temperature": 0.5}, "final_temperature"), ({"rounds": 0}, "rounds"),
                                      ({"epochs": 1}, "epochs"), ({"granularity": "row"}, "granularity"),
                                      ({"mask_scale": "x"}, "mask_scale"), ({"mask_lr": -1.0}, "mask_lr"),
-                                     ({"bogus": 1}, "bogus")])
+                                     ({"bogus": 1}, "bogus"), ({"score_init": "gaussian"}, "score_init"),
+                                     ({"score_init": None}, "score_init"),
+                                     ({"score_init_spread": 0.0}, "score_init_spread"),
+                                     ({"score_init_spread": float("nan")}, "score_init_spread"),
+                                     ({"score_init_quantile": 1.5}, "score_init_quantile"),
+                                     ({"score_init_quantile": "0.5"}, "score_init_quantile"),
+                                     # tempered divides by sigmoid(beta * s_max): s_max = s0 = 0 is refused
+                                     ({"mask_scale": "tempered"}, "mask_scale"),
+                                     ({"mask_scale": "tempered", "score_init": "magnitude",
+                                       "score_init_quantile": 1.0}, "mask_scale")])
 def test_bad_config_names_the_argument_and_leaves_model_unchanged(kw, arg):
     model = mlp()
     before = copy.deepcopy(model.state_dict())
@@ -326,3 +336,142 @@ def test_keeps_dtype_and_fit_epochs_override():
     history = cs.fit(batches, F.cross_entropy, epochs=3, lr=0.1)
     assert [h["beta"] for h in history] == pytest.approx([1.0, 200.0 ** 0.5, 200.0])
     assert cs.finished and model[0].weight.dtype == torch.float64 and type(model[0]) is nn.Linear
+
+
+# ---------------------------------------------------------------- score_init="magnitude" (issue 15: fine-tuning)
+W8 = [0.3, -0.1, 2.0, -0.05, 0.7, -1.5, 0.2, 0.0]  # |w| ranks 4 2 7 1 5 6 3 0
+
+
+def lin8():
+    lin = nn.Linear(8, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([W8]))
+    return nn.Sequential(lin)
+
+
+def test_magnitude_init_known_answer_on_a_1x8_linear():
+    ranks = torch.tensor([[4., 2., 7., 1., 5., 6., 3., 0.]])
+    cs = ContinuousSparsifier(lin8(), ["0"], score_init="magnitude", progress=False)
+    s = cs.scores["0.weight"].detach()
+    assert cs.score_init == "magnitude" and cs.mask_scale == "tempered"  # "auto" scale follows the init
+    assert torch.allclose(s, ranks / 7 - 0.5, atol=1e-7, rtol=0)  # s0 + c (u - q), u = rank / (n - 1), q = 0.5
+    assert torch.equal(torch.argsort(s.reshape(-1)), torch.argsort(torch.tensor(W8).abs()))
+    cs = ContinuousSparsifier(lin8(), ["0"], score_init="magnitude", mask_init=0.25, score_init_spread=2.0,
+                              score_init_quantile=0.75, progress=False)
+    assert torch.allclose(cs.scores["0.weight"].detach(), 0.25 + 2.0 * (ranks / 7 - 0.75), atol=1e-6, rtol=0)
+    # "auto" in the sparsifier itself is the paper: every score s0, gate scale 1/sigmoid(s0) = 2
+    cs = ContinuousSparsifier(lin8(), ["0"], progress=False)
+    assert cs.score_init == "constant" and cs.mask_scale == "paper"
+    assert torch.equal(cs.scores["0.weight"].detach(), torch.zeros(1, 8)) and cs.scale_at(200.0) == 2.0
+
+
+def test_magnitude_init_cut_before_training_keeps_exactly_the_top_k_magnitudes():
+    model = lin8()
+    cs = ContinuousSparsifier(model, ["0"], score_init="magnitude", progress=False)
+    cs.finish(rewind=False)
+    keep = cs.make_plan(amount=0.5).entries["0.weight"].mask
+    assert keep.tolist() == [[True, False, True, False, True, True, False, False]]  # 0.3, 2.0, 0.7, -1.5
+    assert cs.make_plan(k=7).entries["0.weight"].mask.tolist() == [[False] * 2 + [True] + [False] * 5]
+    # two layers: the cut equals magnitude pruning with the same allocation (global ranking or per tensor)
+    for allocation in ("global", "uniform"):
+        model = mlp()
+        cs = ContinuousSparsifier(model, pairs(model), score_init="magnitude", score_init_quantile=0.6,
+                                  allocation=allocation, progress=False)
+        cs.finish(rewind=False)
+        for amount in (0.3, 0.6, 0.85):
+            ours = cs.make_plan(amount=amount)
+            ref = api.plan(MagnitudeConfig(allocation=allocation), targets=cs.targets, amount=amount)
+            for key, e in ours.entries.items():
+                assert torch.equal(e.mask, ref.entries[key].mask), (allocation, amount, key)
+
+
+def test_magnitude_init_honours_prior_masks_and_ranks_channels_by_mean_magnitude():
+    model = lin8()
+    prune.custom_from_mask(model[0], "weight", torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]]))  # the largest is gone
+    cs = ContinuousSparsifier(model, ["0"], score_init="magnitude", progress=False)
+    assert int(torch.argmin(cs.scores["0.weight"].detach())) == 2  # pruned before: ranked lowest
+    cs.finish(rewind=False)
+    assert cs.make_plan(k=2).entries["0.weight"].mask.tolist() == [[True, True, False, False, True, True, True,
+                                                                     False]]  # 0.0 and 0.05 go next
+    lin = nn.Linear(3, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1., 1., 1.], [3., 0., 0.], [0.1, 0.1, 0.1], [-2., -2., 0.]]))
+    cs = ContinuousSparsifier(nn.Sequential(lin), ["0"], score_init="magnitude", granularity="channel",
+                              progress=False)  # mean |w| per row: 1, 1, 0.1, 4/3
+    assert torch.allclose(cs.scores["0.weight"].detach().reshape(-1), torch.tensor([1., 2., 0., 3.]) / 3 - 0.5)
+
+
+def test_tempered_scale_keeps_gates_at_most_one_and_the_top_entry_at_one():
+    model = lin8()
+    w = model[0].weight.detach().clone()
+    cs = ContinuousSparsifier(model, ["0"], score_init="magnitude", score_init_quantile=0.5, epochs=3,
+                              progress=False)
+    s = cs.scores["0.weight"].detach()
+    s_max = 0.5  # s0 + c (1 - q)
+    for e in range(3):
+        cs.epoch = e
+        beta = cs.temperature
+        assert cs.scale_at(beta) == pytest.approx(1 + torch.exp(torch.tensor(-beta * s_max)).item())
+        gate = cs.gate("0.weight").detach()
+        assert torch.allclose(gate, torch.sigmoid(beta * s) / torch.sigmoid(torch.tensor(beta * s_max)))
+        assert gate.max() == pytest.approx(1.0) and int(torch.argmax(gate)) == 2  # |w| = 2.0
+        assert torch.allclose(model[0].weight, w * gate)
+    assert float(cs.gate("0.weight").detach()[0, 7]) < 1e-20  # beta = 200: the smallest is (softly) gone
+    # "paper" with the magnitude init: constant 1/sigmoid(s0); kept gates approach 2 (the case issue 15 measured)
+    cs.finish(rewind=False)
+    cs = ContinuousSparsifier(lin8(), ["0"], score_init="magnitude", mask_scale="paper", progress=False)
+    assert cs.scale_at(1.0) == cs.scale_at(200.0) == 2.0
+
+
+def test_magnitude_init_round_reset_and_state_round_trip():
+    model = mlp()
+    kw = dict(score_init="magnitude", rounds=2, epochs=2, penalty=1e-3, progress=False)
+    cs = ContinuousSparsifier(model, pairs(model), **kw)
+    init = {k: s.detach().clone() for k, s in cs.scores.items()}
+    opt = torch.optim.SGD(cs.param_groups(lr=0.5), lr=0.5)
+    for _ in range(2):
+        run_epoch(model, cs, opt, data(2))
+    assert cs.round == 1
+    # the reset happened with beta_T: s <- min(beta_T * s_end, s_init); replay it from the state before the reset
+    model2 = mlp()
+    cs2 = ContinuousSparsifier(model2, pairs(model2), **kw)
+    opt2 = torch.optim.SGD(cs2.param_groups(lr=0.5), lr=0.5)
+    run_epoch(model2, cs2, opt2, data(2))
+    for x, y in data(2):
+        loss = F.cross_entropy(model2(x), y) + cs2.penalty()
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+        cs2.step()
+    end = {k: s.detach().clone() for k, s in cs2.scores.items()}
+    cs2.step_epoch()
+    for k in init:
+        expected = torch.minimum(200.0 * end[k], init[k])
+        assert torch.equal(cs2.scores[k].detach(), expected)
+        assert torch.equal(cs.scores[k].detach(), expected)
+        assert (expected < init[k]).any() and (expected == init[k]).any()  # both branches of the min are used
+    state = cs.state_dict()
+    assert state["config"]["score_init"] == "magnitude" and state["config"]["mask_scale"] == "tempered"
+    # a new sparsifier on other weights: the prior (init scores) comes from the state, not from its weights
+    torch.manual_seed(7)
+    model3 = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    cs3 = ContinuousSparsifier(model3, pairs(model3), **kw)
+    cs3.load_state_dict(state)
+    assert all(torch.equal(cs3._init_scores[k], init[k]) for k in init)
+    model4 = mlp()
+    with pytest.raises(PruningInputError, match="score_init"):  # a magnitude search into a constant one
+        ContinuousSparsifier(model4, pairs(model4), **{**kw, "score_init": "auto"}).load_state_dict(state)
+
+
+def test_state_saved_before_the_score_init_fields_still_loads():
+    model = mlp()
+    cs = ContinuousSparsifier(model, pairs(model), rounds=2, epochs=2, progress=False)
+    state = cs.state_dict()
+    old = {k: v for k, v in state["config"].items() if not k.startswith("score_init")}
+    old["mask_scale"] = "paper"  # what older versions wrote
+    model2 = mlp()
+    cs2 = ContinuousSparsifier(model2, pairs(model2), rounds=2, epochs=2, progress=False)
+    cs2.load_state_dict({**state, "config": old})
+    old["mask_scale"] = "none"
+    with pytest.raises(PruningInputError, match="mask_scale"):
+        cs2.load_state_dict({**state, "config": old})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,10 +117,33 @@ def test_method_config_fields_survive_and_nm_pattern_goes_into_the_method_config
     (dict(method_config=obs_plugins.MagnitudeConfig()), "method_config"),
     (dict(method="magnitude", method_config={"nm": "2:4"}), "method_config"),
     (dict(sparsty=0.5), "sparsty"),
+    (dict(method="cs", method_config={"score_init": "gaussian"}), "score_init"),
+    (dict(method="cs", method_config={"score_init_spread": -1.0}), "score_init_spread"),
+    (dict(method="cs", method_config={"score_init_quantile": -0.1}), "score_init_quantile"),
+    (dict(method="cs", method_config={"mask_scale": "tempered", "score_init": "constant"}), "mask_scale"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(PruningInputError, match=rf"^{field}"):
         PruningConfig(**kwargs)
+
+
+def test_cs_score_init_fields_round_trip_through_json(tmp_path):
+    mc = obs_plugins.CSConfig(score_init="magnitude", score_init_spread=0.5, score_init_quantile=0.6,
+                              mask_scale="tempered", rounds=1, epochs=4)
+    cfg = PruningConfig(method="cs", sparsity=0.7, end_step=18, method_config=mc)
+    cfg.save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "pruning_config.json").read_text())["method_config"]["config"]
+    assert (on_disk["score_init"], on_disk["score_init_spread"], on_disk["score_init_quantile"],
+            on_disk["mask_scale"]) == ("magnitude", 0.5, 0.6, "tempered")
+    back = PruningConfig.from_pretrained(tmp_path)
+    assert back == cfg and back.method_config_object() == mc
+    # a file written before these fields existed still loads, with the defaults ("auto")
+    f = tmp_path / "pruning_config.json"
+    data = json.loads(f.read_text())
+    old = {k: v for k, v in data["method_config"]["config"].items() if not k.startswith("score_init")}
+    f.write_text(json.dumps({**data, "method_config": {**data["method_config"], "config": old}}))
+    got = PruningConfig.from_pretrained(tmp_path).method_config_object()
+    assert (got.score_init, got.score_init_spread, got.score_init_quantile) == ("auto", 1.0, None)
 
 
 def test_structured_patterns_point_to_torch_pruning():
@@ -532,3 +556,44 @@ def test_cs_cut_keeps_the_gated_weights_and_removes_exactly_k():
         removed += int((~mask).sum())
         assert torch.equal(t.current(), gated[t.key] * mask)
     assert removed == round(0.6 * cb.weights)
+
+
+def _started_cs(cfg, model):
+    from types import SimpleNamespace
+    cb = PruningCallback(cfg)
+    cb.model, cb.lr_scheduler = model, None
+    cb.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb._setup_schedule(10)
+    cb.targets = hf.select_targets(model, cfg)
+    cb.params = [(t.module, t.name) for t in cb.targets]
+    cb.weights = sum(t.orig().numel() for t in cb.targets)
+    cb._start(SimpleNamespace(global_step=0))
+    return cb
+
+
+def test_callback_cs_starts_from_the_magnitude_ranking_by_default():
+    """Issue 15: the callback's CS scores start ranked like |w| (score_init "auto" -> "magnitude", threshold at the
+    target sparsity, tempered gate scale), so a cut before any training is exactly global magnitude pruning; an
+    explicit score_init="constant" is the paper's (all scores s0, scale 2)."""
+    from types import SimpleNamespace
+    model = tiny_bert(labels=3)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = PruningConfig(method="cs", sparsity=0.6, end_step=8,
+                        method_config=obs_plugins.CSConfig(rounds=1, epochs=2, progress=False))
+    cb = _started_cs(cfg, model)
+    sp = cb.sparsifier
+    assert (sp.score_init, sp.mask_scale, sp.config.score_init_quantile) == ("magnitude", "tempered", 0.6)
+    assert cfg.method_config_object().score_init_quantile is None  # the stored config is unchanged
+    assert sp.scale_at(1.0) == pytest.approx(1 + math.exp(-0.4))  # 1 / sigmoid(beta * c (1 - q)), c = 1
+    ref = obs_plugins.api.plan(obs_plugins.MagnitudeConfig(), targets=cb.targets, amount=0.6)
+    cb._cut_ticket(SimpleNamespace(global_step=0))
+    for t in cb.targets:
+        assert torch.equal(t.prior_mask(), ref.entries[t.key].mask)
+        gate = torch.sigmoid(sp.scores[t.key].detach()) * sp.scale_at(1.0)
+        assert torch.allclose(t.current(), dense[t.key] * gate * t.prior_mask())  # kept at w * gate
+    model = tiny_bert(labels=3)
+    cfg = PruningConfig(method="cs", sparsity=0.6, end_step=8, method_config=obs_plugins.CSConfig(
+        rounds=1, epochs=2, score_init="constant", progress=False))
+    sp = _started_cs(cfg, model).sparsifier
+    assert (sp.score_init, sp.mask_scale) == ("constant", "paper")
+    assert all(bool((s == 0).all()) for s in sp.parameters()) and sp.scale_at(200.0) == 2.0

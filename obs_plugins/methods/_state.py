@@ -13,7 +13,8 @@ def check_saved_state(state, *, owner: str, noun: str, version: int, keys: list[
     if list(state["keys"]) != keys:
         raise PruningInputError(f"state: saved for parameters {state['keys']}, this {noun} has {keys}")
     mine = dataclasses.asdict(config)
-    differ = sorted(k for k in mine if k != "progress" and state["config"].get(k) != mine[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}  # fields added later: saved as defaults
+    differ = sorted(k for k in mine if k != "progress" and state["config"].get(k, defaults[k]) != mine[k])
     if differ:
         raise PruningInputError(f"state: saved with a different config ({differ}); build the {noun} with the "
                                 "saved config")

@@ -74,14 +74,19 @@ class ContinuousSparsifier:
         model: the model (its parameters keep their device and dtype; the scores get the same).
         params: ``(module, name)`` pairs (torch.nn.utils.prune's convention) or module names.
         config: a :class:`CSConfig`; keyword ``overrides`` replace its fields (``epochs=3, penalty=1e-6``).
+        score_init_auto: what ``score_init="auto"`` means here: "constant" (the paper's search, the default) or
+            "magnitude" (``PruningCallback`` passes it for fine-tuning).  The resolved value is ``self.score_init``.
 
     Bad arguments raise :class:`obs_plugins.PruningInputError` naming the argument, before the model is touched.
     """
 
-    def __init__(self, model: nn.Module, params, config: CSConfig | None = None, **overrides):
+    def __init__(self, model: nn.Module, params, config: CSConfig | None = None, *,
+                 score_init_auto: str = "constant", **overrides):
         if not isinstance(model, nn.Module):
             raise PruningInputError(f"model: expected an nn.Module, got {type(model).__name__}")
         config = resolve_config(config, CSConfig, overrides, owner="ContinuousSparsifier")
+        if score_init_auto not in ("constant", "magnitude"):
+            raise PruningInputError(f"score_init_auto: 'constant' or 'magnitude', got {score_init_auto!r}")
         targets = resolve_targets(model, params)
         for t in targets:
             if parametrize.is_parametrized(t.module, self._stored_name(t)):
@@ -92,14 +97,28 @@ class ContinuousSparsifier:
         self.targets: list[Target] = targets
         self.scores: dict[str, nn.Parameter] = {}
         self._counts: dict[str, torch.Tensor | None] = {}  # unpruned weights behind each score (None: all, 1 each)
+        self._score_init_auto = score_init_auto
+        self._resolved = config.resolved(score_init_auto)
+        self.score_init = self._resolved.score_init    # "constant" or "magnitude"
+        self.mask_scale = self._resolved.mask_scale    # "paper", "tempered" or "none"
+        if self.mask_scale == "tempered" and not self._resolved.max_initial_score > 0:
+            raise PruningInputError(f"mask_scale: 'tempered' needs a positive largest initial score s_max (it "
+                                    f"divides by sigmoid(beta * s_max)); got s_max = "
+                                    f"{self._resolved.max_initial_score} (raise mask_init, or lower "
+                                    f"score_init_quantile below 1)")
+        init = self._magnitude_scores() if self.score_init == "magnitude" else None
+        self._init_scores: dict[str, torch.Tensor] | None = init  # per-entry s0 for the round resets
         for t in targets:
             w = t.orig().detach()
             shape = list(w.shape)
             if config.granularity == "channel":
                 d = _out_dim(t)
                 shape = [w.shape[i] if i == d else 1 for i in range(w.dim())]
-            self.scores[t.key] = nn.Parameter(torch.full(shape, float(config.mask_init), dtype=w.dtype,
-                                                         device=w.device))
+            if init is not None:
+                self.scores[t.key] = nn.Parameter(init[t.key].clone())
+            else:
+                self.scores[t.key] = nn.Parameter(torch.full(shape, float(config.mask_init), dtype=w.dtype,
+                                                             device=w.device))
             prior = t.prior_mask()
             if config.granularity == "channel":
                 dims = [i for i in range(w.dim()) if i != _out_dim(t)]
@@ -123,6 +142,46 @@ class ContinuousSparsifier:
     def _stored_name(t: Target) -> str:
         """The tensor that holds the weights: ``<name>_orig`` once torch.nn.utils.prune reparametrised it."""
         return t.name + "_orig" if hasattr(t.module, t.name + "_orig") else t.name
+
+    def _magnitude_scores(self) -> dict[str, torch.Tensor]:
+        """``score_init="magnitude"``: ``s0 + c * (u - q)`` with ``u = rank(|w|) / (n - 1)`` (see :class:`CSConfig`),
+        ranked over every target ("global" allocation) or within each tensor ("uniform"); entries (channels)
+        pruned before rank lowest; ties by position.  Ranks are computed in float64 on the CPU."""
+        cfg = self.config
+        s0, c = float(cfg.mask_init), float(cfg.score_init_spread)
+        q = 0.5 if cfg.score_init_quantile is None else float(cfg.score_init_quantile)
+        mags: dict[str, torch.Tensor] = {}
+        for t in self.targets:
+            w = t.orig().detach().to("cpu", torch.float64).abs()
+            prior = t.prior_mask().cpu()
+            if cfg.granularity == "channel":
+                d = _out_dim(t)
+                dims = [i for i in range(w.dim()) if i != d]
+                cnt = prior.to(torch.float64).sum(dim=dims, keepdim=True) if dims else prior.to(torch.float64)
+                tot = (w * prior).sum(dim=dims, keepdim=True) if dims else w * prior
+                mags[t.key] = torch.where(cnt > 0, tot / cnt.clamp(min=1), torch.full_like(tot, -1.0))
+            else:
+                mags[t.key] = w.masked_fill(~prior, -1.0)  # pruned before: below every real |w|
+        groups = [list(mags)] if cfg.allocation == "global" else [[k] for k in mags]
+        out = {}
+        for keys in groups:
+            flat = torch.cat([mags[k].reshape(-1) for k in keys])
+            n = flat.numel()
+            order = torch.argsort(flat, stable=True)
+            rank = torch.empty(n, dtype=torch.float64)
+            rank[order] = torch.arange(n, dtype=torch.float64)
+            u = rank / (n - 1) if n > 1 else torch.full((n,), 0.5, dtype=torch.float64)
+            s = s0 + c * (u - q)
+            i = 0
+            for k in keys:
+                m = mags[k].numel()
+                w = self._target(k).orig()
+                out[k] = s[i:i + m].reshape(mags[k].shape).to(device=w.device, dtype=w.dtype)
+                i += m
+        return out
+
+    def _target(self, key: str) -> Target:
+        return next(t for t in self.targets if t.key == key)
 
     def _install(self) -> None:
         for t in self.targets:
@@ -149,9 +208,19 @@ class ContinuousSparsifier:
 
     def gate(self, key: str) -> torch.Tensor:
         """``sigmoid(beta * s) * scale`` for one target (shape of its scores, broadcast over the weights)."""
-        g = torch.sigmoid(self.temperature * self.scores[key])
-        scale = self.config.scale
+        beta = self.temperature
+        g = torch.sigmoid(beta * self.scores[key])
+        scale = self.scale_at(beta)
         return g * scale if scale != 1.0 else g
+
+    def resolved_config(self) -> CSConfig:
+        """The config with its "auto" fields as this sparsifier resolved them (``score_init``, ``mask_scale``)."""
+        return self.config.resolved(self._score_init_auto)
+
+    def scale_at(self, beta: float) -> float:
+        """The gate's factor at temperature ``beta``: "paper" 1/sigmoid(s0), "tempered" 1/sigmoid(beta * s_max)
+        (s_max: the largest initial score), "none" 1."""
+        return self._resolved.scale_at(beta)
 
     def penalty(self) -> torch.Tensor:
         """``penalty * sum(sigmoid(beta * s))`` over every unpruned weight (a channel's gate counts once per
@@ -206,7 +275,8 @@ class ContinuousSparsifier:
                 self.done = True
 
     def next_round(self) -> None:
-        """Start the next round now: ``s <- min(beta * s, s0)`` with the current beta, epoch 0 (beta = 1)."""
+        """Start the next round now: ``s <- min(beta * s, s0)`` with the current beta, epoch 0 (beta = 1).  With
+        ``score_init="magnitude"`` s0 is each entry's initial score (kept gates restart at their magnitude prior)."""
         self._check_searching("next_round")
         if self.round + 1 >= self.config.rounds:
             raise RuntimeError(f"next_round: round {self.round} is the last of rounds={self.config.rounds}; "
@@ -218,8 +288,11 @@ class ContinuousSparsifier:
             self._rewind = self._snapshot()
         beta, s0 = self.temperature, float(self.config.mask_init)
         with torch.no_grad():
-            for s in self.scores.values():
-                s.copy_(torch.clamp(beta * s, max=s0))
+            for key, s in self.scores.items():
+                if self._init_scores is None:
+                    s.copy_(torch.clamp(beta * s, max=s0))
+                else:
+                    s.copy_(torch.minimum(beta * s, self._init_scores[key]))
         self.round += 1
         self.epoch = 0
 
@@ -350,23 +423,37 @@ class ContinuousSparsifier:
         """Scores, schedule position, step count and the rewind weights (``torch.save``-able, weights_only)."""
         return {
             "version": STATE_VERSION,
-            "config": dataclasses.asdict(self.config),
+            "config": dataclasses.asdict(self._resolved),  # "auto" as resolved here
             "keys": [t.key for t in self.targets],
             "scores": {k: s.detach().clone() for k, s in self.scores.items()},
             "round": self.round, "epoch": self.epoch, "global_step": self.global_step,
             "done": self.done, "finished": self.finished,
             "rewind": None if self._rewind is None else {k: v.clone() for k, v in self._rewind.items()},
+            "init_scores": None if self._init_scores is None else {k: v.clone()
+                                                                  for k, v in self._init_scores.items()},
             "history": [dict(h) for h in self.history],
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a saved search (build the sparsifier on the same model/params/config, then load)."""
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):  # older states: fields added later
+            saved = {f.name: state["config"].get(f.name, f.default) for f in dataclasses.fields(CSConfig)}
+            try:
+                saved = dataclasses.asdict(CSConfig(**saved).resolved(self._score_init_auto))
+            except (TypeError, PruningInputError):
+                pass
+            state = {**state, "config": saved}
         check_saved_state(state, owner="ContinuousSparsifier", noun="sparsifier", version=STATE_VERSION,
-                          keys=[t.key for t in self.targets], config=self.config)
+                          keys=[t.key for t in self.targets], config=self._resolved)
         for k, s in state["scores"].items():
             if tuple(s.shape) != tuple(self.scores[k].shape):
                 raise PruningInputError(f"state: scores of {k} have shape {tuple(s.shape)}, expected "
                                         f"{tuple(self.scores[k].shape)}")
+        init = state.get("init_scores")
+        if (init is None) != (self._init_scores is None):
+            kind = "constant" if init is None else "magnitude"
+            raise PruningInputError(f"state: saved with score_init {kind!r}, this sparsifier uses "
+                                    f"{self.score_init!r}")
         if state["finished"] and not self.finished:
             raise PruningInputError("state: saved after finish(); load it into a finished sparsifier")
         if self.finished and not state["finished"]:
@@ -379,6 +466,9 @@ class ContinuousSparsifier:
         dev = {n: t.device for n, t in self._named_tensors().items()}
         self._rewind = None if state["rewind"] is None else {
             n: v.to(dev.get(n, v.device)).clone() for n, v in state["rewind"].items()}
+        if init is not None:  # the prior of the original weights, not of the ones this sparsifier was built on
+            self._init_scores = {k: v.to(self.scores[k].device, self.scores[k].dtype).clone()
+                                 for k, v in init.items()}
         self.history = [dict(h) for h in state.get("history", [])]
 
     # ------------------------------------------------------------------ a ready-made loop
@@ -409,6 +499,7 @@ class ContinuousSparsifier:
                     raise PruningInputError(f"epochs: the search already started with epochs="
                                             f"{self.config.epochs}")
                 self.config = dataclasses.replace(self.config, epochs=epochs)
+                self._resolved = self.config.resolved(self._score_init_auto)
         if optimizer is None:
             if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
                 raise PruningInputError(f"lr: give lr > 0 (or an optimizer), got {lr!r}")
