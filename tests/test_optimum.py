@@ -535,14 +535,7 @@ def test_cs_cut_keeps_the_gated_weights_and_removes_exactly_k():
     model = tiny_bert(labels=3)
     cfg = PruningConfig(method="cs", sparsity=0.6, end_step=8,
                         method_config=obs_plugins.CSConfig(rounds=1, epochs=2, progress=False))
-    cb = PruningCallback(cfg)
-    cb.model, cb.lr_scheduler = model, None
-    cb.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cb._setup_schedule(10)
-    cb.targets = hf.select_targets(model, cfg)
-    cb.params = [(t.module, t.name) for t in cb.targets]
-    cb.weights = sum(t.orig().numel() for t in cb.targets)
-    cb._start(SimpleNamespace(global_step=0))
+    cb = _started_cs(cfg, model)
     assert len(cb.optimizer.param_groups) == 2 and cb.optimizer.param_groups[1]["weight_decay"] == 0.0
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
