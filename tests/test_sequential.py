@@ -164,3 +164,17 @@ def test_a_key_value_cache_does_not_leak_between_block_runs():
     for (k, a), b in zip(plans[0].entries.items(), plans[1].entries.values()):
         assert torch.equal(a.mask, b.mask), k
         torch.testing.assert_close(a.new_weight, b.new_weight, rtol=0, atol=0)
+
+
+def test_sequential_plan_does_not_depend_on_the_models_use_cache_setting():
+    """Calibration runs without a key/value cache whatever ``config.use_cache`` says (and restores it): the plan
+    is bit-identical with use_cache True and False, and the setting is left as the user had it."""
+    plans = {}
+    for flag in (False, True):
+        model, params, batches = llama_problem()
+        model.config.use_cache = flag
+        curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+        plan = api.plan(OBSIHTConfig(iterations=2, progress=False), curvature=curv, amount=0.5)
+        plans[flag] = {k: e.new_weight * e.mask for k, e in plan.entries.items()}
+        assert model.config.use_cache is flag
+    assert all(torch.equal(plans[True][k], plans[False][k]) for k in plans[False])
