@@ -131,8 +131,8 @@ class Curvature:
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        """Eval mode, and no key/value cache (HF models build one per forward pass by default: a loss or
-        gradient pass over whole windows never reads it, and building it cost ~9% of a SmolLM2 gradient pass)."""
+        """Eval mode, and no key/value cache (HF models build one per forward pass by default; a loss, gradient
+        or calibration pass over whole windows never reads it).  ``config.use_cache`` is restored on exit."""
         was = self.model.training
         self.model.eval()
         try:
