@@ -11,22 +11,20 @@ relative norm of the difference, the loss in each.  Says whether this device run
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import torch
+from _common import Stopwatch, add_threads_argument, command_line, set_threads, write_results
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads_argument(ap)
     ap.add_argument("--out", default="benchmarks/results/grad_dtype")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from obs_plugins.curvature import Curvature
     from obs_plugins.experiment import setup_smollm2
     from obs_plugins.lm import causal_lm_loss
@@ -40,15 +38,15 @@ def main(argv=None) -> int:
     res = {}
     for _ in range(args.reps):
         for name, dt in (("float32", None), ("bfloat16", torch.bfloat16)):
-            t0 = time.perf_counter()
-            res[name] = curv.loss_and_grad(None, batches, compute_dtype=dt)
-            times[name].append(time.perf_counter() - t0)
+            with Stopwatch() as sw:
+                res[name] = curv.loss_and_grad(None, batches, compute_dtype=dt)
+            times[name].append(sw.seconds)
     (l32, g32), (l16, g16) = res["float32"], res["bfloat16"]
     a, b = curv.flatten(g32).double(), curv.flatten(g16).double()
     out = {"batches": args.batches, "threads": args.threads, "native_bf16": native_bf16(torch.device("cpu")),
            "seconds": {k: statistics.median(v) for k, v in times.items()}, "all_seconds": times,
            "cosine": float(a @ b / (a.norm() * b.norm())), "rel_diff": float((a - b).norm() / a.norm()),
-           "loss": {"float32": l32, "bfloat16": l16}}
+           "loss": {"float32": l32, "bfloat16": l16}, "command": command_line()}
     out["speedup"] = out["seconds"]["float32"] / out["seconds"]["bfloat16"]
     lines = [f"SmolLM2-135M gradient pass over {args.batches} batches of 4x256 tokens, {args.threads} thread(s), "
              f"native bf16 on this CPU: {out['native_bf16']}",
@@ -57,10 +55,7 @@ def main(argv=None) -> int:
              f"| bfloat16 (autocast) | {out['seconds']['bfloat16']:.2f} | {l16:.4f} |", "",
              f"speed-up {out['speedup']:.2f}x; gradient cosine {out['cosine']:.5f}, relative difference "
              f"{out['rel_diff']:.4f}"]
-    p = Path(args.out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    p.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, lines, out)
     print("\n".join(lines))
     return 0
 

@@ -1,6 +1,6 @@
 """Per-iteration cost of OBS-IHT against its T=1 prune, read from benchmark JSON files (issue 18).
 
-    python benchmarks/iteration_cost.py benchmarks/results/vs_llmcompressor_T8.json [more.json ...]
+    python benchmarks/iteration_cost.py benchmarks/results/vs_llmcompressor_T8.json [more.json ...] [--out STEM]
 
 For every "best T" row (``history`` holds each iteration's ``seconds``: the gradient pass, direction and
 projection, step search) it prints the phases, the iteration total and its ratio to the same sparsity's T=1
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from _common import write_results
 
 
 def cost_rows(path: str) -> list[dict]:
@@ -38,21 +40,24 @@ def cost_rows(path: str) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
+    ap.add_argument("--out", default=None, help="also write the table to OUT.md")
     args = ap.parse_args(argv)
     rows = [r for p in args.runs for r in cost_rows(p)]
     if not rows:
         ap.error("runs: no row with an iteration history")
-    print("| run | sparsity | iteration | gradient s | direction + projection s | step search s (trials) | "
-          "total s | T=1 prune s | total / T=1 | accepted |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| run | sparsity | iteration | gradient s | direction + projection s | step search s (trials) | "
+             "total s | T=1 prune s | total / T=1 | accepted |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['run']} | {r['sparsity']} | {r['iteration']} | {r['gradient']:.1f} | {r['projection']:.1f} | "
-              f"{r['search']:.1f} ({r['trials']}) | {r['total']:.1f} | {r['t1']:.1f} | {r['ratio']:.2f} | "
-              f"{r['accepted']} |")
+        lines.append(f"| {r['run']} | {r['sparsity']} | {r['iteration']} | {r['gradient']:.1f} | "
+                     f"{r['projection']:.1f} | {r['search']:.1f} ({r['trials']}) | {r['total']:.1f} | "
+                     f"{r['t1']:.1f} | {r['ratio']:.2f} | {r['accepted']} |")
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    print(f"\n{len(ratios)} iterations: total / T=1 from {min(ratios):.2f} to {max(ratios):.2f}, "
-          f"median {sorted(ratios)[len(ratios) // 2]:.2f}; <= 1.0 for {sum(x <= 1.0 for x in ratios)} of "
-          f"{len(ratios)}")
+    lines.append(f"\n{len(ratios)} iterations: total / T=1 from {min(ratios):.2f} to {max(ratios):.2f}, "
+                 f"median {sorted(ratios)[len(ratios) // 2]:.2f}; <= 1.0 for {sum(x <= 1.0 for x in ratios)} of "
+                 f"{len(ratios)}")
+    if args.out:
+        write_results(args.out, lines)
+    print("\n".join(lines))
     return 0
 
 

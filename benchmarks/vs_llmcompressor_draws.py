@@ -16,6 +16,8 @@ import math
 import statistics
 from pathlib import Path
 
+from _common import write_results
+
 
 def ratios(paths: list[str]) -> tuple[dict, list[str]]:
     """{(sparsity, text): [ratio per run]} and the runs' calibration descriptions."""
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         ap.error("runs: no run holds both 'llmc SparseGPT' and 'ours OBS-IHT T=1' rows")
     lines = ["calibration: " + "; ".join(calib), ""] + table(r, len(args.runs))
     if args.out:
-        Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_results(args.out, lines)
     print("\n".join(lines))
     return 0
 

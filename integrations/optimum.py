@@ -671,10 +671,8 @@ class PruningCallback(TrainerCallback):
         if self.config.route.gradual == "cs":
             from obs_plugins.methods.continuous_sparsification import ContinuousSparsifier
             cfg = self.config.method_config_object(progress=False)
-            if cfg.resolved_score_init("magnitude") == "magnitude" and cfg.score_init_quantile is None:
-                cfg = dataclasses.replace(cfg, score_init_quantile=float(self.config.sparsity))
-            # fine-tuning: "auto" scores start from the magnitude ranking (ties would leave a near-random cut)
-            self.sparsifier = ContinuousSparsifier(self.model, self.params, cfg, score_init_auto="magnitude")
+            self.sparsifier = ContinuousSparsifier.for_fine_tuning(self.model, self.params, cfg,
+                                                                   self.config.sparsity)
             base = self.optimizer.param_groups[0]
             lr = cfg.mask_lr if cfg.mask_lr is not None else base.get("initial_lr", base["lr"])
             self.optimizer.add_param_group({"params": list(self.sparsifier.parameters()), "weight_decay": 0.0,

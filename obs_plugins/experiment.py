@@ -87,9 +87,9 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
                   calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_draw: int = 0) -> LLMSetup:
     """``calib_sources``: the calibration windows are spread over each source and interleaved (so the held-out
     calibration batches OBS-IHT chooses its steps on are mixed too); ``("shakespeare",)`` is the single-author
-    set.  ``calib_draw``: another set of calibration windows from the same sources (``text_windows``' ``draw``; the
-    held-out windows never change).  ``heldout_texts``: perplexity sets, never used for any choice.  ``blocks``: prune only the Linear
-    weights of the first ``blocks`` decoder layers (default: all 30)."""
+    set.  ``calib_draw``: another set of calibration windows from the same sources (``text_windows``' ``draw``;
+    the held-out windows never change).  ``heldout_texts``: perplexity sets, never used for any choice.
+    ``blocks``: prune only the Linear weights of the first ``blocks`` decoder layers (default: all 30)."""
     from .data import load_austen, load_shakespeare, load_smollm2
     t0 = time.perf_counter()
     model, tok = load_smollm2()

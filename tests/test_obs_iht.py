@@ -484,5 +484,26 @@ def test_grad_dtype_setting(monkeypatch):
     assert solver.grad_dtype("float32", cpu) is None and solver.grad_dtype("bfloat16", cpu) is torch.bfloat16
     monkeypatch.setattr(solver, "native_bf16", lambda d: True)
     assert solver.grad_dtype("auto", cpu) is torch.bfloat16
+    assert solver.grad_dtype("auto", cpu, torch.float16) is None  # only fp32 weights are autocast by "auto"
     monkeypatch.setattr(solver, "native_bf16", lambda d: False)
     assert solver.grad_dtype("auto", cpu) is None
+
+
+@pytest.mark.parametrize("name,reported", [("float32", "model dtype"), ("bfloat16", "bfloat16")])
+def test_plan_reports_the_gradient_dtype_it_used(name, reported, monkeypatch):
+    from test_allocation import classifier
+    from obs_plugins import api
+    from obs_plugins.methods.obs_iht import solver
+    seen = []
+    real = Curvature.loss_and_grad
+
+    def spy(self, *a, compute_dtype=None, **kw):
+        seen.append(compute_dtype)
+        return real(self, *a, compute_dtype=compute_dtype, **kw)
+
+    monkeypatch.setattr(Curvature, "loss_and_grad", spy)
+    model, params, batches = classifier()
+    curv = Curvature.layerwise(model, params, batches, loss_fn=torch.nn.functional.cross_entropy, progress=False)
+    p = api.plan(OBSIHTConfig(iterations=2, grad_dtype=name, progress=False), curvature=curv, amount=0.5)
+    assert p.report["grad_dtype"] == reported
+    assert seen and all(d is (None if name == "float32" else torch.bfloat16) for d in seen)

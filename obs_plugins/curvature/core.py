@@ -436,24 +436,19 @@ class Curvature:
         """Hessian-vector product of the mean loss w.r.t. the targets (double backward, averaged over batches)."""
         self._need_loss("hvp")
         batches = self.batches if batches is None else list(batches)
-        was = self.model.training
-        self.model.eval()
         out = {t.key: torch.zeros_like(t.current(), dtype=torch.float32) for t in self.targets}
-        try:
-            with no_kv_cache(self.model), self._weights(None), self._mid_apply_attributes(), \
-                    self._only_targets_require_grad():
-                params = self._grad_params()
-                vs = [vec[t.key].to(p.dtype) for t, p in zip(self.targets, params)]
-                for b in batches:
-                    b = move(b, self.device)
-                    loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
-                    gs = torch.autograd.grad(loss, params, create_graph=True)
-                    dot = sum((g * v).sum() for g, v in zip(gs, vs))
-                    hv = torch.autograd.grad(dot, params)
-                    for t, h in zip(self.targets, hv):
-                        out[t.key].add_(h.float())
-        finally:
-            self.model.train(was)
+        with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
+                self._only_targets_require_grad():
+            params = self._grad_params()
+            vs = [vec[t.key].to(p.dtype) for t, p in zip(self.targets, params)]
+            for b in batches:
+                b = move(b, self.device)
+                loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
+                gs = torch.autograd.grad(loss, params, create_graph=True)
+                dot = sum((g * v).sum() for g, v in zip(gs, vs))
+                hv = torch.autograd.grad(dot, params)
+                for t, h in zip(self.targets, hv):
+                    out[t.key].add_(h.float())
         n = max(len(batches), 1)
         return {k: v / n for k, v in out.items()}
 

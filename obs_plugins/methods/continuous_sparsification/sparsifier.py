@@ -137,6 +137,15 @@ class ContinuousSparsifier:
             self._rewind = self._snapshot()
         self._install()
 
+    @classmethod
+    def for_fine_tuning(cls, model: nn.Module, params, config: CSConfig, sparsity: float) -> "ContinuousSparsifier":
+        """A search that *is* the fine-tuning (``PruningCallback``): ``score_init="auto"`` starts the scores ranked
+        like ``|w|`` ("magnitude"), with their natural threshold at ``sparsity`` unless ``score_init_quantile`` is
+        set; a short fine-tune cannot resolve the paper's tied start (issue 15)."""
+        if config.resolved_score_init("magnitude") == "magnitude" and config.score_init_quantile is None:
+            config = dataclasses.replace(config, score_init_quantile=float(sparsity))
+        return cls(model, params, config, score_init_auto="magnitude")
+
     # ------------------------------------------------------------------ gating
     @staticmethod
     def _stored_name(t: Target) -> str:
@@ -212,10 +221,6 @@ class ContinuousSparsifier:
         g = torch.sigmoid(beta * self.scores[key])
         scale = self.scale_at(beta)
         return g * scale if scale != 1.0 else g
-
-    def resolved_config(self) -> CSConfig:
-        """The config with its "auto" fields as this sparsifier resolved them (``score_init``, ``mask_scale``)."""
-        return self.config.resolved(self._score_init_auto)
 
     def scale_at(self, beta: float) -> float:
         """The gate's factor at temperature ``beta``: "paper" 1/sigmoid(s0), "tempered" 1/sigmoid(beta * s_max)

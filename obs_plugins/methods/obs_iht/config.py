@@ -44,11 +44,13 @@ class OBSIHTConfig:
     holdout_fraction: share of the calibration batches held out for choosing eta and the best iteration.
     grad_dtype:  dtype of the iterations' gradient pass (the IHT direction): "float32", "bfloat16" (forward and
                  backward under ``torch.autocast``: products in bf16, accumulated in fp32; weights, curvature,
-                 projection and the held-out losses that accept a step stay fp32) or "auto" = bfloat16 where the
-                 device runs it natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX), else float32.
+                 projection and the held-out losses that accept a step stay fp32) or "auto" = bfloat16 for fp32
+                 weights where the device runs it natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
+                 AMX), else the model's own dtype ("float32" likewise runs in the model's dtype).
                  On SmolLM2 the bf16 gradient is 2.4x faster on such a CPU, cosine 0.999 to the fp32 one
                  (`benchmarks/grad_dtype.py`);
-                 a step is still accepted only on the exact fp32 held-out loss.  ``report["grad_dtype"]``.
+                 a step is still accepted only on the exact fp32 held-out loss.  ``report["grad_dtype"]``:
+                 "bfloat16" or "model dtype".
     The support chosen by the first sweep is kept for the later iterations: re-choosing it moved < 0.2% of the
     mask and was less stable in the measurements behind this project's design.
     """

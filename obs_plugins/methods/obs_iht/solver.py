@@ -239,8 +239,9 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                    "predicted_layer_loss": {k: float(v) for k, v in est.items()}})
     best = (None, Wt)
     if config.iterations > 1:
-        best, history = _iht_steps(curvature, targets, Wt, keep, factors, config, nm)
-        report["grad_dtype"] = str(grad_dtype(config.grad_dtype, curvature.device)).replace("torch.", "")
+        compute_dtype = grad_dtype(config.grad_dtype, curvature.device, targets[0].current().dtype)
+        best, history = _iht_steps(curvature, targets, Wt, keep, factors, config, nm, compute_dtype)
+        report["grad_dtype"] = "model dtype" if compute_dtype is None else str(compute_dtype).replace("torch.", "")
         report["history"] = history
         report["best_iteration"] = best[0]
     Wbest = best[1]
@@ -355,14 +356,15 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def grad_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The compute dtype of the iterations' gradient pass (None: the model's own, fp32)."""
-    if name == "bfloat16" or (name == "auto" and native_bf16(device)):
+def grad_dtype(name: str, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The compute dtype of the iterations' gradient pass (None: the model's own).  "auto" autocasts only fp32
+    weights, and only where ``device`` runs bf16 natively."""
+    if name == "bfloat16" or (name == "auto" and weight_dtype == torch.float32 and native_bf16(device)):
         return torch.bfloat16
     return None
 
 
-def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
+def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=None):
     """Iterations 2..T: theta <- project(theta - eta * grad f(theta) H^-1), eta chosen on held-out batches."""
     from tqdm.auto import tqdm
 
@@ -374,7 +376,6 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm):
     W = W1
     wnorm = math.sqrt(sum(float((W[t.key] ** 2).sum()) for t in targets))
     scale = 1.0  # the grid is re-centred on the last accepted step, times step_decay
-    compute_dtype = grad_dtype(config.grad_dtype, curvature.device)
     for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
                    leave=False):
         t0 = time.perf_counter()
