@@ -83,6 +83,14 @@ def write_results(stem, markdown, data: dict | None = None, *, indent: int = 1) 
     return stem + ".md", stem + ".json"
 
 
+def emit(lines: list[str], out=None) -> None:
+    """Print a results table and, when ``out`` is given, write it to ``<out>.md`` too (scripts that only read
+    earlier runs' JSON)."""
+    if out:
+        write_results(out, lines)
+    print("\n".join(lines))
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib

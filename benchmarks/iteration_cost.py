@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import write_results
+from _common import emit
 
 
 def cost_rows(path: str) -> list[dict]:
@@ -55,9 +55,7 @@ def main(argv=None) -> int:
     lines.append(f"\n{len(ratios)} iterations: total / T=1 from {min(ratios):.2f} to {max(ratios):.2f}, "
                  f"median {sorted(ratios)[len(ratios) // 2]:.2f}; <= 1.0 for {sum(x <= 1.0 for x in ratios)} of "
                  f"{len(ratios)}")
-    if args.out:
-        write_results(args.out, lines)
-    print("\n".join(lines))
+    emit(lines, args.out)
     return 0
 
 

@@ -16,7 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
-from _common import write_results
+from _common import emit
 
 
 def ratios(paths: list[str]) -> tuple[dict, list[str]]:
@@ -60,9 +60,7 @@ def main(argv=None) -> int:
     if not r:
         ap.error("runs: no run holds both 'llmc SparseGPT' and 'ours OBS-IHT T=1' rows")
     lines = ["calibration: " + "; ".join(calib), ""] + table(r, len(args.runs))
-    if args.out:
-        write_results(args.out, lines)
-    print("\n".join(lines))
+    emit(lines, args.out)
     return 0
 
 
