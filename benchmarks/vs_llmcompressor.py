@@ -49,6 +49,15 @@ def save_windows(batches: list[dict], path: Path) -> Path:
     return path
 
 
+def reorder_calibration(setup, seed: int) -> None:
+    """The same calibration windows in a seeded random order (re-batched with the same batch size)."""
+    from obs_plugins.lm import causal_lm_batches
+    w = windows_of(setup.calib)
+    perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
+    setup.calib = causal_lm_batches(w[perm].contiguous(), setup.calib[0]["input_ids"].shape[0])
+    setup.info["calib"] += f" (order {seed})"
+
+
 def save_model(model, tokenizer, path: Path) -> Path:
     """Save the dense fp32 model once (``save_pretrained``, safetensors) for llm-compressor to load.
 
@@ -78,12 +87,13 @@ def ensure_venv() -> None:
 
 
 def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sparsity: str, out: Path,
-               threads: int, reuse: bool = False, device: str = "cpu") -> dict:
+               threads: int, reuse: bool = False, device: str = "cpu", save_weights: Path | None = None) -> dict:
     if reuse and out.exists():
         print(f"vs_llmcompressor: reusing {out}", flush=True)
         return json.loads(out.read_text())
     cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
-           "--threads", str(threads), "--device", device, "--out", str(out)] + (["--calib", str(calib)] if calib else [])
+           "--threads", str(threads), "--device", device, "--out", str(out)] + (["--calib", str(calib)] if calib else []) \
+        + (["--save-weights", str(save_weights)] if save_weights else [])
     for name, p in evals.items():
         cmd += ["--eval", f"{name}={p}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -112,6 +122,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-draw", type=int, default=0,
                     help="another set of calibration windows from the same texts (0: the default set); the "
                          "held-out windows are the same for every draw")
+    ap.add_argument("--calib-order", type=int, default=0,
+                    help="K > 0: the same calibration windows in a seeded shuffled order (seed K), on both sides; "
+                         "the Grams are then equal in exact arithmetic and differ only by rounding, so a few orders "
+                         "measure how far rounding alone moves each side's perplexity")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, ours and theirs")
     ap.add_argument("--skip-ours", action="store_true", help="run only the llm-compressor rows")
     ap.add_argument("--reuse-theirs", action="store_true",
@@ -136,6 +150,8 @@ def main(argv=None) -> int:
     ensure_venv()
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, calib_draw=args.calib_draw)
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
+    if args.calib_order:
+        reorder_calibration(setup, args.calib_order)
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             ap.error(f"--device: {args.device} asked for but torch.cuda.is_available() is False")
@@ -143,6 +159,7 @@ def main(argv=None) -> int:
     # results (and --reuse-theirs) are kept per window set and, off the CPU, per device
     work = CACHE / (f"llmc-c{args.calib}-e{args.eval}-s{args.seq_len}"
                     + (f"-d{args.calib_draw}" if args.calib_draw else "")
+                    + (f"-o{args.calib_order}" if args.calib_order else "")
                     + ("" if args.device == "cpu" else "-" + args.device.replace(":", "")))
     calib_pt = save_windows(setup.calib, work / "calib.pt")
     evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}

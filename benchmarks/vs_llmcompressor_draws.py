@@ -1,10 +1,11 @@
-"""T=1 against llm-compressor's SparseGPT over several calibration draws (issue 23).
+"""T=1 against llm-compressor's SparseGPT over several calibration draws or orders (issue 23).
 
     python benchmarks/vs_llmcompressor_draws.py benchmarks/results/vs_llmcompressor_search.json \
         benchmarks/results/vs_llmcompressor_draw1.json ... [--out benchmarks/results/vs_llmcompressor_draws]
 
 Each JSON is one run of ``benchmarks/vs_llmcompressor.py`` (both sides in the same run, on that run's calibration
-draw, ``--calib-draw K``; the held-out windows are the same in every draw).  Per sparsity and held-out text it
+draw, ``--calib-draw K``, or order of the same windows, ``--calib-order K``; the held-out windows are the same in
+every run).  Per sparsity and held-out text it
 prints ours T=1 / their SparseGPT for each draw, the mean ratio and its standard error, and says whether T=1 is
 within 1% (mean ratio <= 1.01).  Nothing is re-run.
 """
@@ -38,7 +39,7 @@ def ratios(paths: list[str]) -> tuple[dict, list[str]]:
 
 
 def table(r: dict, n_runs: int) -> list[str]:
-    lines = ["| sparsity | held-out | ours T=1 / SparseGPT per draw | mean | s.e. | within 1% (mean) |",
+    lines = ["| sparsity | held-out | ours T=1 / SparseGPT per run | mean | s.e. | within 1% (mean) |",
              "|---|---|---|---|---|---|"]
     for (sp, h), v in r.items():
         m = statistics.fmean(v)
@@ -46,14 +47,14 @@ def table(r: dict, n_runs: int) -> list[str]:
         lines.append(f"| {sp} | {h} | {' / '.join(f'{x:.3f}' for x in v)} | {m:.4f} | {se:.4f} | "
                      f"{'yes' if m <= 1.01 else 'no'} |")
     allv = [x for v in r.values() for x in v]
-    lines.append(f"\nall {len(allv)} ratios ({n_runs} draws): mean {statistics.fmean(allv):.4f}, "
+    lines.append(f"\nall {len(allv)} ratios ({n_runs} runs): mean {statistics.fmean(allv):.4f}, "
                  f"min {min(allv):.3f}, max {max(allv):.3f}; single ratios > 1.01: {sum(x > 1.01 for x in allv)}")
     return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="vs_llmcompressor JSON files, one per calibration draw")
+    ap.add_argument("runs", nargs="+", help="vs_llmcompressor JSON files, one per calibration draw / order")
     ap.add_argument("--out", default=None, help="write the table to OUT.md as well")
     args = ap.parse_args(argv)
     r, calib = ratios(args.runs)

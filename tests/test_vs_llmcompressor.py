@@ -63,6 +63,24 @@ def test_saved_windows_are_our_batches(driver, tmp_path):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
+def test_reorder_calibration_is_a_seeded_permutation_of_the_same_windows(driver):
+    from types import SimpleNamespace
+    windows = torch.arange(10 * 3).reshape(10, 3)
+    make = lambda: SimpleNamespace(calib=causal_lm_batches(windows, 4), info={"calib": "w"})  # noqa: E731
+    a, b, c = make(), make(), make()
+    driver.reorder_calibration(a, 1)
+    driver.reorder_calibration(b, 1)
+    driver.reorder_calibration(c, 2)
+    got = driver.windows_of(a.calib)
+    assert [x["input_ids"].shape[0] for x in a.calib] == [4, 4, 2]  # re-batched with the same batch size
+    assert torch.equal(got, driver.windows_of(b.calib))  # seeded
+    assert not torch.equal(got, windows) and not torch.equal(got, driver.windows_of(c.calib))
+    assert sorted(got[:, 0].tolist()) == windows[:, 0].tolist()  # the same windows, each whole
+    assert all(torch.equal(row, windows[int(row[0]) // 3]) for row in got)
+    assert all(torch.equal(x["labels"], x["input_ids"]) for x in a.calib)
+    assert a.info["calib"] == "w (order 1)"
+
+
 def test_worker_perplexity_equals_ours_and_brute_force(worker):
     model = _tiny_llama()
     g = torch.Generator().manual_seed(1)

@@ -1,0 +1,143 @@
+"""Where do ours T=1 and llm-compressor's SparseGPT part ways?  Layer by layer, on the same windows (issue 23).
+
+    python benchmarks/llmc_weights.py --sparsity 2:4 --orders 0,1
+
+For each calibration order K (``--orders``; 0 = as given, K > 0 = the same windows in a seeded shuffled order,
+as ``vs_llmcompressor.py --calib-order K``) both sides prune SmolLM2-135M at T=1 (ours: the sequential OBS sweep;
+theirs: ``oneshot`` + ``SparseGPTModifier`` through ``benchmarks/llmc/worker.py --save-weights``).  Then, per
+decoder block, the share of mask entries two results agree on and the relative difference of their weights, for
+three pairs: ours vs theirs on order 0; ours on order 0 vs ours on order 1; theirs on order 0 vs theirs on order 1.
+A reordering leaves every Gram the same in exact arithmetic, so the last two pairs show how far rounding alone
+carries each side; block 0 (dense inputs on both sides) shows whether the two solvers agree when their inputs do.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from _common import Stopwatch, command_line, pyplot, save_figure, write_results
+from vs_llmcompressor import (CACHE, ensure_venv, reorder_calibration, run_worker, save_model, save_windows,
+                              windows_of)
+from obs_plugins import api
+from obs_plugins.curvature import Curvature
+from obs_plugins.experiment import setup_smollm2, sparsity_args
+from obs_plugins.lm import causal_lm_batches, causal_lm_loss, perplexity
+from obs_plugins.methods.obs_iht import OBSIHTConfig
+
+
+def block_of(name: str) -> int:
+    return int(name.split(".")[2])  # model.layers.<i>.<attn|mlp>.<proj>
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Per block: mean over its weights of mask agreement and of ||a - b|| / ||b||; per weight too."""
+    per = {}
+    for n in a:
+        x, y = a[n], b[n]
+        per[n] = {"mask_agree": float(((x != 0) == (y != 0)).float().mean()),
+                  "rel_diff": float((x - y).norm() / y.norm())}
+    blocks = sorted({block_of(n) for n in per})
+    by_block = {i: {k: statistics.fmean(v[k] for n, v in per.items() if block_of(n) == i)
+                    for k in ("mask_agree", "rel_diff")} for i in blocks}
+    return {"per_block": by_block, "per_weight": per}
+
+
+def ours_t1(setup, sparsity: str, progress: bool) -> dict:
+    amount, nm = sparsity_args(sparsity)
+    snap = api.snapshot(setup.targets)
+    curv = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets], setup.calib,
+                               loss_fn=causal_lm_loss, progress=progress)
+    api.prune(OBSIHTConfig(iterations=1, nm=nm, progress=progress), curvature=curv, amount=amount)
+    names = {id(m): n for n, m in setup.model.named_modules()}
+    w = {names[id(t.module)]: t.current().detach().clone() for t in setup.targets}
+    ppl = {h: perplexity(setup.model, b, progress=False) for h, b in setup.heldout.items()}
+    api.restore(setup.targets, snap)
+    return {"weights": w, "ppl": ppl}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsity", default="2:4")
+    ap.add_argument("--orders", default="0,1", help="two calibration orders: the first is compared across sides")
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--eval", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/llmc_weights_<sparsity>")
+    args = ap.parse_args(argv)
+    orders = [int(x) for x in args.orders.split(",")]
+    if len(orders) != 2 or orders[0] == orders[1]:
+        ap.error("--orders: give two different orders, e.g. 0,1")
+    out = args.out or f"benchmarks/results/llmc_weights_{args.sparsity.replace(':', 'of')}"
+    torch.set_num_threads(args.threads)
+    sw = Stopwatch()
+    ensure_venv()
+    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
+    model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
+    base = windows_of(setup.calib)
+    ours, theirs = {}, {}
+    for o in orders:
+        setup.calib = causal_lm_batches(base, setup.calib[0]["input_ids"].shape[0])
+        if o:
+            reorder_calibration(setup, o)
+        work = CACHE / f"llmc-weights-c{args.calib}-e{args.eval}-s{args.seq_len}-o{o}"
+        calib_pt = save_windows(setup.calib, work / "calib.pt")
+        evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}
+        wfile = work / f"weights_{args.sparsity.replace(':', 'of')}.pt"
+        res = run_worker(model_dir, calib_pt, evals, "sparsegpt", args.sparsity, work / "sparsegpt.json",
+                         args.threads, save_weights=wfile)
+        theirs[o] = {"weights": torch.load(wfile), "ppl": res["ppl"]}
+        ours[o] = ours_t1(setup, args.sparsity, not args.no_progress)
+        print(f"order {o}: ours {ours[o]['ppl']}, theirs {theirs[o]['ppl']}", flush=True)
+    o0, o1 = orders
+    pairs = {f"ours vs theirs (order {o0})": compare(ours[o0]["weights"], theirs[o0]["weights"]),
+             f"ours order {o0} vs ours order {o1}": compare(ours[o0]["weights"], ours[o1]["weights"]),
+             f"theirs order {o0} vs theirs order {o1}": compare(theirs[o0]["weights"], theirs[o1]["weights"])}
+    blocks = sorted(next(iter(pairs.values()))["per_block"])
+    show = [b for b in blocks if b in (0, 1, 2, 5, 10, 15, 20, 25) or b == blocks[-1]]
+    texts = list(ours[o0]["ppl"])
+    lines = [f"SmolLM2-135M T=1 at {args.sparsity}: ours (sequential OBS sweep) and llm-compressor SparseGPT, "
+             f"{setup.info['calib']}; calibration orders {o0} and {o1} (the same windows).", "",
+             f"Command: `{command_line()}`", "",
+             "Perplexity (" + " / ".join(texts) + "):", "",
+             "| order | ours T=1 | llm-compressor SparseGPT | ours / theirs |", "|---|---|---|---|"]
+    slash = lambda d: " / ".join(f"{d[h]:.2f}" for h in texts)  # noqa: E731
+    for o in orders:
+        ratio = {h: ours[o]["ppl"][h] / theirs[o]["ppl"][h] for h in texts}
+        lines.append(f"| {o} | {slash(ours[o]['ppl'])} | {slash(theirs[o]['ppl'])} | "
+                     + " / ".join(f"{ratio[h]:.3f}" for h in texts) + " |")
+    lines += ["", "Mask agreement (mean over the block's 7 weights) and relative weight difference, by block:", "",
+              "| pair | " + " | ".join(f"block {b}" for b in show) + " |", "|---|" + "---|" * len(show)]
+    for name, c in pairs.items():
+        pb = c["per_block"]
+        lines.append(f"| {name} | " + " | ".join(f"{pb[b]['mask_agree']:.5f} ({pb[b]['rel_diff']:.1e})"
+                                                  for b in show) + " |")
+    pw = pairs[f"ours vs theirs (order {o0})"]["per_weight"]
+    lines += ["", "Block 0, ours vs theirs, per weight: " + ", ".join(
+        f"{n.split('.')[-1]} {v['mask_agree']:.5f} ({v['rel_diff']:.1e})" for n, v in sorted(pw.items())
+        if block_of(n) == 0), "", f"Wall time {sw.seconds:.0f} s."]
+    data = {"pairs": {k: v["per_block"] for k, v in pairs.items()}, "block0": {n: v for n, v in pw.items()
+            if block_of(n) == 0}, "ppl": {"ours": {o: ours[o]["ppl"] for o in orders},
+                                          "theirs": {o: theirs[o]["ppl"] for o in orders}},
+            "setup": setup.info, "command": command_line(), "wall_s": sw.seconds}
+    write_results(out, lines, data)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, c in pairs.items():
+        ax.plot(blocks, [1 - c["per_block"][b]["mask_agree"] for b in blocks], marker="o", ms=3, label=name)
+    ax.set_yscale("symlog", linthresh=1e-5)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("share of mask entries that differ")
+    ax.set_title(f"SmolLM2-135M T=1 at {args.sparsity}: rounding vs method")
+    ax.legend(fontsize=8)
+    save_figure(fig, out + ".png")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
