@@ -78,10 +78,11 @@ def main(argv=None) -> int:
     ensure_venv()
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
-    base = windows_of(setup.calib)
+    base, base_info = windows_of(setup.calib), dict(setup.info)
     ours, theirs = {}, {}
     for o in orders:
         setup.calib = causal_lm_batches(base, setup.calib[0]["input_ids"].shape[0])
+        setup.info = dict(base_info)
         if o:
             reorder_calibration(setup, o)
         work = CACHE / f"llmc-weights-c{args.calib}-e{args.eval}-s{args.seq_len}-o{o}"
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         theirs[o] = {"weights": torch.load(wfile), "ppl": res["ppl"]}
         ours[o] = ours_t1(setup, args.sparsity, not args.no_progress)
         print(f"order {o}: ours {ours[o]['ppl']}, theirs {theirs[o]['ppl']}", flush=True)
+    setup.info = base_info
     o0, o1 = orders
     pairs = {f"ours vs theirs (order {o0})": compare(ours[o0]["weights"], theirs[o0]["weights"]),
              f"ours order {o0} vs ours order {o1}": compare(ours[o0]["weights"], ours[o1]["weights"]),
