@@ -19,12 +19,11 @@ import sys
 import torch
 
 from _common import Stopwatch, command_line, pyplot, save_figure, write_results
-from vs_llmcompressor import (CACHE, ensure_venv, reorder_calibration, run_worker, save_model, save_windows,
-                              windows_of)
+from vs_llmcompressor import CACHE, ensure_venv, reordered, run_worker, save_model, save_windows
 from obs_plugins import api
 from obs_plugins.curvature import Curvature
 from obs_plugins.experiment import setup_smollm2, sparsity_args
-from obs_plugins.lm import causal_lm_batches, causal_lm_loss, perplexity
+from obs_plugins.lm import causal_lm_loss, perplexity
 from obs_plugins.methods.obs_iht import OBSIHTConfig
 
 
@@ -78,23 +77,21 @@ def main(argv=None) -> int:
     ensure_venv()
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
-    base, base_info = windows_of(setup.calib), dict(setup.info)
+    base = setup.calib
     ours, theirs = {}, {}
+    tag = args.sparsity.replace(':', 'of')
     for o in orders:
-        setup.calib = causal_lm_batches(base, setup.calib[0]["input_ids"].shape[0])
-        setup.info = dict(base_info)
-        if o:
-            reorder_calibration(setup, o)
+        setup.calib = reordered(base, o) if o else base
         work = CACHE / f"llmc-weights-c{args.calib}-e{args.eval}-s{args.seq_len}-o{o}"
         calib_pt = save_windows(setup.calib, work / "calib.pt")
         evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}
-        wfile = work / f"weights_{args.sparsity.replace(':', 'of')}.pt"
-        res = run_worker(model_dir, calib_pt, evals, "sparsegpt", args.sparsity, work / "sparsegpt.json",
+        wfile = work / f"weights_{tag}.pt"
+        res = run_worker(model_dir, calib_pt, evals, "sparsegpt", args.sparsity, work / f"sparsegpt_{tag}.json",
                          args.threads, save_weights=wfile)
         theirs[o] = {"weights": torch.load(wfile), "ppl": res["ppl"]}
         ours[o] = ours_t1(setup, args.sparsity, not args.no_progress)
         print(f"order {o}: ours {ours[o]['ppl']}, theirs {theirs[o]['ppl']}", flush=True)
-    setup.info = base_info
+    setup.calib = base
     o0, o1 = orders
     pairs = {f"ours vs theirs (order {o0})": compare(ours[o0]["weights"], theirs[o0]["weights"]),
              f"ours order {o0} vs ours order {o1}": compare(ours[o0]["weights"], ours[o1]["weights"]),

@@ -49,13 +49,12 @@ def save_windows(batches: list[dict], path: Path) -> Path:
     return path
 
 
-def reorder_calibration(setup, seed: int) -> None:
-    """The same calibration windows in a seeded random order (re-batched with the same batch size)."""
+def reordered(batches: list[dict], seed: int) -> list[dict]:
+    """The same windows in a seeded random order, re-batched with the same batch size (``batches`` untouched)."""
     from obs_plugins.lm import causal_lm_batches
-    w = windows_of(setup.calib)
+    w = windows_of(batches)
     perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
-    setup.calib = causal_lm_batches(w[perm].contiguous(), setup.calib[0]["input_ids"].shape[0])
-    setup.info["calib"] += f" (order {seed})"
+    return causal_lm_batches(w[perm].contiguous(), batches[0]["input_ids"].shape[0])
 
 
 def save_model(model, tokenizer, path: Path) -> Path:
@@ -142,6 +141,8 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in LLMC_METHODS]
     if bad:
         ap.error(f"--methods: unknown {bad}; choose from {sorted(LLMC_METHODS)}")
+    if args.calib_order < 0:
+        ap.error(f"--calib-order: 0 (as given) or a positive seed, got {args.calib_order}")
     sparsities = [s for s in args.sparsities.split(",") if s]
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, calib_draw=args.calib_draw)
     model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
     if args.calib_order:
-        reorder_calibration(setup, args.calib_order)
+        setup.calib = reordered(setup.calib, args.calib_order)
+        setup.info["calib"] += f" (order {args.calib_order})"
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             ap.error(f"--device: {args.device} asked for but torch.cuda.is_available() is False")

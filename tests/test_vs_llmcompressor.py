@@ -63,22 +63,18 @@ def test_saved_windows_are_our_batches(driver, tmp_path):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-def test_reorder_calibration_is_a_seeded_permutation_of_the_same_windows(driver):
-    from types import SimpleNamespace
+def test_reordered_is_a_seeded_permutation_of_the_same_windows(driver):
     windows = torch.arange(10 * 3).reshape(10, 3)
-    make = lambda: SimpleNamespace(calib=causal_lm_batches(windows, 4), info={"calib": "w"})  # noqa: E731
-    a, b, c = make(), make(), make()
-    driver.reorder_calibration(a, 1)
-    driver.reorder_calibration(b, 1)
-    driver.reorder_calibration(c, 2)
-    got = driver.windows_of(a.calib)
-    assert [x["input_ids"].shape[0] for x in a.calib] == [4, 4, 2]  # re-batched with the same batch size
-    assert torch.equal(got, driver.windows_of(b.calib))  # seeded
-    assert not torch.equal(got, windows) and not torch.equal(got, driver.windows_of(c.calib))
+    batches = causal_lm_batches(windows, 4)
+    a, b, c = driver.reordered(batches, 1), driver.reordered(batches, 1), driver.reordered(batches, 2)
+    assert torch.equal(driver.windows_of(batches), windows)  # the input is left as it was
+    got = driver.windows_of(a)
+    assert [x["input_ids"].shape[0] for x in a] == [4, 4, 2]  # re-batched with the same batch size
+    assert torch.equal(got, driver.windows_of(b))  # seeded
+    assert not torch.equal(got, windows) and not torch.equal(got, driver.windows_of(c))
     assert sorted(got[:, 0].tolist()) == windows[:, 0].tolist()  # the same windows, each whole
     assert all(torch.equal(row, windows[int(row[0]) // 3]) for row in got)
-    assert all(torch.equal(x["labels"], x["input_ids"]) for x in a.calib)
-    assert a.info["calib"] == "w (order 1)"
+    assert all(torch.equal(x["labels"], x["input_ids"]) for x in a)
 
 
 def test_worker_perplexity_equals_ours_and_brute_force(worker):
