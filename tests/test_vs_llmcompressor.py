@@ -156,3 +156,20 @@ def test_text_windows_draws_are_other_evenly_spread_windows():
     assert not torch.equal(w0, w1) and not torch.equal(w1, text_windows(tok, text, n, seq, draw=2))
     with pytest.raises(ValueError, match="draw"):
         text_windows(tok, text, n, seq, draw=-1)
+
+
+def test_llmc_layer_loss_and_counts(monkeypatch):
+    """benchmarks/llmc_layer.py: the layer loss is ||dW X||^2 / n for H = 2 X X^T / n, and our side prunes
+    round(s * n) entries (unstructured) or 2 of every 4 (2:4)."""
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports _common and vs_llmcompressor from there
+    layer = _load("llmc_layer", BENCH / "llmc_layer.py")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    W0 = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    W = W0 + 0.1 * torch.randn(6, 12, generator=g, dtype=torch.float64)
+    H = 2 * X @ X.T / 40
+    assert layer.layer_loss(W0, W, H) == pytest.approx(float(((W - W0) @ X).pow(2).sum() / 40), rel=1e-12)
+    Wp = layer.ours(W0.float(), H.float(), "0.7")
+    assert int((Wp == 0).sum()) == round(0.7 * 72)
+    W24 = layer.ours(W0.float(), H.float(), "2:4")
+    assert ((W24 == 0).reshape(6, 3, 4).sum(-1) == 2).all()
