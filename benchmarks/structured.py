@@ -181,10 +181,12 @@ def cnn_search(dense, train, name, ratio, args, *, penalty=None, mask_lr=None, g
     return search, time.perf_counter() - t0
 
 
-def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, search=None, weights="dense"):
+def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, search=None, weights="dense",
+              global_pruning=True):
     """Prune a copy of ``dense`` (for CS / BiP: a copy of the finished ``search``'s model, with the dense weights
     loaded, or with ``weights="searched"`` BiP's own weights under its final mask); returns the pruned model and
-    the wall time of scoring + pruning."""
+    the wall time of scoring + pruning.  ``global_pruning=False``: every layer loses ``ratio`` of its channels,
+    so every importance yields the same widths (equal parameters and MACs)."""
     tp = _tp()
     from obs_plugins import Curvature, prunable_linear_targets
     from obs_plugins.integrations.torch_pruning import BiPImportance, CSImportance, OBSImportance
@@ -217,8 +219,8 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, 
         imp = builtin_importance(imp_name)
     if imp_name in ("taylor", "hessian"):
         fill_gradients(m, imp, calib, lambda mm, b: F.cross_entropy(mm(b[0]), b[1]), hessian_samples)
-    pr = tp.pruner.MetaPruner(m, calib[0][0][:2], importance=imp, pruning_ratio=ratio, global_pruning=True,
-                              ignored_layers=[m.fc2])
+    pr = tp.pruner.MetaPruner(m, calib[0][0][:2], importance=imp, pruning_ratio=ratio,
+                              global_pruning=global_pruning, ignored_layers=[m.fc2])
     rec = obs.step(pr, update=update, strict=False)   # counts recorded (built-in scores can tie)
     m.zero_grad(set_to_none=True)
     return m.eval(), time.perf_counter() - t0, rec
@@ -236,6 +238,7 @@ def state_digest(model):
 
 def run_cnn(args, log):
     tp = _tp()
+    glob = args.cnn_allocation == "global"
     train, val, test = fashion(args.seed)
     t0 = time.perf_counter()
     cache = Path(args.cache) / f"structured_cnn_seed{args.seed}_ep{args.cnn_epochs}.pt"
@@ -261,7 +264,7 @@ def run_cnn(args, log):
     # choose the OBS damping on validation (OBS ranking + update at 50%)
     sel = {}
     for lam in args.damp_grid:
-        m, _, _ = cnn_prune(dense, calib, 0.5, "obs", True, lam, args.hessian_samples)
+        m, _, _ = cnn_prune(dense, calib, 0.5, "obs", True, lam, args.hessian_samples, global_pruning=glob)
         sel[lam] = accuracy(m, *val)
         log(f"  CNN damping {lam:g}: val {sel[lam]:.4f}")
     lam = max(sel, key=lambda k: (sel[k], -abs(math.log10(k) + 2)))
@@ -275,7 +278,8 @@ def run_cnn(args, log):
         tried = []
         for cfg in grids[name]:
             search, sec = cnn_search(dense, train, name, 0.5, args, **cfg)
-            m, _, rec = cnn_prune(dense, calib, 0.5, name, True, lam, args.hessian_samples, search=search)
+            m, _, rec = cnn_prune(dense, calib, 0.5, name, True, lam, args.hessian_samples, search=search,
+                                  global_pruning=glob)
             tried.append({**cfg, "val": accuracy(m, *val), "removed": rec["root_channels_removed"],
                           "implied": rec["implied_by_ratio"], "search_seconds": sec, "search": search})
             log(f"  CNN {name} search {cfg} ({sec:.0f} s): val {tried[-1]['val']:.4f} at 50% + update, removed "
@@ -301,7 +305,7 @@ def run_cnn(args, log):
                 search, search_sec = searches.get((name, ratio), (None, None))
                 for update in (False, True):
                     m, sec, rec = cnn_prune(dense, calib, ratio, name, update, lam, args.hessian_samples,
-                                            search=search, weights=weights)
+                                            search=search, weights=weights, global_pruning=glob)
                     macs, params = tp.utils.count_ops_and_params(m, ex)
                     row = {"ratio": ratio, "importance": name, "obs_update": update, "val": accuracy(m, *val),
                            "test": accuracy(m, *test), "macs": macs, "params": params, "seconds": sec,
@@ -492,7 +496,8 @@ def table(res, title, what):
     for z in rows:
         if z["obs_update"]:
             extra = f"heads {z['heads']}, FFN {z['ffn']}" if "heads" in z else \
-                f"conv1/conv2/fc1 {z['widths']}, removed {z['channels_removed']} (ratio implies {z['implied']})"
+                f"conv1/conv2/fc1 {z['widths']}, removed {z['channels_removed']}" + \
+                (f" (ratio implies {z['implied']})" if z.get("implied") is not None else " (per layer)")
             imp = z["importance"] + (" (own weights)" if _weights(z) == "searched" else "")
             out.append(f"| {z['ratio']:.0%} | {imp} | {z['macs'] / 1e6:.2f}M ({z['macs'] / d['macs']:.0%}) "
                        f"| {z['params'] / 1e6:.3f}M ({z['params'] / d['params']:.0%}) | {extra} | {z['seconds']:.1f} |")
@@ -531,6 +536,9 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--damp-grid", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
     ap.add_argument("--cnn-epochs", type=int, default=2)
+    ap.add_argument("--cnn-allocation", choices=["global", "layer"], default="global",
+                    help="global: MetaPruner(global_pruning=True), each importance decides where channels go; "
+                         "layer: every layer loses the ratio of its channels (equal sizes for every importance)")
     ap.add_argument("--cnn-calib", type=int, default=1024, help="calibration images (from the training split)")
     ap.add_argument("--minilm-calib", type=int, default=128, help="calibration articles (from the train split)")
     ap.add_argument("--minilm-mode", choices=["single", "greedy"], default="single",
@@ -558,10 +566,15 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS / "structured"))
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="only merge the results of earlier runs (e.g. --only cnn and --only minilm) into --out")
+    ap.add_argument("--mean", nargs="+", default=None, metavar="JSON",
+                    help="only average the CNN test accuracies of earlier runs (e.g. --seed 0/1/2) into --out.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.mean:
+        mean_table(args.mean, out)
+        return
     if args.render:
         runs = [json.loads(Path(f).read_text()) for f in args.render]
         write(out, merge_results(runs), [r["meta"] for r in runs])
@@ -573,13 +586,52 @@ def main(argv=None):
 
     results = {}
     if args.only in (None, "cnn"):
-        results["Fashion-MNIST CNN (global channel pruning)"] = run_cnn(args, log)
+        kind = "global" if args.cnn_allocation == "global" else "per-layer"
+        results[f"Fashion-MNIST CNN ({kind} channel pruning)"] = run_cnn(args, log)
     if args.only in (None, "minilm"):
         results["MiniLM on BBC News (heads + FFN channels, per layer)"] = run_minilm(args, log)
     meta = {"args": vars(args), "wall_seconds": time.perf_counter() - t0, "torch": torch.__version__,
             "torch_pruning": _tp().__version__}
     write(out, results, [meta])
     log(f"wrote {out}.md/.json/.png")
+
+
+def mean_table(files, out):
+    """Mean and per-run CNN test accuracy of each importance x ratio x update over runs (e.g. seeds), and how
+    often each importance is the best of its column."""
+    runs = []
+    for f in files:
+        r = json.loads(Path(f).read_text())
+        (title, res), = [(t, v) for t, v in r["results"].items() if "CNN" in t]
+        runs.append((f, title, res))
+    titles = {t for _, t, _ in runs}
+    if len(titles) != 1:
+        raise SystemExit(f"--mean: the runs are of different problems: {sorted(titles)}")
+    cols = sorted({(z["ratio"], z["obs_update"]) for _, _, res in runs for z in res["rows"]})
+    imps = [i for i in IMPORTANCES if any(z["importance"] == i for _, _, res in runs for z in res["rows"])]
+    acc = {(f, z["importance"], z["ratio"], z["obs_update"]): z["test"] for f, _, res in runs for z in res["rows"]
+           if _weights(z) == "dense"}
+    head = [f"{r:.0%} {'+ OBS update' if u else 'removal only'}" for r, u in cols]
+    lines = [f"# {next(iter(titles))}: test accuracy over {len(runs)} runs", "",
+             "Runs: " + ", ".join(f"`{f}` (dense {res['dense']['test']:.4f}, OBS damping {res['rel_damp']:g})"
+                                  for f, _, res in runs), "",
+             "Mean (per run) and, in brackets, in how many runs the importance is the best of its column.", "",
+             "| importance | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
+    best = {}
+    for f, _, _ in runs:
+        for c in cols:
+            vals = {i: acc.get((f, i, *c)) for i in imps}
+            top = max(v for v in vals.values() if v is not None)
+            for i, v in vals.items():
+                best[(i, c)] = best.get((i, c), 0) + (v == top)
+    for i in imps:
+        cells = []
+        for c in cols:
+            v = [acc[(f, i, *c)] for f, _, _ in runs if (f, i, *c) in acc]
+            cells.append(f"{sum(v) / len(v):.4f} ({' / '.join(f'{x:.4f}' for x in v)}) [{best[(i, c)]}]")
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    Path(str(out) + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def merge_results(runs):
@@ -632,6 +684,10 @@ def _cmd(a):
             out += ["--minilm-damp-grid", *a["minilm_damp_grid"]]
     if a.get("only") in (None, "cnn"):
         out += ["--cnn-epochs", a["cnn_epochs"], "--cnn-calib", a["cnn_calib"]]
+        if a.get("cnn_allocation", "global") != "global":
+            out += ["--cnn-allocation", a["cnn_allocation"]]
+    if a.get("seed"):
+        out += ["--seed", a["seed"]]
     imps = a.get("importances") or []
     if imps and list(imps) != list(IMPORTANCES):
         out += ["--importances", *imps]
