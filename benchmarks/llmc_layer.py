@@ -76,12 +76,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--against", default=None, metavar="WEIGHTS.pt",
+                    help="also compare our weights on these dense-model inputs with pruned weights saved by a whole "
+                         "pipeline ({name: W}, e.g. llmc_weights.py's llm-compressor run; one sparsity only): if that "
+                         "pipeline solved these blocks on dense inputs too, its masks agree as closely as above")
     ap.add_argument("--out", default="benchmarks/results/llmc_layer")
     args = ap.parse_args(argv)
     blocks = sorted({int(b) for b in args.blocks.split(",")})
     if not blocks or min(blocks) < 0 or max(blocks) > 29:
         ap.error("--blocks: decoder blocks in 0..29, e.g. 0,14,29")
     sparsities = [s.strip() for s in args.sparsities.split(",") if s.strip()]
+    if args.against and len(sparsities) != 1:
+        ap.error("--against: give the one sparsity those weights were pruned at (--sparsities)")
     torch.set_num_threads(args.threads)
     sw = Stopwatch()
     ensure_venv()
@@ -90,7 +96,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     layers_pt = work / ("layers_b" + "-".join(map(str, blocks)) + ".pt")
     torch.save(layers, layers_pt)
-    rows = []
+    rows, vs_pipeline = [], []
+    against = torch.load(args.against) if args.against else None
     for sp in sparsities:
         th = theirs(layers_pt, sp, work / f"theirs_{sp.replace(':', 'of')}.pt", args.threads)
         for name, v in layers.items():
@@ -98,6 +105,10 @@ def main(argv=None) -> int:
             Wo = ours(v["W"], v["H"], sp)
             t_ours = time.perf_counter() - t0
             Wt = th["weights"][name].float()
+            if args.against:
+                Wa = against[name].float()
+                vs_pipeline.append({"weight": name, "mask_agree": float(((Wo != 0) == (Wa != 0)).float().mean()),
+                                    "rel_diff": float((Wo - Wa).norm() / Wa.norm())})
             rows.append({"sparsity": sp, "weight": name,
                          "mask_agree": float(((Wo != 0) == (Wt != 0)).float().mean()),
                          "rel_diff": float((Wo - Wt).norm() / Wt.norm()),
@@ -131,8 +142,13 @@ def main(argv=None) -> int:
         lines.append(f"| {r['sparsity']} | {r['weight'].removeprefix('model.layers.')} | {r['mask_agree']:.6f} | "
                      f"{r['rel_diff']:.1e} | {r['zeros_ours']} / {r['zeros_theirs']} | {r['loss_ours']:.5g} | "
                      f"{r['loss_theirs']:.5g} | {r['loss_ours'] / r['loss_theirs']:.5f} |")
+    if vs_pipeline:
+        lines += ["", f"Ours on these dense-model inputs vs the pipeline's saved weights `{args.against}`:", "",
+                  "| weight | mask agreement | rel. weight diff |", "|---|---|---|"]
+        lines += [f"| {r['weight'].removeprefix('model.layers.')} | {r['mask_agree']:.5f} | {r['rel_diff']:.1e} |"
+                  for r in vs_pipeline]
     lines += ["", f"Wall time {sw.seconds:.0f} s."]
-    write_results(args.out, lines, {"rows": rows, "summary": summary, "setup": info, "command": command_line(),
+    write_results(args.out, lines, {"rows": rows, "summary": summary, "vs_pipeline": vs_pipeline, "setup": info, "command": command_line(),
                                     "wall_s": sw.seconds})
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
