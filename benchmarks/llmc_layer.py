@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from _common import Stopwatch, command_line, pyplot, save_figure, write_results
+from _common import Stopwatch, add_threads_argument, command_line, pyplot, save_figure, set_threads, write_results
 from vs_llmcompressor import CACHE, ROOT, VENV_PY, ensure_venv
 from obs_plugins.curvature import Curvature
 from obs_plugins.curvature.linalg import inverse_factor
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", default="0,14,29", help="decoder blocks whose 7 weights are solved")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--against", default=None, metavar="WEIGHTS.pt",
                     help="also compare our weights on these dense-model inputs with pruned weights saved by a whole "
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     sparsities = [s.strip() for s in args.sparsities.split(",") if s.strip()]
     if args.against and len(sparsities) != 1:
         ap.error("--against: give the one sparsity those weights were pruned at (--sparsities)")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     sw = Stopwatch()
     ensure_venv()
     layers, info = collect(args.calib, args.seq_len, blocks, not args.no_progress)
