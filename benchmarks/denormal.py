@@ -50,12 +50,12 @@ def main(argv=None) -> int:
     rows = []
     for sp in [x.strip() for x in args.sparsities.split(",") if x.strip()]:
         snap = api.snapshot(s.targets)
-        if float(sp.split(":")[0]) != 0:
-            amount, nm = sparsity_args(sp)
-            curv = Curvature.layerwise(s.model, params, s.calib, loss_fn=causal_lm_loss, progress=False)
+        # sequential calibration collects nothing up front: the same curvature prunes (T=1) and then runs the
+        # gradient passes on the pruned model
+        curv = Curvature.layerwise(s.model, params, s.calib, loss_fn=causal_lm_loss, progress=False)
+        amount, nm = sparsity_args(sp)
+        if amount:
             api.prune(OBSIHTConfig(iterations=1, nm=nm, progress=False), curvature=curv, amount=amount)
-        curv = Curvature.layerwise(s.model, params, s.calib[:1], loss_fn=causal_lm_loss, sequential=False,
-                                   progress=False)
         times = {False: [], True: []}
         grads = {}
         old = False  # torch's default; torch offers no getter

@@ -22,10 +22,11 @@ import time
 import torch
 
 from _common import Stopwatch, add_threads_argument, command_line, pyplot, save_figure, set_threads, write_results
+from llmc_weights import block_of
 from vs_llmcompressor import CACHE, ROOT, VENV_PY, ensure_venv
 from obs_plugins.curvature import Curvature
 from obs_plugins.curvature.linalg import inverse_factor
-from obs_plugins.experiment import setup_smollm2
+from obs_plugins.experiment import setup_smollm2, sparsity_args
 from obs_plugins.masks import count_to_prune, parse_nm
 from obs_plugins.methods.obs_iht.solver import obs_sweep
 
@@ -39,8 +40,9 @@ def layer_loss(W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def ours(W0: torch.Tensor, H: torch.Tensor, sparsity: str, rel_damp: float = 0.01) -> torch.Tensor:
-    nm = parse_nm(sparsity if ":" in sparsity else None)
-    k = None if nm else count_to_prune(float(sparsity), W0.numel())
+    amount, nm = sparsity_args(sparsity)
+    nm = parse_nm(nm)
+    k = None if nm else count_to_prune(amount, W0.numel())
     f = inverse_factor(H, rel_damp)
     W, _, _ = obs_sweep(W0.float(), f.hinv_chol_upper, k=k, nm=nm)
     return W
@@ -49,7 +51,7 @@ def ours(W0: torch.Tensor, H: torch.Tensor, sparsity: str, rel_damp: float = 0.0
 def collect(calib: int, seq_len: int, blocks: list[int], progress: bool) -> tuple[dict, dict]:
     setup = setup_smollm2(n_calib=calib, n_eval=1, seq_len=seq_len, blocks=max(blocks) + 1)
     names = {id(m): n for n, m in setup.model.named_modules()}
-    targets = [t for t in setup.targets if int(names[id(t.module)].split(".")[2]) in blocks]
+    targets = [t for t in setup.targets if block_of(names[id(t.module)]) in blocks]
     curv = Curvature.layerwise(setup.model, [(t.module, t.name) for t in targets], setup.calib,
                                sequential=False, progress=progress)
     layers = {names[id(t.module)]: {"W": t.module.weight.detach().float().clone(),

@@ -602,8 +602,10 @@ def mean_table(files, out):
     runs = []
     for f in files:
         r = json.loads(Path(f).read_text())
-        (title, res), = [(t, v) for t, v in r["results"].items() if "CNN" in t]
-        runs.append((f, title, res))
+        cnn = [(t, v) for t, v in r["results"].items() if "CNN" in t]
+        if len(cnn) != 1:
+            raise SystemExit(f"--mean: {f} holds no CNN result (run it with --only cnn)")
+        runs.append((f, *cnn[0]))
     titles = {t for _, t, _ in runs}
     if len(titles) != 1:
         raise SystemExit(f"--mean: the runs are of different problems: {sorted(titles)}")

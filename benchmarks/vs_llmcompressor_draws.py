@@ -20,12 +20,12 @@ from pathlib import Path
 from _common import emit
 
 
-def ratios(paths: list[str], ppl: dict | None = None) -> tuple[dict, list[str]]:
-    """{(sparsity, text): [ratio per run]} and the runs' calibration descriptions; ``ppl`` (a dict), when given,
-    receives {(sparsity, text): {"ours": [...], "theirs": [...]}} (each side's perplexity per run)."""
+def ratios(paths: list[str]) -> tuple[dict, dict, list[str]]:
+    """{(sparsity, text): [ratio per run]}, {(sparsity, text): {"ours": [...], "theirs": [...]}} (each side's
+    perplexity per run) and the runs' calibration descriptions."""
     out: dict = {}
+    ppl: dict = {}
     calib = []
-    ppl = {} if ppl is None else ppl
     for p in paths:
         d = json.loads(Path(p).read_text())
         calib.append(d["setup"]["calib"])
@@ -40,23 +40,21 @@ def ratios(paths: list[str], ppl: dict | None = None) -> tuple[dict, list[str]]:
                 side = ppl.setdefault((sp, h), {"ours": [], "theirs": []})
                 side["ours"].append(ours[0]["ppl"][h])
                 side["theirs"].append(v)
-    return out, calib
+    return out, ppl, calib
 
 
 def _mean_sd(v: list) -> str:
     return f"{statistics.fmean(v):.2f} ({statistics.stdev(v):.2f})" if len(v) > 1 else f"{v[0]:.2f}"
 
 
-def table(r: dict, n_runs: int, ppl: dict | None = None) -> list[str]:
-    ppl = ppl or {}
+def table(r: dict, n_runs: int, ppl: dict) -> list[str]:
     lines = ["| sparsity | held-out | ours T=1 / SparseGPT per run | mean | s.e. | within 1% (mean) "
              "| ppl ours, mean (sd) | ppl theirs, mean (sd) |",
              "|---|---|---|---|---|---|---|---|"]
     for (sp, h), v in r.items():
         m = statistics.fmean(v)
         se = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-        p = ppl.get((sp, h))
-        sides = f"{_mean_sd(p['ours'])} | {_mean_sd(p['theirs'])}" if p else "– | –"
+        sides = f"{_mean_sd(ppl[(sp, h)]['ours'])} | {_mean_sd(ppl[(sp, h)]['theirs'])}"
         lines.append(f"| {sp} | {h} | {' / '.join(f'{x:.3f}' for x in v)} | {m:.4f} | {se:.4f} | "
                      f"{'yes' if m <= 1.01 else 'no'} | {sides} |")
     allv = [x for v in r.values() for x in v]
@@ -70,8 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="vs_llmcompressor JSON files, one per calibration draw / order")
     ap.add_argument("--out", default=None, help="write the table to OUT.md as well")
     args = ap.parse_args(argv)
-    ppl: dict = {}
-    r, calib = ratios(args.runs, ppl)
+    r, ppl, calib = ratios(args.runs)
     if not r:
         ap.error("runs: no run holds both 'llmc SparseGPT' and 'ours OBS-IHT T=1' rows")
     lines = ["calibration: " + "; ".join(calib), ""] + table(r, len(args.runs), ppl)
