@@ -165,42 +165,41 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
                 continue
             Mpp = M[P][:, P]
             C = torch.linalg.solve(Mpp, M[P, :])        # (k, d)
-            W -= W[:, P] @ C
+            W.addmm_(W[:, P].clone(), C, alpha=-1.0)
             W[:, P] = 0.0
-            st[1] = M - M[:, P] @ C
-            st[1][P, :] = 0.0
-            st[1][:, P] = 0.0
-            st[1][P, P] = 1.0                            # removed columns: decoupled, never chosen again
+            M.addmm_(M[:, P].clone(), C, alpha=-1.0)     # in place: the state holds this very tensor
+            M[P, :] = 0.0
+            M[:, P] = 0.0
+            M[P, P] = 1.0                                # removed columns: decoupled, never chosen again
     return order, torch.tensor(inc, dtype=torch.float64)
 
 
 def _greedy_single_columns(state, n_units, progress):
-    """:func:`greedy_removal` when every unit is one column of every layer (FFN channels): rank-one updates."""
+    """:func:`greedy_removal` when every unit is one column of every layer (FFN channels): rank-one updates,
+    in place (the inverse is symmetric, so its row serves as its column; no d x d temporaries per step)."""
     from tqdm.auto import tqdm
 
     cols = [torch.tensor([int(c[0]) for c in sets]) for _, _, sets, _ in state]
     Ws = [W[:, c].clone() for (W, _, _, _), c in zip(state, cols)]   # only the unit columns matter for scores
     Ms = [M for _, M, _, _ in state]
-    ws = [w for _, _, _, w in state]
+    ws = [w.unsqueeze(1) for _, _, _, w in state]
     alive = torch.ones(n_units, dtype=torch.bool)
     order, inc = [], []
     for _ in tqdm(range(n_units), desc="greedy OBS", disable=not progress, leave=False):
         total = torch.zeros(n_units, dtype=torch.float64)
         for W, M, w, c in zip(Ws, Ms, ws, cols):
-            d = torch.diagonal(M)[c]
-            total += 0.5 * (w.unsqueeze(1) * W ** 2).sum(0) / d
+            total += 0.5 * (w * W.square()).sum(0) / torch.diagonal(M)[c]
         total[~alive] = float("inf")
         u = int(torch.argmin(total))
         order.append(u)
         inc.append(float(total[u]))
         alive[u] = False
-        for i, (W, M, c) in enumerate(zip(Ws, Ms, cols)):
+        for W, M, c in zip(Ws, Ms, cols):
             q = int(c[u])
-            row = M[q, c] / M[q, q]                   # (n_units,) on the unit columns
-            W -= W[:, u:u + 1] * row.unsqueeze(0)
+            mq = M[q].clone()                            # = M[:, q]
+            W.addr_(W[:, u].clone(), mq[c], alpha=-1.0 / float(mq[q]))
             W[:, u] = 0.0
-            mq = M[:, q].clone()
-            M -= torch.outer(mq, M[q, :]) / mq[q]
+            M.addr_(mq, mq, alpha=-1.0 / float(mq[q]))
             M[q, :] = 0.0
             M[:, q] = 0.0
             M[q, q] = 1.0
