@@ -12,8 +12,15 @@ Two problems, no fine-tuning after pruning:
   of the 2,225 articles (seed 0): 1,425 train / 300 validation / 500 test.
 
 Importances: GroupMagnitudeImportance (L2), GroupTaylorImportance, GroupHessianImportance (Torch-Pruning 1.6,
-default group mean normaliser), OBSImportance (loss-scaled greedy OBS), and for the CNN the two learned channel
-rankings CSImportance / BiPImportance.  Each is run "removal only" and with the OBS update of the consumers
+default group mean normaliser), OBSImportance (loss-scaled greedy OBS: the loss left after the OBS update),
+OBSImportance(compensate=False) ("obs_removal": the loss-scaled removal error without the update), and for the CNN
+the two learned channel rankings CSImportance / BiPImportance.
+
+CNN allocation (``--cnn-allocation``): ``global`` (one threshold over all channels; networks of different sizes),
+``layer`` (every layer loses the ratio of its channels: the same network size for every importance) or ``params``
+(global, but each importance removes as many channels as keeps its network at least as large -- or with
+``--params-side at-most`` at most as large -- in parameters as the per-layer network at that ratio: equal size,
+each importance choosing where).  Each is run "removal only" and with the OBS update of the consumers
 (``OBSImportance.step`` adds the least-squares update to any ranking).  The damping of the OBS curvature is chosen
 on the validation split (OBS ranking + update at 50%), never on test.
 
@@ -46,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "cs", "bip")
+IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "cs", "bip")
 LEARNED = ("cs", "bip")
 
 
@@ -208,8 +215,10 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, 
     t0 = time.perf_counter()
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=())]
     curv = Curvature.layerwise(m, params, calib, loss_fn=F.cross_entropy, progress=False)
-    obs = OBSImportance(curv, rel_damp=rel_damp)
-    if imp_name == "obs":
+    # "obs_removal": OBSImportance(compensate=False) ranks by the removal error without the update; the same
+    # object applies the update when asked (its ranking is then the one to compare with the built-ins' removal)
+    obs = OBSImportance(curv, rel_damp=rel_damp, compensate=imp_name != "obs_removal")
+    if imp_name in ("obs", "obs_removal"):
         imp = obs
     elif imp_name == "cs":
         imp = CSImportance(search)
@@ -226,6 +235,45 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, 
     return m.eval(), time.perf_counter() - t0, rec
 
 
+def cnn_widths(model):
+    return [model.conv1.out_channels, model.conv2.out_channels, model.fc1.out_features]
+
+
+def matched_ratio(dense, calib, imp_name, rel_damp, hessian_samples, target_params, ex, search=None,
+                  side="at-least"):
+    """``--cnn-allocation params``: global pruning (each importance decides where channels go) at the channel
+    count ``k`` that leaves the *smallest network with at least* ``target_params`` parameters (``side="at-most"``:
+    the largest network with at most that many), found by bisection over ``k`` (the count removed is monotone in
+    ``k``: one global threshold).  Returns ``(pruning_ratio, k, params)``; ``pruning_ratio = (k - 1/2) /
+    channels`` makes Torch-Pruning's ``int(channels * (1 - ratio))`` keep exactly ``channels - k``.
+    When even ``k = 1`` leaves fewer than the target (many scores tie at the lowest value -- e.g. GroupHessian's
+    zero scores of units inactive on its samples -- and Torch-Pruning removes every channel at the threshold),
+    ``k = 1`` is returned: the importance cannot reach the target size."""
+    tp = _tp()
+    total = sum(cnn_widths(dense))
+    seen = {}
+
+    def params_at(k):
+        if k not in seen:
+            m, _, _ = cnn_prune(dense, calib, (k - 0.5) / total, imp_name, False, rel_damp, hessian_samples,
+                                search=search, global_pruning=True)
+            seen[k] = tp.utils.count_ops_and_params(m, ex)[1]
+        return seen[k]
+
+    lo, hi = 1, total - 1            # invariant: params(lo - 1) >= target (k = 0 is the dense model)
+    if params_at(lo) < target_params:   # scores tied at the threshold: Torch-Pruning removes every tied channel
+        return (lo - 0.5) / total, lo, params_at(lo)
+    while lo < hi:                   # largest k with params(k) >= target
+        mid = (lo + hi + 1) // 2
+        if params_at(mid) >= target_params:
+            lo = mid
+        else:
+            hi = mid - 1
+    if side == "at-most" and params_at(lo) > target_params and lo + 1 < total:
+        lo += 1                      # the next count is the largest network at most the target
+    return (lo - 0.5) / total, lo, params_at(lo)
+
+
 def state_digest(model):
     """sha256 of a model's state dict (names and bytes): the same dense model across runs, or not."""
     import hashlib
@@ -238,7 +286,7 @@ def state_digest(model):
 
 def run_cnn(args, log):
     tp = _tp()
-    glob = args.cnn_allocation == "global"
+    glob = args.cnn_allocation in ("global", "params")
     train, val, test = fashion(args.seed)
     t0 = time.perf_counter()
     cache = Path(args.cache) / f"structured_cnn_seed{args.seed}_ep{args.cnn_epochs}.pt"
@@ -258,13 +306,31 @@ def run_cnn(args, log):
     ex = test[0][:1]
     macs0, params0 = tp.utils.count_ops_and_params(dense, ex)
     res = {"dense": {"val": accuracy(dense, *val), "test": accuracy(dense, *test), "macs": macs0, "params": params0},
-           "dense_sha256": state_digest(dense), "rows": []}
+           "dense_sha256": state_digest(dense), "rows": [], "allocation": args.cnn_allocation}
     log(f"  CNN dense: val {res['dense']['val']:.4f} test {res['dense']['test']:.4f} sha256 "
         f"{res['dense_sha256'][:16]}")
+    # --cnn-allocation params: the target size at each ratio is the per-layer network's (every layer loses the
+    # ratio of its channels); each importance then prunes globally to the smallest network at least that large
+    targets = {}
+    if args.cnn_allocation == "params":
+        for r in sorted(set(args.ratios) | {0.5}):
+            m, _, _ = cnn_prune(dense, calib, r, "magnitude", False, 1e-2, args.hessian_samples,
+                                global_pruning=False)
+            targets[r] = tp.utils.count_ops_and_params(m, ex)[1]
+        res["target_params"] = {str(r): v for r, v in targets.items()}
+        log("  CNN target params (per-layer networks): " + ", ".join(f"{r:.0%}: {v}" for r, v in targets.items()))
+
+    def ratio_for(r, name, lam_, search=None):
+        if not targets:
+            return r, None
+        pr, k, p = matched_ratio(dense, calib, name, lam_, args.hessian_samples, targets[r], ex, search=search,
+                                 side=args.params_side)
+        return pr, {"k": k, "params": p, "target_params": targets[r], "side": args.params_side}
     # choose the OBS damping on validation (OBS ranking + update at 50%)
     sel = {}
     for lam in args.damp_grid:
-        m, _, _ = cnn_prune(dense, calib, 0.5, "obs", True, lam, args.hessian_samples, global_pruning=glob)
+        r05, _ = ratio_for(0.5, "obs", lam)
+        m, _, _ = cnn_prune(dense, calib, r05, "obs", True, lam, args.hessian_samples, global_pruning=glob)
         sel[lam] = accuracy(m, *val)
         log(f"  CNN damping {lam:g}: val {sel[lam]:.4f}")
     lam = max(sel, key=lambda k: (sel[k], -abs(math.log10(k) + 2)))
@@ -303,15 +369,17 @@ def run_cnn(args, log):
             variants = ["dense", "searched"] if name == "bip" else ["dense"]
             for weights in variants:
                 search, search_sec = searches.get((name, ratio), (None, None))
+                pr_ratio, matched = ratio_for(ratio, name, lam, search=search)
                 for update in (False, True):
-                    m, sec, rec = cnn_prune(dense, calib, ratio, name, update, lam, args.hessian_samples,
+                    m, sec, rec = cnn_prune(dense, calib, pr_ratio, name, update, lam, args.hessian_samples,
                                             search=search, weights=weights, global_pruning=glob)
                     macs, params = tp.utils.count_ops_and_params(m, ex)
                     row = {"ratio": ratio, "importance": name, "obs_update": update, "val": accuracy(m, *val),
                            "test": accuracy(m, *test), "macs": macs, "params": params, "seconds": sec,
                            "channels_removed": rec["root_channels_removed"], "implied": rec["implied_by_ratio"],
-                           "widths": [m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features],
-                           "weights": weights}
+                           "widths": cnn_widths(m), "weights": weights}
+                    if matched is not None:
+                        row.update(pruning_ratio=pr_ratio, matched=matched)
                     if search_sec is not None:
                         row["search_seconds"] = search_sec
                     res["rows"].append(row)
@@ -380,8 +448,8 @@ def minilm_prune(dense, enc, labels, calib_idx, head, ratio, imp_name, update, r
 
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("pooler",))]
     curv = Curvature.layerwise(m, params, batches, loss_fn=loss_fn, forward_fn=fwd, progress=False)
-    obs = OBSImportance(curv, rel_damp=rel_damp, mode=mode)
-    imp = obs if imp_name == "obs" else builtin_importance(imp_name)
+    obs = OBSImportance(curv, rel_damp=rel_damp, mode=mode, compensate=imp_name != "obs_removal")
+    imp = obs if imp_name in ("obs", "obs_removal") else builtin_importance(imp_name)
     before = None
     if imp_name in ("taylor", "hessian"):
         def before(model):
@@ -444,6 +512,7 @@ def run_minilm(args, log):
 # ================================================================================================ report
 LABEL = {("magnitude", "dense"): "GroupMagnitude (L2)", ("taylor", "dense"): "GroupTaylor",
          ("hessian", "dense"): "GroupHessian", ("obs", "dense"): "**OBSImportance**",
+         ("obs_removal", "dense"): "**OBSImportance(compensate=False)** (removal-error ranking)",
          ("cs", "dense"): "CSImportance (search's ranking)", ("bip", "dense"): "BiPImportance (search's ranking)",
          ("bip", "searched"): "BiP search's own weights (not comparable: +1 epoch of masked training)"}
 SERIES = list(LABEL)   # (importance, weights) in table order; rows without "weights" prune the dense model
@@ -497,7 +566,12 @@ def table(res, title, what):
         if z["obs_update"]:
             extra = f"heads {z['heads']}, FFN {z['ffn']}" if "heads" in z else \
                 f"conv1/conv2/fc1 {z['widths']}, removed {z['channels_removed']}" + \
-                (f" (ratio implies {z['implied']})" if z.get("implied") is not None else " (per layer)")
+                (f" (ratio implies {z['implied']})" if z.get("implied") is not None else " (per layer)") + \
+                (f"; {'smallest with ≥' if z['matched']['side'] == 'at-least' else 'largest with ≤'} "
+                 f"{z['matched']['target_params'] / 1e6:.3f}M params" if "matched" in z else "") + \
+                ("; **below the target: tied scores remove more at the smallest count**"
+                 if "matched" in z and z["params"] < z["matched"]["target_params"] and
+                 z["matched"]["side"] == "at-least" else "")
             imp = z["importance"] + (" (own weights)" if _weights(z) == "searched" else "")
             out.append(f"| {z['ratio']:.0%} | {imp} | {z['macs'] / 1e6:.2f}M ({z['macs'] / d['macs']:.0%}) "
                        f"| {z['params'] / 1e6:.3f}M ({z['params'] / d['params']:.0%}) | {extra} | {z['seconds']:.1f} |")
@@ -536,9 +610,14 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--damp-grid", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
     ap.add_argument("--cnn-epochs", type=int, default=2)
-    ap.add_argument("--cnn-allocation", choices=["global", "layer"], default="global",
+    ap.add_argument("--cnn-allocation", choices=["global", "layer", "params"], default="global",
                     help="global: MetaPruner(global_pruning=True), each importance decides where channels go; "
-                         "layer: every layer loses the ratio of its channels (equal sizes for every importance)")
+                         "layer: every layer loses the ratio of its channels (equal sizes for every importance); "
+                         "params: global, but each importance removes as many channels as keeps its network at "
+                         "least as large (in parameters) as the per-layer network at that ratio")
+    ap.add_argument("--params-side", choices=["at-least", "at-most"], default="at-least",
+                    help="--cnn-allocation params: the smallest network with at least the target parameters, or "
+                         "the largest with at most (channels are whole, so sizes differ by up to one channel)")
     ap.add_argument("--cnn-calib", type=int, default=1024, help="calibration images (from the training split)")
     ap.add_argument("--minilm-calib", type=int, default=128, help="calibration articles (from the train split)")
     ap.add_argument("--minilm-mode", choices=["single", "greedy"], default="single",
@@ -586,7 +665,8 @@ def main(argv=None):
 
     results = {}
     if args.only in (None, "cnn"):
-        kind = "global" if args.cnn_allocation == "global" else "per-layer"
+        kind = {"global": "global", "layer": "per-layer",
+                "params": "global, equal parameters"}[args.cnn_allocation]
         results[f"Fashion-MNIST CNN ({kind} channel pruning)"] = run_cnn(args, log)
     if args.only in (None, "minilm"):
         results["MiniLM on BBC News (heads + FFN channels, per layer)"] = run_minilm(args, log)
@@ -688,6 +768,8 @@ def _cmd(a):
         out += ["--cnn-epochs", a["cnn_epochs"], "--cnn-calib", a["cnn_calib"]]
         if a.get("cnn_allocation", "global") != "global":
             out += ["--cnn-allocation", a["cnn_allocation"]]
+        if a.get("cnn_allocation") == "params" and a.get("params_side", "at-least") != "at-least":
+            out += ["--params-side", a["params_side"]]
     if a.get("seed"):
         out += ["--seed", a["seed"]]
     imps = a.get("importances") or []
