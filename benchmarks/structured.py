@@ -621,7 +621,7 @@ def main(argv=None):
     ap.add_argument("--cnn-calib", type=int, default=1024, help="calibration images (from the training split)")
     ap.add_argument("--minilm-calib", type=int, default=128, help="calibration articles (from the train split)")
     ap.add_argument("--minilm-mode", choices=["single", "greedy"], default="single",
-                    help="OBSImportance mode for MiniLM (greedy costs ~5 min per 1536-wide FFN layer on 1 thread)")
+                    help="OBSImportance mode for MiniLM (greedy: ~6 s per 1536-wide FFN layer on 1 thread)")
     ap.add_argument("--minilm-head-train", type=int, default=1425, help="train articles the head is fit on")
     ap.add_argument("--minilm-val", type=int, default=300)
     ap.add_argument("--minilm-test", type=int, default=500)
@@ -764,6 +764,8 @@ def _cmd(a):
                 a["minilm_test"], "--minilm-calib", a["minilm_calib"], "--hessian-samples", a["hessian_samples"]]
         if a.get("minilm_damp_grid"):
             out += ["--minilm-damp-grid", *a["minilm_damp_grid"]]
+        if a.get("minilm_mode", "single") != "single":
+            out += ["--minilm-mode", a["minilm_mode"]]
     if a.get("only") in (None, "cnn"):
         out += ["--cnn-epochs", a["cnn_epochs"], "--cnn-calib", a["cnn_calib"]]
         if a.get("cnn_allocation", "global") != "global":
