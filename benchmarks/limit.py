@@ -75,9 +75,13 @@ def l1_of(model):
     return sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def train(model, x, y, *, epochs, l1, seed, lr=1e-3, bs=128, progress=True):
+def train(model, x, y, *, epochs, l1, seed, lr=1e-3, bs=128, progress=True, optimizer="adam"):
+    """``optimizer="adam"``: Adam(lr); ``"sgd"``: the reference code's recipe, SGD(lr, momentum 0.9), constant lr
+    (its FC configs).  Adam's step is ~lr whatever the gradient, so l1 there cannot push weights far below lr;
+    SGD's l1 step is lr * lambda."""
     from tqdm.auto import tqdm
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam" else \
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for ep in range(epochs):
@@ -103,7 +107,8 @@ def run_one(name, l1, args, data):
     model = MLP(tuple(args.mlp_hidden)) if name == "mlp" else SmallCNN()
     xtr, ytr, xte, yte = data
     t0 = time.perf_counter()
-    train(model, xtr, ytr, epochs=args.epochs, l1=l1, seed=args.seed, progress=args.progress)
+    train(model, xtr, ytr, epochs=args.epochs, l1=l1, seed=args.seed, progress=args.progress,
+          optimizer=args.optimizer, lr=args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 1e-2))
     t_train = time.perf_counter() - t0
     g = torch.Generator().manual_seed(args.seed + 1)
     pick = torch.randperm(len(xtr), generator=g)
@@ -154,7 +159,10 @@ def render(res, out: Path):
     text = "\n".join([
         "# Pruning-limit estimate vs measured limit (Fashion-MNIST)", "",
         f"Command: `{res['command']}` — {res['seconds'] / 60:.1f} min on {args['threads']} thread(s).", "",
-        f"Training: {args['epochs']} epochs Adam 1e-3 batch 128 on 55k images; l1 rows add "
+        f"Training: {args['epochs']} epochs " + (
+            f"Adam {args.get('lr') or 1e-3:g}" if args.get("optimizer", "adam") == "adam" else
+            f"SGD {args.get('lr') or 1e-2:g} momentum 0.9 (constant lr, the reference code's recipe)")
+        + " batch 128 on 55k images; l1 rows add "
         f"λ·Σ|w| (λ = {args['l1_mlp']:g} MLP, {args['l1_cnn']:g} CNN). "
         f"Estimate: ε = std of the dense per-batch training loss over {args['eps_batches']} batches of 128; "
         "SLQ with full re-orthogonalisation, Rademacher probes averaged, HVPs over a fixed random subset of the "
@@ -189,6 +197,9 @@ def main(argv=None):
     ap.add_argument("--no-l1", action="store_true", help="only the plain runs")
     ap.add_argument("--mlp-hidden", type=int, nargs="+", default=[32])
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                    help="adam (lr 1e-3) or the reference code's sgd (lr 1e-2, momentum 0.9, constant)")
+    ap.add_argument("--lr", type=float, default=None, help="default 1e-3 (adam) / 1e-2 (sgd)")
     ap.add_argument("--steps", type=int, default=128, help="MLP: Lanczos steps (default 128)")
     ap.add_argument("--probes", type=int, default=4, help="MLP: SLQ probes (default 4)")
     ap.add_argument("--hvp-samples", type=int, default=4096, help="MLP: HVP images (default 4096)")
