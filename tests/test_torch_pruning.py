@@ -149,6 +149,33 @@ def test_step_applies_the_least_squares_update_of_the_consumer():
     torch.testing.assert_close(model[2].bias, ref[2].bias)
 
 
+@pytest.mark.parametrize("update", [False, True])
+def test_removal_error_ranking_removes_the_smallest_errors_and_can_still_update(update):
+    """OBSImportance(compensate=False): the channels with the smallest 1/2 sum_r w_rj^2 H_jj go (hand-computed from
+    the float64 activations); ``step(update=True)`` then still gives the consumer the least-squares update."""
+    model, batches, X = mlp_problem()
+    ref = copy.deepcopy(model)
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, dtype=torch.float64,
+                               progress=False)
+    imp = OBSImportance(curv, scale=None, compensate=False, rel_damp=1e-10)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, ignored_layers=[model[2]])
+    with torch.no_grad():
+        A = torch.relu(ref[0](X)).double()
+        Y = A @ ref[2].weight.double().t()
+    H = 2 * A.t() @ A / len(X)
+    err = 0.5 * (ref[2].weight.double() ** 2).sum(0) * torch.diagonal(H)
+    expect_kept = sorted(torch.argsort(err)[6:].tolist())
+    imp.step(pr, update=update)
+    kept = sorted(int((ref[0].weight - r).abs().sum(1).argmin()) for r in model[0].weight)
+    assert kept == expect_kept
+    order = [int((ref[0].weight - r).abs().sum(1).argmin()) for r in model[0].weight]
+    if update:
+        coef = torch.linalg.lstsq(A[:, order], Y).solution
+        torch.testing.assert_close(model[2].weight.double(), coef.t(), rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(model[2].weight, ref[2].weight[:, order])
+
+
 def test_global_pruning_removes_the_implied_count_and_loss_scale_is_rescaling_invariant():
     # 8-16-16-3 ReLU MLP; a copy with fc2 scaled by 1e-3 and fc3 by 1e3 computes the same function
     model, batches, X = mlp_problem(widths=(8, 16, 16, 3))
