@@ -87,7 +87,8 @@ class OBSImportance(tp.importance.Importance):
         curvature: an :class:`obs_plugins.Curvature` from ``Curvature.layerwise`` over (at least) every layer
             that consumes prunable channels (``prunable_linear_targets(model, exclude=())`` covers all).
         compensate: score with the OBS update (``True``) or without it (``1/2 s_r w_rP H_PP w_rP^T``, the pure
-            removal error); :meth:`step` applies the update only when ``True``.
+            removal error: the ranking for channels that are only removed); :meth:`step` applies the update by
+            default only when ``True`` (``step(pruner, update=True)`` applies it after either ranking).
         scale: ``"loss"`` (default) weights each consumer's output units by their loss sensitivity
             (:func:`~obs_plugins.methods.obs_iht.structured.output_sensitivity`, one gradient pass; needs the
             curvature's ``loss_fn``), which makes scores of different layers comparable under
