@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/limit.py --quick    # smaller everything, a few minutes
 
 For each model (an MLP and a small CNN), trained plain and with the paper's l1 penalty (``lambda * sum |w|``
-over the conv/linear weights added to the cross-entropy): train ``--epochs`` epochs (Adam 1e-3, batch 128) on
+over the conv/linear weights added to the cross-entropy): train ``--epochs`` epochs (Adam 1e-3, or with
+``--optimizer sgd`` the reference code's SGD 1e-2 momentum 0.9; batch 128) on
 55k training images (the last 5k held out, unused here), then
 
 * predicted: ``obs_plugins.limit.estimate`` — eps = std of the dense per-batch training loss over
@@ -39,6 +40,7 @@ from obs_plugins.data import load_fashion_mnist  # noqa: E402
 from obs_plugins.limit import LimitReport, estimate  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2}
 
 
 class MLP(nn.Module):
@@ -77,8 +79,7 @@ def l1_of(model):
 
 def train(model, x, y, *, epochs, l1, seed, lr=1e-3, bs=128, progress=True, optimizer="adam"):
     """``optimizer="adam"``: Adam(lr); ``"sgd"``: the reference code's recipe, SGD(lr, momentum 0.9), constant lr
-    (its FC configs).  Adam's step is ~lr whatever the gradient, so l1 there cannot push weights far below lr;
-    SGD's l1 step is lr * lambda."""
+    (its FC configs)."""
     from tqdm.auto import tqdm
     opt = torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam" else \
         torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -108,7 +109,7 @@ def run_one(name, l1, args, data):
     xtr, ytr, xte, yte = data
     t0 = time.perf_counter()
     train(model, xtr, ytr, epochs=args.epochs, l1=l1, seed=args.seed, progress=args.progress,
-          optimizer=args.optimizer, lr=args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 1e-2))
+          optimizer=args.optimizer, lr=args.lr)
     t_train = time.perf_counter() - t0
     g = torch.Generator().manual_seed(args.seed + 1)
     pick = torch.randperm(len(xtr), generator=g)
@@ -159,9 +160,9 @@ def render(res, out: Path):
     text = "\n".join([
         "# Pruning-limit estimate vs measured limit (Fashion-MNIST)", "",
         f"Command: `{res['command']}` — {res['seconds'] / 60:.1f} min on {args['threads']} thread(s).", "",
-        f"Training: {args['epochs']} epochs " + (
-            f"Adam {args.get('lr') or 1e-3:g}" if args.get("optimizer", "adam") == "adam" else
-            f"SGD {args.get('lr') or 1e-2:g} momentum 0.9 (constant lr, the reference code's recipe)")
+        f"Training: {args['epochs']} epochs " + (   # lr None: a run from before the default was resolved in main
+            f"Adam {args.get('lr') or DEFAULT_LR['adam']:g}" if args.get("optimizer", "adam") == "adam" else
+            f"SGD {args.get('lr') or DEFAULT_LR['sgd']:g} momentum 0.9 (constant lr, the reference code's recipe)")
         + " batch 128 on 55k images; l1 rows add "
         f"λ·Σ|w| (λ = {args['l1_mlp']:g} MLP, {args['l1_cnn']:g} CNN). "
         f"Estimate: ε = std of the dense per-batch training loss over {args['eps_batches']} batches of 128; "
@@ -199,7 +200,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                     help="adam (lr 1e-3) or the reference code's sgd (lr 1e-2, momentum 0.9, constant)")
-    ap.add_argument("--lr", type=float, default=None, help="default 1e-3 (adam) / 1e-2 (sgd)")
+    ap.add_argument("--lr", type=float, default=None, help="default 1e-3 (adam) / 1e-2 (sgd)")  # DEFAULT_LR
     ap.add_argument("--steps", type=int, default=128, help="MLP: Lanczos steps (default 128)")
     ap.add_argument("--probes", type=int, default=4, help="MLP: SLQ probes (default 4)")
     ap.add_argument("--hvp-samples", type=int, default=4096, help="MLP: HVP images (default 4096)")
@@ -215,6 +216,8 @@ def main(argv=None):
     ap.add_argument("--render", action="store_true", help="rebuild the table and plot from <out>.json")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
     out = Path(args.out)
     if args.render:
         res = json.loads(out.with_suffix(".json").read_text())
