@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", default="0.5,0.7,2:4")
     ap.add_argument("--methods", default="sparsegpt,wanda", help="llm-compressor methods: sparsegpt,wanda")
     ap.add_argument("--iterations", type=int, default=3, help="OBS-IHT iterations T (best T is reported)")
+    ap.add_argument("--grad-subsets", type=int, default=1,
+                    help="OBSIHTConfig.grad_subsets: each iteration's gradient on every m-th gradient batch, rotating")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
                          "per_weight_sparsity": r["per_weight_sparsity"]})
             print(json.dumps(rows[-1], default=str), flush=True)
         if not args.skip_ours:
-            more, curv = run_rows(setup, sp, args.ours.split(","), iterations=args.iterations, progress=progress)
+            more, curv = run_rows(setup, sp, args.ours.split(","), iterations=args.iterations, progress=progress,
+                                  grad_subsets=args.grad_subsets)
             calib_s = (getattr(curv, "info", None) or {}).get("seconds", 0.0)
             for r in more:
                 rows.append({"sparsity": sp, "method": "ours " + r["method"], "ppl": r["ppl"],

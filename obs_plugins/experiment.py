@@ -132,7 +132,8 @@ def sparsity_args(spec: str):
 
 
 def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs_iht"), *, iterations: int = 3,
-             curvature: Curvature | None = None, progress: bool = True, step_sizes=None) -> tuple[list[dict], Curvature]:
+             curvature: Curvature | None = None, progress: bool = True, step_sizes=None,
+             grad_subsets: int = 1) -> tuple[list[dict], Curvature]:
     """Prune the model with each method at one sparsity (restoring the dense weights in between)."""
     amount, nm = sparsity_args(sparsity)
     snap = api.snapshot(setup.targets)
@@ -163,7 +164,7 @@ def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs
             rows.append(_row(setup, "Wanda", sparsity, p, t0, progress))
         elif method == "obs_iht":
             from .methods.obs_iht import solve
-            kw = {} if step_sizes is None else {"step_sizes": tuple(step_sizes)}
+            kw = {"grad_subsets": grad_subsets} | ({} if step_sizes is None else {"step_sizes": tuple(step_sizes)})
             p1 = api.prune(OBSIHTConfig(iterations=1, nm=nm, progress=progress), curvature=curvature, amount=amount)
             rows.append(_row(setup, "OBS-IHT T=1", sparsity, p1, t0, progress))
             rows[-1]["seconds_T1"] = p1.report.get("seconds_T1")

@@ -507,3 +507,51 @@ def test_plan_reports_the_gradient_dtype_it_used(name, reported, monkeypatch):
     p = api.plan(OBSIHTConfig(iterations=2, grad_dtype=name, progress=False), curvature=curv, amount=0.5)
     assert p.report["grad_dtype"] == reported
     assert seen and all(d is (None if name == "float32" else torch.bfloat16) for d in seen)
+
+
+def test_grad_subsets_take_each_gradient_on_every_mth_batch_in_turn(monkeypatch):
+    """grad_subsets=2 on 4 gradient batches: iterations 2, 3, 4 take their gradients on batches [0, 2], [1, 3],
+    [0, 2]; and the iterations equal those of a curvature whose gradient split is just [0, 2] (same held-out
+    batches, same T=1 plan and factors)."""
+    from test_allocation import classifier
+    from obs_plugins import api
+    from obs_plugins.methods.obs_iht import solver
+    model, params, batches = classifier()  # 6 batches: 4 for the gradient, the last 2 held out
+    ce = torch.nn.functional.cross_entropy
+    curv = Curvature.layerwise(model, params, batches, loss_fn=ce, progress=False)
+    p1 = api.plan(OBSIHTConfig(progress=False), curvature=curv, amount=0.5)
+    seen = []
+    real = Curvature.loss_and_grad
+
+    def spy(self, overrides=None, batches=None, **kw):
+        seen.append([id(b[0]) for b in batches])
+        return real(self, overrides, batches, **kw)
+
+    monkeypatch.setattr(Curvature, "loss_and_grad", spy)
+    cfg = dict(iterations=4, step_sizes=(0.001, 0.002, 0.004), max_step=0.01, progress=False)
+    rot = solver.solve(curv, None, OBSIHTConfig(grad_subsets=2, **cfg), initial=p1)
+    used = [[id(batches[i][0]) for i in ix] for ix in ([0, 2], [1, 3], [0, 2])]
+    assert seen == used[:len(seen)] and len(seen) >= 2
+    assert [h["grad_batches"] for h in rot.report["history"][1:]] == [2] * len(seen)
+
+    seen.clear()
+    half = Curvature.layerwise(model, params, [batches[i] for i in (0, 2, 4, 5)], loss_fn=ce, progress=False)
+    one = solver.solve(half, None, OBSIHTConfig(holdout_fraction=0.5, **dict(cfg, iterations=2)), initial=p1)
+    two = solver.solve(curv, None, OBSIHTConfig(grad_subsets=2, **dict(cfg, iterations=2)), initial=p1)
+    assert seen == [used[0], used[0]]
+    assert one.report["history"][1]["tried"] == two.report["history"][1]["tried"]
+    for k in one.entries:
+        assert torch.equal(one.entries[k].mask, two.entries[k].mask)
+        torch.testing.assert_close(one.entries[k].new_weight, two.entries[k].new_weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, 5])
+def test_grad_subsets_bad_values_are_refused_before_anything_changes(bad):
+    from test_allocation import classifier
+    from obs_plugins import api
+    model, params, batches = classifier()  # 4 gradient batches: 5 subsets would leave one empty
+    curv = Curvature.layerwise(model, params, batches, loss_fn=torch.nn.functional.cross_entropy, progress=False)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="grad_subsets"):
+        api.prune(OBSIHTConfig(iterations=2, grad_subsets=bad, progress=False), curvature=curv, amount=0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

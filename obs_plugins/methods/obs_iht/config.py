@@ -42,6 +42,10 @@ class OBSIHTConfig:
                  98% of the projected direction's norm sat in layer 0's o_proj (its input Gram has near-null
                  directions that H^-1 amplifies), which a step of rho = 0.02 then moved by ~100% of its norm.
     holdout_fraction: share of the calibration batches held out for choosing eta and the best iteration.
+    grad_subsets: m >= 1.  The gradient split is dealt into m interleaved subsets (gradient batch i goes to subset
+                 i mod m) and iteration t takes its gradient on subset (t - 2) mod m alone, so each gradient pass
+                 costs 1/m of the full one and every batch is used once in m iterations.  The held-out split and
+                 the acceptance of a step are unchanged.  1 (the default): the whole split in every iteration.
     grad_dtype:  dtype of the iterations' gradient pass (the IHT direction): "float32", "bfloat16" (forward and
                  backward under ``torch.autocast``: products in bf16, accumulated in fp32; weights, curvature,
                  projection and the held-out losses that accept a step stay fp32) or "auto" = bfloat16 for fp32
@@ -68,6 +72,7 @@ class OBSIHTConfig:
     max_step: float = 0.25
     layer_trust: bool = True
     holdout_fraction: float = 0.25
+    grad_subsets: int = 1
     grad_dtype: str = "auto"
     progress: bool = True
 
@@ -103,5 +108,7 @@ class OBSIHTConfig:
             raise PruningInputError(f"step_decay: must be in (0, 1], got {self.step_decay!r}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise PruningInputError(f"grad_dtype: one of {GRAD_DTYPES}, got {self.grad_dtype!r}")
+        if isinstance(self.grad_subsets, bool) or not isinstance(self.grad_subsets, int) or self.grad_subsets < 1:
+            raise PruningInputError(f"grad_subsets: must be an int >= 1, got {self.grad_subsets!r}")
         if not 0 < self.holdout_fraction < 1:
             raise PruningInputError(f"holdout_fraction: must be in (0, 1), got {self.holdout_fraction!r}")

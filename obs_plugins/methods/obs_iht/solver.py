@@ -192,6 +192,10 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         if len(curvature.batches) < 2:
             raise PruningInputError("curvature: iterations > 1 need at least 2 calibration batches "
                                     "(gradient and held-out splits)")
+        n_grad = len(curvature.batches) - _n_holdout(len(curvature.batches), config)
+        if config.grad_subsets > max(n_grad, 1):
+            raise PruningInputError(f"grad_subsets: {config.grad_subsets} subsets of {n_grad} gradient batches "
+                                    "would leave one empty; use at most that many")
     W0, prior = {}, {}
     for t in targets:
         W0[t.key] = to_2d(t.module, t.current()).float()
@@ -364,11 +368,15 @@ def grad_dtype(name: str, device: torch.device, weight_dtype: torch.dtype = torc
     return None
 
 
+def _n_holdout(n_batches: int, config) -> int:
+    return max(1, int(round(n_batches * config.holdout_fraction)))
+
+
 def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=None):
     """Iterations 2..T: theta <- project(theta - eta * grad f(theta) H^-1), eta chosen on held-out batches."""
     from tqdm.auto import tqdm
 
-    n_hold = max(1, int(round(len(curvature.batches) * config.holdout_fraction)))
+    n_hold = _n_holdout(len(curvature.batches), config)
     grad_batches, hold = curvature.batches[:-n_hold], curvature.batches[-n_hold:]
     hold_loss = curvature.loss(_overrides(targets, W1), hold)
     history = [{"iteration": 1, "holdout_loss": hold_loss, "step_size": 0.0}]
@@ -379,7 +387,9 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
     for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
                    leave=False):
         t0 = time.perf_counter()
-        train_loss, G = curvature.loss_and_grad(_overrides(targets, W), grad_batches, compute_dtype=compute_dtype)
+        sub = (it - 2) % config.grad_subsets  # with grad_subsets = m: every m-th gradient batch, rotating
+        use = grad_batches[sub::config.grad_subsets]
+        train_loss, G = curvature.loss_and_grad(_overrides(targets, W), use, compute_dtype=compute_dtype)
         t1 = time.perf_counter()
         D = {}
         for t in targets:
@@ -405,7 +415,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
                         "train_loss_before": train_loss,
                         "direction_share": {k: pd_norm[k] / dnorm for k in
                                             sorted(pd_norm, key=pd_norm.get, reverse=True)[:3]},
-                        "layers_clipped": clipped,
+                        "layers_clipped": clipped, "grad_batches": len(use),
                         "seconds": {"gradient": t1 - t0, "direction_and_projection": t2 - t1,
                                     "step_search": time.perf_counter() - t2, "trials": len(trials)},
                         "tried": {round(r, 6): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
