@@ -178,3 +178,33 @@ def test_sequential_plan_does_not_depend_on_the_models_use_cache_setting():
         plans[flag] = {k: e.new_weight * e.mask for k, e in plan.entries.items()}
         assert model.config.use_cache is flag
     assert all(torch.equal(plans[True][k], plans[False][k]) for k in plans[False])
+
+
+def test_layers_fed_the_same_input_share_one_gram_product_with_identical_results(monkeypatch):
+    """q/k/v (and gate/up) of a Llama block see the same input tensor: one ``x x^T`` serves them all, and every
+    Gram is bit-identical to the one the layer gets when collected alone, and to float64 ``2 X^T X / n``."""
+    from obs_plugins.curvature import collect
+    model, params, batches = llama_problem()
+    calls = []
+    real = collect.GramAccumulator.add
+    monkeypatch.setattr(collect.GramAccumulator, "add", lambda self, rows: (calls.append(1), real(self, rows))[1])
+    curv = Curvature.layerwise(model, params, batches, sequential=False, progress=False)
+    assert len(calls) == 4 * 3 * len(batches)  # per block: q (k, v copy it), o, gate (up copies it), down
+    names = {id(m): n for n, m in model.named_modules()}
+    inputs = {}  # float64 reference: each layer's input rows over all batches
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.setdefault(names[id(m)], []).append(
+        a[0].detach().reshape(-1, a[0].shape[-1]).double())) for m, _ in params]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"])
+    for h in hooks:
+        h.remove()
+    for t in curv.targets:
+        X = torch.cat(inputs[names[id(t.module)]])
+        torch.testing.assert_close(curv.hessians[t.key].double(), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    for blk in ("model.layers.1.self_attn.", "model.layers.2.mlp."):
+        group = [(m, p) for m, p in params if names[id(m)].startswith(blk)]
+        for m, p in group:  # each layer alone (no partner to copy from) adds its own rows
+            alone = Curvature.layerwise(model, [(m, p)], batches, sequential=False, progress=False)
+            key = next(t.key for t in curv.targets if t.module is m)
+            assert torch.equal(alone.hessians[alone.targets[0].key], curv.hessians[key])

@@ -43,6 +43,11 @@ class GramAccumulator:
         self.H.addmm_(x.t(), x, alpha=2.0 / (self.n + b))
         self.n += b
 
+    def same_as(self, other: "GramAccumulator") -> None:
+        """Become a copy of ``other`` (for a layer that saw exactly the same inputs: bit-identical to adding)."""
+        self.H.copy_(other.H)
+        self.n = other.n
+
     def all_reduce(self) -> None:
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
@@ -56,10 +61,32 @@ class GramAccumulator:
 
 
 def add_gram_hooks(targets: list[Target], accs: dict[str, GramAccumulator]):
+    """Forward hooks adding each target's input rows to its accumulator.
+
+    Linear layers fed the very same input tensor (a transformer's q/k/v projections, gate/up) share the work:
+    the first computes ``x x^T``, the others copy its accumulator -- bit-identical to adding, because the two
+    accumulators have seen the same inputs since they started (checked: otherwise each adds its own)."""
+    last = {}  # the input tensor the last Linear hook saw, its version, and the accumulator that added it
+    twin: dict[str, str] = {}  # key -> key of the accumulator it has been a copy of since its first batch
+
     handles = []
     for t in targets:
         def hook(module, args, _out, _key=t.key):
-            accs[_key].add(input_rows(module, args[0].detach()))
+            raw, acc = args[0], accs[_key]
+            if layer_kind(module) != "linear":
+                acc.add(input_rows(module, raw.detach()))
+                return
+            src = last.get("key")
+            if (src is not None and last["x"] is raw and last["version"] == raw._version
+                    and accs[src].H.shape == acc.H.shape and (acc.n == 0 or twin.get(_key) == src)
+                    and last["n_before"] == acc.n):
+                acc.same_as(accs[src])
+                twin[_key] = src
+                return
+            twin.pop(_key, None)
+            n_before = acc.n
+            acc.add(input_rows(module, raw.detach()))
+            last.update(key=_key, x=raw, version=raw._version, n_before=n_before)
         handles.append(t.module.register_forward_hook(hook))
     return handles
 
