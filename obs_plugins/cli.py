@@ -36,7 +36,8 @@ def cmd_prune(args) -> int:
     dense = dense_row(setup, progress)
     rows = [dense]
     methods = ["magnitude"] + ([args.method] if args.method != "magnitude" else [])
-    more, curv = run_rows(setup, args.sparsity, methods, iterations=args.iterations, progress=progress)
+    more, curv = run_rows(setup, args.sparsity, methods, iterations=args.iterations, progress=progress,
+                          grad_subsets=args.grad_subsets)
     rows += more
     texts = list(setup.heldout)
     for r in rows:
@@ -68,7 +69,8 @@ def cmd_prune(args) -> int:
         from .experiment import sparsity_args
         amount, nm = sparsity_args(args.sparsity)
         if args.method == "obs_iht":
-            api.prune(OBSIHTConfig(iterations=args.iterations, nm=nm, progress=progress), curvature=curv, amount=amount)
+            api.prune(OBSIHTConfig(iterations=args.iterations, nm=nm, grad_subsets=args.grad_subsets,
+                                   progress=progress), curvature=curv, amount=amount)
         setup.model.save_pretrained(args.save)
         setup.tokenizer.save_pretrained(args.save)
         print(f"saved the pruned model to {args.save}")
@@ -233,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of each Linear weight to prune (e.g. 0.5) or an N:M pattern (e.g. 2:4)")
     pr.add_argument("--iterations", type=int, default=MAIN_DEFAULTS["iterations"],
                     help="OBS-IHT iterations T (1 = the SparseGPT-equivalent OBS sweep; default 2)")
+    pr.add_argument("--grad-subsets", type=int, default=1,
+                    help="OBS-IHT: each iteration's gradient on every m-th gradient batch in turn (1/m of the cost; "
+                         "2 suits a CPU without native bf16; default 1)")
     pr.add_argument("--calib", type=int, default=MAIN_DEFAULTS["calib"], help="calibration windows (default 32)")
     pr.add_argument("--eval", type=int, default=MAIN_DEFAULTS["eval"], help="held-out windows (default 32)")
     pr.add_argument("--seq-len", type=int, default=MAIN_DEFAULTS["seq_len"], help="tokens per window (default 256)")
