@@ -25,7 +25,10 @@ def cmd_prune(args) -> int:
     import torch
 
     from .experiment import dense_row, run_rows, setup_smollm2
+    from .methods.obs_iht import OBSIHTConfig
 
+    if args.method == "obs_iht":  # bad settings fail before the model is loaded, not after the first sweep
+        OBSIHTConfig(iterations=args.iterations, grad_subsets=args.grad_subsets).validate()
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -65,7 +68,6 @@ def cmd_prune(args) -> int:
     if args.save:
         # re-run the chosen method and save the baked model in Hugging Face format (safetensors)
         from . import api
-        from .methods.obs_iht import OBSIHTConfig
         from .experiment import sparsity_args
         amount, nm = sparsity_args(args.sparsity)
         if args.method == "obs_iht":

@@ -75,6 +75,14 @@ def test_console_script_is_installed():
 
 @pytest.mark.real_model
 @pytest.mark.slow
+@pytest.mark.parametrize("flag,value", [("--grad-subsets", "0"), ("--iterations", "0")])
+def test_main_job_refuses_bad_obs_iht_settings_before_loading_the_model(flag, value, capsys, monkeypatch):
+    import obs_plugins.experiment as experiment
+    monkeypatch.setattr(experiment, "setup_smollm2", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["prune", flag, value, "--quiet"]) == 2
+    assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
+
+
 def test_main_job_end_to_end_small(tmp_path):
     """The real main job on SmolLM2-135M at small size: requested sparsity, finite quality >= dense."""
     _need(data.smollm2_dir)
