@@ -173,3 +173,19 @@ def test_llmc_layer_loss_and_counts(monkeypatch):
     assert int((Wp == 0).sum()) == round(0.7 * 72)
     W24 = layer.ours(W0.float(), H.float(), "2:4")
     assert ((W24 == 0).reshape(6, 3, 4).sum(-1) == 2).all()
+
+
+def test_draws_geometric_mean_interval_and_counts(monkeypatch):
+    """benchmarks/vs_llmcompressor_draws.py: the geometric mean is exp(mean log ratio) with a 1.96 s.e. interval
+    on the log scale, and the table counts the runs where ours was lower."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    draws = _load("vs_llmcompressor_draws", BENCH / "vs_llmcompressor_draws.py")
+    g, lo, hi = draws.geometric([0.5, 2.0])
+    half = 1.96 * math.log(4.0) / math.sqrt(2) / math.sqrt(2)  # stdev of (-ln2, ln2) is ln4/sqrt2
+    assert g == pytest.approx(1.0) and lo == pytest.approx(math.exp(-half)) and hi == pytest.approx(math.exp(half))
+    r = {("0.7", "a"): [0.9, 1.2, 1.0]}
+    ppl = {("0.7", "a"): {"ours": [9.0, 12.0, 10.0], "theirs": [10.0, 10.0, 10.0]}}
+    row = draws.table(r, 3, ppl, per_run=False)[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "3" and cells[3] == f"{(0.9 + 1.2 + 1.0) / 3:.4f}" and cells[6].startswith(
+        f"{(0.9 * 1.2) ** (1 / 3):.4f}") and cells[7] == "1 of 3"
