@@ -136,6 +136,9 @@ def main(argv=None) -> int:
                     help="our rows (obs_plugins.experiment.run_rows methods): one-pass T=1, sequential T=1 + best T")
     ap.add_argument("--device", default="cpu",
                     help="cpu or cuda[:i]: both sides prune and evaluate there (CUDA: times are wall times of each side)")
+    ap.add_argument("--sequential", default="auto", choices=["auto", "block", "sublayer"],
+                    help="our calibration order (Curvature.layerwise sequential=): auto, block by block, or also "
+                         "stage by stage inside each block")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/vs_llmcompressor")
     args = ap.parse_args(argv)
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1], default=str), flush=True)
         if not args.skip_ours:
             more, curv = run_rows(setup, sp, args.ours.split(","), iterations=args.iterations, progress=progress,
-                                  grad_subsets=args.grad_subsets)
+                                  grad_subsets=args.grad_subsets, sequential=args.sequential)
             calib_s = (getattr(curv, "info", None) or {}).get("seconds", 0.0)
             for r in more:
                 rows.append({"sparsity": sp, "method": "ours " + r["method"], "ppl": r["ppl"],

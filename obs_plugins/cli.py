@@ -40,7 +40,8 @@ def cmd_prune(args) -> int:
     rows = [dense]
     methods = ["magnitude"] + ([args.method] if args.method != "magnitude" else [])
     more, curv = run_rows(setup, args.sparsity, methods, iterations=args.iterations, progress=progress,
-                          grad_subsets=args.grad_subsets)
+                          grad_subsets=args.grad_subsets,
+                          sequential=False if args.sequential == "off" else args.sequential)
     rows += more
     texts = list(setup.heldout)
     for r in rows:
@@ -55,7 +56,8 @@ def cmd_prune(args) -> int:
         cols += [(f"ppl_{h}", f"ppl {h}", ".2f"), (f"x_{h}", "x dense", ".3f")]
     print(_table(rows, cols + [("prune_seconds", "prune s", ".1f")]))
     if curv is not None:
-        how = "sequential, inside each plan" if curv.sequential else f"one pass, {curv.info['seconds']:.1f} s"
+        how = (f"sequential ({'stage by stage' if curv.sublayer else 'block by block'}), inside each plan"
+               if curv.sequential else f"one pass, {curv.info['seconds']:.1f} s")
         print(f"layer curvature ({len(setup.targets)} layers): {how}; "
               f"model load {setup.load_seconds:.1f} s; total {time.perf_counter() - t_all:.1f} s")
     for r in rows:
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--grad-subsets", type=int, default=1,
                     help="OBS-IHT: each iteration's gradient on every m-th gradient batch in turn (1/m of the cost; "
                          "2 suits a CPU without native bf16; default 1)")
+    pr.add_argument("--sequential", default="auto", choices=["auto", "block", "sublayer", "off"],
+                    help="calibration order: block by block (block), also stage by stage inside each block "
+                         "(sublayer), or all Grams on the dense model in one pass (off); default auto")
     pr.add_argument("--calib", type=int, default=MAIN_DEFAULTS["calib"], help="calibration windows (default 32)")
     pr.add_argument("--eval", type=int, default=MAIN_DEFAULTS["eval"], help="held-out windows (default 32)")
     pr.add_argument("--seq-len", type=int, default=MAIN_DEFAULTS["seq_len"], help="tokens per window (default 256)")

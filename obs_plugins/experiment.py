@@ -133,14 +133,14 @@ def sparsity_args(spec: str):
 
 def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs_iht"), *, iterations: int = 3,
              curvature: Curvature | None = None, progress: bool = True, step_sizes=None,
-             grad_subsets: int = 1) -> tuple[list[dict], Curvature]:
+             grad_subsets: int = 1, sequential="auto") -> tuple[list[dict], Curvature]:
     """Prune the model with each method at one sparsity (restoring the dense weights in between)."""
     amount, nm = sparsity_args(sparsity)
     snap = api.snapshot(setup.targets)
     if curvature is None and any(m != "magnitude" for m in methods):
         t0 = time.perf_counter()
         curvature = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets], setup.calib,
-                                        loss_fn=causal_lm_loss, progress=progress)
+                                        loss_fn=causal_lm_loss, sequential=sequential, progress=progress)
         curvature.info = {"seconds": time.perf_counter() - t0}
     rows = []
     for method in methods:
@@ -191,7 +191,8 @@ def _row(setup, name, sparsity, plan, t0, progress):
     zeros = sum(int((t.current() == 0).sum()) for t in setup.targets)
     total = sum(t.current().numel() for t in setup.targets)
     return {"method": name, "sparsity": sparsity, "measured_sparsity": zeros / total, "ppl": ppl,
-            "prune_seconds": secs, "calibration": plan.report.get("calibration", "")}
+            "prune_seconds": secs, "calibration": plan.report.get("calibration", ""),
+            "calibration_stages": plan.report.get("calibration_stages")}
 
 
 def dense_row(setup, progress=True) -> dict:

@@ -91,7 +91,7 @@ def test_main_job_end_to_end_small(tmp_path):
     _need(data.load_kjv_bible)
     out = tmp_path / "report.json"
     rc = main(["prune", "--calib", "16", "--eval", "4", "--seq-len", "64", "--iterations", "2", "--blocks", "2", "--quiet",
-               "--grad-subsets", "2", "--json", str(out)])
+               "--grad-subsets", "2", "--sequential", "sublayer", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     by = {r["method"].split(" T=")[0] if "best" not in r["method"] else "best": r for r in rows}
@@ -102,7 +102,7 @@ def test_main_job_end_to_end_small(tmp_path):
         assert abs(r["measured_sparsity"] - 0.5) < 1e-6, r
         for text, v in r["ppl"].items():
             assert math.isfinite(v) and v >= dense[text] * 0.999, (text, r)
-    assert by["OBS-IHT"]["calibration"] == "sequential"
+    assert by["OBS-IHT"]["calibration"] == "sequential" and by["OBS-IHT"]["calibration_stages"] == "sublayer"
     # 16 windows = 4 batches: 1 held out, 3 for the gradient; --grad-subsets 2 gives iteration 2 batches 0 and 2
     assert by["best"]["history"][1]["grad_batches"] == 2
 

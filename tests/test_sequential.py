@@ -56,9 +56,9 @@ def test_sequential_plan_equals_pruning_block_by_block_and_recollecting():
     ref = copy.deepcopy(model)
     snap = snapshot(model)
     cfg = OBSIHTConfig(iterations=1, progress=False)
-    curv = Curvature.layerwise(model, params, batches, progress=False)
+    curv = Curvature.layerwise(model, params, batches, sequential="block", progress=False)
     plan = api.plan(cfg, curvature=curv, amount=0.5)
-    assert plan.report["calibration"] == "sequential"
+    assert plan.report["calibration"] == "sequential" and plan.report["calibration_stages"] == "block"
     assert_untouched(model, snap)  # planning wrote nothing
     onepass = api.plan(cfg, curvature=Curvature.layerwise(model, params, batches, sequential=False,
                                                           progress=False), amount=0.5)
@@ -208,3 +208,67 @@ def test_layers_fed_the_same_input_share_one_gram_product_with_identical_results
             alone = Curvature.layerwise(model, [(m, p)], batches, sequential=False, progress=False)
             key = next(t.key for t in curv.targets if t.module is m)
             assert torch.equal(alone.hessians[alone.targets[0].key], curv.hessians[key])
+
+
+def test_sublayer_stages_follow_the_forward_pass_and_share_inputs():
+    from obs_plugins.curvature.collect import capture_block_inputs, input_stages
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, sequential="sublayer", progress=False)
+    block = model.model.layers[1]
+    bt = [t for t in curv.targets if any(t.module is m for m in block.modules())]
+    cached = capture_block_inputs(model, model.model.layers[0], batches[:1], curv.forward_fn)
+    names = {id(m): n.split(".")[-1] for n, m in block.named_modules()}
+    stages = [[names[id(t.module)] for t in st] for st in input_stages(block, bt, cached[0])]
+    assert stages == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_sublayer_plan_equals_pruning_stage_by_stage_and_recollecting():
+    """sequential='sublayer': inside each block, o_proj's Gram is collected with q/k/v already planned, the MLP's
+    with the attention planned, down_proj's with gate/up planned -- the same as pruning stage by stage on a copy
+    and re-collecting; and it differs from block-level sequential calibration from o_proj of block 0 on."""
+    model, params, batches = llama_problem()
+    ref = copy.deepcopy(model)
+    snap = snapshot(model)
+    cfg = OBSIHTConfig(iterations=1, progress=False)
+    plan = api.plan(cfg, curvature=Curvature.layerwise(model, params, batches, sequential="sublayer",
+                                                       progress=False), amount=0.5)
+    assert_untouched(model, snap)
+    blockwise = api.plan(cfg, curvature=Curvature.layerwise(model, params, batches, progress=False), amount=0.5)
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"):
+        assert torch.equal(plan.entries[k].new_weight, blockwise.entries[k].new_weight)
+    assert not torch.allclose(plan.entries["model.layers.0.self_attn.o_proj.weight"].new_weight,
+                              blockwise.entries["model.layers.0.self_attn.o_proj.weight"].new_weight)
+    rp = {n: m for n, m in ref.named_modules()}
+    names = {id(m): n for n, m in model.named_modules()}
+    stages = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    for i in range(3):
+        for st in stages:
+            group = [(rp[names[id(m)]], "weight") for m, _ in params
+                     if names[id(m)].startswith(f"model.layers.{i}.") and names[id(m)].split(".")[-1] in st]
+            api.prune(cfg, curvature=Curvature.layerwise(ref, group, batches, sequential=False, progress=False),
+                      amount=0.5)
+    plan.apply(reparametrize=False)
+    for (m, _) in params:
+        a, b = m.weight.detach(), rp[names[id(m)]].weight.detach()
+        assert torch.equal(a == 0, b == 0), names[id(m)]
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (names[id(m)], float((a - b).abs().max()))
+
+
+def test_sequential_values_and_what_auto_means(monkeypatch):
+    from obs_plugins.curvature import core
+    from obs_plugins.errors import PruningInputError
+    model, params, batches = llama_problem()
+    with pytest.raises(PruningInputError, match="sequential: True, False, 'auto', 'block' or 'sublayer'"):
+        Curvature.layerwise(model, params, batches, sequential="stages", progress=False)
+    with_head = params + [(model.lm_head, "weight")]
+    for value in ("block", "sublayer"):
+        with pytest.raises(PruningInputError, match=f"sequential='{value}': the targets do not all live"):
+            Curvature.layerwise(model, with_head, batches, sequential=value, progress=False)
+    lay = lambda v: Curvature.layerwise(model, params, batches, sequential=v, progress=False)  # noqa: E731
+    assert (lay("block").sublayer, lay("sublayer").sublayer) == (False, True)
+    assert not lay(False).sequential and not lay(False).sublayer
+    for stages in ("block", "sublayer"):
+        monkeypatch.setattr(core, "AUTO_STAGES", stages)
+        assert lay("auto").sublayer == lay(True).sublayer == (stages == "sublayer")
+        plan = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=lay("auto"), amount=0.5)
+        assert plan.report["calibration_stages"] == stages

@@ -194,6 +194,62 @@ def run_block(block, cached) -> list:
         return [block(*a, **k) for a, k in cached]
 
 
+def input_stages(block, targets: list[Target], one) -> list[list[Target]]:
+    """``targets`` of one block in stages, for sequential calibration inside the block: layers fed the very same
+    input tensor (q/k/v; gate/up) form one stage, stages in the order the forward pass reaches them (one run of
+    ``block`` on the cached input ``one``).  Stage j's Grams can then be collected with stages < j already
+    planned, as SparseGPT/GPTQ's "true sequential" does."""
+    seen: list[tuple[object, int, Target]] = []
+    handles = [t.module.register_forward_hook(
+        lambda m, args, _o, _t=t: seen.append((args[0], args[0]._version, _t))) for t in targets]
+    try:
+        with torch.no_grad():
+            block(*one[0], **one[1])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[Target]] = []
+    firsts: dict[str, bool] = {}
+    for j, (x, v, t) in enumerate(seen):
+        if t.key in firsts:
+            continue  # a layer run twice in one forward keeps its first stage
+        firsts[t.key] = True
+        prev = seen[j - 1] if j else None
+        if stages and prev is not None and prev[0] is x and prev[1] == v:
+            stages[-1].append(t)
+        else:
+            stages.append([t])
+    missing = [t.key for t in targets if t.key not in firsts]
+    if missing:
+        raise ValueError(f"sequential calibration: the block's forward pass did not reach {missing[:3]}")
+    return stages
+
+
+def run_block_until(block, cached, modules) -> None:
+    """Run ``block`` on every cached input only as far as needed: each forward stops once every module in
+    ``modules`` has run (hooks registered before this one, e.g. Gram hooks, have already seen its input)."""
+    want = {id(m) for m in modules}
+    fired: set[int] = set()
+
+    def stop(m, _args, _out):
+        fired.add(id(m))
+        if fired >= want:
+            raise _Stop
+
+    handles = [m.register_forward_hook(stop) for m in modules]
+    try:
+        with torch.no_grad():
+            for a, k in cached:
+                fired.clear()
+                try:
+                    block(*a, **k)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def feed(cached, outs) -> None:
     """The block's outputs become the next block's hidden-state inputs."""
     for (a, _k), o in zip(cached, outs):

@@ -12,7 +12,11 @@ from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, batch_loss, default_forward, move
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, collect_sequential,
-                      feed, no_kv_cache, run_batches, run_block)
+                      feed, input_stages, no_kv_cache, run_batches, run_block, run_block_until)
+
+# what sequential=True / "auto" means inside a block: "block" (all of a block's layers calibrated together, as
+# llm-compressor does) or "sublayer" (stage by stage: layers fed the same input tensor form a stage)
+AUTO_STAGES = "block"
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -49,6 +53,7 @@ class Curvature:
         self.fisher: dict = {}
         self.device = _device_of(model)
         self.sequential = False        # plans are computed block by block (see :meth:`blockwise`)
+        self.sublayer = False          # ... and stage by stage inside each block
         self.dtype = torch.float32
         self.progress = True
         self._grams_pending = False    # sequential: the one-pass Grams are only collected if someone asks
@@ -87,6 +92,10 @@ class Curvature:
         (:meth:`blockwise`): block i's Grams are collected on the outputs of blocks < i with their *planned*
         weights, and nothing is written to the model until the whole plan exists (SparseGPT's and
         llm-compressor's order, but atomic).  So a sequential curvature collects nothing here.
+        Inside a block: ``"block"`` collects all of the block's Grams on the block's dense weights (llm-compressor's
+        order); ``"sublayer"`` goes stage by stage -- layers fed the very same input tensor form a stage (q/k/v,
+        then o_proj, then gate/up, then down_proj), and a stage's Grams are collected with the stages before it
+        already planned (GPTQ's "true sequential").  ``True`` and ``"auto"`` use ``AUTO_STAGES``.
         ``on_block(i, block_targets) -> bool`` (implies sequential) is the older eager hook: it may change the
         block's weights before its outputs feed the next block, and the Grams are collected now.
         ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
@@ -95,8 +104,11 @@ class Curvature:
         """
         if dtype not in (torch.float32, torch.float64):
             raise PruningInputError(f"dtype: accumulation must be torch.float32 or torch.float64, got {dtype}")
-        if sequential not in (True, False, "auto"):
-            raise PruningInputError(f"sequential: True, False or 'auto', got {sequential!r}")
+        if isinstance(sequential, bool):
+            pass
+        elif sequential not in ("auto", "block", "sublayer"):
+            raise PruningInputError("sequential: True, False, 'auto', 'block' or 'sublayer', got "
+                                    f"{sequential!r}")
         curv = cls(model, params, batches, loss_fn=loss_fn, forward_fn=forward_fn)
         if not curv.batches:
             raise PruningInputError("batches: no calibration batches given")
@@ -107,10 +119,12 @@ class Curvature:
             curv._collect_eager_sequential(on_block)
             return curv
         stack = block_stack(model, curv.targets)
-        if sequential is True and stack is None:
-            raise PruningInputError("sequential=True: the targets do not all live in one stack of blocks "
+        if sequential not in (False, "auto") and stack is None:
+            raise PruningInputError(f"sequential={sequential!r}: the targets do not all live in one stack of blocks "
                                     "(an nn.ModuleList such as model.layers); use sequential=False")
-        curv.sequential = sequential is True or (sequential == "auto" and stack is not None)
+        curv.sequential = sequential is not False and stack is not None
+        stages = AUTO_STAGES if sequential in (True, "auto") else sequential
+        curv.sublayer = curv.sequential and stages == "sublayer"
         if curv.sequential:
             curv._grams_pending = True
         else:
@@ -176,7 +190,9 @@ class Curvature:
         with every target and its Gram when the curvature is not sequential.  When it is, it is called block by
         block: block i's Grams are collected on the outputs of blocks < i *run with the weights already
         planned* (temporarily swapped in, always restored), then the block is re-run with its own planned
-        weights to feed block i+1.  Peak extra memory: one block's activations for the calibration set.  The
+        weights to feed block i+1 (with ``sublayer``, the block's stages are collected and solved one after
+        another, each with the stages before it planned; each such run stops once the stage's layers have
+        seen their inputs).  Peak extra memory: one block's activations for the calibration set.  The
         model is left exactly as it was (also when ``solve_layers`` raises); ``hessians`` ends up holding the
         Grams the plan was solved on.
         """
@@ -198,9 +214,11 @@ class Curvature:
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
                 bt = by_block[i]
-                if bt:
-                    self._collect(bt, lambda: run_block(blocks[i], cached))
-                    planned.update(solve_layers(bt, {t.key: self._hessians[t.key] for t in bt}))
+                stages = input_stages(blocks[i], bt, cached[0]) if (bt and self.sublayer) else [bt]
+                for st in stages if bt else []:
+                    with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
+                        self._collect(st, lambda: run_block_until(blocks[i], cached, [t.module for t in st]))
+                    planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
                     with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
                         feed(cached, run_block(blocks[i], cached))
