@@ -272,3 +272,21 @@ def test_sequential_values_and_what_auto_means(monkeypatch):
         assert lay("auto").sublayer == lay(True).sublayer == (stages == "sublayer")
         plan = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=lay("auto"), amount=0.5)
         assert plan.report["calibration_stages"] == stages
+
+
+def test_a_stage_run_stops_once_its_layers_have_seen_their_inputs():
+    from obs_plugins.curvature.collect import capture_block_inputs, run_block_until
+    model, params, batches = llama_problem()
+    curv = Curvature.layerwise(model, params, batches, sequential="sublayer", progress=False)
+    block = model.model.layers[0]
+    cached = capture_block_inputs(model, block, batches, curv.forward_fn)
+    calls = {"v": 0, "o": 0, "down": 0}
+    hooks = [m.register_forward_hook(lambda *_a, _n=n: calls.__setitem__(_n, calls[_n] + 1))
+             for n, m in (("v", block.self_attn.v_proj), ("o", block.self_attn.o_proj), ("down", block.mlp.down_proj))]
+    run_block_until(block, cached, [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj])
+    assert calls == {"v": len(batches), "o": 0, "down": 0}  # every batch reached v_proj, none went further
+    run_block_until(block, cached, [block.mlp.down_proj])
+    assert calls == {"v": 2 * len(batches), "o": len(batches), "down": len(batches)}
+    for h in hooks:
+        h.remove()
+    assert all(len(m._forward_hooks) == 0 for m in block.modules())  # its own hooks are gone too
