@@ -9,7 +9,10 @@ every run).  Per sparsity and held-out text it
 prints ours T=1 / their SparseGPT for each draw, the mean ratio and its standard error, and says whether T=1 is
 within 1% (mean ratio <= 1.01).  Because a mean of ratios leans upwards (Jensen) and a single run can move
 either side by several percent, it also gives the geometric mean of the ratios (exp of the mean log ratio)
-with a 95% interval, and in how many runs ours was the lower.  Nothing is re-run.
+with a 95% interval, and in how many runs ours was the lower.  ``--vs FILE ...``: runs of another variant of
+ours (e.g. ``--sequential sublayer``) on the same calibration windows and orders; each run is paired with the one
+of the same calibration (``setup["calib"]``) and our two T=1 perplexities are compared the same way.  Nothing is
+re-run.
 """
 from __future__ import annotations
 
@@ -76,16 +79,46 @@ def table(r: dict, n_runs: int, ppl: dict, per_run: bool = True) -> list[str]:
     return lines
 
 
+def ours_by_calib(paths: list[str]) -> dict:
+    """{calibration description: {(sparsity, text): our T=1 perplexity}}."""
+    out = {}
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        row = out.setdefault(d["setup"]["calib"], {})
+        for r in d["rows"]:
+            if r["method"] == "ours OBS-IHT T=1":
+                for h, v in r["ppl"].items():
+                    row[(r["sparsity"], h)] = v
+    return out
+
+
+def paired(runs: list[str], vs: list[str]) -> list[str]:
+    """Ours in ``runs`` against ours in ``vs``, paired by calibration."""
+    a, b = ours_by_calib(runs), ours_by_calib(vs)
+    both = [c for c in a if c in b]
+    lines = [f"\nours ({len(both)} runs) / ours in --vs, paired by calibration:", "",
+             "| sparsity | held-out | pairs | geometric mean [95%] | lower in |", "|---|---|---|---|---|"]
+    keys = dict.fromkeys(k for c in both for k in a[c] if k in b[c])
+    for k in keys:
+        v = [a[c][k] / b[c][k] for c in both if k in a[c] and k in b[c]]
+        g, lo, hi = geometric(v)
+        lines.append(f"| {k[0]} | {k[1]} | {len(v)} | {g:.4f} [{lo:.4f}, {hi:.4f}] | {sum(x < 1 for x in v)} of {len(v)} |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="vs_llmcompressor JSON files, one per calibration draw / order")
     ap.add_argument("--out", default=None, help="write the table to OUT.md as well")
     ap.add_argument("--no-per-run", action="store_true", help="leave out the column listing every run's ratio")
+    ap.add_argument("--vs", nargs="+", default=None, help="runs of another variant of ours to pair with (by calibration)")
     args = ap.parse_args(argv)
     r, ppl, calib = ratios(args.runs)
     if not r:
         ap.error("runs: no run holds both 'llmc SparseGPT' and 'ours OBS-IHT T=1' rows")
     lines = ["calibration: " + "; ".join(calib), ""] + table(r, len(args.runs), ppl, per_run=not args.no_per_run)
+    if args.vs:
+        lines += paired(args.runs, args.vs)
     emit(lines, args.out)
     return 0
 

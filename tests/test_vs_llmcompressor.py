@@ -4,6 +4,7 @@ obs_plugins) equals obs_plugins.lm.perplexity and a float64 brute-force referenc
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -189,3 +190,20 @@ def test_draws_geometric_mean_interval_and_counts(monkeypatch):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "3" and cells[3] == f"{(0.9 + 1.2 + 1.0) / 3:.4f}" and cells[6].startswith(
         f"{(0.9 * 1.2) ** (1 / 3):.4f}") and cells[7] == "1 of 3"
+
+
+def test_draws_pairs_two_variants_of_ours_by_calibration(monkeypatch, tmp_path):
+    """--vs: our runs are paired with the other variant's run of the same calibration, not by position."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    draws = _load("vs_llmcompressor_draws", BENCH / "vs_llmcompressor_draws.py")
+
+    def run(name, calib, ppl):
+        rows = [{"method": "ours OBS-IHT T=1", "sparsity": "0.7", "ppl": {"a": ppl}}]
+        (tmp_path / name).write_text(json.dumps({"setup": {"calib": calib}, "rows": rows}))
+        return str(tmp_path / name)
+
+    a = [run("a1.json", "order 1", 10.0), run("a2.json", "order 2", 30.0)]
+    b = [run("b2.json", "order 2", 20.0), run("b1.json", "order 1", 20.0), run("b3.json", "order 3", 1.0)]
+    row = draws.paired(a, b)[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["0.7", "a", "2"] and cells[3].startswith(f"{(0.5 * 1.5) ** 0.5:.4f}") and cells[4] == "1 of 2"
