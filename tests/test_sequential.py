@@ -218,8 +218,45 @@ def test_sublayer_stages_follow_the_forward_pass_and_share_inputs():
     bt = [t for t in curv.targets if any(t.module is m for m in block.modules())]
     cached = capture_block_inputs(model, model.model.layers[0], batches[:1], curv.forward_fn)
     names = {id(m): n.split(".")[-1] for n, m in block.named_modules()}
-    stages = [[names[id(t.module)] for t in st] for st in input_stages(block, bt, cached[0])]
-    assert stages == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    stages = [([names[id(t.module)] for t in st], whole) for st, whole in input_stages(block, bt, cached[0])]
+    assert stages == [(["q_proj", "k_proj", "v_proj"], False), (["o_proj"], False),
+                      (["gate_proj", "up_proj"], False), (["down_proj"], False)]
+
+
+class _Twice(torch.nn.Module):
+    """A block whose first Linear runs twice per forward pass (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(torch.relu(self.b(self.a(x))))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Twice(), _Twice()])
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = blk(x)
+        return x
+
+
+def test_a_layer_run_twice_gets_the_gram_of_both_calls_under_sublayer():
+    torch.manual_seed(0)
+    model = _Stack()
+    batches = [torch.randn(5, 4) for _ in range(3)]
+    params = [(m, "weight") for blk in model.layers for m in (blk.a, blk.b)]
+    sub = api.plan(OBSIHTConfig(iterations=1, progress=False), amount=0.5,
+                   curvature=(cs := Curvature.layerwise(model, params, batches, sequential="sublayer", progress=False)))
+    # reference for block 0's a: both calls' inputs (x, then relu(b(a(x)))) in its Gram
+    blk = model.layers[0]
+    rows = torch.cat([torch.cat([x, torch.relu(blk.b(blk.a(x)))]) for x in batches]).detach()
+    assert torch.allclose(cs.hessians["layers.0.a.weight"], 2 * rows.T @ rows / rows.shape[0], atol=1e-5)
+    assert sub.report["calibration_stages"] == "sublayer"
 
 
 def test_sublayer_plan_equals_pruning_stage_by_stage_and_recollecting():

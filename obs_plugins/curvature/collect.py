@@ -194,12 +194,14 @@ def run_block(block, cached) -> list:
         return [block(*a, **k) for a, k in cached]
 
 
-def input_stages(block, targets: list[Target], one) -> list[list[Target]]:
+def input_stages(block, targets: list[Target], one) -> list[tuple[list[Target], bool]]:
     """``targets`` of one block in stages, for sequential calibration inside the block: layers fed the very same
     input tensor (q/k/v; gate/up) form one stage, stages in the order the forward pass reaches them (one run of
     ``block`` on the cached input ``one``).  Stage j's Grams can then be collected with stages < j already
-    planned, as SparseGPT/GPTQ's "true sequential" does."""
+    planned, as SparseGPT/GPTQ's "true sequential" does.  Returns ``(stage, reused)`` pairs: ``reused`` when a
+    layer of the stage runs more than once per forward pass (its Gram then needs the whole block run)."""
     seen: list[tuple[object, int, Target]] = []
+    t_again: set[str] = set()
     handles = [t.module.register_forward_hook(
         lambda m, args, _o, _t=t: seen.append((args[0], args[0]._version, _t))) for t in targets]
     try:
@@ -212,6 +214,7 @@ def input_stages(block, targets: list[Target], one) -> list[list[Target]]:
     firsts: dict[str, bool] = {}
     for j, (x, v, t) in enumerate(seen):
         if t.key in firsts:
+            t_again.add(t.key)
             continue  # a layer run twice in one forward keeps its first stage
         firsts[t.key] = True
         prev = seen[j - 1] if j else None
@@ -222,7 +225,7 @@ def input_stages(block, targets: list[Target], one) -> list[list[Target]]:
     missing = [t.key for t in targets if t.key not in firsts]
     if missing:
         raise ValueError(f"sequential calibration: the block's forward pass did not reach {missing[:3]}")
-    return stages
+    return [(st, any(t.key in t_again for t in st)) for st in stages]
 
 
 def run_block_until(block, cached, modules) -> None:

@@ -214,10 +214,11 @@ class Curvature:
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
                 bt = by_block[i]
-                stages = input_stages(blocks[i], bt, cached[0]) if (bt and self.sublayer) else [bt]
-                for st in stages if bt else []:
+                stages = input_stages(blocks[i], bt, cached[0]) if (bt and self.sublayer) else [(bt, True)]
+                for st, whole in stages if bt else []:
                     with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
-                        self._collect(st, lambda: run_block_until(blocks[i], cached, [t.module for t in st]))
+                        self._collect(st, (lambda: run_block(blocks[i], cached)) if whole else
+                                      (lambda: run_block_until(blocks[i], cached, [t.module for t in st])))
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
                     with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
