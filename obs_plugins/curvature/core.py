@@ -104,9 +104,7 @@ class Curvature:
         """
         if dtype not in (torch.float32, torch.float64):
             raise PruningInputError(f"dtype: accumulation must be torch.float32 or torch.float64, got {dtype}")
-        if isinstance(sequential, bool):
-            pass
-        elif sequential not in ("auto", "block", "sublayer"):
+        if not isinstance(sequential, bool) and sequential not in ("auto", "block", "sublayer"):
             raise PruningInputError("sequential: True, False, 'auto', 'block' or 'sublayer', got "
                                     f"{sequential!r}")
         curv = cls(model, params, batches, loss_fn=loss_fn, forward_fn=forward_fn)
