@@ -327,3 +327,29 @@ def test_a_stage_run_stops_once_its_layers_have_seen_their_inputs():
     for h in hooks:
         h.remove()
     assert all(len(m._forward_hooks) == 0 for m in block.modules())  # its own hooks are gone too
+
+
+def test_sublayer_stages_of_a_bert_encoder_layer():
+    """The stages are found from the forward pass, not from Llama names: a BERT layer gives query/key/value,
+    attention output, intermediate, output; the sublayer plan prunes every weight to the exact count."""
+    from transformers import BertConfig, BertModel
+    from obs_plugins.curvature.collect import capture_block_inputs, input_stages
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64)).eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, 96, (4, 12), generator=g)} for _ in range(3)]
+    params = [(m, "weight") for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("encoder.layer.")]
+    curv = Curvature.layerwise(model, params, batches, sequential="sublayer", progress=False)
+    layer = model.encoder.layer[1]
+    bt = [t for t in curv.targets if any(t.module is m for m in layer.modules())]
+    cached = capture_block_inputs(model, model.encoder.layer[0], batches[:1], curv.forward_fn)
+    names = {id(m): n for n, m in layer.named_modules()}
+    assert [[names[id(t.module)] for t in st] for st, _ in input_stages(layer, bt, cached[0])] == [
+        ["attention.self.query", "attention.self.key", "attention.self.value"], ["attention.output.dense"],
+        ["intermediate.dense"], ["output.dense"]]
+    plan = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.5)
+    assert plan.report["calibration_stages"] == "sublayer"
+    for e in plan.entries.values():
+        assert int((~e.mask.bool()).sum()) == e.mask.numel() // 2
