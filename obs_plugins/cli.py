@@ -56,7 +56,7 @@ def cmd_prune(args) -> int:
         cols += [(f"ppl_{h}", f"ppl {h}", ".2f"), (f"x_{h}", "x dense", ".3f")]
     print(_table(rows, cols + [("prune_seconds", "prune s", ".1f")]))
     if curv is not None:
-        how = (f"sequential ({'stage by stage' if curv.sublayer else 'block by block'}), inside each plan"
+        how = (f"sequential ({'stage by stage' if curv.stages == 'sublayer' else 'block by block'}), inside each plan"
                if curv.sequential else f"one pass, {curv.info['seconds']:.1f} s")
         print(f"layer curvature ({len(setup.targets)} layers): {how}; "
               f"model load {setup.load_seconds:.1f} s; total {time.perf_counter() - t_all:.1f} s")

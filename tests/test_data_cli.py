@@ -73,8 +73,6 @@ def test_console_script_is_installed():
     assert r.returncode == 0 and "obs-prune" in r.stdout
 
 
-@pytest.mark.real_model
-@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--grad-subsets", "0"), ("--iterations", "0")])
 def test_main_job_refuses_bad_obs_iht_settings_before_loading_the_model(flag, value, capsys, monkeypatch):
     import obs_plugins.experiment as experiment
@@ -83,6 +81,8 @@ def test_main_job_refuses_bad_obs_iht_settings_before_loading_the_model(flag, va
     assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
 
 
+@pytest.mark.real_model
+@pytest.mark.slow
 def test_main_job_end_to_end_small(tmp_path):
     """The real main job on SmolLM2-135M at small size: requested sparsity, finite quality >= dense."""
     _need(data.smollm2_dir)

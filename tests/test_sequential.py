@@ -291,8 +291,7 @@ def test_sublayer_plan_equals_pruning_stage_by_stage_and_recollecting():
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (names[id(m)], float((a - b).abs().max()))
 
 
-def test_sequential_values_and_what_auto_means(monkeypatch):
-    from obs_plugins.curvature import core
+def test_sequential_values_and_what_auto_means():
     from obs_plugins.errors import PruningInputError
     model, params, batches = llama_problem()
     with pytest.raises(PruningInputError, match="sequential: True, False, 'auto', 'block' or 'sublayer'"):
@@ -302,12 +301,11 @@ def test_sequential_values_and_what_auto_means(monkeypatch):
         with pytest.raises(PruningInputError, match=f"sequential='{value}': the targets do not all live"):
             Curvature.layerwise(model, with_head, batches, sequential=value, progress=False)
     lay = lambda v: Curvature.layerwise(model, params, batches, sequential=v, progress=False)  # noqa: E731
-    assert (lay("block").sublayer, lay("sublayer").sublayer) == (False, True)
-    assert not lay(False).sequential and not lay(False).sublayer
-    for stages in ("block", "sublayer"):
-        monkeypatch.setattr(core, "AUTO_STAGES", stages)
-        assert lay("auto").sublayer == lay(True).sublayer == (stages == "sublayer")
-        plan = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=lay("auto"), amount=0.5)
+    assert (lay("block").stages, lay("sublayer").stages, lay(True).stages, lay("auto").stages) == (
+        "block", "sublayer", "block", "block")
+    assert not lay(False).sequential and lay(False).stages is None
+    for value, stages in ((True, "block"), ("sublayer", "sublayer"), (False, None)):
+        plan = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=lay(value), amount=0.5)
         assert plan.report["calibration_stages"] == stages
 
 

@@ -14,10 +14,6 @@ from .batching import NamedForward, batch_loss, default_forward, move
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, collect_sequential,
                       feed, input_stages, no_kv_cache, run_batches, run_block, run_block_until)
 
-# what sequential=True / "auto" means inside a block: "block" (all of a block's layers calibrated together, as
-# llm-compressor does) or "sublayer" (stage by stage: layers fed the same input tensor form a stage)
-AUTO_STAGES = "block"
-
 
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -53,7 +49,7 @@ class Curvature:
         self.fisher: dict = {}
         self.device = _device_of(model)
         self.sequential = False        # plans are computed block by block (see :meth:`blockwise`)
-        self.sublayer = False          # ... and stage by stage inside each block
+        self.stages = None             # sequential: "block" or "sublayer" (stage by stage inside each block)
         self.dtype = torch.float32
         self.progress = True
         self._grams_pending = False    # sequential: the one-pass Grams are only collected if someone asks
@@ -95,7 +91,8 @@ class Curvature:
         Inside a block: ``"block"`` collects all of the block's Grams on the block's dense weights (llm-compressor's
         order); ``"sublayer"`` goes stage by stage -- layers fed the very same input tensor form a stage (q/k/v,
         then o_proj, then gate/up, then down_proj), and a stage's Grams are collected with the stages before it
-        already planned (GPTQ's "true sequential").  ``True`` and ``"auto"`` use ``AUTO_STAGES``.
+        already planned (GPTQ's "true sequential").  ``True`` and ``"auto"`` mean ``"block"`` (measured better on
+        balance, README).  ``curv.stages`` records the order used (``None`` for one pass).
         ``on_block(i, block_targets) -> bool`` (implies sequential) is the older eager hook: it may change the
         block's weights before its outputs feed the next block, and the Grams are collected now.
         ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
@@ -121,9 +118,8 @@ class Curvature:
             raise PruningInputError(f"sequential={sequential!r}: the targets do not all live in one stack of blocks "
                                     "(an nn.ModuleList such as model.layers); use sequential=False")
         curv.sequential = sequential is not False and stack is not None
-        stages = AUTO_STAGES if sequential in (True, "auto") else sequential
-        curv.sublayer = curv.sequential and stages == "sublayer"
         if curv.sequential:
+            curv.stages = "block" if sequential in (True, "auto") else sequential
             curv._grams_pending = True
         else:
             curv._collect_onepass()
@@ -211,16 +207,22 @@ class Curvature:
             cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn)
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
-                bt = by_block[i]
-                stages = input_stages(blocks[i], bt, cached[0]) if (bt and self.sublayer) else [(bt, True)]
-                for st, whole in stages if bt else []:
-                    with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
-                        self._collect(st, (lambda: run_block(blocks[i], cached)) if whole else
-                                      (lambda: run_block_until(blocks[i], cached, [t.module for t in st])))
+                bt, blk = by_block[i], blocks[i]
+                ours = lambda: {t.key: planned[t.key] for t in bt if t.key in planned}  # noqa: E731
+                if not bt:
+                    stages = []
+                elif self.stages == "sublayer":
+                    stages = input_stages(blk, bt, cached[0])
+                else:
+                    stages = [(bt, True)]
+                for st, whole in stages:  # (targets, needs the whole block run)
+                    with self._weights(ours()):
+                        self._collect(st, (lambda: run_block(blk, cached)) if whole else
+                                      (lambda: run_block_until(blk, cached, [t.module for t in st])))
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
-                    with self._weights({t.key: planned[t.key] for t in bt if t.key in planned}):
-                        feed(cached, run_block(blocks[i], cached))
+                    with self._weights(ours()):
+                        feed(cached, run_block(blk, cached))
         self._grams_pending = False
         return planned
 

@@ -239,8 +239,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         report["seconds_T1"] = timing
     report.update({"method": "obs_iht", "iterations_requested": config.iterations,
                    "calibration": "sequential" if curvature.sequential else "one-pass",
-                   "calibration_stages": (("sublayer" if curvature.sublayer else "block") if curvature.sequential
-                                          else None),
+                   "calibration_stages": curvature.stages,
                    "rel_damp_used": {k: f.rel_damp for k, f in factors.items()},
                    "predicted_layer_loss": {k: float(v) for k, v in est.items()}})
     best = (None, Wt)
