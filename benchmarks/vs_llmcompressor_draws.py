@@ -80,7 +80,7 @@ def table(r: dict, n_runs: int, ppl: dict, per_run: bool = True) -> list[str]:
 
 
 def ours_by_calib(paths: list[str]) -> dict:
-    """{calibration description: {(sparsity, text): our T=1 perplexity}}."""
+    """{calibration description: {(sparsity, text): our T=1 perplexity, (sparsity, "seconds"): its prune time}}."""
     out = {}
     for p in paths:
         d = json.loads(Path(p).read_text())
@@ -89,6 +89,7 @@ def ours_by_calib(paths: list[str]) -> dict:
             if r["method"] == "ours OBS-IHT T=1":
                 for h, v in r["ppl"].items():
                     row[(r["sparsity"], h)] = v
+                row[(r["sparsity"], "seconds")] = r["prune_seconds"]
     return out
 
 
@@ -101,6 +102,10 @@ def paired(runs: list[str], vs: list[str]) -> list[str]:
     keys = dict.fromkeys(k for c in both for k in a[c] if k in b[c])
     for k in keys:
         v = [a[c][k] / b[c][k] for c in both if k in a[c] and k in b[c]]
+        if k[1] == "seconds":  # prune time: the median ratio and its range (times depend on the machine's load)
+            lines.append(f"| {k[0]} | T=1 prune time | {len(v)} | median {statistics.median(v):.3f} "
+                         f"({min(v):.3f} … {max(v):.3f}) | {sum(x < 1 for x in v)} of {len(v)} |")
+            continue
         g, lo, hi = geometric(v)
         lines.append(f"| {k[0]} | {k[1]} | {len(v)} | {g:.4f} [{lo:.4f}, {hi:.4f}] | {sum(x < 1 for x in v)} of {len(v)} |")
     return lines

@@ -197,13 +197,14 @@ def test_draws_pairs_two_variants_of_ours_by_calibration(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCH))
     draws = _load("vs_llmcompressor_draws", BENCH / "vs_llmcompressor_draws.py")
 
-    def run(name, calib, ppl):
-        rows = [{"method": "ours OBS-IHT T=1", "sparsity": "0.7", "ppl": {"a": ppl}}]
+    def run(name, calib, ppl, seconds=10.0):
+        rows = [{"method": "ours OBS-IHT T=1", "sparsity": "0.7", "ppl": {"a": ppl}, "prune_seconds": seconds}]
         (tmp_path / name).write_text(json.dumps({"setup": {"calib": calib}, "rows": rows}))
         return str(tmp_path / name)
 
-    a = [run("a1.json", "order 1", 10.0), run("a2.json", "order 2", 30.0)]
+    a = [run("a1.json", "order 1", 10.0, 12.0), run("a2.json", "order 2", 30.0, 30.0)]
     b = [run("b2.json", "order 2", 20.0), run("b1.json", "order 1", 20.0), run("b3.json", "order 3", 1.0)]
-    row = draws.paired(a, b)[-1]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:3] == ["0.7", "a", "2"] and cells[3].startswith(f"{(0.5 * 1.5) ** 0.5:.4f}") and cells[4] == "1 of 2"
+    ppl_row, time_row = ([c.strip() for c in r.strip("|").split("|")] for r in draws.paired(a, b)[-2:])
+    assert ppl_row[:3] == ["0.7", "a", "2"] and ppl_row[3].startswith(f"{(0.5 * 1.5) ** 0.5:.4f}")
+    assert ppl_row[4] == "1 of 2"
+    assert time_row == ["0.7", "T=1 prune time", "2", "median 2.100 (1.200 … 3.000)", "0 of 2"]
