@@ -66,12 +66,20 @@ def test_sequential_plan_equals_pruning_block_by_block_and_recollecting():
     assert differ and all(not k.startswith("model.layers.0.") for k in differ)  # block 0 sees the same inputs
 
     # reference: prune block 0, re-collect on the pruned model for block 1, prune it, ... (one pass each time)
+    assert_plan_equals_pruning_in_groups(model, ref, params, batches, cfg, plan,
+                                         [lambda n, i=i: n.startswith(f"model.layers.{i}.") for i in range(3)])
+
+
+def assert_plan_equals_pruning_in_groups(model, ref, params, batches, cfg, plan, groups):
+    """Reference: prune the copy ``ref`` one group of weights at a time (``groups``: predicates on the weight's
+    module name), each group's Grams collected in one pass on ``ref`` as pruned so far; then ``plan`` applied to
+    ``model`` must give the same masks and the same weights to 1e-6."""
     rparams = {n: m for n, m in ref.named_modules()}
     names = {id(m): n for n, m in model.named_modules()}
-    for i in range(3):
-        block = [(rparams[names[id(m)]], "weight") for m, _ in params if names[id(m)].startswith(f"model.layers.{i}.")]
-        rc = Curvature.layerwise(ref, block, batches, sequential=False, progress=False)
-        api.prune(cfg, curvature=rc, amount=0.5)
+    for in_group in groups:
+        group = [(rparams[names[id(m)]], "weight") for m, _ in params if in_group(names[id(m)])]
+        api.prune(cfg, curvature=Curvature.layerwise(ref, group, batches, sequential=False, progress=False),
+                  amount=0.5)
     plan.apply(reparametrize=False)
     for (m, _) in params:
         a, b = m.weight.detach(), rparams[names[id(m)]].weight.detach()
@@ -275,20 +283,11 @@ def test_sublayer_plan_equals_pruning_stage_by_stage_and_recollecting():
         assert torch.equal(plan.entries[k].new_weight, blockwise.entries[k].new_weight)
     assert not torch.allclose(plan.entries["model.layers.0.self_attn.o_proj.weight"].new_weight,
                               blockwise.entries["model.layers.0.self_attn.o_proj.weight"].new_weight)
-    rp = {n: m for n, m in ref.named_modules()}
-    names = {id(m): n for n, m in model.named_modules()}
     stages = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
-    for i in range(3):
-        for st in stages:
-            group = [(rp[names[id(m)]], "weight") for m, _ in params
-                     if names[id(m)].startswith(f"model.layers.{i}.") and names[id(m)].split(".")[-1] in st]
-            api.prune(cfg, curvature=Curvature.layerwise(ref, group, batches, sequential=False, progress=False),
-                      amount=0.5)
-    plan.apply(reparametrize=False)
-    for (m, _) in params:
-        a, b = m.weight.detach(), rp[names[id(m)]].weight.detach()
-        assert torch.equal(a == 0, b == 0), names[id(m)]
-        assert torch.allclose(a, b, atol=1e-6, rtol=0), (names[id(m)], float((a - b).abs().max()))
+    assert_plan_equals_pruning_in_groups(
+        model, ref, params, batches, cfg, plan,
+        [lambda n, i=i, st=st: n.startswith(f"model.layers.{i}.") and n.split(".")[-1] in st
+         for i in range(3) for st in stages])
 
 
 def test_sequential_values_and_what_auto_means():
