@@ -18,6 +18,11 @@ from .allocation import allocation_counts
 from ...targets import from_2d, to_2d
 
 
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """The solver's working precision for weights: at least fp32 (bf16/fp16 models), fp64 kept as fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _block_quotas(keep_prior: torch.Tensor, k: int, blocksize: int) -> list[int]:
     """Split ``k`` new prunes over column blocks in proportion to each block's survivors (exact total)."""
     d = keep_prior.shape[1]
@@ -68,8 +73,9 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     reference).  Timings on SmolLM2 shapes: benchmarks/sweep_speed.py.
     """
     rows, d = W.shape
-    U = hinv_chol_upper
-    W = W.clone().to(U.dtype)
+    work = torch.promote_types(W.dtype, hinv_chol_upper.dtype)  # fp32 Grams of an fp64 model: fp64 weights kept
+    U = hinv_chol_upper.to(work)
+    W = W.clone().to(work)
     prior = torch.ones_like(W, dtype=torch.bool) if keep_prior is None else keep_prior.bool()
     choose = keep is None
     keep = prior.clone() if choose else (keep.bool() & prior)
@@ -198,7 +204,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                                     "would leave one empty; use at most that many")
     W0, prior = {}, {}
     for t in targets:
-        W0[t.key] = to_2d(t.module, t.current()).float()
+        W0[t.key] = _work(to_2d(t.module, t.current()))
         prior[t.key] = to_2d(t.module, t.prior_mask())
         if nm is not None and W0[t.key].shape[1] % nm[1]:
             raise PruningInputError(f"nm: {config.nm} needs every layer's input width to be a multiple of "
@@ -208,7 +214,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         for t in targets:
             e = initial.entries[t.key]
             keep[t.key] = to_2d(t.module, e.mask)
-            Wt[t.key] = to_2d(t.module, e.new_weight if e.new_weight is not None else t.current() * e.mask).float()
+            Wt[t.key] = _work(to_2d(t.module, e.new_weight if e.new_weight is not None else t.current() * e.mask))
             est[t.key] = torch.zeros(())
             reuse = initial.solver_state.get("factors", {}).get(t.key)  # the sweep's own (H does not change)
             factors[t.key] = reuse if reuse is not None and reuse.rel_damp >= config.rel_damp else \
@@ -227,7 +233,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                 factors[k] = shared.get(grams[k], what=f"H of {k}")
                 W, keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k],
                                                keep_prior=prior[k], nm=nm, blocksize=config.blocksize)
-                Wt[k] = W.float()
+                Wt[k] = _work(W)
                 out[k] = from_2d(t.module, Wt[k], t.current())
             timing["factor_and_sweep"] += time.perf_counter() - t_in
             return out
