@@ -13,7 +13,8 @@ Two problems, no fine-tuning after pruning:
 
 Importances: GroupMagnitudeImportance (L2), GroupTaylorImportance, GroupHessianImportance (Torch-Pruning 1.6,
 default group mean normaliser), OBSImportance (loss-scaled greedy OBS: the loss left after the OBS update),
-OBSImportance(compensate=False) ("obs_removal": the loss-scaled removal error without the update), and for the CNN
+OBSImportance(compensate=False) ("obs_removal": the loss-scaled removal error without the update; "obs_removal_greedy":
+the joint removal error in greedy order, ``mode="greedy"``), and for the CNN
 the two learned channel rankings CSImportance / BiPImportance.
 
 CNN allocation (``--cnn-allocation``): ``global`` (one threshold over all channels; networks of different sizes),
@@ -53,7 +54,19 @@ import torch.nn.functional as F
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "cs", "bip")
+IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "obs_removal_greedy", "cs", "bip")
+OBS_NAMES = ("obs", "obs_removal", "obs_removal_greedy")
+
+
+def obs_importance(curv, imp_name, rel_damp, mode=None):
+    """"obs": the default ranking (loss after the update; ``mode``: greedy / single); "obs_removal": the removal
+    error of each channel alone (``compensate=False``); "obs_removal_greedy": the joint removal error, greedy order
+    (``compensate=False, mode="greedy"``).  The same object applies the update when asked."""
+    from obs_plugins.integrations.torch_pruning import OBSImportance
+    if imp_name == "obs":
+        return OBSImportance(curv, rel_damp=rel_damp, mode=mode)
+    return OBSImportance(curv, rel_damp=rel_damp, compensate=False,
+                         mode="greedy" if imp_name == "obs_removal_greedy" else "single")
 LEARNED = ("cs", "bip")
 
 
@@ -196,7 +209,7 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, 
     so every importance yields the same widths (equal parameters and MACs)."""
     tp = _tp()
     from obs_plugins import Curvature, prunable_linear_targets
-    from obs_plugins.integrations.torch_pruning import BiPImportance, CSImportance, OBSImportance
+    from obs_plugins.integrations.torch_pruning import BiPImportance, CSImportance
     if imp_name in LEARNED:
         search = copy.deepcopy(search)   # the search and its model together: the copy's targets are the copy's
         m = search.model
@@ -215,10 +228,8 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, 
     t0 = time.perf_counter()
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=())]
     curv = Curvature.layerwise(m, params, calib, loss_fn=F.cross_entropy, progress=False)
-    # "obs_removal": OBSImportance(compensate=False) ranks by the removal error without the update; the same
-    # object applies the update when asked (its ranking is then the one to compare with the built-ins' removal)
-    obs = OBSImportance(curv, rel_damp=rel_damp, compensate=imp_name != "obs_removal")
-    if imp_name in ("obs", "obs_removal"):
+    obs = obs_importance(curv, imp_name if imp_name in OBS_NAMES else "obs", rel_damp)
+    if imp_name in OBS_NAMES:
         imp = obs
     elif imp_name == "cs":
         imp = CSImportance(search)
@@ -433,7 +444,7 @@ def fit_head(E, y, n_classes, weight_decay=1e-3, steps=300):
 def minilm_prune(dense, enc, labels, calib_idx, head, ratio, imp_name, update, rel_damp, hessian_samples,
                  mode="single"):
     from obs_plugins import Curvature, prunable_linear_targets
-    from obs_plugins.integrations.torch_pruning import OBSImportance, prune_transformer
+    from obs_plugins.integrations.torch_pruning import prune_transformer
     m = copy.deepcopy(dense).eval()
     t0 = time.perf_counter()
     batches = [{"input_ids": enc["input_ids"][calib_idx[i:i + 16]],
@@ -448,8 +459,8 @@ def minilm_prune(dense, enc, labels, calib_idx, head, ratio, imp_name, update, r
 
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("pooler",))]
     curv = Curvature.layerwise(m, params, batches, loss_fn=loss_fn, forward_fn=fwd, progress=False)
-    obs = OBSImportance(curv, rel_damp=rel_damp, mode=mode, compensate=imp_name != "obs_removal")
-    imp = obs if imp_name in ("obs", "obs_removal") else builtin_importance(imp_name)
+    obs = obs_importance(curv, imp_name if imp_name in OBS_NAMES else "obs", rel_damp, mode)
+    imp = obs if imp_name in OBS_NAMES else builtin_importance(imp_name)
     before = None
     if imp_name in ("taylor", "hessian"):
         def before(model):
@@ -513,6 +524,7 @@ def run_minilm(args, log):
 LABEL = {("magnitude", "dense"): "GroupMagnitude (L2)", ("taylor", "dense"): "GroupTaylor",
          ("hessian", "dense"): "GroupHessian", ("obs", "dense"): "**OBSImportance**",
          ("obs_removal", "dense"): "**OBSImportance(compensate=False)** (removal-error ranking)",
+         ("obs_removal_greedy", "dense"): "**OBSImportance(compensate=False, mode='greedy')** (joint removal error)",
          ("cs", "dense"): "CSImportance (search's ranking)", ("bip", "dense"): "BiPImportance (search's ranking)",
          ("bip", "searched"): "BiP search's own weights (not comparable: +1 epoch of masked training)"}
 SERIES = list(LABEL)   # (importance, weights) in table order; rows without "weights" prune the dense model

@@ -95,17 +95,19 @@ class OBSImportance(tp.importance.Importance):
             ``global_pruning=True``; ``None`` uses the bare layer errors (not comparable across layers: one layer
             then ranks lowest wholesale); or a dict ``key -> (out,)`` tensor.
         rel_damp: relative damping of each layer Gram (damping ladder, then a loud error).
-        mode: ``"greedy"`` (default, with ``compensate``): channels are removed one at a time, each time the one
-            adding the least loss given those already removed (kept columns updated, inverse downdated); a
+        mode: ``"greedy"`` (the default with ``compensate``): channels are removed one at a time, each time the
+            one adding the least loss given those already removed (kept columns updated, inverse downdated); a
             channel's score is the running maximum of those increments along the order, so a threshold keeps a
-            prefix whose *joint* removal cost it measures.  ``"single"``: each channel's saliency alone (these
-            add up only while few channels go: removing many correlated channels costs far more than the sum).
+            prefix whose *joint* removal cost it measures.  With ``compensate=False`` it is the same greedy order
+            on the removal error without the update (the cross terms of the channels already removed counted).
+            ``"single"`` (the default without ``compensate``): each channel's saliency alone (these add up only
+            while few channels go: removing many correlated channels costs far more than the sum).
         channel_blocks: ``{consumer module: b}`` -- score consecutive runs of ``b`` channels jointly (attention
             heads: the output projection with ``b = head_dim``); every channel of a block gets the block's score.
     """
 
     def __init__(self, curvature, *, compensate: bool = True, scale="loss", rel_damp: float = 1e-2,
-                 mode: str = "greedy", channel_blocks: dict | None = None, progress: bool = False):
+                 mode: str | None = None, channel_blocks: dict | None = None, progress: bool = False):
         if not hasattr(curvature, "hessians") or not curvature.hessians:
             raise PruningInputError("curvature: needs layer Grams; build it with Curvature.layerwise(...)")
         if not (isinstance(rel_damp, (int, float)) and rel_damp > 0):
@@ -114,9 +116,9 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"scale: 'loss', None or a dict key -> tensor, got {scale!r}")
         if scale == "loss":
             curvature._need_loss("OBSImportance(scale='loss')")
-        if mode not in ("greedy", "single"):
-            raise PruningInputError(f"mode: 'greedy' or 'single', got {mode!r}")
-        self.mode = mode
+        if mode not in (None, "greedy", "single"):
+            raise PruningInputError(f"mode: 'greedy', 'single' or None, got {mode!r}")
+        self.mode = mode or ("greedy" if compensate else "single")
         self.curvature = curvature
         self.compensate = bool(compensate)
         self.rel_damp = float(rel_damp)
@@ -196,12 +198,13 @@ class OBSImportance(tp.importance.Importance):
         by_pos = {p: r for r, p in pos.items()}
         units = [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(n // b)]
         scores = torch.zeros(n, dtype=torch.float32)
-        if self.compensate and self.mode == "greedy":
+        if self.mode == "greedy":
             layers = []
             for key, _m, W, H, cols in consumers:
                 sets = [sorted(c for r in u for c in cols.get(r, ())) for u in units]
                 layers.append((W, H, sets, self._row_weights(key, W.shape[0])))
-            order, inc = greedy_removal(layers, len(units), rel_damp=self.rel_damp, progress=self.progress)
+            order, inc = greedy_removal(layers, len(units), rel_damp=self.rel_damp, compensate=self.compensate,
+                                        progress=self.progress)
             running = _strictly_increasing(torch.cummax(inc, 0).values.float())
             for t, u in enumerate(order):
                 for r in units[u]:

@@ -176,6 +176,43 @@ def test_removal_error_ranking_removes_the_smallest_errors_and_can_still_update(
         torch.testing.assert_close(model[2].weight, ref[2].weight[:, order])
 
 
+def test_greedy_removal_error_ranking_keeps_the_brute_force_greedy_complement():
+    """OBSImportance(compensate=False, mode="greedy"): channels go in the order that raises the joint removal error
+    1/2 sum_r w_rS H_SS w_rS^T least at each step (brute force over the float64 activations); the defaults stay
+    greedy with the update and single without it."""
+    model, batches, X = mlp_problem()
+    with torch.no_grad():   # hidden channel 1 repeats channel 0, with the same small outgoing weights: each is
+        model[0].weight[1] = model[0].weight[0]     # cheap alone, the pair costs 4x one of them
+        model[0].bias[1] = model[0].bias[0]
+        model[2].weight[:, 0] *= 1.2
+        model[2].weight[:, 1] = model[2].weight[:, 0]
+    ref = copy.deepcopy(model)
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, dtype=torch.float64,
+                               progress=False)
+    assert OBSImportance(curv, scale=None).mode == "greedy"
+    assert OBSImportance(curv, scale=None, compensate=False).mode == "single"
+    with pytest.raises(PruningInputError, match="mode"):
+        OBSImportance(curv, scale=None, mode="joint")
+    imp = OBSImportance(curv, scale=None, compensate=False, mode="greedy")
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, ignored_layers=[model[2]])
+    with torch.no_grad():
+        A = torch.relu(ref[0](X)).double()
+    H, W = 2 * A.t() @ A / len(X), ref[2].weight.double()
+
+    def joint(S):
+        return float(0.5 * ((W[:, S] @ H[S][:, S]) * W[:, S]).sum()) if S else 0.0
+
+    removed = []
+    for _ in range(6):
+        rest = [j for j in range(12) if j not in removed]
+        removed.append(min(rest, key=lambda j: joint(removed + [j])))
+    imp.step(pr)
+    kept = sorted(int((ref[0].weight - r).abs().sum(1).argmin()) for r in model[0].weight)  # a copy reads as 0
+    assert kept == sorted(0 if j == 1 else j for j in set(range(12)) - set(removed))
+    err = 0.5 * (W ** 2).sum(0) * torch.diagonal(H)     # the single ranking removes both copies
+    assert {0, 1} <= set(torch.argsort(err)[:6].tolist()) and not {0, 1} <= set(removed)
+
+
 def test_global_pruning_removes_the_implied_count_and_loss_scale_is_rescaling_invariant():
     # 8-16-16-3 ReLU MLP; a copy with fc2 scaled by 1e-3 and fc3 by 1e3 computes the same function
     model, batches, X = mlp_problem(widths=(8, 16, 16, 3))
@@ -632,3 +669,41 @@ def test_greedy_fast_path_for_single_columns_equals_the_general_path(monkeypatch
     general = S.greedy_removal(layers, 12)
     assert fast[0] == general[0]
     torch.testing.assert_close(fast[1], general[1], rtol=1e-6, atol=1e-10)
+
+
+def test_greedy_removal_without_update_follows_the_brute_force_joint_removal_error():
+    # each step adds the unit whose removal (no update) raises sum_layers 1/2 sum_r s_r w_rS H_SS w_rS^T the least,
+    # cross terms included: the order and increments equal a brute force over every remaining unit
+    import obs_plugins.methods.obs_iht.structured as S
+    g = torch.Generator().manual_seed(3)
+    X1, X2 = torch.randn(200, 12, generator=g, dtype=torch.float64), torch.randn(200, 18, generator=g,
+                                                                                 dtype=torch.float64)
+    X1[:, 1] = X1[:, 0] + 0.05 * X1[:, 1]    # correlated inputs: the cross terms matter
+    s1 = torch.rand(5, generator=g, dtype=torch.float64)
+    layers = [(torch.randn(5, 12, generator=g, dtype=torch.float64), 2 * X1.T @ X1 / 200,
+               [[2 * u, 2 * u + 1] for u in range(6)], s1),        # two columns per unit (kh*kw, heads)
+              (torch.randn(3, 18, generator=g, dtype=torch.float64), 2 * X2.T @ X2 / 200,
+               [[u] for u in range(5)] + [[]], None)]              # unit 5 does not feed this layer
+
+    def loss(removed):
+        tot = 0.0
+        for W, H, sets, s in layers:
+            P = [c for u in removed for c in sets[u]]
+            if P:
+                wp = W[:, P]
+                tot += float(0.5 * (((wp @ H[P][:, P]) * wp).sum(1) * (1 if s is None else s)).sum())
+        return tot
+
+    order, inc = S.greedy_removal(layers, 6, compensate=False)
+    done = []
+    for u, d in zip(order, inc):
+        cand = {v: loss(done + [v]) - loss(done) for v in range(6) if v not in done}
+        assert u == min(cand, key=cand.get)
+        assert abs(float(d) - cand[u]) < 1e-10 * max(1.0, abs(cand[u]))
+        done.append(u)
+    single = S.column_saliency(layers[0][0], layers[0][1], [torch.tensor(c) for c in layers[0][2]],
+                               row_weights=s1, compensate=False).double()
+    first = S.column_saliency(layers[1][0], layers[1][1], [torch.tensor(c) for c in layers[1][2][:5]],
+                              compensate=False).double()
+    assert order[0] == int(torch.argmin(single + torch.cat([first, torch.zeros(1, dtype=torch.float64)])))
+    assert sorted(order) == list(range(6))

@@ -122,23 +122,29 @@ def remove_columns(W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, *, re
     return new, float(loss)
 
 
-def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1e-2, progress: bool = False
-                   ) -> tuple[list[int], torch.Tensor]:
+def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1e-2, compensate: bool = True,
+                   progress: bool = False) -> tuple[list[int], torch.Tensor]:
     """Greedy joint OBS removal of ``n_units`` channels shared by several consuming layers.
 
     ``layers``: ``[(W, H, sets, row_weights)]`` per consumer -- its 2-D weight, Gram, the column set of each unit
     (``len(sets) == n_units``; an empty set means the unit does not feed this layer) and row weights (or None).
     At every step the unit whose removal adds the least ``sum_layers 1/2 sum_r s_r w_rP ([H^-1]_PP)^-1 w_rP^T``
     (given the units already removed, with the kept columns OBS-updated and the inverse downdated) is removed.
+    ``compensate=False``: no update -- the loss of removing a set ``S`` is ``1/2 sum_r s_r w_rS H_SS w_rS^T`` and
+    each step adds the unit with the least increase given ``S`` (cross terms included; undamped ``H``).
     Returns ``(order, increments)``: the removal order and each step's added loss; ``increments[:t].sum()`` is the
-    predicted loss of removing the first ``t`` units together (exact for the damped layer quadratics).
+    predicted loss of removing the first ``t`` units together (exact for the damped layer quadratics; for the
+    undamped ones without the update).
     """
     from tqdm.auto import tqdm
 
-    state = []
     for i, (W, H, sets, s) in enumerate(layers):
         if len(sets) != n_units:
             raise PruningInputError(f"layers[{i}]: expected {n_units} column sets, got {len(sets)}")
+    if not compensate:
+        return _greedy_uncompensated(layers, n_units, progress)
+    state = []
+    for W, H, sets, s in layers:
         M = inverse_factor(H, rel_damp).hinv.to(torch.float64)
         w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
         state.append([W.detach().to(torch.float64).clone(), M, [torch.as_tensor(c, dtype=torch.long) for c in sets],
@@ -171,6 +177,48 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
             M[P, :] = 0.0
             M[:, P] = 0.0
             M[P, P] = 1.0                                # removed columns: decoupled, never chosen again
+    return order, torch.tensor(inc, dtype=torch.float64)
+
+
+def _greedy_uncompensated(layers, n_units, progress):
+    """:func:`greedy_removal` without the update: ``G = W_S H`` (the removed part of every row times ``H``) is
+    kept per layer, so the increase of also removing unit ``u`` is ``1/2 sum_r s_r w_rP H_PP w_rP^T +
+    sum_r s_r w_rP . G_rP`` -- one rank-|P| update of ``G`` per step."""
+    from tqdm.auto import tqdm
+
+    state = []
+    for W, H, sets, s in layers:
+        check_finite(H)
+        Wd = W.detach().to(torch.float64)
+        Hd = H.to(torch.float64)
+        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
+        sets = [torch.as_tensor(c, dtype=torch.long) for c in sets]
+        own = torch.zeros(n_units, dtype=torch.float64)  # each unit's own term, fixed
+        for u, P in enumerate(sets):
+            if P.numel():
+                wp = Wd[:, P]
+                own[u] = 0.5 * (((wp @ Hd[P][:, P]) * wp).sum(1) * w).sum()
+        cols = torch.cat([c for c in sets] + [torch.zeros(0, dtype=torch.long)])
+        unit = torch.cat([torch.full((c.numel(),), u, dtype=torch.long) for u, c in enumerate(sets)]
+                         + [torch.zeros(0, dtype=torch.long)])
+        state.append((Wd, Hd, sets, w, own, torch.zeros_like(Wd), cols, unit))
+    alive = torch.ones(n_units, dtype=torch.bool)
+    order, inc = [], []
+    for _ in tqdm(range(n_units), desc="greedy removal", disable=not progress, leave=False):
+        total = torch.zeros(n_units, dtype=torch.float64)
+        for Wd, Hd, sets, w, own, G, cols, unit in state:
+            cross = (w.unsqueeze(1) * Wd * G).sum(0)       # sum_r s_r w_rj G_rj, per column
+            total += own
+            total.index_add_(0, unit, cross[cols])
+        total[~alive] = float("inf")
+        u = int(torch.argmin(total))
+        order.append(u)
+        inc.append(float(total[u]))
+        alive[u] = False
+        for Wd, Hd, sets, _, _, G, _, _ in state:
+            P = sets[u]
+            if P.numel():
+                G.addmm_(Wd[:, P], Hd[P, :])
     return order, torch.tensor(inc, dtype=torch.float64)
 
 
