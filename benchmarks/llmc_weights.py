@@ -9,6 +9,12 @@ decoder block, the share of mask entries two results agree on and the relative d
 three pairs: ours vs theirs on order 0; ours on order 0 vs ours on order 1; theirs on order 0 vs theirs on order 1.
 A reordering leaves every Gram the same in exact arithmetic, so the last two pairs show how far rounding alone
 carries each side; block 0 (dense inputs on both sides) shows whether the two solvers agree when their inputs do.
+
+``--dtype float64`` runs both sides in float64 (the model, the Grams/Hessians and both solvers; llm-compressor through
+its ``SGPT_PRECISION``), which takes fp32 rounding out of the comparison.  ``--counts theirs`` gives our sweep
+llm-compressor's per-block prune counts: its threshold ``score <= sorted[int(n*s)]`` prunes ``int(n*s) + 1`` entries
+of every 128-column block, one more than the sparsity asks; ours by default prunes the rounded count per tensor.
+With both, what is left between the two sides is the solvers themselves.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from obs_plugins.curvature import Curvature
 from obs_plugins.experiment import setup_smollm2, sparsity_args
 from obs_plugins.lm import causal_lm_loss, perplexity
 from obs_plugins.methods.obs_iht import OBSIHTConfig
+from obs_plugins.methods.obs_iht.solver import _block_quotas, solve
+from obs_plugins.targets import to_2d
 
 
 def block_of(name: str) -> int:
@@ -44,12 +52,29 @@ def compare(a: dict, b: dict) -> dict:
     return {"per_block": by_block, "per_weight": per}
 
 
-def ours_t1(setup, sparsity: str, progress: bool) -> dict:
+def their_counts(rows: int, d: int, s: float, blocksize: int = 128) -> list[int]:
+    """llm-compressor's unstructured prunes per column block: ``int(n * s) + 1`` (``sparsify_weight``)."""
+    return [int(rows * (min(i + blocksize, d) - i) * s) + 1 for i in range(0, d, blocksize)]
+
+
+def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: str = "ours") -> dict:
     amount, nm = sparsity_args(sparsity)
     snap = api.snapshot(setup.targets)
     curv = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets], setup.calib,
-                               loss_fn=causal_lm_loss, progress=progress)
-    api.prune(OBSIHTConfig(iterations=1, nm=nm, progress=progress), curvature=curv, amount=amount)
+                               loss_fn=causal_lm_loss, progress=progress, dtype=dtype)
+    cfg = OBSIHTConfig(iterations=1, nm=nm, progress=progress)
+    if counts == "theirs" and nm is None:
+        per = {}
+        for t in setup.targets:
+            W = to_2d(t.module, t.current())
+            blocks = their_counts(*W.shape, amount, cfg.blocksize)
+            per[t.key] = sum(blocks)
+            ones = torch.ones_like(W, dtype=torch.bool)
+            if _block_quotas(ones, per[t.key], cfg.blocksize) != blocks:  # our split of the total must give theirs
+                raise RuntimeError(f"--counts theirs: our block split of {per[t.key]} for {t.key} is not {blocks}")
+        solve(curv, None, cfg, counts=per).apply(reparametrize=False)  # baked, as api.prune
+    else:
+        api.prune(cfg, curvature=curv, amount=amount)
     names = {id(m): n for n, m in setup.model.named_modules()}
     w = {names[id(t.module)]: t.current().detach().clone() for t in setup.targets}
     ppl = {h: perplexity(setup.model, b, progress=False) for h, b in setup.heldout.items()}
@@ -65,18 +90,24 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="both sides (see above)")
+    ap.add_argument("--counts", default="ours", choices=("ours", "theirs"),
+                    help="our per-tensor prune counts, or llm-compressor's per-block int(n*s)+1 (unstructured)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default=None, help="default benchmarks/results/llmc_weights_<sparsity>")
     args = ap.parse_args(argv)
     orders = [int(x) for x in args.orders.split(",")]
     if len(orders) != 2 or orders[0] == orders[1]:
         ap.error("--orders: give two different orders, e.g. 0,1")
-    out = args.out or f"benchmarks/results/llmc_weights_{args.sparsity.replace(':', 'of')}"
+    out = args.out or f"benchmarks/results/llmc_weights_{args.sparsity.replace(':', 'of')}" + \
+        ("" if args.dtype == "float32" else f"_{args.dtype}") + ("" if args.counts == "ours" else "_theirs_counts")
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     sw = Stopwatch()
     ensure_venv()
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len)
-    model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")
+    model_dir = save_model(setup.model, setup.tokenizer, CACHE / "smollm2-fp32")  # fp32 weights: exact in fp64
+    setup.model.to(dtype)
     base = setup.calib
     ours, theirs = {}, {}
     tag = args.sparsity.replace(':', 'of')
@@ -85,11 +116,12 @@ def main(argv=None) -> int:
         work = CACHE / f"llmc-weights-c{args.calib}-e{args.eval}-s{args.seq_len}-o{o}"
         calib_pt = save_windows(setup.calib, work / "calib.pt")
         evals = {h: save_windows(b, work / f"heldout_{h}.pt") for h, b in setup.heldout.items()}
-        wfile = work / f"weights_{tag}.pt"
-        res = run_worker(model_dir, calib_pt, evals, "sparsegpt", args.sparsity, work / f"sparsegpt_{tag}.json",
-                         args.threads, save_weights=wfile)
+        dt = "" if args.dtype == "float32" else f"_{args.dtype}"
+        wfile = work / f"weights_{tag}{dt}.pt"
+        res = run_worker(model_dir, calib_pt, evals, "sparsegpt", args.sparsity, work / f"sparsegpt_{tag}{dt}.json",
+                         args.threads, save_weights=wfile, dtype=args.dtype)
         theirs[o] = {"weights": torch.load(wfile), "ppl": res["ppl"]}
-        ours[o] = ours_t1(setup, args.sparsity, not args.no_progress)
+        ours[o] = ours_t1(setup, args.sparsity, not args.no_progress, dtype, args.counts)
         print(f"order {o}: ours {ours[o]['ppl']}, theirs {theirs[o]['ppl']}", flush=True)
     setup.calib = base
     o0, o1 = orders
@@ -100,7 +132,8 @@ def main(argv=None) -> int:
     show = [b for b in blocks if b in (0, 1, 2, 5, 10, 15, 20, 25) or b == blocks[-1]]
     texts = list(ours[o0]["ppl"])
     lines = [f"SmolLM2-135M T=1 at {args.sparsity}: ours (sequential OBS sweep) and llm-compressor SparseGPT, "
-             f"{setup.info['calib']}; calibration orders {o0} and {o1} (the same windows).", "",
+             f"{setup.info['calib']}; calibration orders {o0} and {o1} (the same windows); both sides in "
+             f"{args.dtype}; our prune counts: {args.counts}.", "",
              f"Command: `{command_line()}`", "",
              "Perplexity (" + " / ".join(texts) + "):", "",
              "| order | ours T=1 | llm-compressor SparseGPT | ours / theirs |", "|---|---|---|---|"]
@@ -122,7 +155,8 @@ def main(argv=None) -> int:
     data = {"pairs": {k: v["per_block"] for k, v in pairs.items()}, "block0": {n: v for n, v in pw.items()
             if block_of(n) == 0}, "ppl": {"ours": {o: ours[o]["ppl"] for o in orders},
                                           "theirs": {o: theirs[o]["ppl"] for o in orders}},
-            "setup": setup.info, "command": command_line(), "wall_s": sw.seconds}
+            "setup": setup.info, "dtype": args.dtype, "counts": args.counts, "command": command_line(),
+            "wall_s": sw.seconds}
     write_results(out, lines, data)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -131,7 +165,7 @@ def main(argv=None) -> int:
     ax.set_yscale("symlog", linthresh=1e-5)
     ax.set_xlabel("decoder block")
     ax.set_ylabel("share of mask entries that differ")
-    ax.set_title(f"SmolLM2-135M T=1 at {args.sparsity}: rounding vs method")
+    ax.set_title(f"SmolLM2-135M T=1 at {args.sparsity} ({args.dtype}): rounding vs method")
     ax.legend(fontsize=8)
     save_figure(fig, out + ".png")
     print("\n".join(lines))

@@ -86,12 +86,13 @@ def ensure_venv() -> None:
 
 
 def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sparsity: str, out: Path,
-               threads: int, reuse: bool = False, device: str = "cpu", save_weights: Path | None = None) -> dict:
+               threads: int, reuse: bool = False, device: str = "cpu", save_weights: Path | None = None,
+               dtype: str = "float32") -> dict:
     if reuse and out.exists():
         print(f"vs_llmcompressor: reusing {out}", flush=True)
         return json.loads(out.read_text())
     cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
-           "--threads", str(threads), "--device", device, "--out", str(out)] + (["--calib", str(calib)] if calib else []) \
+           "--threads", str(threads), "--device", device, "--dtype", dtype, "--out", str(out)] + (["--calib", str(calib)] if calib else []) \
         + (["--save-weights", str(save_weights)] if save_weights else [])
     for name, p in evals.items():
         cmd += ["--eval", f"{name}={p}"]

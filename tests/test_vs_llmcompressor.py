@@ -208,3 +208,20 @@ def test_draws_pairs_two_variants_of_ours_by_calibration(monkeypatch, tmp_path):
     assert ppl_row[:3] == ["0.7", "a", "2"] and ppl_row[3].startswith(f"{(0.5 * 1.5) ** 0.5:.4f}")
     assert ppl_row[4] == "1 of 2"
     assert time_row == ["0.7", "T=1 prune time", "2", "median 2.100 (1.200 … 3.000)", "0 of 2"]
+
+
+def test_llmc_weights_their_counts_are_int_ns_plus_one_per_block_and_our_sweep_prunes_them(monkeypatch):
+    """benchmarks/llmc_weights.py --counts theirs: llm-compressor's threshold ``score <= sorted[int(n*s)]`` prunes
+    int(n*s) + 1 entries of each 128-column block; our sweep given their total prunes exactly those per block."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    lw = _load("llmc_weights", BENCH / "llmc_weights.py")
+    from obs_plugins.curvature.linalg import inverse_factor
+    from obs_plugins.methods.obs_iht.solver import obs_sweep
+    assert lw.their_counts(6, 300, 0.7) == [538, 538, 185]        # 6*128*0.7 = 537.6, 6*44*0.7 = 184.8
+    assert lw.their_counts(576, 576, 0.7) == [51610] * 4 + [25805]
+    assert lw.their_counts(4, 256, 0.5) == [257, 257]               # exact n*s: still one more
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 900, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 300, generator=g, dtype=torch.float64)
+    _, keep, _ = obs_sweep(W, inverse_factor(2 * X @ X.T / 900).hinv_chol_upper, k=538 + 538 + 185)
+    assert [int((~keep[:, i:i + 128]).sum()) for i in (0, 128, 256)] == [538, 538, 185]

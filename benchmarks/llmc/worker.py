@@ -97,6 +97,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-batch-size", type=int, default=1, help="oneshot's calibration batch size")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the model is pruned and evaluated")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                    help="model and SparseGPT precision; float64 (a diagnostic: how far apart are the two solvers "
+                         "without fp32 rounding?) loads the model in float64 and sets llm-compressor's "
+                         "SGPT_PRECISION, the one dtype its Hessians and sparsify_weight use, to float64")
     ap.add_argument("--out", required=True)
     ap.add_argument("--save-weights", default=None, help="also torch.save the pruned decoder Linear weights here")
     args = ap.parse_args(argv)
@@ -117,18 +121,21 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(args.device)
     model.eval()
     load_s = time.perf_counter() - t0
     lin = decoder_linears(model)
     keep = {n: p.detach().clone() for n, p in model.named_parameters() if not any(n.startswith(k) for k in lin)}
     out = {"method": args.method, "sparsity": args.sparsity if args.method != "dense" else "0", "n_weights": len(lin), "load_seconds": load_s,
-           "versions": {p: version(p) for p in ("torch", "transformers")}, "threads": args.threads, "device": args.device,
+           "versions": {p: version(p) for p in ("torch", "transformers")}, "threads": args.threads, "device": args.device, "dtype": args.dtype,
            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads"}
     if args.method != "dense":
         import llmcompressor
         from datasets import Dataset
         from llmcompressor import oneshot
+        from llmcompressor.modifiers.pruning.sparsegpt import sgpt_sparsify
+        sgpt_sparsify.SGPT_PRECISION = dtype  # read at call time by make_empty_hessian / sparsify_weight
         out["versions"].update({p: version(p) for p in ("llmcompressor", "compressed-tensors")})
         calib = torch.load(args.calib)
         if calib.dim() != 2:
