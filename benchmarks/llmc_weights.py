@@ -14,7 +14,10 @@ carries each side; block 0 (dense inputs on both sides) shows whether the two so
 its ``SGPT_PRECISION``), which takes fp32 rounding out of the comparison.  ``--counts theirs`` gives our sweep
 llm-compressor's per-block prune counts: its threshold ``score <= sorted[int(n*s)]`` prunes ``int(n*s) + 1`` entries
 of every 128-column block, one more than the sparsity asks; ours by default prunes the rounded count per tensor.
-With both, what is left between the two sides is the solvers themselves.
+``--eager`` runs our calibration passes with eager attention, as llm-compressor's pipeline forces for its own
+(``use_eager_attention``; eager attention takes its softmax in fp32, so in float64 the default sdpa and eager
+differ at ~1e-8, ``benchmarks/llmc_inputs.py``).  With all three, what is left between the two sides is the solvers
+themselves and the order of floating-point sums.
 """
 from __future__ import annotations
 
@@ -57,9 +60,13 @@ def their_counts(rows: int, d: int, s: float, blocksize: int = 128) -> list[int]
     return [int(rows * (min(i + blocksize, d) - i) * s) + 1 for i in range(0, d, blocksize)]
 
 
-def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: str = "ours") -> dict:
+def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: str = "ours",
+            eager: bool = False) -> dict:
     amount, nm = sparsity_args(sparsity)
     snap = api.snapshot(setup.targets)
+    attn = setup.model.config._attn_implementation
+    if eager:  # as llm-compressor's calibration_forward_context (use_eager_attention): read at forward time
+        setup.model.config._attn_implementation = "eager"
     curv = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets], setup.calib,
                                loss_fn=causal_lm_loss, progress=progress, dtype=dtype)
     cfg = OBSIHTConfig(iterations=1, nm=nm, progress=progress)
@@ -75,6 +82,7 @@ def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: s
         solve(curv, None, cfg, counts=per).apply(reparametrize=False)  # baked, as api.prune
     else:
         api.prune(cfg, curvature=curv, amount=amount)
+    setup.model.config._attn_implementation = attn  # perplexity with the model's own attention, as theirs
     names = {id(m): n for n, m in setup.model.named_modules()}
     w = {names[id(t.module)]: t.current().detach().clone() for t in setup.targets}
     ppl = {h: perplexity(setup.model, b, progress=False) for h, b in setup.heldout.items()}
@@ -85,7 +93,8 @@ def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", default="2:4")
-    ap.add_argument("--orders", default="0,1", help="two calibration orders: the first is compared across sides")
+    ap.add_argument("--orders", default="0,1", help="one or two calibration orders: the first is compared across "
+                    "sides, a second gives each side against itself")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -93,14 +102,18 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="both sides (see above)")
     ap.add_argument("--counts", default="ours", choices=("ours", "theirs"),
                     help="our per-tensor prune counts, or llm-compressor's per-block int(n*s)+1 (unstructured)")
+    ap.add_argument("--eager", action="store_true",
+                    help="our calibration forward passes with eager attention, as llm-compressor's pipeline forces "
+                         "(its softmax runs in fp32 even for an fp64 model); perplexity with the model's default")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default=None, help="default benchmarks/results/llmc_weights_<sparsity>")
     args = ap.parse_args(argv)
     orders = [int(x) for x in args.orders.split(",")]
-    if len(orders) != 2 or orders[0] == orders[1]:
-        ap.error("--orders: give two different orders, e.g. 0,1")
+    if len(orders) not in (1, 2) or len(set(orders)) != len(orders):
+        ap.error("--orders: one order, or two different ones (e.g. 0,1)")
     out = args.out or f"benchmarks/results/llmc_weights_{args.sparsity.replace(':', 'of')}" + \
-        ("" if args.dtype == "float32" else f"_{args.dtype}") + ("" if args.counts == "ours" else "_theirs_counts")
+        ("" if args.dtype == "float32" else f"_{args.dtype}") + ("" if args.counts == "ours" else "_theirs_counts") + \
+        ("_eager" if args.eager else "")
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     sw = Stopwatch()
@@ -121,19 +134,22 @@ def main(argv=None) -> int:
         res = run_worker(model_dir, calib_pt, evals, "sparsegpt", args.sparsity, work / f"sparsegpt_{tag}{dt}.json",
                          args.threads, save_weights=wfile, dtype=args.dtype)
         theirs[o] = {"weights": torch.load(wfile), "ppl": res["ppl"]}
-        ours[o] = ours_t1(setup, args.sparsity, not args.no_progress, dtype, args.counts)
+        ours[o] = ours_t1(setup, args.sparsity, not args.no_progress, dtype, args.counts, args.eager)
         print(f"order {o}: ours {ours[o]['ppl']}, theirs {theirs[o]['ppl']}", flush=True)
     setup.calib = base
-    o0, o1 = orders
-    pairs = {f"ours vs theirs (order {o0})": compare(ours[o0]["weights"], theirs[o0]["weights"]),
-             f"ours order {o0} vs ours order {o1}": compare(ours[o0]["weights"], ours[o1]["weights"]),
-             f"theirs order {o0} vs theirs order {o1}": compare(theirs[o0]["weights"], theirs[o1]["weights"])}
+    o0 = orders[0]
+    pairs = {f"ours vs theirs (order {o0})": compare(ours[o0]["weights"], theirs[o0]["weights"])}
+    if len(orders) == 2:
+        o1 = orders[1]
+        pairs[f"ours order {o0} vs ours order {o1}"] = compare(ours[o0]["weights"], ours[o1]["weights"])
+        pairs[f"theirs order {o0} vs theirs order {o1}"] = compare(theirs[o0]["weights"], theirs[o1]["weights"])
     blocks = sorted(next(iter(pairs.values()))["per_block"])
     show = [b for b in blocks if b in (0, 1, 2, 5, 10, 15, 20, 25) or b == blocks[-1]]
     texts = list(ours[o0]["ppl"])
     lines = [f"SmolLM2-135M T=1 at {args.sparsity}: ours (sequential OBS sweep) and llm-compressor SparseGPT, "
-             f"{setup.info['calib']}; calibration orders {o0} and {o1} (the same windows); both sides in "
-             f"{args.dtype}; our prune counts: {args.counts}.", "",
+             f"{setup.info['calib']}; calibration order(s) {', '.join(map(str, orders))} (the same windows); both "
+             f"sides in {args.dtype}; our prune counts: {args.counts}; our calibration attention: "
+             f"{'eager (as theirs)' if args.eager else 'the model default'}.", "",
              f"Command: `{command_line()}`", "",
              "Perplexity (" + " / ".join(texts) + "):", "",
              "| order | ours T=1 | llm-compressor SparseGPT | ours / theirs |", "|---|---|---|---|"]
@@ -155,7 +171,7 @@ def main(argv=None) -> int:
     data = {"pairs": {k: v["per_block"] for k, v in pairs.items()}, "block0": {n: v for n, v in pw.items()
             if block_of(n) == 0}, "ppl": {"ours": {o: ours[o]["ppl"] for o in orders},
                                           "theirs": {o: theirs[o]["ppl"] for o in orders}},
-            "setup": setup.info, "dtype": args.dtype, "counts": args.counts, "command": command_line(),
+            "setup": setup.info, "dtype": args.dtype, "counts": args.counts, "eager": args.eager, "command": command_line(),
             "wall_s": sw.seconds}
     write_results(out, lines, data)
     plt = pyplot()
