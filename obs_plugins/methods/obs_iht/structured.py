@@ -198,16 +198,16 @@ def _greedy_uncompensated(layers, n_units, progress):
             if P.numel():
                 wp = Wd[:, P]
                 own[u] = 0.5 * (((wp @ Hd[P][:, P]) * wp).sum(1) * w).sum()
-        cols = torch.cat([c for c in sets] + [torch.zeros(0, dtype=torch.long)])
-        unit = torch.cat([torch.full((c.numel(),), u, dtype=torch.long) for u, c in enumerate(sets)]
-                         + [torch.zeros(0, dtype=torch.long)])
-        state.append((Wd, Hd, sets, w, own, torch.zeros_like(Wd), cols, unit))
+        none = [torch.zeros(0, dtype=torch.long)]
+        cols = torch.cat(sets + none)                    # every unit's columns, and which unit each belongs to
+        unit = torch.cat([torch.full((c.numel(),), u, dtype=torch.long) for u, c in enumerate(sets)] + none)
+        state.append((Wd, Hd, sets, w.unsqueeze(1) * Wd, own, torch.zeros_like(Wd), cols, unit))
     alive = torch.ones(n_units, dtype=torch.bool)
     order, inc = [], []
     for _ in tqdm(range(n_units), desc="greedy removal", disable=not progress, leave=False):
         total = torch.zeros(n_units, dtype=torch.float64)
-        for Wd, Hd, sets, w, own, G, cols, unit in state:
-            cross = (w.unsqueeze(1) * Wd * G).sum(0)       # sum_r s_r w_rj G_rj, per column
+        for Wd, Hd, sets, sW, own, G, cols, unit in state:
+            cross = (sW * G).sum(0)                       # sum_r s_r w_rj G_rj, per column
             total += own
             total.index_add_(0, unit, cross[cols])
         total[~alive] = float("inf")
