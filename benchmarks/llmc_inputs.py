@@ -19,6 +19,7 @@ import sys
 import torch
 
 from _common import Stopwatch, command_line, write_results
+from llmc.pipeline_inputs import plain_grams
 from vs_llmcompressor import CACHE, ROOT, VENV_PY, ensure_venv, save_model, save_windows
 from obs_plugins.curvature import Curvature
 from obs_plugins.experiment import setup_smollm2
@@ -59,21 +60,13 @@ def main(argv=None) -> int:
     names = {m: n for n, m in model.named_modules()}
     block0 = [(m, "weight") for m in names if names[m] in theirs["plain"]]
     ids = torch.load(calib_pt)
-    plain: dict[str, list] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o: plain.setdefault(names[m], []).append(a[0].detach().clone()))
-             for m, _ in block0]
-    with torch.no_grad():
-        for i in range(ids.shape[0]):
-            model(input_ids=ids[i:i + 1])
-    for h in hooks:
-        h.remove()
+    plain = plain_grams(model, {m: names[m] for m, _ in block0}, ids)
     curv = Curvature.layerwise(model, block0, causal_lm_batches(ids, batch_size=4), dtype=dtype, progress=False)
     ours = {names[t.module]: curv.hessians[t.key] for t in curv.targets}
     rows, data = [], {}
     for n in sorted(theirs["plain"], key=lambda n: ("q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"
                                                    .split().index(n.split(".")[-1]))):
-        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in plain[n]]).double()
-        ref = 2 * X.T @ X / X.shape[0]
+        ref = plain[n]
         d = {"ours_curvature_vs_plain": rel(ours[n], ref), "plain_their_venv_vs_ours": rel(theirs["plain"][n], ref),
              "their_pipeline_vs_plain": rel(theirs["pipeline"][n], ref)}
         data[n] = d

@@ -64,12 +64,8 @@ def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: s
             eager: bool = False) -> dict:
     amount, nm = sparsity_args(sparsity)
     snap = api.snapshot(setup.targets)
-    attn = setup.model.config._attn_implementation
-    if eager:  # as llm-compressor's calibration_forward_context (use_eager_attention): read at forward time
-        setup.model.config._attn_implementation = "eager"
-    curv = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets], setup.calib,
-                               loss_fn=causal_lm_loss, progress=progress, dtype=dtype)
     cfg = OBSIHTConfig(iterations=1, nm=nm, progress=progress)
+    per = None
     if counts == "theirs" and nm is None:
         per = {}
         for t in setup.targets:
@@ -79,10 +75,18 @@ def ours_t1(setup, sparsity: str, progress: bool, dtype=torch.float32, counts: s
             ones = torch.ones_like(W, dtype=torch.bool)
             if _block_quotas(ones, per[t.key], cfg.blocksize) != blocks:  # our split of the total must give theirs
                 raise RuntimeError(f"--counts theirs: our block split of {per[t.key]} for {t.key} is not {blocks}")
-        solve(curv, None, cfg, counts=per).apply(reparametrize=False)  # baked, as api.prune
-    else:
-        api.prune(cfg, curvature=curv, amount=amount)
-    setup.model.config._attn_implementation = attn  # perplexity with the model's own attention, as theirs
+    attn = setup.model.config._attn_implementation
+    if eager:  # as llm-compressor's calibration_forward_context (use_eager_attention): read at forward time
+        setup.model.config._attn_implementation = "eager"
+    try:
+        curv = Curvature.layerwise(setup.model, [(t.module, t.name) for t in setup.targets], setup.calib,
+                                   loss_fn=causal_lm_loss, progress=progress, dtype=dtype)
+        if per is not None:
+            solve(curv, None, cfg, counts=per).apply(reparametrize=False)  # baked, as api.prune
+        else:
+            api.prune(cfg, curvature=curv, amount=amount)
+    finally:
+        setup.model.config._attn_implementation = attn  # perplexity with the model's own attention, as theirs
     names = {id(m): n for n, m in setup.model.named_modules()}
     w = {names[id(t.module)]: t.current().detach().clone() for t in setup.targets}
     ppl = {h: perplexity(setup.model, b, progress=False) for h, b in setup.heldout.items()}

@@ -56,18 +56,19 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "obs_removal_greedy", "cs", "bip")
 OBS_NAMES = ("obs", "obs_removal", "obs_removal_greedy")
+LEARNED = ("cs", "bip")
 
 
 def obs_importance(curv, imp_name, rel_damp, mode=None):
-    """"obs": the default ranking (loss after the update; ``mode``: greedy / single); "obs_removal": the removal
-    error of each channel alone (``compensate=False``); "obs_removal_greedy": the joint removal error, greedy order
+    """The OBSImportance that ranks (OBS names) or only applies the update (any other importance: the default).
+    "obs": the default ranking (loss after the update; ``mode``: greedy / single); "obs_removal": the removal error
+    of each channel alone (``compensate=False``); "obs_removal_greedy": the joint removal error, greedy order
     (``compensate=False, mode="greedy"``).  The same object applies the update when asked."""
     from obs_plugins.integrations.torch_pruning import OBSImportance
-    if imp_name == "obs":
+    if imp_name not in ("obs_removal", "obs_removal_greedy"):
         return OBSImportance(curv, rel_damp=rel_damp, mode=mode)
     return OBSImportance(curv, rel_damp=rel_damp, compensate=False,
                          mode="greedy" if imp_name == "obs_removal_greedy" else "single")
-LEARNED = ("cs", "bip")
 
 
 def _tp():
@@ -228,7 +229,7 @@ def cnn_prune(dense, calib, ratio, imp_name, update, rel_damp, hessian_samples, 
     t0 = time.perf_counter()
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=())]
     curv = Curvature.layerwise(m, params, calib, loss_fn=F.cross_entropy, progress=False)
-    obs = obs_importance(curv, imp_name if imp_name in OBS_NAMES else "obs", rel_damp)
+    obs = obs_importance(curv, imp_name, rel_damp)
     if imp_name in OBS_NAMES:
         imp = obs
     elif imp_name == "cs":
@@ -459,7 +460,7 @@ def minilm_prune(dense, enc, labels, calib_idx, head, ratio, imp_name, update, r
 
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("pooler",))]
     curv = Curvature.layerwise(m, params, batches, loss_fn=loss_fn, forward_fn=fwd, progress=False)
-    obs = obs_importance(curv, imp_name if imp_name in OBS_NAMES else "obs", rel_damp, mode)
+    obs = obs_importance(curv, imp_name, rel_damp, mode)
     imp = obs if imp_name in OBS_NAMES else builtin_importance(imp_name)
     before = None
     if imp_name in ("taylor", "hessian"):

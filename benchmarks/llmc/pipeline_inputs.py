@@ -19,6 +19,22 @@ def gram(xs: list) -> torch.Tensor:
     return 2 * X.T @ X / X.shape[0]
 
 
+def plain_grams(model, names: dict, ids: torch.Tensor) -> dict:
+    """``{name: Gram}`` of the inputs of the modules ``names`` (module -> name) in plain forward passes, one
+    window at a time.  (Also imported by benchmarks/llmc_inputs.py for our side.)"""
+    seen: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.setdefault(names[m], []).append(a[0].detach().clone()))
+             for m in names]
+    try:
+        with torch.no_grad():
+            for i in range(ids.shape[0]):
+                model(input_ids=ids[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: gram(v) for k, v in seen.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-dir", required=True)
@@ -39,14 +55,7 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
     names = {m: n for n, m in model.named_modules() if BLOCK0.match(n)}
     ids = torch.load(args.calib)
-    plain: dict[str, list] = {}
-    hooks = [m.register_forward_hook(lambda m, a, o: plain.setdefault(names[m], []).append(a[0].detach().clone()))
-             for m in names]
-    with torch.no_grad():
-        for i in range(ids.shape[0]):
-            model(input_ids=ids[i:i + 1])
-    for h in hooks:
-        h.remove()
+    plain = plain_grams(model, names, ids)
     pipe: dict[str, list] = {}
     accumulate = sgpt_base.accumulate_hessian
 
@@ -60,8 +69,7 @@ def main(argv=None) -> int:
     oneshot(model=model, dataset=ds, recipe=[SparseGPTModifier(sparsity=0.5, targets=["LlamaDecoderLayer"])],
             num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], batch_size=1,
             shuffle_calibration_samples=False)
-    torch.save({"plain": {k: gram(v) for k, v in plain.items()}, "pipeline": {k: gram(v) for k, v in pipe.items()}},
-               args.out)
+    torch.save({"plain": plain, "pipeline": {k: gram(v) for k, v in pipe.items()}}, args.out)
     return 0
 
 
