@@ -1,0 +1,59 @@
+"""benchmarks/limit.py --refit-epochs: training with masks keeps the pruned weights at zero and re-fits the kept
+ones; the re-fit scan stops at the first sparsity where every criterion passes and reports 0.0 for a criterion
+that never passes."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("limit_bench", BENCH / "limit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+def test_masked_training_keeps_pruned_weights_zero(bench):
+    torch.manual_seed(0)
+    model = bench.MLP((4,))
+    x, y = _data()
+    layer = model.layers[0]
+    keep = (torch.rand_like(layer.weight) > 0.5).float()
+    with torch.no_grad():
+        layer.weight.mul_(keep)
+    before = layer.weight.detach().clone()
+    bench.train(model, x, y, epochs=1, l1=0.0, seed=0, progress=False, bs=16, masks={layer: keep})
+    assert int((layer.weight[keep == 0] != 0).sum()) == 0
+    assert bool((layer.weight[keep == 1] != before[keep == 1]).all())  # every kept weight was re-fit
+
+
+@pytest.mark.parametrize("easy", [True, False])
+def test_refit_scan_stops_at_first_all_pass(bench, easy):
+    torch.manual_seed(0)
+    model = bench.MLP((4,))
+    x, y = _data()
+    args = SimpleNamespace(tolerances=[1.0 if easy else -1.0], refit_epochs=1, seed=0, lr=1e-3, optimizer="adam")
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    rep = SimpleNamespace(sweep={"dense_accuracy": 0.1}, dense_loss=2.3, epsilon=float("inf") if easy else -10.0)
+    out = bench.refit_limits(model, args, (x, y, x, y), batches, batches, rep)
+    if easy:   # everything passes at the first sparsity tried
+        assert [c["sparsity"] for c in out["curve"]] == [0.99]
+        assert set(out["limits"].values()) == {0.99}
+    else:      # nothing can pass (accuracy >= dense + 1, loss <= dense - 10): the whole grid, limits 0.0
+        assert [c["sparsity"] for c in out["curve"]] == [i / 100 for i in range(99, 0, -1)]
+        assert set(out["limits"].values()) == {0.0}
