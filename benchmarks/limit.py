@@ -279,6 +279,32 @@ def render(res, out: Path):
     return text
 
 
+def collect(paths, out: Path):
+    """One table over several runs' JSON (e.g. seeds): every row with its seed and λ, the gaps, and the re-fit
+    limits where the run measured them."""
+    lines = ["| run | model | λ | seed | share abs(w) < 1e-3 | dense test acc | predicted s* | measured, acc ≥ dense−tol "
+             "/ loss ≤ dense+ε | pred − meas (acc / loss) | re-fit vs dense, acc / loss | pred − re-fit (acc / loss) "
+             "| re-fit vs dense re-fit, acc / loss |", "|" + "---|" * 12]
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        tol = str(res["args"]["tolerances"][0])
+        for r in res["rows"]:
+            m, ml = r["measured"][tol], r["measured_loss"]
+            f = (r.get("refit") or {}).get("limits")
+            cells = ([f"{f['acc_dense']:.2f} / {f['loss_dense']:.2f}",
+                      f"{100 * (r['predicted'] - f['acc_dense']):+.1f} / {100 * (r['predicted'] - f['loss_dense']):+.1f}",
+                      f"{f['acc_refit']:.2f} / {f['loss_refit']:.2f}"] if f else ["—"] * 3)
+            lines.append(f"| {Path(path).stem} | {r['model']} | {r['l1']:g} | {res['args']['seed']} | "
+                         f"{r['small_weights']:.2f} | {r['dense_accuracy']:.4f} | **{r['predicted']:.3f}** | "
+                         f"{m:.2f} / {ml:.2f} | {100 * (r['predicted'] - m):+.1f} / {100 * (r['predicted'] - ml):+.1f} | "
+                         + " | ".join(cells) + " |")
+    text = "\n".join(["# Pruning-limit estimate: runs collected", "",
+                      f"`python benchmarks/limit.py --collect {' '.join(str(p) for p in paths)} --out {out}`", "",
+                      "Gaps in percentage points; tolerance = each run's first (0.01 by default).", "", *lines, ""])
+    out.with_suffix(".md").write_text(text)
+    return text
+
+
 def plot(reps, out: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -317,11 +343,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 epoch, 32 steps, 1 probe, 1024 HVP images")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "limit"))
     ap.add_argument("--render", action="store_true", help="rebuild the table and plot from <out>.json")
+    ap.add_argument("--collect", nargs="+", metavar="JSON", help="one table over these runs' JSON files -> <out>.md")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     out = Path(args.out)
+    if args.collect:
+        print(collect(args.collect, out))
+        return 0
     if args.render:
         res = json.loads(out.with_suffix(".json").read_text())
         print(render(res, out))
