@@ -219,8 +219,9 @@ def run_one(name, l1, args, data):
                measured_loss=rep.measured_loss_limit(), dense_accuracy=rep.sweep["dense_accuracy"],
                epsilon=rep.epsilon, num_weights=rep.num_weights, slq=f"{steps}×{probes} @ {n_hvp}",
                small_weights=float((w < 1e-3).float().mean()),
+               path=rep.path["predicted"], path_second_order=rep.path["predicted_second_order"],
                train_seconds=t_train, estimate_seconds=t_est, seconds=rep.seconds, refit=refit)
-    print(f"{label}: predicted {rep.predicted:.3f}, measured (acc, tol {args.tolerances[0]}) "
+    print(f"{label}: predicted {rep.predicted:.3f} (quadratic along the path {rep.path['predicted']:.3f}), measured (acc, tol {args.tolerances[0]}) "
           f"{row['measured'][str(args.tolerances[0])]:.2f}, measured (loss) {row['measured_loss']:.2f}, "
           f"dense acc {row['dense_accuracy']:.4f}, eps {rep.epsilon:.4f}; train {t_train:.0f} s, "
           f"estimate {t_est:.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in rep.seconds.items())})", flush=True)
@@ -232,7 +233,8 @@ def render(res, out: Path):
     tols = args["tolerances"]
     head = ("| model | D | SLQ steps×probes @ HVP images | dense test acc | ε | share abs(w) < 1e-3 | predicted s* | "
             + " | ".join(f"measured, acc ≥ dense−{t:g}" for t in tols)
-            + " | measured, loss ≤ dense+ε | pred − meas (acc, tol " + f"{tols[0]:g}) | pred − meas (loss) |")
+            + " | measured, loss ≤ dense+ε | pred − meas (acc, tol " + f"{tols[0]:g}) | pred − meas (loss) |"
+            + " quadratic along the path (½dᵀHd alone) | path − meas (acc / loss) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         m0 = r["measured"][str(tols[0])]
@@ -240,7 +242,9 @@ def render(res, out: Path):
                      f"{r['small_weights']:.2f} | **{r['predicted']:.3f}** | "
                      + " | ".join(f"{r['measured'][str(t)]:.2f}" for t in tols)
                      + f" | {r['measured_loss']:.2f} | {100 * (r['predicted'] - m0):+.1f} pts | "
-                     f"{100 * (r['predicted'] - r['measured_loss']):+.1f} pts |")
+                     f"{100 * (r['predicted'] - r['measured_loss']):+.1f} pts | "
+                     + (f"{r['path']:.3f} ({r['path_second_order']:.3f}) | {100 * (r['path'] - m0):+.1f} / "
+                        f"{100 * (r['path'] - r['measured_loss']):+.1f} pts |" if "path" in r else "— | — |"))
     refit_rows = [r for r in res["rows"] if r.get("refit")]
     if refit_rows:
         e = refit_rows[0]["refit"]["epochs"]
@@ -283,8 +287,9 @@ def collect(paths, out: Path):
     """One table over several runs' JSON (e.g. seeds): every row with its seed and λ, the gaps, and the re-fit
     limits where the run measured them."""
     lines = ["| run | model | λ | seed | share abs(w) < 1e-3 | dense test acc | predicted s* | measured, acc ≥ dense−tol "
-             "/ loss ≤ dense+ε | pred − meas (acc / loss) | re-fit vs dense, acc / loss | pred − re-fit (acc / loss) "
-             "| re-fit vs dense re-fit, acc / loss |", "|" + "---|" * 12]
+             "/ loss ≤ dense+ε | pred − meas (acc / loss) | path model (½dᵀHd alone) | path − meas (acc / loss) | "
+             "re-fit vs dense, acc / loss | pred − re-fit (acc / loss) | re-fit vs dense re-fit, acc / loss |",
+             "|" + "---|" * 14]
     for path in paths:
         res = json.loads(Path(path).read_text())
         tol = str(res["args"]["tolerances"][0])
@@ -297,6 +302,8 @@ def collect(paths, out: Path):
             lines.append(f"| {Path(path).stem} | {r['model']} | {r['l1']:g} | {res['args']['seed']} | "
                          f"{r['small_weights']:.2f} | {r['dense_accuracy']:.4f} | **{r['predicted']:.3f}** | "
                          f"{m:.2f} / {ml:.2f} | {100 * (r['predicted'] - m):+.1f} / {100 * (r['predicted'] - ml):+.1f} | "
+                         + (f"{r['path']:.3f} ({r['path_second_order']:.3f}) | {100 * (r['path'] - m):+.1f} / "
+                            f"{100 * (r['path'] - ml):+.1f} | " if "path" in r else "— | — | ")
                          + " | ".join(cells) + " |")
     text = "\n".join(["# Pruning-limit estimate: runs collected", "",
                       f"`python benchmarks/limit.py --collect {' '.join(str(p) for p in paths)} --out {out}`", "",

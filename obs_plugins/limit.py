@@ -30,6 +30,16 @@ rises, so the crossing is unique.  It is found exactly on the integer counts (``
 sum of the sorted squares, so every ``k = 0..D`` is available; bisection), then interpolated linearly between
 the two counts around the sign change.
 
+A second estimate from the same curvature: the quadratic model along the path
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Assumption 2 treats the pruning subspace as random relative to the Hessian's eigenvectors.  The magnitude
+path is not random: ``report.path`` evaluates the same quadratic model on the actual pruning step
+``d(s) = w_s - w``, ``L(w_s) - L(w) ~= g^T d + 1/2 d^T H d`` (``g`` the gradient of the mean loss on the HVP
+data; one HVP per count), and gives the first sparsity where it exceeds ``eps`` (``path_points`` counts on
+``0 … D``, then bisection on integer counts between the last one inside and the first outside), with the
+gradient-free ``1/2 d^T H d`` (the paper's model at a minimum) alongside.  It predicts the one-shot limit
+itself, which s* does not do for networks trained without strong l1 (measured, README).
+
 What enters and how
 ~~~~~~~~~~~~~~~~~~~
 * ``eps``, the loss tolerance: by default the standard deviation of the per-batch loss of the dense model
@@ -122,17 +132,10 @@ def magnitude_path(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0)])
 
 
-def solve_limit(nodes: torch.Tensor, weights: torch.Tensor, cum_sq: torch.Tensor, epsilon: float) -> float:
-    """The crossing ``G(R(s)) = s`` on the exact path ``R(k)^2 = cum_sq[k]``, ``s = k / D``."""
-    D = cum_sq.numel() - 1
-
-    def f(k: int) -> float:
-        return float(gaussian_width_fraction(nodes, weights, math.sqrt(max(float(cum_sq[k]), 0.0)), epsilon)[0]) - k / D
-
-    lo, hi = 0, D
-    f_lo, f_hi = f(lo), f(hi)  # f(0) = 1 > 0
-    if f_hi >= 0:
-        return 1.0
+def _last_feasible(f: Callable[[int], float], lo: int, hi: int) -> float:
+    """Bisection on integer counts: ``f(lo) >= 0 > f(hi)``; returns the crossing interpolated linearly between
+    the last count with ``f >= 0`` and the next (a count, not yet divided by D)."""
+    f_lo, f_hi = f(lo), f(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         fm = f(mid)
@@ -140,7 +143,33 @@ def solve_limit(nodes: torch.Tensor, weights: torch.Tensor, cum_sq: torch.Tensor
             lo, f_lo = mid, fm
         else:
             hi, f_hi = mid, fm
-    return (lo + f_lo / (f_lo - f_hi)) / D
+    return lo + f_lo / (f_lo - f_hi)
+
+
+def solve_limit(nodes: torch.Tensor, weights: torch.Tensor, cum_sq: torch.Tensor, epsilon: float) -> float:
+    """The crossing ``G(R(s)) = s`` on the exact path ``R(k)^2 = cum_sq[k]``, ``s = k / D``."""
+    D = cum_sq.numel() - 1
+
+    def f(k: int) -> float:
+        return float(gaussian_width_fraction(nodes, weights, math.sqrt(max(float(cum_sq[k]), 0.0)), epsilon)[0]) - k / D
+
+    if f(D) >= 0:  # f(0) = 1 > 0
+        return 1.0
+    return _last_feasible(f, 0, D) / D
+
+
+def path_limit(increase: Callable[[int], float], D: int, epsilon: float, grid: Sequence[int]) -> float:
+    """First crossing of ``increase(k) = epsilon`` along the magnitude path: the first count of the increasing
+    ``grid`` (starting at 0) whose ``increase`` exceeds ``epsilon``, refined by bisection against the grid count
+    before it (a count there with ``increase <= epsilon`` and the next above it), as a sparsity ``k / D``;
+    1.0 when no grid count exceeds it."""
+    f = lambda k: epsilon - increase(k)  # noqa: E731
+    prev = grid[0]
+    for k in grid[1:]:
+        if f(k) < 0:
+            return _last_feasible(f, prev, k) / D
+        prev = k
+    return 1.0
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -160,6 +189,7 @@ class LimitReport:
     curve: dict                           # sparsity, R, G (= G(R(s)))
     g_curve: dict                         # R, G (G on an R grid)
     sweep: dict | None = None             # measured curves and limits
+    path: dict | None = None              # the quadratic model along the magnitude path (see estimate)
     seconds: dict = field(default_factory=dict)
     label: str = ""
 
@@ -193,6 +223,10 @@ class LimitReport:
         lines = [f"### Pruning limit{': ' + self.label if self.label else ''}", "",
                  "| quantity | value |", "|---|---|",
                  f"| predicted limit s* (G(R(s*)) = s*) | **{self.predicted:.4f}** |"]
+        if self.path is not None:
+            lines.append(f"| quadratic model along the magnitude path: first s with gᵀd + ½dᵀHd > ε | "
+                         f"**{self.path['predicted']:.4f}** (½dᵀHd alone: {self.path['predicted_second_order']:.4f}; "
+                         f"‖g‖ {self.path['gradient_norm']:.3g}, {self.path['hvps']} HVPs) |")
         if self.sweep is not None:
             m, ml = self.measured_limit(), self.measured_loss_limit()
             if m is not None:
@@ -200,7 +234,9 @@ class LimitReport:
                              f"(dense {self.sweep['dense_accuracy']:.4f}) | {m:.4f} "
                              f"(predicted − measured {self.predicted - m:+.4f}) |")
             lines.append(f"| measured limit, loss <= dense + ε | {ml:.4f} "
-                         f"(predicted − measured {self.predicted - ml:+.4f}) |")
+                         f"(predicted − measured {self.predicted - ml:+.4f}"
+                         + (f"; path model − measured {self.path['predicted'] - ml:+.4f}" if self.path else "")
+                         + ") |")
             lines.append(f"| sweep grid | {len(self.sweep['sparsity'])} sparsities, "
                          f"{self.sweep['sparsity'][0]:g} … {self.sweep['sparsity'][-1]:g} |")
         lines += [f"| ε (loss tolerance) | {self.epsilon:.4g} — {self.epsilon_source} |",
@@ -268,6 +304,9 @@ class LimitReport:
             ax2.axhline(self.dense_loss + self.epsilon, color="r", ls=":", lw=0.8)
             ax2.set_ylabel("loss on data (red)")
         ax.axvline(self.predicted, color="g", label=f"predicted {self.predicted:.2f}")
+        if self.path is not None:
+            ax.axvline(self.path["predicted"], color="m", ls="-.",
+                       label=f"quadratic along the path {self.path['predicted']:.2f}")
         ax.set_xlabel("global magnitude sparsity (no fine-tuning)")
         ax.set_ylabel("accuracy")
         ax.set_title(f"{title}predicted vs measured")
@@ -314,7 +353,7 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
              hvp_data: Iterable | None = None, steps: int = 128, probes: int = 4, seed: int = 0,
              sweep: bool = False, eval_data: Iterable | None = None, sparsities: Sequence[float] | None = None,
              acc_tolerance: float = 0.0, metric: str = "accuracy", forward_fn: Callable | None = None,
-             curve_points: int = 201, label: str = "", progress: bool = True) -> LimitReport:
+             curve_points: int = 201, path_points: int = 21, label: str = "", progress: bool = True) -> LimitReport:
     """Predict how far global one-shot magnitude pruning can go before the loss leaves its tolerance.
 
     ``data``: training batches (``(inputs, target)`` pairs or dicts; torch's ``loss_fn(output, target)``
@@ -324,8 +363,9 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
     ``data``, at least 2 batches).  ``steps``/``probes``/``seed``: SLQ.  ``sweep=True`` also measures the
     limit: global magnitude pruning at every ``sparsities`` (default 0.01 … 0.99, each in (0, 1)), accuracy on
     ``eval_data`` (default ``data``; ``metric="accuracy"`` needs ``(inputs, int target)`` pairs, ``"loss"``
-    measures only the loss) against the dense accuracy minus ``acc_tolerance``.  The model is left exactly as
-    it was (weights, masks, train/eval mode).
+    measures only the loss) against the dense accuracy minus ``acc_tolerance``.  ``path_points``: counts on
+    ``0 … D`` for the quadratic model along the magnitude path (``report.path``; the module docstring).  The
+    model is left exactly as it was (weights, masks, train/eval mode).
     """
     # ---------------- validate everything first
     if model is None or not isinstance(model, nn.Module):
@@ -337,6 +377,7 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
     hvp_batches = batches if hvp_data is None else _as_batches(hvp_data, "hvp_data")
     steps, probes = _check_int(steps, "steps"), _check_int(probes, "probes")
     curve_points = _check_int(curve_points, "curve_points", 2)
+    path_points = _check_int(path_points, "path_points", 2)
     if epsilon is not None:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon)
                                                                                       and epsilon > 0):
@@ -427,6 +468,29 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
         curve=dict(sparsity=s_curve, R=R_curve, G=G_curve),
         g_curve=dict(R=R_grid, G=gaussian_width_fraction(nodes, weights, R_grid, epsilon).tolist()),
         seconds=seconds, label=label)
+
+    # ---------------- the quadratic model along the magnitude path (one gradient, one HVP per count)
+    t0 = time.perf_counter()
+    _, grads = curv.loss_and_grad()
+    grad = curv.flatten(grads).double().cpu()
+    w64 = flat.detach().double().cpu()
+    terms: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
+
+    def taylor(k: int) -> tuple[float, float]:
+        """(g^T d, 1/2 d^T H d) for d = w_k - w, the k smallest weights zeroed."""
+        if k not in terms:
+            d = torch.zeros(D, dtype=torch.float64)
+            d[order[:k]] = -w64[order[:k]]
+            terms[k] = (float(grad @ d), 0.5 * float(d @ mv(d).double().cpu()))
+        return terms[k]
+
+    counts = [round(i * D / (path_points - 1)) for i in range(path_points)]
+    report.path = dict(
+        predicted=path_limit(lambda k: sum(taylor(k)), D, epsilon, counts),
+        predicted_second_order=path_limit(lambda k: taylor(k)[1], D, epsilon, counts),
+        sparsity=[k / D for k in counts], first=[taylor(k)[0] for k in counts],
+        second=[taylor(k)[1] for k in counts], gradient_norm=float(grad.norm()), hvps=len(terms) - 1)
+    seconds["path"] = time.perf_counter() - t0
 
     # ---------------- measured limit
     if sweep:

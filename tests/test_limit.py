@@ -9,7 +9,8 @@ from torch.nn.utils import prune
 
 from conftest import state_equal
 from obs_plugins import Curvature, PruningInputError
-from obs_plugins.limit import (LimitReport, estimate, gaussian_width_fraction, magnitude_path, solve_limit)
+from obs_plugins.limit import (LimitReport, estimate, gaussian_width_fraction, magnitude_path, path_limit,
+                               solve_limit)
 from obs_plugins.masks import lowest_k_mask
 
 
@@ -102,6 +103,62 @@ def test_magnitude_path_is_global_magnitude_pruning():
         pruned[order[:k]] = True
         assert torch.equal(pruned, ~keep)
         assert float(cum[k]) == pytest.approx(float((w * keep).sub(w).pow(2).sum()), rel=1e-12, abs=1e-15)
+
+
+def _least_squares_problem(at_minimum: bool):
+    """Linear(12 -> 1), loss 1/2 ||X w - y||^2 on one batch: exactly quadratic, H = X^T X, g = X^T (X w - y)."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(40, 12, generator=g)
+    w = torch.randn(12, generator=g) * torch.rand(12, generator=g)
+    y = X @ w if at_minimum else X @ w + 0.3 * torch.randn(40, generator=g)
+    model = nn.Linear(12, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w.reshape(1, 12))
+    return model, [(X, y.reshape(40, 1))], X.double(), y.double(), w.double()
+
+
+@pytest.mark.parametrize("at_minimum", [False, True])
+def test_path_model_crossing_against_brute_force(at_minimum):
+    model, batches, X, y, w = _least_squares_problem(at_minimum)
+    loss = lambda v: 0.5 * float(((X @ v - y) ** 2).sum())  # noqa: E731
+    order, _ = magnitude_path(w)
+    D = 12
+    H, grad = X.T @ X, X.T @ (X @ w - y)
+
+    def brute(k):  # exact increase and its gradient-free part, float64
+        d = torch.zeros(D, dtype=torch.float64)
+        d[order[:k]] = -w[order[:k]]
+        return loss(w + d) - loss(w), 0.5 * float(d @ H @ d)
+
+    eps = 0.5 * brute(6)[0] + 0.5 * brute(7)[0] if brute(7)[0] > brute(6)[0] else 0.5 * brute(D)[0]
+    rep = estimate(model, batches, half_sq_sum, epsilon=eps, steps=6, probes=1, path_points=4, progress=False)
+    path = rep.path
+    assert path["sparsity"] == [0.0, 4 / 12, 8 / 12, 1.0]
+    for k, f, s2 in zip((0, 4, 8, 12), path["first"], path["second"]):
+        inc, quad = brute(k)
+        assert f + s2 == pytest.approx(inc, rel=1e-5, abs=1e-6)  # the model is exact for a quadratic loss
+        assert s2 == pytest.approx(quad, rel=1e-5, abs=1e-6)
+    assert path["gradient_norm"] == pytest.approx(float(grad.norm()), rel=1e-5, abs=1e-5)
+    for key, part in (("predicted", 0), ("predicted_second_order", 1)):
+        inc = [brute(k)[part] for k in range(D + 1)]
+        grid_fail = next((k for k in (4, 8, 12) if inc[k] > eps), None)
+        if grid_fail is None:
+            assert path[key] == 1.0
+            continue
+        lo = math.floor(path[key] * D + 1e-9)
+        assert grid_fail - 4 <= lo < grid_fail          # inside the first grid interval that leaves eps
+        assert inc[lo] <= eps < inc[lo + 1]              # a count inside, the next outside
+        assert path[key] == pytest.approx((lo + (eps - inc[lo]) / (inc[lo + 1] - inc[lo])) / D, rel=1e-5)
+    if at_minimum:  # g = 0: both models coincide
+        assert path["predicted"] == pytest.approx(path["predicted_second_order"], rel=1e-5)
+        assert path["gradient_norm"] < 1e-4
+
+
+def test_path_limit_finds_the_first_grid_crossing():
+    inc = [0.0, 0.1, 0.2, 0.9, 0.3, 0.4, 2.0, 3.0, 4.0]  # leaves eps = 0.5 at 3, comes back, leaves again at 6
+    assert path_limit(lambda k: inc[k], 8, 0.5, [0, 2, 4, 6, 8]) == pytest.approx((5 + 0.1 / 1.6) / 8)
+    assert path_limit(lambda k: inc[k], 8, 0.5, [0, 1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx((2 + 0.3 / 0.7) / 8)
+    assert path_limit(lambda k: inc[k], 8, 5.0, [0, 4, 8]) == 1.0
 
 
 class Toy(nn.Module):
