@@ -482,6 +482,9 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
             d = torch.zeros(D, dtype=torch.float64)
             d[order[:k]] = -w64[order[:k]]
             terms[k] = (float(grad @ d), 0.5 * float(d @ mv(d).double().cpu()))
+            if not all(map(math.isfinite, terms[k])):
+                raise PruningInputError(f"hvp_data: the gradient or Hessian-vector product along the magnitude path "
+                                        f"is not finite at {k} of {D} weights pruned")
         return terms[k]
 
     counts = [round(i * D / (path_points - 1)) for i in range(path_points)]

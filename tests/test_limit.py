@@ -262,6 +262,7 @@ def test_report_round_trip_markdown_and_plot(tmp_path):
     (dict(epsilon=float("nan")), "epsilon"),
     (dict(steps=0), "steps"),
     (dict(probes=0), "probes"),
+    (dict(path_points=1), "path_points"),
     (dict(metric="f1"), "metric"),
     (dict(acc_tolerance=-0.1), "acc_tolerance"),
     (dict(sweep=True, eval_data=[]), "eval_data"),
