@@ -38,7 +38,8 @@ path is not random: ``report.path`` evaluates the same quadratic model on the ac
 data; one HVP per count), and gives the first sparsity where it exceeds ``eps`` (``path_points`` counts on
 ``0 … D``, then bisection on integer counts between the last one inside and the first outside), with the
 gradient-free ``1/2 d^T H d`` (the paper's model at a minimum) alongside.  It predicts the one-shot limit
-itself, which s* does not do for networks trained without strong l1 (measured, README).
+itself, which s* does not do for networks trained without strong l1: on Fashion-MNIST MLPs and CNNs, plain and
+l1-trained, within 5 points of the measured loss limit in 14 of 16 runs (s*: 3 of 16; README).
 
 What enters and how
 ~~~~~~~~~~~~~~~~~~~
