@@ -212,8 +212,7 @@ def run_one(name, l1, args, data):
         refit["seconds"] = time.perf_counter() - t0
         print(f"{label}: re-fit ({args.refit_epochs} epoch(s)) limits {refit['limits']}, dense re-fit acc "
               f"{refit['dense_refit_accuracy']:.4f}; {refit['seconds']:.0f} s", flush=True)
-    w = torch.cat([m.weight.detach().abs().reshape(-1) for m in model.modules()
-                   if isinstance(m, (nn.Linear, nn.Conv2d))])
+    w = torch.cat([m.weight.detach().abs().reshape(-1) for m in prunable(model)])
     row = dict(model=name, l1=l1, label=label, predicted=rep.predicted,
                measured={str(t): rep.measured_limit(t) for t in args.tolerances},
                measured_loss=rep.measured_loss_limit(), dense_accuracy=rep.sweep["dense_accuracy"],
@@ -221,7 +220,8 @@ def run_one(name, l1, args, data):
                small_weights=float((w < 1e-3).float().mean()),
                path=rep.path["predicted"], path_second_order=rep.path["predicted_second_order"],
                train_seconds=t_train, estimate_seconds=t_est, seconds=rep.seconds, refit=refit)
-    print(f"{label}: predicted {rep.predicted:.3f} (quadratic along the path {rep.path['predicted']:.3f}), measured (acc, tol {args.tolerances[0]}) "
+    print(f"{label}: predicted {rep.predicted:.3f} (quadratic along the path {rep.path['predicted']:.3f}), "
+          f"measured (acc, tol {args.tolerances[0]}) "
           f"{row['measured'][str(args.tolerances[0])]:.2f}, measured (loss) {row['measured_loss']:.2f}, "
           f"dense acc {row['dense_accuracy']:.4f}, eps {rep.epsilon:.4f}; train {t_train:.0f} s, "
           f"estimate {t_est:.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in rep.seconds.items())})", flush=True)
@@ -252,8 +252,8 @@ def render(res, out: Path):
                   "(cross-entropy, the training optimizer, no l1); reference = the trained dense model (the "
                   "theory's sublevel set) / the dense model trained the same extra epoch(s):", "",
                   "| model | predicted s* | no re-fit, acc / loss | re-fit vs dense, acc ≥ dense−"
-                  f"{tols[0]:g} / loss ≤ L(w*)+ε | re-fit vs dense re-fit (acc {{:.4f}}), acc / loss | "
-                  "pred − re-fit (vs dense: acc / loss) |".replace("{:.4f}", "per row"), "|---|---|---|---|---|---|"]
+                  f"{tols[0]:g} / loss ≤ L(w*)+ε | re-fit vs dense re-fit (its accuracy), acc / loss | "
+                  "pred − re-fit (vs dense: acc / loss) |", "|---|---|---|---|---|---|"]
         for r in refit_rows:
             f = r["refit"]["limits"]
             lines.append(f"| {r['label']} | **{r['predicted']:.3f}** | {r['measured'][str(tols[0])]:.2f} / "
@@ -262,6 +262,10 @@ def render(res, out: Path):
                          f"{100 * (r['predicted'] - f['acc_dense']):+.1f} / {100 * (r['predicted'] - f['loss_dense']):+.1f} pts |")
     ok_acc = sum(abs(r["predicted"] - r["measured"][str(tols[0])]) <= 0.05 for r in res["rows"])
     ok_loss = sum(abs(r["predicted"] - r["measured_loss"]) <= 0.05 for r in res["rows"])
+    path_rows = [r for r in res["rows"] if "path" in r]
+    path_ok = (f" The quadratic model along the path: {sum(abs(r['path'] - r['measured'][str(tols[0])]) <= 0.05 for r in path_rows)}"
+               f"/{len(path_rows)} (accuracy), {sum(abs(r['path'] - r['measured_loss']) <= 0.05 for r in path_rows)}"
+               f"/{len(path_rows)} (loss).") if path_rows else ""
     text = "\n".join([
         "# Pruning-limit estimate vs measured limit (Fashion-MNIST)", "",
         f"Command: `{res['command']}` — {res['seconds'] / 60:.1f} min on {args['threads']} thread(s).", "",
@@ -278,7 +282,7 @@ def render(res, out: Path):
         "vs dense + ε. 'share abs(w) < 1e-3' = fraction of the weights below 1e-3 after training.", "",
         *lines, "",
         f"Within 5 points of the measured limit: {ok_acc}/{len(res['rows'])} against the accuracy limit "
-        f"(tolerance {tols[0]:g}), {ok_loss}/{len(res['rows'])} against the loss limit.", ""])
+        f"(tolerance {tols[0]:g}), {ok_loss}/{len(res['rows'])} against the loss limit.{path_ok}", ""])
     (out.with_suffix(".md")).write_text(text)
     return text
 
