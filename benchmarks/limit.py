@@ -78,8 +78,12 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def prunable(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def l1_of(model):
-    return sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    return sum(m.weight.abs().sum() for m in prunable(model))
 
 
 def train(model, x, y, *, epochs, l1, seed, lr=1e-3, bs=128, progress=True, optimizer="adam", masks=None):
@@ -111,10 +115,6 @@ def train(model, x, y, *, epochs, l1, seed, lr=1e-3, bs=128, progress=True, opti
 
 def batches(x, y, bs):
     return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
-
-
-def prunable(model):
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 @torch.no_grad()
