@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from obs_plugins.data import load_fashion_mnist  # noqa: E402
-from obs_plugins.limit import LimitReport, estimate, magnitude_path  # noqa: E402
+from obs_plugins.limit import LimitReport, estimate, magnitude_path, path_limit  # noqa: E402
 from obs_plugins.masks import count_to_prune  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
@@ -182,6 +182,37 @@ def refit_limits(model, args, data, eps_b, test_b, rep):
                 limits={k: (v if v is not None else 0.0) for k, v in limits.items()}, curve=curve)
 
 
+def direct_path(model, rep, hvp_b):
+    """The quantity the path model approximates, evaluated directly: the first sparsity on the very counts of
+    ``rep.path`` (grid, then bisection) where the actual loss on the HVP images, with the k smallest weights
+    zeroed, exceeds the dense loss there by eps.  One forward pass over the HVP images per count, against one
+    Hessian-vector product per count for the path model.  Returns (limit, forward passes, seconds)."""
+    t0 = time.perf_counter()
+    mods = prunable(model)
+    flat = torch.cat([m.weight.detach().reshape(-1) for m in mods])
+    order, _ = magnitude_path(flat)
+    D = flat.numel()
+    _, base = accuracy_and_loss(model, hvp_b)
+    seen = {}
+
+    def increase(k):
+        if k not in seen:
+            w = flat.clone()
+            w[order[:k]] = 0
+            m2, i = copy.deepcopy(model), 0
+            with torch.no_grad():
+                for m in prunable(m2):
+                    n = m.weight.numel()
+                    m.weight.copy_(w[i:i + n].view_as(m.weight))
+                    i += n
+            seen[k] = accuracy_and_loss(m2, hvp_b)[1] - base
+        return seen[k]
+
+    counts = [round(s * D) for s in rep.path["sparsity"]]
+    limit = path_limit(increase, D, rep.epsilon, counts)
+    return limit, len(seen), time.perf_counter() - t0
+
+
 def run_one(name, l1, args, data):
     torch.manual_seed(args.seed)
     model = MLP(tuple(args.mlp_hidden)) if name == "mlp" else SmallCNN()
@@ -212,8 +243,16 @@ def run_one(name, l1, args, data):
         refit["seconds"] = time.perf_counter() - t0
         print(f"{label}: re-fit ({args.refit_epochs} epoch(s)) limits {refit['limits']}, dense re-fit acc "
               f"{refit['dense_refit_accuracy']:.4f}; {refit['seconds']:.0f} s", flush=True)
+    direct = None
+    if args.direct_path:
+        lim, n_fwd, sec = direct_path(model, rep, hvp_b)
+        direct = dict(limit=lim, forward_passes=n_fwd, seconds=sec, path_seconds=rep.seconds["path"],
+                      path_hvps=rep.path["hvps"])
+        print(f"{label}: the loss on the HVP images itself along the path leaves eps at {lim:.3f} ({n_fwd} forward "
+              f"passes, {sec:.1f} s) -- the path model {rep.path['predicted']:.3f} ({rep.path['hvps']} HVPs, "
+              f"{rep.seconds['path']:.1f} s)", flush=True)
     w = torch.cat([m.weight.detach().abs().reshape(-1) for m in prunable(model)])
-    row = dict(model=name, l1=l1, label=label, predicted=rep.predicted,
+    row = dict(direct_path=direct, model=name, l1=l1, label=label, predicted=rep.predicted,
                measured={str(t): rep.measured_limit(t) for t in args.tolerances},
                measured_loss=rep.measured_loss_limit(), dense_accuracy=rep.sweep["dense_accuracy"],
                epsilon=rep.epsilon, num_weights=rep.num_weights, slq=f"{steps}×{probes} @ {n_hvp}",
@@ -266,6 +305,18 @@ def render(res, out: Path):
     path_ok = (f" The quadratic model along the path: {sum(abs(r['path'] - r['measured'][str(tols[0])]) <= 0.05 for r in path_rows)}"
                f"/{len(path_rows)} (accuracy), {sum(abs(r['path'] - r['measured_loss']) <= 0.05 for r in path_rows)}"
                f"/{len(path_rows)} (loss).") if path_rows else ""
+    direct = [r for r in res["rows"] if r.get("direct_path")]
+    if direct:
+        lines += ["", "The path model against the quantity it approximates, evaluated directly (`--direct-path`): "
+                  "the actual loss on the HVP images at the same counts (grid, then bisection), one forward pass "
+                  "per count:", "",
+                  "| model | path model | its HVPs / seconds | actual loss on the HVP images: limit | forward "
+                  "passes / seconds | measured, acc / loss |", "|---|---|---|---|---|---|"]
+        for r in direct:
+            d = r["direct_path"]
+            lines.append(f"| {r['label']} | {r['path']:.3f} | {d['path_hvps']} / {d['path_seconds']:.1f} | "
+                         f"{d['limit']:.3f} | {d['forward_passes']} / {d['seconds']:.1f} | "
+                         f"{r['measured'][str(tols[0])]:.2f} / {r['measured_loss']:.2f} |")
     text = "\n".join([
         "# Pruning-limit estimate vs measured limit (Fashion-MNIST)", "",
         f"Command: `{res['command']}` — {res['seconds'] / 60:.1f} min on {args['threads']} thread(s).", "",
@@ -349,6 +400,9 @@ def main(argv=None):
     ap.add_argument("--tolerances", type=float, nargs="+", default=[0.01, 0.0, 0.005, 0.02])
     ap.add_argument("--refit-epochs", type=int, default=0,
                     help="also measure the limit with the kept weights re-fit for this many epochs (default 0: off)")
+    ap.add_argument("--direct-path", action="store_true",
+                    help="also evaluate the actual loss on the HVP images along the magnitude path at the path "
+                         "model's counts (its limit, forward passes and time next to the path model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="1 epoch, 32 steps, 1 probe, 1024 HVP images")

@@ -57,3 +57,40 @@ def test_refit_scan_stops_at_first_all_pass(bench, easy):
     else:      # nothing can pass (accuracy >= dense + 1, loss <= dense - 10): the whole grid, limits 0.0
         assert [c["sparsity"] for c in out["curve"]] == [i / 100 for i in range(99, 0, -1)]
         assert set(out["limits"].values()) == {0.0}
+
+
+def test_direct_path_crosses_at_the_actual_loss(bench):
+    """--direct-path: the limit lies between a count whose actual loss (k smallest weights zeroed, on the given
+    batches) is within eps of the dense loss and the next count, which is not; the loss is recomputed here by
+    hand on a copy, and the model itself is left unchanged."""
+    torch.manual_seed(0)
+    model = bench.MLP((4,))
+    x, y = _data()
+    hvp_b = [(x[:32], y[:32]), (x[32:], y[32:])]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    D = sum(m.weight.numel() for m in bench.prunable(model))
+    flat = torch.cat([m.weight.detach().reshape(-1) for m in bench.prunable(model)])
+    order = torch.sort(flat.abs(), stable=True).indices
+
+    def actual(k):
+        w = flat.clone()
+        w[order[:k]] = 0
+        m2 = bench.MLP((4,))
+        m2.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            i = 0
+            for m in bench.prunable(m2):
+                n = m.weight.numel()
+                m.weight.copy_(w[i:i + n].view_as(m.weight))
+                i += n
+        return bench.accuracy_and_loss(m2, hvp_b)[1] - bench.accuracy_and_loss(model, hvp_b)[1]
+
+    eps = 0.5 * actual(D // 2)
+    assert eps > 0
+    grid = [i / 10 for i in range(11)]
+    rep = SimpleNamespace(path={"sparsity": grid}, epsilon=eps)
+    limit, n_fwd, _ = bench.direct_path(model, rep, hvp_b)
+    k = int(limit * D)
+    assert actual(k) <= eps < actual(k + 1)
+    assert 0 < limit < 0.5 and 1 < n_fwd < D
+    assert all(torch.equal(before[k_], v) for k_, v in model.state_dict().items())
