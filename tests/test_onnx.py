@@ -264,3 +264,50 @@ def test_verdict_rules_known_answers():
     few = ox.route_verdict(1, with_speed({"dense": st(10, 9.8, 10.2, 2), "pruned": st(5, 4.9, 5.1, 2)}), "dense",
                            1.05, 0.5, False, True)
     assert few["route"] == "dense" and "too few timed runs (2)" in few["verdict"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_half_and_double_weights_are_mapped_and_verified(tmp_path, dtype):
+    """An fp16 / fp64 model: every weight is found in the file by value and its zeros are checked (the map used
+    to read fp32 initializers only, so verify reported 'no ONNX initializer holds this weight')."""
+    model = _prune_all(_mlp(), 0.5).to(dtype).eval()
+    x = torch.randn(4, 64).to(dtype)
+    res = ox.export(model, x, tmp_path / "m.onnx", sparse_kernel="off")
+    assert {v[0] for v in res.param_map.values()} >= {"0.weight", "2.weight", "4.weight"}
+    rep = ox.verify(res, model, x, bench=False, atol=1e-2, rtol=1e-2)
+    assert rep.ok and len(rep.sparsity) == 3
+    assert all(abs(r["onnx_sparsity"] - 0.5) < 1e-3 for r in rep.sparsity)
+
+
+def test_a_new_export_drops_an_earlier_sparse_kernel_file(tmp_path):
+    """Exporting again to the same path, now with nothing to rewrite, removes the old <stem>.sparse.onnx, and
+    verify given the path as a string uses what the file's metadata names (here: none)."""
+    path = tmp_path / "m.onnx"
+    x = torch.randn(4, 64)
+    first = ox.export(_prune_all(_mlp(), 0.9), x, path, sparse_kernel="auto")
+    assert first.sparse_kernel_path is not None and (tmp_path / "m.sparse.onnx").exists()
+    assert ox.verify(str(path), _prune_all(_mlp(), 0.9), x, bench=False).info["sparse_kernel_path"] is not None
+    model = _prune_all(_mlp(), 0.5)
+    second = ox.export(model, x, path, sparse_kernel="auto")
+    assert second.sparse_kernel_path is None and not (tmp_path / "m.sparse.onnx").exists()
+    rep = ox.verify(str(path), model, x, bench=False)
+    assert rep.ok and rep.info["sparse_kernel_path"] is None
+
+
+def test_verify_a_causal_lm_with_its_cache_on(tmp_path):
+    """A causal LM as from_pretrained gives it (use_cache=True): export traces without the cache, and verify
+    compares like with like instead of failing on the cache in the output (and leaves the flag as it was)."""
+    model = _prune_all(_llama(), 0.5)
+    model.config.use_cache = True
+    inp = _tokens()
+    res = ox.export(model, inp, tmp_path / "l.onnx", sparse_kernel="off")
+    rep = ox.verify(res, model, inp, bench=False)
+    assert rep.ok and model.config.use_cache is True
+
+
+def test_sequence_of_one_token_keeps_sequence_dynamic(tmp_path):
+    """Example ids of shape (2, 1): the file still runs other sequence lengths (torch.export would specialise
+    the size-1 dim)."""
+    model = _bert()
+    res = ox.export(model, _tokens(2, 1), tmp_path / "b.onnx", sparse_kernel="off")
+    assert ox.verify(res, model, _tokens(3, 7), bench=False).ok

@@ -18,10 +18,12 @@ from obs_plugins.curvature.batching import named_failure
 from obs_plugins.errors import PruningInputError
 
 from .bake import baked_copy, effective_weights, zero_fraction
-from .inputs import as_args, auto_dynamic_shapes, first_tensor, repeat_to_batch
+from .inputs import as_args, auto_dynamic_shapes, first_tensor, repeat_to_batch, widen_seq
 from .rewrite import rewrite_sparse_kernel
 
 META_PARAM_MAP = "obs_plugins.param_map"
+META_SPARSE_KERNEL = "obs_plugins.sparse_kernel_file"   # the rewrite written with this file ("" when none)
+FLOAT_TYPES = (1, 10, 11, 16)   # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights the model can hold
 
 
 @dataclasses.dataclass
@@ -69,9 +71,11 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
     first = first_tensor(args, kwargs)
     if first is None:
         raise PruningInputError("example_inputs: no tensor given")
-    if dynamic_shapes == "auto" and first.dim() > 0 and first.shape[0] == 1:
-        # torch.export specialises size-1 dims: trace with 2 rows so the batch dim stays dynamic
-        args, kwargs = as_args(repeat_to_batch(example_inputs, 2))
+    if dynamic_shapes == "auto":
+        # torch.export specialises size-1 dims: trace with 2 rows (and 2 tokens) so those dims stay dynamic
+        if first.dim() > 0 and first.shape[0] == 1:
+            args, kwargs = as_args(repeat_to_batch(kwargs or args, 2))
+        args, kwargs = as_args(widen_seq(kwargs or args))
     cp = baked_copy(model)
     if hasattr(getattr(cp, "config", None), "use_cache"):
         cp.config.use_cache = False
@@ -97,6 +101,9 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
         if rewritten:
             kernel_path = sparse_kernel_file(path)
             onnx.save(sp_proto, kernel_path)
+    if kernel_path is None and os.path.exists(sparse_kernel_file(path)):
+        os.remove(sparse_kernel_file(path))   # an earlier export's rewrite: it would not match this file
+    proto.metadata_props.add(key=META_SPARSE_KERNEL, value=os.path.basename(kernel_path) if kernel_path else "")
     stored = []
     if sparse_storage:
         proto, stored = to_sparse_storage(proto)
@@ -125,9 +132,9 @@ def param_map(proto, weights: dict[str, torch.Tensor]) -> dict[str, list]:
             by_hash.setdefault(_hash(a.T), (k, True))
     out = {}
     for init in proto.graph.initializer:
-        if init.data_type != 1 or len(init.dims) == 0:
+        if init.data_type not in FLOAT_TYPES or len(init.dims) == 0:
             continue
-        a = numpy_helper.to_array(init)
+        a = numpy_helper.to_array(init).astype(np.float32)
         hit = by_hash.get(_hash(a))
         if hit is not None and (init.name == hit[0] or a.size > 1):
             out[init.name] = [hit[0], hit[1]]
@@ -167,6 +174,16 @@ def load_proto(model):
     """An ``onnx.ModelProto`` as given, or loaded from a path."""
     import onnx
     return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+
+
+def sparse_kernel_of(path) -> str | None:
+    """The sparse-kernel rewrite :func:`export` wrote with the file at ``path`` (its metadata says; for files
+    from before that record, ``<stem>.sparse.onnx`` if it exists), or ``None``."""
+    for p in load_proto(path).metadata_props:
+        if p.key == META_SPARSE_KERNEL:
+            return os.path.join(os.path.dirname(os.path.abspath(str(path))), p.value) if p.value else None
+    cand = sparse_kernel_file(path)
+    return cand if os.path.exists(cand) else None
 
 
 def param_map_of(model) -> dict:

@@ -43,7 +43,11 @@ def flatten_outputs(out) -> list[torch.Tensor]:
         out = list(out.values())
     res = []
     for o in out:
-        res += flatten_outputs(o) if not isinstance(o, torch.Tensor) else [o]
+        if isinstance(o, torch.Tensor):
+            res.append(o)
+        elif isinstance(o, (tuple, list, dict)) or hasattr(o, "to_tuple"):
+            res += flatten_outputs(o)
+        # None and other leaves (e.g. a cache object) are not outputs ONNX can return
     return res
 
 
@@ -58,6 +62,19 @@ def repeat_to_batch(inputs, b: int):
     if kwargs:
         return {k: rs(v) for k, v in kwargs.items()}
     return tuple(rs(a) for a in args)
+
+
+def widen_seq(inputs, n: int = 2):
+    """``inputs`` with dim 1 of every integer 2-D tensor (token ids, masks) of size 1 repeated to ``n``: as with
+    a batch of 1, ``torch.export`` would specialise a sequence of length 1 and the file could run no other."""
+    def ws(t):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point() and t.shape[1] == 1:
+            return t.repeat(1, n).contiguous()
+        return t
+    args, kwargs = as_args(inputs)
+    if kwargs:
+        return {k: ws(v) for k, v in kwargs.items()}
+    return tuple(ws(a) for a in args)
 
 
 def first_tensor(args, kwargs):

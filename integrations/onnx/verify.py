@@ -13,7 +13,7 @@ from obs_plugins.errors import PruningInputError
 from obs_plugins.timing import latency_stats, speedup
 
 from .bake import effective_weights, zero_fraction
-from .export import ExportResult, export, load_proto, param_map_of, sparse_kernel_file
+from .export import FLOAT_TYPES, ExportResult, export, load_proto, param_map_of, sparse_kernel_of
 from .inputs import as_args, first_tensor, flatten_outputs, repeat_to_batch
 from .report import Report, route_verdict
 from .rewrite import CSR_SUFFIXES, sparse_input_stem
@@ -27,7 +27,6 @@ class VerificationError(AssertionError):
 def onnx_weight_sparsity(model) -> dict[str, dict]:
     """Per-initializer zeros in an ONNX file or ModelProto (dense, COO ``sparse_initializer`` and our CSR
     triplets)."""
-    import onnx
     from onnx import numpy_helper
     m = load_proto(model)
     out = {}
@@ -35,8 +34,8 @@ def onnx_weight_sparsity(model) -> dict[str, dict]:
     for i in m.graph.initializer:
         if i.name.endswith(CSR_SUFFIXES):
             continue
-        if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 1:
-            a = numpy_helper.to_array(i)
+        if i.data_type in FLOAT_TYPES and len(i.dims) >= 1:
+            a = numpy_helper.to_array(i).astype(np.float32)
             out[i.name] = {"shape": list(a.shape), "sparsity": zero_fraction(a), "storage": "dense"}
     for s in m.graph.sparse_initializer:
         size = int(np.prod(s.dims))
@@ -140,8 +139,7 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
     if not os.path.exists(onnx_path):
         raise PruningInputError(f"onnx_path: {onnx_path} does not exist")
     if sparse_kernel_path == "auto":
-        cand = sparse_kernel_file(onnx_path)
-        sparse_kernel_path = cand if os.path.exists(cand) else None
+        sparse_kernel_path = sparse_kernel_of(onnx_path)
     if runs < 1 or warmup < 0 or threads < 1:
         raise PruningInputError("runs/warmup/threads: need runs >= 1, warmup >= 0, threads >= 1")
     args, kwargs = as_args(inputs)
@@ -156,12 +154,18 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
 
     # ---- outputs
     was_training = model.training
+    cfg = getattr(model, "config", None)
+    was_cache = getattr(cfg, "use_cache", None)   # export traced without the cache: compare like with like
     model.eval()
     try:
+        if was_cache is not None:
+            cfg.use_cache = False
         with torch.no_grad():
             ref = flatten_outputs(named_failure("inputs", model, lambda: model(*args, **kwargs), inputs))
     finally:
         model.train(was_training)
+        if was_cache is not None:
+            cfg.use_cache = was_cache
     outputs, failures = [], []
     for name, rn in runners.items():
         rows = check_outputs(name, rn.run(rn.feeds(inputs)), ref, atol, rtol)
