@@ -39,7 +39,7 @@ from obs_plugins.curvature import Curvature
 from obs_plugins.errors import PruningInputError
 from obs_plugins.masks import parse_nm
 from obs_plugins.registry import CONFIG_FORMAT_VERSION, config_from_dict, config_to_dict, get_method, list_methods
-from obs_plugins.targets import is_hf_conv1d, resolve_targets
+from obs_plugins.targets import check_tied, is_hf_conv1d, resolve_targets
 
 PRUNING_CONFIG_VERSION = 1
 
@@ -143,6 +143,10 @@ class PruningConfig(BaseConfig):
         if unknown:
             raise PruningInputError(f"{unknown[0]}: not a PruningConfig field (unknown: {unknown}); "
                                     f"fields: {', '.join(self.FIELDS)}")
+        for field, value in (("include", include), ("exclude", exclude)):
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, (list, tuple)) and all(isinstance(r, str) for r in value)):
+                raise PruningInputError(f"{field}: a regular expression or a list of them, got {value!r}")
         self.method = normalize_method(method)
         route = ROUTES[self.method]
         self.sparsity = sparsity
@@ -233,6 +237,18 @@ class PruningConfig(BaseConfig):
         if hasattr(obj, "validate"):
             obj.validate()
         return config_to_dict(obj)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As transformers' ``from_dict`` (and so ``from_pretrained``), but pruning fields given as keyword
+        arguments go through ``__init__``'s checks with the rest (transformers would ``setattr`` them unchecked).
+        A new ``method`` without a ``method_config`` starts from that method's defaults."""
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.FIELDS}
+        if fields:
+            config_dict = {**config_dict, **fields}
+            if "method" in fields and "method_config" not in fields:
+                config_dict.pop("method_config", None)
+        return super().from_dict(config_dict, **kwargs)
 
     # ---- the method's dataclass, serialization
     def method_config_object(self, **overrides):
@@ -349,7 +365,7 @@ def calibration_batches(calibration_dataset, config: PruningConfig, tokenizer=No
                 raise PruningInputError(f"calibration_dataset[{i}]: a dict of tensors, got "
                                         f"{ {k: type(v).__name__ for k, v in x.items()} }")
         dims = {v.dim() for x in items for v in x.values()}
-        if dims == {1}:  # samples
+        if 1 in dims and dims <= {0, 1}:  # samples: 1-D token tensors, 0-D values such as a class label
             items = items[:n]
             out = []
             for i in range(0, len(items), bs):
@@ -407,6 +423,19 @@ def save_plain(model, save_dir) -> None:
         model.hf_quantizer = saved[0]
         if saved[1] is not None:
             cfg.quantization_config = saved[1]
+
+
+def _check_writable_dir(save_dir) -> None:
+    """``save_dir`` is, or can become, a writable folder (checked before anything is pruned)."""
+    p = Path(str(save_dir)).absolute()
+    if p.exists() and not p.is_dir():
+        raise PruningInputError(f"save_dir: {str(save_dir)!r} exists and is not a folder")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
+        raise PruningInputError(f"save_dir: cannot create or write {str(save_dir)!r} ({str(q)!r} is not a "
+                                "writable folder)")
 
 
 @dataclass
@@ -484,6 +513,10 @@ class Pruner(OptimumQuantizer):
             raise PruningInputError(f"config: a PruningConfig, got {type(config).__name__}")
         if export not in (None, "onnx"):
             raise PruningInputError(f"export: None or 'onnx', got {export!r}")
+        if export == "onnx" and save_dir is None:
+            raise PruningInputError("save_dir: export='onnx' writes model.onnx into save_dir; give one")
+        if save_dir is not None:
+            _check_writable_dir(save_dir)
         if not config.route.one_shot:
             raise PruningInputError(f"method: {config.method} learns its masks during training; use "
                                     "PruningCallback(config) with a transformers Trainer")
@@ -499,6 +532,8 @@ class Pruner(OptimumQuantizer):
             curv = Curvature.layerwise(model, [(t.module, t.name) for t in targets], batches,
                                        loss_fn=loss_fn or default_loss, progress=progress)
             targets = curv.targets
+        else:   # Curvature.layerwise warns about tied weights on the other routes
+            check_tied(model, targets)
         plan = api.prune(method_cfg, curvature=curv, targets=None if curv is not None else targets,
                          amount=config.sparsity, reparametrize=False)
         weights = sum(t.orig().numel() for t in targets)
@@ -516,8 +551,6 @@ class Pruner(OptimumQuantizer):
             config.save_pretrained(save_dir)
             res.save_dir = save_dir
         if export == "onnx":
-            if save_dir is None:
-                raise PruningInputError("save_dir: export='onnx' writes model.onnx into save_dir; give one")
             self._export_onnx(res, calibration_dataset, config, onnx_options or {}, verify_options or {})
         if save_dir is not None:
             with open(os.path.join(save_dir, "prune_report.json"), "w") as f:
@@ -591,6 +624,16 @@ class PruningCallback(TrainerCallback):
         if config.route.gradual == "bip" and config.method_config_object().granularity != "weight":
             raise PruningInputError("method_config: PruningCallback runs BiP with granularity='weight'; channel "
                                     "scores go through Torch-Pruning (obs_plugins.integrations.torch_pruning)")
+        if calibration_batches is not None:
+            try:
+                one_pass = iter(calibration_batches) is calibration_batches
+            except TypeError:
+                raise PruningInputError(f"calibration_batches: a list of batches or a DataLoader, got "
+                                        f"{type(calibration_batches).__name__}") from None
+            if one_pass:   # a generator / iterator can be read only once: keep its batches
+                calibration_batches = list(calibration_batches)
+            if isinstance(calibration_batches, (list, tuple)) and not calibration_batches:
+                raise PruningInputError("calibration_batches: empty")
         self.config = config
         self.calibration = calibration_batches
         self.loss_fn = loss_fn or default_loss
@@ -648,6 +691,8 @@ class PruningCallback(TrainerCallback):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._setup_schedule(state.max_steps)
         self.targets = select_targets(model, self.config)
+        if not self.config.route.curvature:   # the curvature routes warn in Curvature.layerwise
+            check_tied(model, self.targets)
         self.params = [(t.module, t.name) for t in self.targets]
         self.weights = sum(t.orig().numel() for t in self.targets)
         self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -117,6 +117,8 @@ def test_method_config_fields_survive_and_nm_pattern_goes_into_the_method_config
     (dict(method_config=obs_plugins.MagnitudeConfig()), "method_config"),
     (dict(method="magnitude", method_config={"nm": "2:4"}), "method_config"),
     (dict(sparsty=0.5), "sparsty"),
+    (dict(exclude=5), "exclude"),
+    (dict(include=[r"layers", 3]), "include"),
     (dict(method="cs", method_config={"score_init": "gaussian"}), "score_init"),
     (dict(method="cs", method_config={"score_init_spread": -1.0}), "score_init_spread"),
     (dict(method="cs", method_config={"score_init_quantile": -0.1}), "score_init_quantile"),
@@ -164,6 +166,21 @@ def test_validation_also_guards_from_pretrained(tmp_path):
     f.write_text(json.dumps({**data, "method_config": {**data["method_config"], "format_version": 7}}))
     with pytest.raises(PruningInputError, match="^method_config: .*format_version"):
         PruningConfig.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_keyword_overrides_are_validated_and_a_new_method_gets_its_own_config(tmp_path):
+    """transformers applies from_pretrained(..., field=value) with setattr after __init__; ours go through the
+    checks, and a new method without a method_config starts from that method's defaults."""
+    PruningConfig(method="obs_iht", sparsity=0.5).save_pretrained(tmp_path)
+    for kwargs, field in ((dict(sparsity=1.5), "sparsity"), (dict(method="nope"), "method"),
+                          (dict(pattern="heads"), "pattern")):
+        with pytest.raises(PruningInputError, match=f"^{field}"):
+            PruningConfig.from_pretrained(tmp_path, **kwargs)
+    with pytest.raises(PruningInputError, match="^sparsity"):
+        PruningConfig.from_dict(PruningConfig().to_dict(), sparsity=1.5)
+    assert PruningConfig.from_pretrained(tmp_path, sparsity=0.7).sparsity == 0.7
+    mag = PruningConfig.from_pretrained(tmp_path, method="magnitude")
+    assert mag.method == "magnitude" and mag.method_config_object() == obs_plugins.MagnitudeConfig()
 
 
 def test_default_selection_skips_embeddings_norms_heads():
@@ -281,6 +298,45 @@ def test_pruner_bad_input_leaves_the_model_unchanged(make, field):
     with pytest.raises(PruningInputError, match=f"^{field}"):
         Pruner(model).prune(cfg, calibration_dataset=data, progress=False)
     assert same_state(before, state(model))
+
+
+def test_pruner_checks_where_it_writes_before_pruning(tmp_path):
+    """export='onnx' without save_dir, or a save_dir that is a file: refused before any weight changes."""
+    model = tiny_bert()
+    before = state(model)
+    cfg = PruningConfig(method="magnitude", sparsity=0.5)
+    with pytest.raises(PruningInputError, match="^save_dir"):
+        Pruner(model).prune(cfg, export="onnx", progress=False)
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(PruningInputError, match="^save_dir"):
+            Pruner(model).prune(cfg, save_dir=bad, progress=False)
+    assert same_state(before, state(model))
+
+
+def test_samples_with_a_scalar_label_are_batched():
+    """The usual classification sample: 1-D input_ids and a 0-D label -> batches of batch_size rows."""
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, VOCAB, (16,), generator=g), "labels": torch.tensor(i % 3)}
+            for i in range(10)]
+    cfg = PruningConfig(method="obs_iht", num_samples=8, batch_size=4, seq_len=16)
+    batches = hf.calibration_batches(data, cfg)
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(4, 16), (4, 16)]
+    assert batches[1]["labels"].tolist() == [1, 2, 0, 1]
+    model = tiny_bert(labels=3)
+    res = Pruner(model).prune(cfg, calibration_dataset=data, progress=False)
+    assert abs(res.sparsity - 0.5) < 1e-3
+
+
+def test_magnitude_route_warns_about_a_tied_embedding():
+    from obs_plugins.errors import TiedWeightWarning
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with pytest.warns(TiedWeightWarning, match="lm_head"):
+        Pruner(model).prune(PruningConfig(method="magnitude", sparsity=0.5, exclude=[]), progress=False)
 
 
 def test_pruner_encoder_obs_iht_iterations_need_a_loss():
@@ -456,6 +512,19 @@ def test_callback_bip_alternates_levels_cuts_exactly_and_the_cut_leaves_the_netw
     back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     for t in targets:
         assert torch.equal(back.get_parameter(t.key), t.orig())
+
+
+@pytest.mark.parametrize("method", ["obs_iht", "bip"])
+def test_callback_reads_a_generator_of_calibration_batches_once_and_keeps_it(method, tmp_path):
+    """A generator is consumed once; the callback keeps its batches for every pruning step (it used to find it
+    empty at the second step, mid-training)."""
+    ds = _Seq(n=16)
+    gen = ({k: torch.stack([ds[i][k] for i in range(j, j + 4)]) for k in ds[0]} for j in range(0, 16, 4))
+    cfg = PruningConfig(method=method, sparsity=0.5, end_step=8, frequency=2, curvature_batches=2)
+    model, cb, _, _ = _train(tmp_path, cfg, calibration_batches=gen)
+    assert len(cb.calibration) == 4 and cb.history[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(PruningInputError, match="^calibration_batches"):
+        PruningCallback(cfg, calibration_batches=iter([]))
 
 
 def test_callback_bip_rejects_channel_granularity():
