@@ -550,11 +550,14 @@ class Pruner(OptimumQuantizer):
                 self.tokenizer.save_pretrained(save_dir)
             config.save_pretrained(save_dir)
             res.save_dir = save_dir
+        def write_report():
+            if save_dir is not None:
+                with open(os.path.join(save_dir, "prune_report.json"), "w") as f:
+                    json.dump(res.to_dict(), f, indent=1)
+        write_report()   # before the export: a failed verification still leaves the pruning's report
         if export == "onnx":
             self._export_onnx(res, calibration_dataset, config, onnx_options or {}, verify_options or {})
-        if save_dir is not None:
-            with open(os.path.join(save_dir, "prune_report.json"), "w") as f:
-                json.dump(res.to_dict(), f, indent=1)
+            write_report()
         return res
 
     def _export_onnx(self, res: PruneResult, calibration_dataset, config, onnx_options, verify_options):
@@ -563,7 +566,8 @@ class Pruner(OptimumQuantizer):
         was_cache = getattr(model.config, "use_cache", None)
         g = torch.Generator().manual_seed(0)
         vocab = getattr(model.config, "vocab_size", 1000)
-        ids = torch.randint(0, vocab, (2, min(config.seq_len, 32)), generator=g).to(_model_device(model))
+        n_pos = getattr(model.config, "max_position_embeddings", None) or 32
+        ids = torch.randint(0, vocab, (2, min(config.seq_len, 32, n_pos)), generator=g).to(_model_device(model))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         path = os.path.join(res.save_dir, "model.onnx")
         try:

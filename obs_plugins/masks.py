@@ -72,7 +72,7 @@ def nm_mask(scores_2d: torch.Tensor, n: int, m: int, prior_mask: torch.Tensor | 
     rows, cols = scores_2d.shape
     if cols % m:
         raise PruningInputError(f"nm: {n}:{m} needs every layer's input width to be a multiple of {m}; {what} has "
-                                f"{cols} (exclude it from params)")
+                                f"{cols} (leave it out of the pruned tensors: params, or a PruningConfig's exclude)")
     s = scores_2d.detach().float().reshape(rows, cols // m, m)
     if prior_mask is not None:  # prior zeros count towards the N pruned of their group
         s = s.masked_fill(~prior_mask.reshape(rows, cols // m, m).bool(), float("-inf"))

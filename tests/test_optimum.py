@@ -359,6 +359,24 @@ def test_pruner_export_onnx_writes_a_verified_report(tmp_path):
     assert os.path.exists(tmp_path / "onnx_report.md")
 
 
+def test_pruner_export_short_positions_and_a_failed_verification_keeps_the_report(tmp_path):
+    """A model with fewer than 32 positions exports (the example ids fit it); a verification that fails still
+    leaves prune_report.json beside the saved model."""
+    pytest.importorskip("onnxruntime")
+    from obs_plugins.integrations.onnx import VerificationError
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  vocab_size=VOCAB, max_position_embeddings=16)
+    model = transformers.BertModel(cfg).eval()
+    res = Pruner(model).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "a",
+                              export="onnx", progress=False)
+    assert res.report["onnx_ok"] is True
+    with pytest.raises(VerificationError):
+        Pruner(tiny_bert()).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "b",
+                                  export="onnx", progress=False, verify_options={"atol": -1.0})
+    assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["method"] == "magnitude"
+
+
 # ---------------------------------------------------------------- PruningCallback in a real Trainer
 class _Seq(torch.utils.data.Dataset):
     """A learnable 3-class task on token ids: the label is the id of the first token mod 3."""

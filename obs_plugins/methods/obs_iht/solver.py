@@ -208,7 +208,8 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
         prior[t.key] = to_2d(t.module, t.prior_mask())
         if nm is not None and W0[t.key].shape[1] % nm[1]:
             raise PruningInputError(f"nm: {config.nm} needs every layer's input width to be a multiple of "
-                                    f"{nm[1]}; {t.key} has {W0[t.key].shape[1]} (exclude it from params)")
+                                    f"{nm[1]}; {t.key} has {W0[t.key].shape[1]} (leave it out of the pruned "
+                                    "tensors: params, or a PruningConfig's exclude)")
     Wt, keep, est, factors = {}, {}, {}, {}
     if initial is not None:  # continue from an earlier plan: its support and weights are iteration 1
         for t in targets:
