@@ -58,6 +58,23 @@ class _PlanPruningMethod(prune.BasePruningMethod):
             have = sorted(n for n, _ in module.named_parameters(recurse=False))
             raise PruningInputError(f"name: {type(module).__name__} has no parameter {name!r}; it has {have}")
 
+    @classmethod
+    def _apply_atomic(cls, module, name, **kwargs):
+        """torch's ``apply``, undone on failure.  torch removes an earlier pruning hook of the tensor (and adds to
+        an existing container) before it builds the new method and computes its mask, and restores only a first
+        application on error: a refused second ``apply`` would leave the tensor without its pruning hook."""
+        hooks = module._forward_pre_hooks
+        saved = list(hooks.items())
+        methods = {k: h._pruning_methods for k, h in saved if isinstance(h, prune.PruningContainer)}
+        try:
+            return super().apply(module, name, **kwargs)
+        except BaseException:
+            hooks.clear()
+            hooks.update(saved)
+            for k, pm in methods.items():
+                hooks[k]._pruning_methods = pm
+            raise
+
     def _targets(self):
         targets = self._all_targets()
         if self._target is not None:
@@ -139,7 +156,7 @@ class OBSIHT(_PlanPruningMethod):
     @classmethod
     def apply(cls, module, name, amount, curvature=None, importance_scores=None, **config):
         cls._check_apply(module, name, importance_scores)
-        return super().apply(module, name, amount=amount, curvature=curvature, _target=(module, name), **config)
+        return cls._apply_atomic(module, name, amount=amount, curvature=curvature, _target=(module, name), **config)
 
     def _all_targets(self):
         return self.curvature.targets
@@ -165,7 +182,7 @@ class ContinuousSparsification(_PlanPruningMethod):
     @classmethod
     def apply(cls, module, name, amount, sparsifier=None, importance_scores=None):
         cls._check_apply(module, name, importance_scores)
-        return super().apply(module, name, amount=amount, sparsifier=sparsifier, _target=(module, name))
+        return cls._apply_atomic(module, name, amount=amount, sparsifier=sparsifier, _target=(module, name))
 
     def _all_targets(self):
         return self.sparsifier.targets
@@ -191,7 +208,7 @@ class BiP(_PlanPruningMethod):
     @classmethod
     def apply(cls, module, name, amount, trainer=None, importance_scores=None):
         cls._check_apply(module, name, importance_scores)
-        return super().apply(module, name, amount=amount, trainer=trainer, _target=(module, name))
+        return cls._apply_atomic(module, name, amount=amount, trainer=trainer, _target=(module, name))
 
     def _all_targets(self):
         return self.trainer.targets

@@ -16,6 +16,7 @@ view; :mod:`obs_plugins.methods.obs_iht.structured` does the maths.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Callable
 
@@ -262,20 +263,16 @@ class OBSImportance(tp.importance.Importance):
         ``strict`` (default) either raises; ``strict=False`` prunes and records both counts in the returned dict."""
         update = self.compensate if update is None else bool(update)
         expected = _expected_global_removals(pruner)
-        groups = list(pruner.step(interactive=True))
-        got = sum(len(g[0].idxs) for g in groups)
-        if strict and expected is not None and got < expected:
-            raise PruningInputError(
-                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: a group "
-                "whose channels all fell below the global threshold is skipped (it would lose every channel). "
-                "Nothing was changed. Use scale='loss' (scores comparable across layers), max_pruning_ratio, or "
-                "global_pruning=False (or strict=False to accept it)")
-        if strict and expected is not None and got > expected:
-            raise PruningInputError(
-                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: scores "
-                "tie at the global threshold (it removes every channel <= threshold). Nothing was changed "
-                "(strict=False accepts it)")
-        plans = [self.plan(g, update=update) for g in groups]
+        # pruner.step() counts the step and updates head counts while it yields, before anything is pruned:
+        # a refusal puts them back, so the pruner can be stepped again
+        saved = {a: copy.copy(getattr(pruner, a)) for a in ("current_step", "num_heads", "out_channel_groups",
+                                                             "_scope_initial_channels") if hasattr(pruner, a)}
+        try:
+            groups, plans = self._checked_groups(pruner, expected, strict, update)
+        except BaseException:
+            for a, v in saved.items():
+                setattr(pruner, a, v)
+            raise
         removed = 0
         for g, plan in zip(groups, plans):
             with torch.no_grad():
@@ -290,6 +287,23 @@ class OBSImportance(tp.importance.Importance):
         rec = {"groups": len(groups), "root_channels_removed": removed, "implied_by_ratio": expected}
         self.history.append(rec)
         return rec
+
+    def _checked_groups(self, pruner, expected, strict, update):
+        """The groups Torch-Pruning is about to prune and their update plans, after the count checks."""
+        groups = list(pruner.step(interactive=True))
+        got = sum(len(g[0].idxs) for g in groups)
+        if strict and expected is not None and got < expected:
+            raise PruningInputError(
+                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: a group "
+                "whose channels all fell below the global threshold is skipped (it would lose every channel). "
+                "Nothing was changed. Use scale='loss' (scores comparable across layers), max_pruning_ratio, or "
+                "global_pruning=False (or strict=False to accept it)")
+        if strict and expected is not None and got > expected:
+            raise PruningInputError(
+                f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: scores "
+                "tie at the global threshold (it removes every channel <= threshold). Nothing was changed "
+                "(strict=False accepts it)")
+        return groups, [self.plan(g, update=update) for g in groups]
 
     def _drops(self, group):
         """What the group removes from layers this importance tracks: (key, 'in'|'out', indices)."""
@@ -502,22 +516,47 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
     ``before_pass(model)`` runs before each Torch-Pruning pass (e.g. to fill the gradients Taylor/Hessian
     importances read).
     """
-    if not (0.0 <= ratio < 1.0):
-        raise PruningInputError(f"ratio: must be in [0, 1), got {ratio!r}")
+    for arg, value in (("ratio", ratio), ("head_ratio", head_ratio)):
+        if value is None and arg == "head_ratio":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise PruningInputError(f"{arg}: a fraction in [0, 1), got {value!r}")
     bert, llama = _attention_blocks(model)
     ffns = _ffn_blocks(model)
     if not bert and not ffns:
         raise PruningInputError("model: no BERT-style attention or FFN blocks found")
     head_ratio = ratio if head_ratio is None else head_ratio
+    do_heads = bool(heads and bert and head_ratio > 0)
+    do_ffn = bool(ffn and ffns and ratio > 0)
+    # everything that can refuse is checked before the first pass changes the model
+    if not global_pruning:   # Torch-Pruning skips, without a word, a layer its rounding would empty
+        for sa in (bert if do_heads else []):
+            n = int(sa.num_attention_heads)
+            if math.ceil(head_ratio * n) >= n:
+                raise PruningInputError(f"head_ratio: {head_ratio} removes all {n} heads of a layer "
+                                        f"(ceil({head_ratio} x {n})); keep at least one")
+        for prods, _ in (ffns if do_ffn else []):
+            w = prods[0].out_features
+            if int(w * (1 - ratio)) < 1:
+                raise PruningInputError(f"ratio: {ratio} removes all {w} FFN channels of a layer; keep at least one")
+    for imp in (importance, compensation):
+        if isinstance(imp, OBSImportance):
+            need = ([_bert_output_dense(model, sa) for sa in bert] if do_heads else []) + \
+                   ([cons for _, cons in ffns] if do_ffn else [])
+            missing = [type(m).__name__ for m in need if m is not None and id(m) not in imp._key]
+            if missing:
+                raise PruningInputError(f"curvature: {len(missing)} layer(s) consuming the pruned heads/channels "
+                                        "are not among the OBSImportance curvature's targets; collect it over every "
+                                        "Linear (prunable_linear_targets(model, exclude=())). Nothing was changed")
     all_linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
 
-    def run(keep_roots, extra):
+    def run(keep_roots, extra, pass_ratio):
         keep_ids = {id(m) for m in keep_roots}
         ignored = [m for m in all_linear if id(m) not in keep_ids] + embeds
         if before_pass is not None:
             before_pass(model)
-        pr = tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+        pr = tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=pass_ratio,
                                   ignored_layers=ignored, global_pruning=global_pruning, forward_fn=forward_fn,
                                   output_transform=_hf_output_transform, **extra)
         comp = compensation if compensation is not None else (importance if isinstance(importance, OBSImportance)
@@ -530,17 +569,19 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
     for imp in (importance, compensation):  # joint head scores for OBS unless the caller chose blocks
         if isinstance(imp, OBSImportance) and not imp.channel_blocks:
             imp.channel_blocks.update(transformer_channel_blocks(model))
-    if heads and bert and head_ratio > 0:
+    if do_heads:
         nh = {}
         for sa in bert:
             for lin in (sa.query, sa.key, sa.value):
                 nh[lin] = int(sa.num_attention_heads)
-        run(list(nh), dict(num_heads=nh, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio))
+        # the head pass's pruning_ratio only has to be > 0 (Torch-Pruning skips a pass whose ratio is 0)
+        run(list(nh), dict(num_heads=nh, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio),
+            head_ratio)
         for sa in bert:
             sa.num_attention_heads = sa.query.out_features // sa.attention_head_size
             sa.all_head_size = sa.query.out_features
-    if ffn and ffns and ratio > 0:
-        run([p for prods, _ in ffns for p in prods], {})
+    if do_ffn:
+        run([p for prods, _ in ffns for p in prods], {}, ratio)
     return update_config(model)
 
 
@@ -598,7 +639,7 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
     from safetensors.torch import load_file
 
     cfg = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in config_kwargs.items()
-                                                           if k != "attn_implementation"})
+                                                           if k not in ("attn_implementation", "dtype", "torch_dtype")})
     info = getattr(cfg, CONFIG_KEY, None)
     if not info:
         raise PruningInputError(f"path: {path} has no '{CONFIG_KEY}' entry in its config; it was not saved from a "
@@ -614,7 +655,25 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
     attn = config_kwargs.get("attn_implementation", info.get("attn_implementation"))
     if attn is not None:  # the saved model's own attention kernel: another one masks padded rows differently
         cfg._attn_implementation = attn
-    model = model_class(cfg)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise PruningInputError(f"path: no .safetensors weights in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f)))
+    dtype = config_kwargs.get("dtype", config_kwargs.get("torch_dtype"))
+    if dtype is None:   # the saved weights' own floating dtype (from_pretrained keeps it too)
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        dtype = torch.get_default_dtype()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # built in that dtype, as from_pretrained does (fp32 buffers stay fp32)
+    try:
+        model = model_class(cfg)
+    finally:
+        torch.set_default_dtype(prev)
     for name, (out_f, in_f, bias) in info["modules"].items():
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -626,12 +685,6 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
             setattr(m, k, v)
     for k, v in pruned_values.items():  # the config object stays the model's own: fields updated in place
         setattr(cfg, k, v)
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise PruningInputError(f"path: no .safetensors weights in {path}")
-    state = {}
-    for f in files:
-        state.update(load_file(os.path.join(path, f)))
     res = model.load_state_dict(state, strict=False)
     tied = set()
     tw = getattr(model, "_tied_weights_keys", None) or []

@@ -15,8 +15,16 @@ from .errors import PruningInputError
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D without importing transformers in core
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+    """transformers.pytorch_utils.Conv1D without importing transformers in core: also while torch.nn.utils.prune
+    holds its weight as ``weight_orig`` and under a torch.ao parametrization (class ``ParametrizedConv1D``)."""
+    if not any(c.__name__ == "Conv1D" for c in type(module).__mro__) or not hasattr(module, "nf"):
+        return False
+    w = module._parameters.get("weight")
+    if w is None:
+        w = module._parameters.get("weight_orig")
+    if w is None and "parametrizations" in module._modules and hasattr(module.parametrizations, "weight"):
+        w = module.parametrizations.weight.original
+    return w is not None and w.dim() == 2
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -117,6 +117,10 @@ def case_empty_calibration(model, params, batches):
     Curvature.layerwise(model, params, [], progress=False)
 
 
+def case_bias_in_layer_curvature(model, params, batches):   # crashed with an IndexError
+    Curvature.layerwise(model, params + [(model[0], "bias")], batches, progress=False)
+
+
 CASES = {  # case -> the words the message must contain
     case_nm_width_not_multiple: ("nm", "0.weight", "30"),
     case_nm_width_wanda: ("nm", "0.weight", "30"),
@@ -137,6 +141,7 @@ CASES = {  # case -> the words the message must contain
     _amount("0.5"): ("amount", "'0.5'"),
     _amount(10 ** 6): ("amount", "272"),
     case_empty_calibration: ("batches",),
+    case_bias_in_layer_curvature: ("params[2]", "0.bias", "not a layer weight"),
 }
 
 
@@ -231,3 +236,21 @@ def test_tied_weight_warns_naming_both_modules():
         warnings.simplefilter("error", TiedWeightWarning)
         m.head.weight = nn.Parameter(m.emb.weight.detach().clone())
         Curvature.layerwise(m, [(m.head, "weight")], batches, progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(amount=1.5), dict(amount=0.3, bogus=1), dict(amount=0.3, curvature=None)])
+def test_a_refused_second_apply_keeps_the_first_pruning(bad):
+    """torch removes an earlier pruning hook before it checks the new method; a refused second OBSIHT.apply now
+    leaves the first pruning exactly as it was (hook, mask, weights), so prune.remove still works."""
+    model, params, batches = problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    OBSIHT.apply(model[0], "weight", amount=0.3, curvature=curv, progress=False)
+    before = state(model)
+    hooks = list(model[0]._forward_pre_hooks.values())
+    kwargs = {"curvature": curv, **bad}
+    with pytest.raises(PruningInputError):
+        OBSIHT.apply(model[0], "weight", progress=False, **kwargs)
+    assert list(model[0]._forward_pre_hooks.values()) == hooks and same(before, state(model))
+    zeros = int((model[0].weight == 0).sum())
+    prune.remove(model[0], "weight")
+    assert int((model[0].weight == 0).sum()) == zeros == round(0.3 * model[0].weight.numel())

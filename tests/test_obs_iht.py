@@ -195,6 +195,36 @@ def test_conv_and_hf_conv1d_layers():
         assert sum(int((p[0].weight == 0).sum()) for p in params) == round(0.5 * total)
 
 
+@pytest.mark.parametrize("route", ["apply", "torch_ao"])
+def test_hf_conv1d_through_apply_and_the_ao_sparsifier(route):
+    """GPT-2's Conv1D on the two routes that hold its weight elsewhere while pruning (torch.nn.utils.prune's
+    ``weight_orig``; torch.ao's ``ParametrizedConv1D``): the exact count, the same mask and weights as
+    global_unstructured (both failed: an AttributeError, and 'Conv1D is not supported')."""
+    from transformers.pytorch_utils import Conv1D
+    from obs_plugins.integrations.torch_ao import OBSIHTSparsifier
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(Conv1D(12, 10))
+    xs = [torch.randn(4, 5, 10, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ref = make()
+    curv = Curvature.layerwise(ref, [(ref[0], "weight")], xs, progress=False)
+    prune.global_unstructured([(ref[0], "weight")], pruning_method=OBSIHT, amount=0.5, curvature=curv,
+                              progress=False)
+    model = make()
+    curv = Curvature.layerwise(model, [(model[0], "weight")], xs, progress=False)
+    if route == "apply":
+        OBSIHT.apply(model[0], "weight", amount=0.5, curvature=curv, progress=False)
+    else:
+        sp = OBSIHTSparsifier(curv, sparsity_level=0.5, progress=False)
+        sp.prepare(model, [{"tensor_fqn": "0.weight"}])
+        sp.step()
+        sp.squash_mask()
+    assert int((model[0].weight == 0).sum()) == 60
+    assert torch.equal(model[0].weight == 0, ref[0].weight == 0)
+    assert torch.allclose(model[0].weight, ref[0].weight, atol=1e-6)
+
+
 # ---------------------------------------------------------------- bad input: clear error, model unchanged
 @pytest.mark.parametrize("case", ["no_curvature", "amount_range", "amount_too_big", "wrong_order", "other_params",
                                   "unknown_kw", "global_without_loss", "fisher_without_fisher", "nm_amount"])

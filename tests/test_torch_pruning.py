@@ -707,3 +707,81 @@ def test_greedy_removal_without_update_follows_the_brute_force_joint_removal_err
                               compensate=False).double()
     assert order[0] == int(torch.argmin(single + torch.cat([first, torch.zeros(1, dtype=torch.float64)])))
     assert sorted(order) == list(range(6))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(ratio="0.5"), "ratio"), (dict(ratio=0.5, head_ratio=1.5), "head_ratio"),
+    (dict(ratio=0.8), "head_ratio"),          # ceil(0.8 x 4) = 4: every head of a layer
+    (dict(ratio=0.0, head_ratio=0.99), "head_ratio"), (dict(ratio=0.99, heads=False), "ratio"),
+])
+def test_prune_transformer_refuses_what_torch_pruning_would_skip_and_changes_nothing(kwargs, field):
+    model = tiny_bert()
+    ids, am, _ = token_batches()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match=f"^{field}"):
+        prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]},
+                          tp.importance.GroupMagnitudeImportance(), **kwargs)
+    assert state_equal(before, model.state_dict())
+
+
+def test_prune_transformer_heads_only_with_ffn_ratio_zero():
+    """ratio=0 with head_ratio>0 removes heads (Torch-Pruning skipped the pass when its pruning_ratio was 0)."""
+    model = tiny_bert()
+    ids, am, _ = token_batches()
+    prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]},
+                      tp.importance.GroupMagnitudeImportance(), 0.0, head_ratio=0.5)
+    assert [l.attention.self.num_attention_heads for l in model.encoder.layer] == [2, 2]
+    assert [l.intermediate.dense.out_features for l in model.encoder.layer] == [64, 64]
+
+
+def test_prune_transformer_checks_the_obs_curvature_covers_both_passes_before_the_first():
+    """The FFN pass would find its consumers missing from the curvature only after the heads were gone."""
+    model = tiny_bert()
+    ids, am, batches = token_batches()
+    attn_only = [(l.attention.output.dense, "weight") for l in model.encoder.layer]
+    curv = Curvature.layerwise(model, attn_only, batches, loss_fn=bert_loss, progress=False)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="^curvature"):
+        prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, OBSImportance(curv), 0.5)
+    assert state_equal(before, model.state_dict())
+    assert [l.attention.self.num_attention_heads for l in model.encoder.layer] == [4, 4]
+
+
+def test_a_refused_step_leaves_the_pruner_ready_to_step_again():
+    """OBSImportance.step refuses before pruning (unscaled scores: the middle layer's tiny outputs rank lowest
+    wholesale, so Torch-Pruning would skip that group); the pruner's step counter is put back, so the retry with
+    strict=False takes its one step (it used to find the step already spent and prune through no group)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    X = torch.randn(256, 8)
+    Y = model(X).detach() + 0.1 * torch.randn(256, 3)
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)
+        model[2].bias.mul_(1e-3)
+        model[4].weight.mul_(1e3)
+    batches = [(X[i:i + 64], Y[i:i + 64]) for i in range(0, 256, 64)]
+    imp = OBSImportance(Curvature.layerwise(model, all_layers(model), batches, loss_fn=mse_sum, progress=False),
+                        scale=None)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, global_pruning=True,
+                              ignored_layers=[model[4]])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="^pruner: .* Nothing was changed"):
+        imp.step(pr)
+    assert pr.current_step == 0 and state_equal(before, model.state_dict())
+    rec = imp.step(pr, strict=False)
+    assert pr.current_step == 1 and rec["groups"] >= 1 and rec["implied_by_ratio"] == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_pruned_keeps_the_saved_dtype(tmp_path, dtype):
+    """A bf16 / fp16 model (loaded the usual way, from_pretrained(dtype=...)) comes back in its dtype with the
+    same outputs (it came back fp32)."""
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=dtype).eval()
+    ids, am, _ = token_batches()
+    prune_transformer(model, {"input_ids": ids[:2]}, tp.importance.GroupMagnitudeImportance(), 0.5)
+    model.save_pretrained(tmp_path)
+    back = load_pruned(tmp_path)
+    assert back.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, back(input_ids=ids).logits)

@@ -105,6 +105,10 @@ class Curvature:
             raise PruningInputError("sequential: True, False, 'auto', 'block' or 'sublayer', got "
                                     f"{sequential!r}")
         curv = cls(model, params, batches, loss_fn=loss_fn, forward_fn=forward_fn)
+        for i, t in enumerate(curv.targets):
+            if t.name != "weight":
+                raise PruningInputError(f"params[{i}]: {t.key} is not a layer weight; layer curvature (the input Gram) "
+                                        "is for the weights of Linear / Conv2d / Conv1D layers (leave biases out)")
         if not curv.batches:
             raise PruningInputError("batches: no calibration batches given")
         check_targets(curv.targets)
