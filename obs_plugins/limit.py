@@ -538,7 +538,7 @@ def _batch_losses(curv: Curvature, batches, overrides, progress: bool, desc: str
     """Loss of each batch with optional weight overrides (model restored exactly afterwards)."""
     from tqdm.auto import tqdm
     model = curv.model
-    was = model.training
+    flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
     model.eval()
     out = []
     try:
@@ -547,7 +547,8 @@ def _batch_losses(curv: Curvature, batches, overrides, progress: bool, desc: str
                 b = move(b, curv.device)
                 out.append(float(batch_loss(curv.loss_fn, curv.forward_fn(model, b), b)))
     finally:
-        model.train(was)
+        for m, f in flags:
+            m.training = f
     if not all(math.isfinite(l) for l in out) and overrides is None:
         raise PruningInputError("data: the dense model's loss is not finite on these batches")
     return out
@@ -556,7 +557,7 @@ def _batch_losses(curv: Curvature, batches, overrides, progress: bool, desc: str
 def _evaluate(curv: Curvature, batches, overrides, use_acc: bool) -> tuple[float | None, float]:
     """(accuracy or None, mean loss) over batches, sample-weighted, with optional weight overrides."""
     model = curv.model
-    was = model.training
+    flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
     model.eval()
     correct = total = 0
     loss = 0.0
@@ -572,5 +573,6 @@ def _evaluate(curv: Curvature, batches, overrides, use_acc: bool) -> tuple[float
                     logits = out.logits if hasattr(out, "logits") else out
                     correct += int((logits.argmax(-1) == b[1]).sum())
     finally:
-        model.train(was)
+        for m, f in flags:
+            m.training = f
     return (correct / total if use_acc else None), loss / total

@@ -30,7 +30,7 @@ def perplexity(model, batches, *, progress: bool = True, desc: str = "perplexity
     """exp of the mean per-token loss over equal-length batches."""
     from tqdm.auto import tqdm
     device = next(model.parameters()).device
-    was = model.training
+    flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
     model.eval()
     tot, n = 0.0, 0
     try:
@@ -40,5 +40,6 @@ def perplexity(model, batches, *, progress: bool = True, desc: str = "perplexity
             w = b["input_ids"].numel()
             tot, n = tot + float(loss) * w, n + w
     finally:
-        model.train(was)
+        for m, f in flags:
+            m.training = f
     return math.exp(tot / max(n, 1))

@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils import prune
 
 from obs_plugins import Curvature, OBSIHTConfig, api
-from obs_plugins.errors import CurvatureError
+from obs_plugins.errors import CurvatureError, PruningInputError
 from obs_plugins.lm import causal_lm_batches, causal_lm_loss
 from obs_plugins.methods.obs_iht import solver
 
@@ -350,3 +350,56 @@ def test_sublayer_stages_of_a_bert_encoder_layer():
     assert plan.report["calibration_stages"] == "sublayer"
     for e in plan.entries.values():
         assert int((~e.mask.bool()).sum()) == e.mask.numel() // 2
+
+
+class _ResidualOutside(torch.nn.Module):
+    """Blocks in a ModuleList whose residual is added by the parent: block i+1 is *not* fed block i's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = x + torch.relu(blk(x))
+        return x
+
+
+def test_auto_calibrates_in_one_pass_when_the_blocks_are_not_a_chain():
+    """'auto' used to feed block i's output to block i+1 here, so every later Gram was wrong (0.97 relative
+    error with nothing pruned); it now sees the stack is not a chain and calibrates in one pass, and an explicit
+    'block' order is refused naming sequential."""
+    torch.manual_seed(0)
+    model = _ResidualOutside()
+    params = [(m, "weight") for m in model.layers]
+    batches = [torch.randn(16, 8) + 1 for _ in range(2)]
+    auto = Curvature.layerwise(model, params, batches, progress=False)
+    plain = Curvature.layerwise(model, params, batches, sequential=False, progress=False)
+    assert auto.sequential is False
+    for k in plain.keys:
+        assert torch.equal(auto.hessians[k], plain.hessians[k])
+    with pytest.raises(PruningInputError, match="^sequential='block'"):
+        Curvature.layerwise(model, params, batches, sequential="block", progress=False)
+
+
+def test_llama_blocks_are_a_chain_and_auto_stays_sequential():
+    model, params, batches = llama_problem()
+    assert Curvature.layerwise(model, params, batches, progress=False).sequential is True
+
+
+def test_calibration_keeps_every_submodule_training_flag():
+    """A model in training mode with one BatchNorm frozen in eval mode: calibration, gradients and HVPs run in
+    eval mode and give every submodule its own flag back (model.train(was) unfroze the BatchNorm, whose
+    running statistics then drifted in the user's next training step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    model.train()
+    model[1].eval()
+    flags = [m.training for m in model.modules()]
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(2)]
+    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[4], "weight")], batches,
+                               loss_fn=torch.nn.functional.cross_entropy, progress=False)
+    curv.loss_and_grad()
+    curv.hvp({t.key: torch.ones_like(t.current()) for t in curv.targets})
+    assert [m.training for m in model.modules()] == flags

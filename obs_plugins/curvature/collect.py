@@ -127,6 +127,31 @@ def block_stack(model: nn.Module, targets: list[Target]) -> nn.ModuleList | None
     return blocks if all(id(t.module) in inside for t in targets) else None
 
 
+def blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch, forward_fn: Callable) -> bool:
+    """Does one forward pass on ``batch`` call every block once, in order, each fed (as its first positional input)
+    exactly the previous block's output?  What sequential calibration assumes when it feeds block i's outputs to
+    block i+1; a residual added outside the blocks (``x = x + blk(x)``) or parallel branches break it."""
+    seen = []
+
+    def hook(_m, args, out, i):
+        first_out = out[0] if isinstance(out, (tuple, list)) else out
+        seen.append((i, args[0] if args else None, first_out))
+
+    handles = [blk.register_forward_hook(lambda m, a, o, _i=i: hook(m, a, o, _i)) for i, blk in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            forward_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if [i for i, _, _ in seen] != list(range(len(blocks))):
+        return False
+    for (_, _, out), (_, nxt, _) in zip(seen, seen[1:]):
+        if not (torch.is_tensor(out) and torch.is_tensor(nxt) and out.shape == nxt.shape and torch.equal(out, nxt)):
+            return False
+    return torch.is_tensor(seen[0][1])
+
+
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
@@ -147,6 +172,19 @@ def stateless_kwargs(kwargs: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model.eval()`` for the duration, then every submodule's own ``training`` flag back (``model.train(was)``
+    would also flip a submodule the user keeps in eval mode, e.g. a frozen BatchNorm, to training)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
 
 
 @contextlib.contextmanager

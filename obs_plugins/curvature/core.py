@@ -11,8 +11,9 @@ from torch import nn
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, batch_loss, default_forward, move
-from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, collect_sequential,
-                      feed, input_stages, no_kv_cache, run_batches, run_block, run_block_until)
+from .collect import (GramAccumulator, add_gram_hooks, block_stack, blocks_chain, capture_block_inputs,
+                      collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
+                      run_block_until)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -121,6 +122,15 @@ class Curvature:
         if sequential not in (False, "auto") and stack is None:
             raise PruningInputError(f"sequential={sequential!r}: the targets do not all live in one stack of blocks "
                                     "(an nn.ModuleList such as model.layers); use sequential=False")
+        if sequential is not False and stack is not None:
+            with curv._eval_mode():
+                chain = blocks_chain(model, stack, move(curv.batches[0], curv.device), curv.forward_fn)
+            if not chain and sequential == "auto":
+                stack = None     # e.g. a residual added around the blocks: calibrate in one pass
+            elif not chain:
+                raise PruningInputError(f"sequential={sequential!r}: the blocks of the stack are not a chain (a "
+                                        "forward pass does not feed each block exactly the previous block's output, "
+                                        "e.g. a residual added outside the blocks); use sequential=False")
         curv.sequential = sequential is not False and stack is not None
         if curv.sequential:
             curv.stages = "block" if sequential in (True, "auto") else sequential
@@ -145,13 +155,8 @@ class Curvature:
     def _eval_mode(self):
         """Eval mode, and no key/value cache (HF models build one per forward pass by default; a loss, gradient
         or calibration pass over whole windows never reads it).  ``config.use_cache`` is restored on exit."""
-        was = self.model.training
-        self.model.eval()
-        try:
-            with no_kv_cache(self.model):
-                yield
-        finally:
-            self.model.train(was)
+        with eval_mode(self.model), no_kv_cache(self.model):
+            yield
 
     def _collect(self, targets, run: Callable[[], object]) -> None:
         """Grams of ``targets`` from hooks while ``run()`` feeds the model (all-reduced, then stored)."""

@@ -176,9 +176,9 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
         use = "loop"
     wrapper = _Forward(curv.model, curv.forward_fn)
     seen = 0
-    was = curv.model.training
-    curv.model.eval()
     overrides = {t.key: t.current() for t in curv.targets}
+    flags = [(m, m.training) for m in curv.model.modules()]   # every submodule's own flag comes back
+    curv.model.eval()
     try:
         with curv._weights(overrides), curv._mid_apply_attributes():
             for b in tqdm(batches, desc="per-sample gradients", disable=not progress, leave=False):
@@ -211,7 +211,8 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
                     seen += j - i
                     yield out
     finally:
-        curv.model.train(was)
+        for m, f in flags:
+            m.training = f
         for t in curv.targets:  # as torch.nn.utils.prune leaves it: `<name> = <name>_orig * <name>_mask`
             if hasattr(t.module, t.name + "_mask") and hasattr(t.module, t.name):
                 setattr(t.module, t.name, t.orig() * getattr(t.module, t.name + "_mask"))
