@@ -16,12 +16,26 @@ def plan(config, *, curvature: Curvature | None = None, targets=None, amount=0.5
     spec = method_of_config(config)
     if spec.kind != "one-shot":
         raise PruningInputError(f"config: {spec.name} is a learned method; train it with its own trainer")
+    if targets is not None:
+        targets = list(targets)
+        if not targets:
+            raise PruningInputError("targets: empty")
     if curvature is not None:
+        if targets is not None and {t.key for t in targets} != {t.key for t in curvature.targets}:
+            raise PruningInputError(
+                f"targets: {sorted(t.key for t in targets)[:4]}... differ from the curvature's targets "
+                f"{sorted(curvature.keys)[:4]}...; a plan covers exactly the curvature's targets, so collect the "
+                "curvature over the tensors to prune (or give only curvature=)")
         targets = curvature.targets
     if targets is None:
         raise PruningInputError("targets: give curvature= or targets=")
+    nm = parse_nm(getattr(config, "nm", None))
+    if nm is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float))
+                           or abs(float(amount) - nm[0] / nm[1]) > 1e-9):
+        raise PruningInputError(f"amount={amount!r} does not match nm={config.nm} (an N:M pattern prunes exactly "
+                                f"{nm[0] / nm[1]}; use amount={nm[0] / nm[1]})")
     avail = sum(int(t.prior_mask().sum()) for t in targets)
-    k = None if parse_nm(getattr(config, "nm", None)) else count_to_prune(amount, avail)
+    k = None if nm else count_to_prune(amount, avail)
     if spec.name == "magnitude":
         return spec.handler(targets, k, config)
     if curvature is None:

@@ -214,9 +214,14 @@ class PrunePlan:
         the new weights, ``<name>_mask`` the mask); ``False`` writes ``weight * mask`` in place (baked)."""
         from torch.nn.utils import prune  # part of torch
 
+        from torch.nn.utils import parametrize
         for e in self.entries.values():  # validate everything before the first write
             if e.new_weight is not None and e.new_weight.shape != e.target.orig().shape:
                 raise ValueError(f"plan for {e.target.key}: stale shape")
+            if reparametrize and parametrize.is_parametrized(e.target.module, e.target.name):
+                raise PruningInputError(f"reparametrize: {e.target.key} is parametrized (a torch.ao sparsifier's "
+                                        "FakeSparsity?), which torch.nn.utils.prune masks cannot wrap; prune it "
+                                        "through that sparsifier, or apply with reparametrize=False")
         for e in self.entries.values():
             t = e.target
             with torch.no_grad():

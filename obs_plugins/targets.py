@@ -133,7 +133,10 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
         if isinstance(p, str):
             if model is None:
                 raise PruningInputError("params: module names need the model")
-            module = model.get_submodule(p)
+            try:
+                module = model.get_submodule(p)
+            except AttributeError:
+                raise PruningInputError(f"params[{i}]: the model has no module named {p!r}") from None
             p = (module, "weight")
         if not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], nn.Module) and isinstance(p[1], str)):
             raise PruningInputError(f"params[{i}]: expected (module, name), got {p!r}")

@@ -121,6 +121,33 @@ def case_bias_in_layer_curvature(model, params, batches):   # crashed with an In
     Curvature.layerwise(model, params + [(model[0], "bias")], batches, progress=False)
 
 
+def case_targets_other_than_the_curvatures(model, params, batches):   # targets= was ignored: both layers pruned
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    api.prune(OBSIHTConfig(progress=False), curvature=curv, targets=curv.targets[:1], amount=0.5)
+
+
+def case_nm_with_another_amount(model, params, batches):   # amount was ignored: 2:4 pruned 0.5
+    from obs_plugins import MagnitudeConfig, resolve_targets
+    api.prune(MagnitudeConfig(nm="2:4"), targets=resolve_targets(model, params[1:]), amount=0.9)
+
+
+def case_empty_targets(model, params, batches):   # planned nothing and reported sparsity 1.0
+    from obs_plugins import MagnitudeConfig
+    api.prune(MagnitudeConfig(), targets=iter([]), amount=0.5)
+
+
+def case_nan_in_calibration_batch(model, params, batches):   # Wanda pruned by position, silently
+    from obs_plugins import WandaConfig
+    batches[2][0][3, 5] = float("nan")
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    api.prune(WandaConfig(), curvature=curv, amount=0.5)
+
+
+def case_unknown_module_name(model, params, batches):   # a raw AttributeError
+    from obs_plugins import resolve_targets
+    resolve_targets(model, ["0", "nope"])
+
+
 CASES = {  # case -> the words the message must contain
     case_nm_width_not_multiple: ("nm", "0.weight", "30"),
     case_nm_width_wanda: ("nm", "0.weight", "30"),
@@ -142,6 +169,11 @@ CASES = {  # case -> the words the message must contain
     _amount(10 ** 6): ("amount", "272"),
     case_empty_calibration: ("batches",),
     case_bias_in_layer_curvature: ("params[2]", "0.bias", "not a layer weight"),
+    case_targets_other_than_the_curvatures: ("targets", "0.weight", "2.weight"),
+    case_nm_with_another_amount: ("amount=0.9", "nm=2:4"),
+    case_empty_targets: ("targets: empty",),
+    case_nan_in_calibration_batch: ("batches", "0.weight", "NaN"),
+    case_unknown_module_name: ("params[1]", "'nope'"),
 }
 
 
@@ -254,3 +286,18 @@ def test_a_refused_second_apply_keeps_the_first_pruning(bad):
     zeros = int((model[0].weight == 0).sum())
     prune.remove(model[0], "weight")
     assert int((model[0].weight == 0).sum()) == zeros == round(0.3 * model[0].weight.numel())
+
+
+def test_a_plan_on_a_parametrized_tensor_refuses_before_writing():
+    """PrunePlan.apply(reparametrize=True) on a tensor a torch.ao sparsifier has parametrized: refused before the
+    first write (it wrote the earlier entries, then failed in torch with a TypeError)."""
+    from torch.ao.pruning import WeightNormSparsifier
+    from obs_plugins import MagnitudeConfig, resolve_targets
+    model, params, _ = problem()
+    sp = WeightNormSparsifier(sparsity_level=0.5)
+    sp.prepare(model, [{"tensor_fqn": "2.weight"}])
+    before = state(model)
+    p = api.plan(MagnitudeConfig(), targets=resolve_targets(model, params), amount=0.5)
+    with pytest.raises(PruningInputError, match="^reparametrize: 2.weight"):
+        p.apply(reparametrize=True)
+    assert same(before, state(model))

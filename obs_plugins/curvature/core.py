@@ -148,6 +148,9 @@ class Curvature:
             if a.n == 0:
                 raise PruningInputError(f"params: layer {k} saw no input during calibration (is it used by "
                                         "the forward pass?)")
+            if not bool(torch.isfinite(a.H).all()):
+                raise PruningInputError(f"batches: the calibration inputs of layer {k} hold NaN/Inf values (a batch "
+                                        "with NaN/Inf, or an earlier layer overflowing); fix the data")
             self._hessians[k] = a.H
             self._counts[k] = a.n
 
@@ -499,7 +502,8 @@ class Curvature:
         return self.flatten(self.hvp(self.unflatten(v.float())))
 
     def drop_data(self) -> None:
-        """Forget the model, batches and loss (keep the statistics), e.g. before pickling."""
+        """Forget the model, batches and loss (keep the statistics), e.g. to free the calibration data once the
+        plan exists (a Curvature is never pickled: see ``__getstate__``)."""
         self.model, self.batches, self.loss_fn = None, [], None
 
     def __getstate__(self):
