@@ -8,6 +8,7 @@ the same H as one process that saw all of it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable, Iterable
 
 import torch
@@ -25,6 +26,38 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         stride=module.stride)  # (N, C*kh*kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
+
+
+# the token mask of the batch now running (a dict batch's 2-D attention_mask, when it masks something): padded
+# positions are not calibration data, so their rows stay out of every (batch, token, features) layer input's Gram
+_ROW_MASK: contextvars.ContextVar = contextvars.ContextVar("obs_plugins_row_mask", default=None)
+
+
+def row_mask(batch) -> torch.Tensor | None:
+    """``batch["attention_mask"]`` as a bool (batch, tokens) tensor when it masks any position, else ``None``."""
+    if not hasattr(batch, "keys") or "attention_mask" not in batch:
+        return None
+    m = batch["attention_mask"]
+    if not torch.is_tensor(m) or m.dim() != 2 or bool(m.bool().all()):
+        return None
+    return m.bool()
+
+
+@contextlib.contextmanager
+def masking_rows(mask: torch.Tensor | None):
+    token = _ROW_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _ROW_MASK.reset(token)
+
+
+def _real_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` of a Linear input ``x`` without the padded positions of the running batch (if any)."""
+    m = _ROW_MASK.get()
+    if m is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(m.shape):
+        return rows
+    return rows[m.to(rows.device).reshape(-1)]
 
 
 class GramAccumulator:
@@ -85,7 +118,7 @@ def add_gram_hooks(targets: list[Target], accs: dict[str, GramAccumulator]):
                 return
             twin.pop(_key, None)
             n_before = acc.n
-            acc.add(input_rows(module, raw.detach()))
+            acc.add(_real_rows(raw, input_rows(module, raw.detach())))
             last.update(key=_key, x=raw, version=raw._version, n_before=n_before)
         handles.append(t.module.register_forward_hook(hook))
     return handles
@@ -95,7 +128,8 @@ def run_batches(model: nn.Module, batches: Iterable, forward_fn: Callable, *, de
     from tqdm.auto import tqdm
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            forward_fn(model, batch)
+            with masking_rows(row_mask(batch)):
+                forward_fn(model, batch)
 
 
 class _Stop(Exception):
@@ -223,13 +257,28 @@ def capture_block_inputs(model, first_block, batches, forward_fn) -> list[tuple[
         h.remove()
     if len(cached) != len(batches):
         raise ValueError("sequential calibration: the forward pass did not reach the first block for every batch")
-    return cached
+    out = _Cached(cached)
+    out.row_masks = [row_mask(b) for b in batches]
+    return out
+
+
+class _Cached(list):
+    """Cached block inputs, one per batch, with each batch's token mask (``row_masks``) for the Gram hooks."""
+    row_masks: list = []
+
+
+def _masks_of(cached) -> list:
+    return getattr(cached, "row_masks", None) or [None] * len(cached)
 
 
 def run_block(block, cached) -> list:
     """``block``'s outputs for every cached input."""
+    out = []
     with torch.no_grad():
-        return [block(*a, **k) for a, k in cached]
+        for (a, k), m in zip(cached, _masks_of(cached)):
+            with masking_rows(m):
+                out.append(block(*a, **k))
+    return out
 
 
 def input_stages(block, targets: list[Target], one) -> list[tuple[list[Target], bool]]:
@@ -280,10 +329,11 @@ def run_block_until(block, cached, modules) -> None:
     handles = [m.register_forward_hook(stop) for m in modules]
     try:
         with torch.no_grad():
-            for a, k in cached:
+            for (a, k), m in zip(cached, _masks_of(cached)):
                 fired.clear()
                 try:
-                    block(*a, **k)
+                    with masking_rows(m):
+                        block(*a, **k)
                 except _Stop:
                     pass
     finally:
