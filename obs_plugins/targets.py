@@ -128,7 +128,7 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
     names = {}
     if model is not None:
         names = {id(m): n for n, m in model.named_modules()}
-    out, seen = [], set()
+    out, seen, storages = [], set(), {}
     for i, p in enumerate(list(params)):
         if isinstance(p, str):
             if model is None:
@@ -153,6 +153,12 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
         if (id(module), name) in seen:
             raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is listed twice")
         seen.add((id(module), name))
+        if t.device.type != "meta":   # one tensor under two names: each plan entry would overwrite the other
+            ptr = (t.data_ptr(), tuple(t.shape))
+            if ptr in storages:
+                raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is the same tensor as "
+                                        f"params[{storages[ptr]}] (a shared parameter); list it once")
+            storages[ptr] = i
         if model is not None and id(module) not in names:
             raise PruningInputError(f"params[{i}]: module is not part of the model")
         prefix = names.get(id(module), str(i))

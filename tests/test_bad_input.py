@@ -301,3 +301,16 @@ def test_a_plan_on_a_parametrized_tensor_refuses_before_writing():
     with pytest.raises(PruningInputError, match="^reparametrize: 2.weight"):
         p.apply(reparametrize=True)
     assert same(before, state(model))
+
+
+def test_one_parameter_under_two_modules_is_refused():
+    """Two listed modules sharing one weight tensor: the second plan entry silently overwrote the first layer's
+    OBS solve; now refused naming both entries."""
+    model, params, batches = problem()
+    twin = nn.Linear(30, 8)
+    twin.weight = model[0].weight
+    model.add_module("twin", twin)
+    before = state(model)
+    with pytest.raises(PruningInputError, match=r"^params\[2\].*same tensor as params\[0\]"):
+        Curvature.layerwise(model, params + [(twin, "weight")], batches, progress=False)
+    assert same(before, state(model))

@@ -483,3 +483,23 @@ def test_padded_positions_stay_out_of_the_grams(sequential):
         real = torch.cat([x[m.bool()] for x, m in zip(rows[id(t.module)], (am[:2], am[2:]))])
         assert curv.counts[t.key] == int(am.sum()) == real.shape[0]
         assert rel(curv.hessians[t.key].double(), gram64(real)) < 1e-5, t.key
+
+
+@pytest.mark.parametrize("kw", [dict(padding="same", kernel_size=(3, 4)), dict(padding=1, padding_mode="reflect"),
+                                dict(padding=2, padding_mode="circular"), dict(padding="valid")])
+def test_conv2d_grams_follow_the_layers_own_padding(kw):
+    """The Gram of a Conv2d is the Gram of the patches the layer multiplies: rows recovered from the layer itself
+    (its output equals rows @ W^T + b), for 'same' (uneven here), 'valid', reflect and circular padding (reflect /
+    circular were unfolded with zeros, 'same' crashed)."""
+    kw = {"kernel_size": 3, **kw}
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, **kw)
+    batches = [torch.randn(2, 2, 6, 7) for _ in range(2)]
+    curv = Curvature.layerwise(nn.Sequential(conv), [(conv, "weight")], batches, progress=False)
+    from obs_plugins.curvature.collect import input_rows
+    rows = torch.cat([input_rows(conv, b) for b in batches]).double()
+    W = conv.weight.detach().double().reshape(3, -1)
+    out = torch.cat([conv.double()(b.double()).permute(0, 2, 3, 1).reshape(-1, 3) for b in batches])
+    conv.float()
+    assert torch.allclose(rows @ W.T + conv.bias.detach().double(), out, atol=1e-10)
+    assert rel(curv.hessians["0.weight"], gram64(rows)) < 1e-5

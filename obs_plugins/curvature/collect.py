@@ -22,7 +22,15 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input as (rows, in_features) columns matching the 2-D weight view."""
     kind = layer_kind(module)
     if kind == "conv2d":
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+        if x.dim() == 3:                  # an unbatched (C, H, W) input
+            x = x.unsqueeze(0)
+        padding = module.padding
+        if isinstance(padding, str) or module.padding_mode != "zeros":
+            # 'same' (possibly uneven) / 'valid', or reflect/replicate/circular: pad exactly as the layer does
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # (N, C*kh*kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
