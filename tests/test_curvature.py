@@ -93,6 +93,26 @@ def test_k_batches_equal_one_concatenated_batch():
         assert rel(a.hessians[k], b.hessians[k]) < 1e-6
 
 
+def test_k_batches_of_different_sizes_give_one_batchs_loss_gradient_and_hvp():
+    """The loss, its gradient and HVPs over batches of 1 and 7 samples equal those of the one concatenated batch
+    (they averaged per batch: the single sample weighed as much as the seven; 95% off)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = [(model[0], "weight"), (model[2], "weight")]
+    xs, ys = [torch.randn(n, 6) for n in (1, 7)], [torch.randint(0, 3, (n,)) for n in (1, 7)]
+    k = Curvature.layerwise(model, params, list(zip(xs, ys)), loss_fn=F.cross_entropy, progress=False)
+    one = Curvature.layerwise(model, params, [(torch.cat(xs), torch.cat(ys))], loss_fn=F.cross_entropy,
+                              progress=False)
+    assert abs(k.loss() - one.loss()) < 1e-6
+    (lk, gk), (lo, go) = k.loss_and_grad(), one.loss_and_grad()
+    assert abs(lk - lo) < 1e-6
+    v = {t.key: torch.randn_like(t.current()) for t in k.targets}
+    hk, ho = k.hvp(v), one.hvp(v)
+    for key in k.keys:
+        assert rel(gk[key], go[key]) < 1e-5 and rel(hk[key], ho[key]) < 1e-5
+
+
 class Stack(nn.Module):
     def __init__(self, d=5, n=3):
         super().__init__()

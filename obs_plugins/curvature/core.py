@@ -29,6 +29,19 @@ def _leading_dim(out) -> int:
     return int(t.shape[0]) if torch.is_tensor(t) and t.dim() else 1
 
 
+def _batch_weights(batches) -> list[float] | None:
+    """Per-batch weights that make a mean of per-batch mean losses the mean over samples (``rows_i * n / sum
+    rows``), or ``None`` when every batch has as many rows (the plain mean over batches is then that already)."""
+    from .fisher import batch_rows
+    try:
+        rows = [batch_rows(b) for b in batches]
+    except PruningInputError:
+        return None
+    if len(set(rows)) <= 1:
+        return None
+    return [r * len(rows) / sum(rows) for r in rows]
+
+
 class Curvature:
     """Curvature of a pruning problem, keyed by ``Target.key`` in the order of ``params``.
 
@@ -345,15 +358,18 @@ class Curvature:
 
     def loss(self, overrides: Mapping[str, torch.Tensor] | None = None, batches: Iterable | None = None, *,
              progress: bool = False) -> float:
-        """Mean loss over ``batches`` (default: the calibration batches) with optional weight overrides."""
+        """Mean loss over ``batches`` (default: the calibration batches) with optional weight overrides; batches of
+        different sizes are weighted by their rows (the mean over samples)."""
         from tqdm.auto import tqdm
         self._need_loss("loss")
         batches = self.batches if batches is None else list(batches)
         total = 0.0
+        w = _batch_weights(batches)
         with self._eval_mode(), self._weights(overrides), self._mid_apply_attributes(), torch.no_grad():
-            for b in tqdm(batches, desc="loss", disable=not progress, leave=False):
+            for i, b in enumerate(tqdm(batches, desc="loss", disable=not progress, leave=False)):
                 b = move(b, self.device)
-                total += float(batch_loss(self.loss_fn, self.forward_fn(self.model, b), b))
+                v = float(batch_loss(self.loss_fn, self.forward_fn(self.model, b), b))
+                total += v if w is None else v * w[i]
         return total / max(len(batches), 1)
 
     def _grad_params(self):
@@ -376,7 +392,8 @@ class Curvature:
     def loss_and_grad(self, overrides: Mapping[str, torch.Tensor] | None = None, batches: Iterable | None = None,
                       *, progress: bool = False, compute_dtype: torch.dtype | None = None
                       ) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean loss and its gradient w.r.t. every target's effective weight (param-shaped, fp32).
+        """Mean loss and its gradient w.r.t. every target's effective weight (param-shaped, fp32); batches of
+        different sizes are weighted by their rows, so k batches give what one concatenated batch gives.
 
         ``compute_dtype`` (e.g. ``torch.bfloat16``): run the forward and backward passes under
         ``torch.autocast`` in that dtype (matrix products in it, accumulating in fp32; the weights are not
@@ -386,20 +403,23 @@ class Curvature:
         batches = self.batches if batches is None else list(batches)
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
+        w = _batch_weights(batches)
         def cast():
             return (torch.autocast(self.device.type, dtype=compute_dtype) if compute_dtype is not None
                     else contextlib.nullcontext())
         with self._eval_mode(), self._weights(overrides), self._mid_apply_attributes(), \
                 self._only_targets_require_grad():
             params = self._grad_params()
-            for b in tqdm(batches, desc="gradient", disable=not progress, leave=False):
+            for i, b in enumerate(tqdm(batches, desc="gradient", disable=not progress, leave=False)):
                 b = move(b, self.device)
                 with cast():
                     loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
                 gs = torch.autograd.grad(loss, params)
-                total += float(loss.detach())
+                total += float(loss.detach()) * (1.0 if w is None else w[i])
                 for t, g in zip(self.targets, gs):
                     g = g.float()  # a fresh tensor from autograd (a copy when not fp32): accumulate in place
+                    if w is not None:
+                        g = g * w[i]
                     if t.key in grads:
                         grads[t.key].add_(g)
                     else:
@@ -464,7 +484,8 @@ class Curvature:
         return {k: (v / n).float() for k, v in acc.items()}
 
     def hvp(self, vec: Mapping[str, torch.Tensor], batches: Iterable | None = None) -> dict[str, torch.Tensor]:
-        """Hessian-vector product of the mean loss w.r.t. the targets (double backward, averaged over batches)."""
+        """Hessian-vector product of the mean loss w.r.t. the targets (double backward, averaged over batches,
+        weighted by their rows when their sizes differ)."""
         self._need_loss("hvp")
         batches = self.batches if batches is None else list(batches)
         out = {t.key: torch.zeros_like(t.current(), dtype=torch.float32) for t in self.targets}
@@ -472,14 +493,15 @@ class Curvature:
                 self._only_targets_require_grad():
             params = self._grad_params()
             vs = [vec[t.key].to(p.dtype) for t, p in zip(self.targets, params)]
-            for b in batches:
+            w = _batch_weights(batches)
+            for i, b in enumerate(batches):
                 b = move(b, self.device)
                 loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
                 gs = torch.autograd.grad(loss, params, create_graph=True)
                 dot = sum((g * v).sum() for g, v in zip(gs, vs))
                 hv = torch.autograd.grad(dot, params)
                 for t, h in zip(self.targets, hv):
-                    out[t.key].add_(h.float())
+                    out[t.key].add_(h.float() if w is None else h.float() * w[i])
         n = max(len(batches), 1)
         return {k: v / n for k, v in out.items()}
 
