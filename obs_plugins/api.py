@@ -9,6 +9,7 @@ from .curvature import Curvature
 from .errors import PruningInputError
 from .masks import PrunePlan, count_to_prune, parse_nm
 from .registry import get_method, method_of_config
+from .targets import check_targets
 
 
 def plan(config, *, curvature: Curvature | None = None, targets=None, amount=0.5) -> PrunePlan:
@@ -29,6 +30,7 @@ def plan(config, *, curvature: Curvature | None = None, targets=None, amount=0.5
         targets = curvature.targets
     if targets is None:
         raise PruningInputError("targets: give curvature= or targets=")
+    check_targets(targets)   # finite values on one real device, before anything is counted
     nm = parse_nm(getattr(config, "nm", None))
     if nm is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float))
                            or abs(float(amount) - nm[0] / nm[1]) > 1e-9):

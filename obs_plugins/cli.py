@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from .errors import PruningInputError
+
 MAIN_DEFAULTS = dict(sparsity="0.5", iterations=2, calib=32, eval=32, seq_len=256)
 
 
@@ -19,16 +21,72 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
 
 
+def _check_threads(args) -> None:
+    if args.threads < 0:
+        raise PruningInputError(f"--threads: must be >= 0 (0: torch's choice), got {args.threads}")
+
+
+def check_sparsity_spec(spec: str) -> None:
+    """``--sparsity``: a fraction in [0, 1) or an N:M pattern with 0 < N < M."""
+    import math
+    if ":" in spec:
+        try:
+            n, m = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise PruningInputError(f"--sparsity: expected a fraction such as 0.5 or an N:M pattern such as 2:4, "
+                                    f"got {spec!r}") from None
+        if not 0 < n < m:
+            raise PruningInputError(f"--sparsity: an N:M pattern needs 0 < N < M, got {spec!r}")
+        return
+    try:
+        v = float(spec)
+    except ValueError:
+        raise PruningInputError(f"--sparsity: expected a fraction such as 0.5 or an N:M pattern such as 2:4, "
+                                f"got {spec!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v < 1.0):
+        raise PruningInputError(f"--sparsity: a fraction must lie in [0, 1), got {spec!r}")
+
+
+def check_prune_args(args) -> None:
+    """Every ``prune`` flag checked before anything is loaded (the model load takes minutes)."""
+    _check_threads(args)
+    if args.model is not None or args.config is not None:
+        return  # the Hugging Face route takes its settings from --config
+    check_sparsity_spec(args.sparsity)
+    for name in ("calib", "eval", "seq_len", "iterations", "grad_subsets"):
+        if getattr(args, name) < 1:
+            raise PruningInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.blocks is not None and args.blocks < 1:
+        raise PruningInputError(f"--blocks: must be >= 1 (or left out for all blocks), got {args.blocks}")
+
+
+def prune_for_save(setup, method: str, sparsity: str, curvature, *, iterations: int, grad_subsets: int,
+                   progress: bool):
+    """Prune ``setup``'s model with the chosen method (``run_rows`` restored the dense weights after every
+    method) so that what ``--save`` writes is the pruned model; returns the plan."""
+    from . import api
+    from .experiment import sparsity_args
+    from .methods.magnitude import MagnitudeConfig, WandaConfig
+    from .methods.obs_iht import OBSIHTConfig
+    amount, nm = sparsity_args(sparsity)
+    if method == "obs_iht":
+        return api.prune(OBSIHTConfig(iterations=iterations, nm=nm, grad_subsets=grad_subsets, progress=progress),
+                         curvature=curvature, amount=amount)
+    if method == "wanda":
+        return api.prune(WandaConfig(nm=nm), curvature=curvature, amount=amount)
+    if method == "magnitude":  # as run_rows' magnitude row
+        return api.prune(MagnitudeConfig(allocation="uniform", nm=nm), targets=setup.targets, amount=amount)
+    raise PruningInputError(f"--method: unknown {method!r}")
+
+
 def cmd_prune(args) -> int:
+    check_prune_args(args)
     if args.model is not None or args.config is not None:  # the Hugging Face route (issue 15)
         return cmd_prune_model(args)
     import torch
 
     from .experiment import dense_row, run_rows, setup_smollm2
-    from .methods.obs_iht import OBSIHTConfig
 
-    if args.method == "obs_iht":  # bad settings fail before the model is loaded, not after the first sweep
-        OBSIHTConfig(iterations=args.iterations, grad_subsets=args.grad_subsets).validate()
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -69,12 +127,8 @@ def cmd_prune(args) -> int:
             json.dump({"rows": rows, "setup": setup.info}, f, indent=2, default=str)
     if args.save:
         # re-run the chosen method and save the baked model in Hugging Face format (safetensors)
-        from . import api
-        from .experiment import sparsity_args
-        amount, nm = sparsity_args(args.sparsity)
-        if args.method == "obs_iht":
-            api.prune(OBSIHTConfig(iterations=args.iterations, nm=nm, grad_subsets=args.grad_subsets,
-                                   progress=progress), curvature=curv, amount=amount)
+        prune_for_save(setup, args.method, args.sparsity, curv, iterations=args.iterations,
+                       grad_subsets=args.grad_subsets, progress=progress)
         setup.model.save_pretrained(args.save)
         setup.tokenizer.save_pretrained(args.save)
         print(f"saved the pruned model to {args.save}")
@@ -134,21 +188,48 @@ def cmd_export(args) -> int:
     return onnx_adapter.run_export_cli(args)
 
 
+LIMIT_TRAIN_ROWS = 55000  # the Fashion-MNIST training images limit draws from (the last 5000 are left out)
+LIMIT_BATCH = 128
+
+
+def check_limit_args(args) -> None:
+    """Every ``limit`` flag checked before anything is loaded or trained."""
+    import math
+    _check_threads(args)
+    if not 0.0 < args.step < 1.0:
+        raise PruningInputError(f"--step: the sweep grid step must lie in (0, 1), got {args.step}")
+    for name in ("epochs", "steps", "probes", "hvp_samples", "batches"):
+        if getattr(args, name) < 1:
+            raise PruningInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.batches * LIMIT_BATCH > LIMIT_TRAIN_ROWS:
+        raise PruningInputError(f"--batches: {args.batches} batches of {LIMIT_BATCH} need "
+                                f"{args.batches * LIMIT_BATCH} training images, there are {LIMIT_TRAIN_ROWS} "
+                                f"(at most {LIMIT_TRAIN_ROWS // LIMIT_BATCH} batches)")
+    if args.epsilon is None and args.batches < 2:
+        raise PruningInputError(f"--batches: the default --epsilon (the std of the per-batch loss) needs at least "
+                                f"2 batches, got {args.batches}")
+    if args.hvp_samples > LIMIT_TRAIN_ROWS:
+        raise PruningInputError(f"--hvp-samples: at most {LIMIT_TRAIN_ROWS} training images, got {args.hvp_samples}")
+    if any(h < 1 for h in args.hidden):
+        raise PruningInputError(f"--hidden: every hidden size must be >= 1, got {args.hidden}")
+    if not (math.isfinite(args.l1) and args.l1 >= 0):
+        raise PruningInputError(f"--l1: must be a finite number >= 0, got {args.l1}")
+    if args.epsilon is not None and not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise PruningInputError(f"--epsilon: must be a finite number > 0 (or left out), got {args.epsilon}")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise PruningInputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
+
+
 def cmd_limit(args) -> int:
     """Pruning-limit estimate (obs_plugins.limit) on a Fashion-MNIST MLP trained here, or on a saved model."""
+    check_limit_args(args)  # refuse bad input before any training
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     from .data import load_fashion_mnist
-    from .errors import PruningInputError
     from .limit import default_sparsities, estimate
 
-    if not 0.0 < args.step < 1.0:  # refuse bad input before any training
-        raise PruningInputError(f"--step: the sweep grid step must lie in (0, 1), got {args.step}")
-    for name in ("epochs", "steps", "probes", "hvp_samples", "batches"):
-        if getattr(args, name) < 1:
-            raise PruningInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -172,9 +253,9 @@ def cmd_limit(args) -> int:
               f"epoch(s){f' with l1 {args.l1:g}' if args.l1 else ''} ...", flush=True)
         g = torch.Generator().manual_seed(args.seed)
         for _ in range(args.epochs):
-            perm = torch.randperm(55000, generator=g)
-            for i in range(0, 55000, 128):
-                idx = perm[i:i + 128]
+            perm = torch.randperm(LIMIT_TRAIN_ROWS, generator=g)
+            for i in range(0, LIMIT_TRAIN_ROWS, LIMIT_BATCH):
+                idx = perm[i:i + LIMIT_BATCH]
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 if args.l1:  # the paper's l1 penalty on the weights
                     loss = loss + args.l1 * sum(m.weight.abs().sum() for m in model if isinstance(m, nn.Linear))
@@ -185,8 +266,9 @@ def cmd_limit(args) -> int:
         if args.save_model:
             torch.save(model, args.save_model)
     g = torch.Generator().manual_seed(args.seed + 1)
-    pick = torch.randperm(55000, generator=g)
-    data = [(x[pick[i:i + 128]], y[pick[i:i + 128]]) for i in range(0, 128 * args.batches, 128)]
+    pick = torch.randperm(LIMIT_TRAIN_ROWS, generator=g)
+    data = [(x[pick[i:i + LIMIT_BATCH]], y[pick[i:i + LIMIT_BATCH]])
+            for i in range(0, LIMIT_BATCH * args.batches, LIMIT_BATCH)]
     hvp = [(x[pick[i:i + 512]], y[pick[i:i + 512]]) for i in range(0, args.hvp_samples, 512)]
     test = [(xt[i:i + 1000], yt[i:i + 1000]) for i in range(0, 10000, 1000)]
     t0 = time.perf_counter()

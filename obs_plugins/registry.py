@@ -73,20 +73,39 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_from_dict(data: dict) -> Any:
+    """The config ``config_to_dict`` wrote: ``{"format_version": 1, "method": <registered name>, "config": {field:
+    value}}``.  Only the method's own fields are accepted, and their values pass the config's ``validate()`` (where
+    it has one); bad input raises :class:`PruningInputError` naming the key or field (``KeyError`` for a method
+    name that is not registered)."""
+    from .errors import PruningInputError
     if not isinstance(data, dict):
         raise TypeError(f"config_from_dict: expected a dict, got {type(data).__name__}")
-    version = data.get("format_version")
-    if version != CONFIG_FORMAT_VERSION:
-        raise ValueError(f"config_from_dict: unsupported format_version {version!r} "
-                         f"(this obs-plugins reads {CONFIG_FORMAT_VERSION})")
-    spec = get_method(data.get("method"))
+    for key in ("format_version", "method", "config"):
+        if key not in data:
+            raise PruningInputError(f"{key}: missing; config_from_dict reads {{'format_version': "
+                                    f"{CONFIG_FORMAT_VERSION}, 'method': <name>, 'config': {{field: value}}}}")
+    version = data["format_version"]
+    if type(version) is not int or version != CONFIG_FORMAT_VERSION:  # not True, not 1.0
+        raise PruningInputError(f"format_version: unsupported {version!r} (this obs-plugins reads the int "
+                                f"{CONFIG_FORMAT_VERSION})")
+    if not isinstance(data["method"], str):
+        raise PruningInputError(f"method: a registered method name ({', '.join(list_methods())}), got "
+                                f"{data['method']!r}")
+    spec = get_method(data["method"])
+    if not isinstance(data["config"], dict):
+        raise PruningInputError(f"config: expected a dict of {spec.config_cls.__name__} fields, got "
+                                f"{type(data['config']).__name__}")
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
-    values = dict(data.get("config", {}))
+    values = dict(data["config"])
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"config_from_dict: unknown field(s) {unknown} for method {spec.name!r}; "
-                         f"allowed: {sorted(fields)}")
+        raise PruningInputError(f"config: unknown field(s) {unknown} for method {spec.name!r}; "
+                                f"allowed: {sorted(fields)}")
     for f in dataclasses.fields(spec.config_cls):  # JSON turns tuples into lists
         if f.name in values and isinstance(values[f.name], list):
             values[f.name] = tuple(values[f.name])
-    return spec.config_cls(**values)
+    config = spec.config_cls(**values)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()  # PruningInputError naming the field
+    return config

@@ -356,6 +356,55 @@ def test_bad_input_is_named_and_leaves_the_model_alone():
         plan_from_trainer(bip, 3, BiPConfig(gamma=5.0))
 
 
+
+def test_step_takes_a_dataloader_batch_list_as_one_batch():
+    """A DataLoader over a TensorDataset yields ``[x, y]`` (a list): one (inputs, target) batch, not two batches;
+    a list of such batches is still a list of batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)),
+                        batch_size=8)
+    lower, upper = list(loader)
+    assert type(lower) is list and len(lower) == 2
+
+    def one_step(lo, up):
+        model = mlp()
+        bip = BiPTrainer(model, pairs(model), sparsity=0.5, progress=False)
+        opt = torch.optim.SGD(bip.param_groups(0.05), lr=0.05)
+        mopt = torch.optim.SGD(bip.score_groups(), lr=0.1)
+        losses = bip.step(lo, up, opt, mopt, loss_fn=F.cross_entropy)
+        bip.finish()
+        return bip, model, losses
+
+    ref, ref_model, ref_losses = one_step(tuple(lower), tuple(upper))
+    bip, model, losses = one_step(lower, upper)
+    assert losses == ref_losses and bip.lower_steps == 1 and bip.samples_forward_backward == 16
+    assert all(torch.equal(bip.scores[k], ref.scores[k]) for k in ref.scores)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
+    two, _, _ = one_step([lower, tuple(upper)], upper)   # a list of batches: two lower steps
+    assert two.lower_steps == 2 and two.samples_forward_backward == 24
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "meta"])
+def test_nan_inf_or_meta_weights_are_refused_naming_the_tensor(bad):
+    if bad == "meta":
+        with torch.device("meta"):
+            model = mlp()
+    else:
+        model = mlp()
+        with torch.no_grad():
+            model[2].weight[1, 2] = float(bad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expect = r"^params: 0\.weight is on the meta device" if bad == "meta" else r"^params: 2\.weight holds 1 NaN/Inf"
+    with pytest.raises(PruningInputError, match=expect):
+        BiPTrainer(model, pairs(model), sparsity=0.5, progress=False)
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    if bad != "meta":
+        assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num())
+                   and torch.equal(after[k].isnan(), before[k].isnan()) for k in before)
+
 # ---------------------------------------------------------------------------------------------- save / load
 def test_save_load_mid_search_continues_identically():
     def run(split):

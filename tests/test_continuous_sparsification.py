@@ -385,6 +385,48 @@ def test_magnitude_init_cut_before_training_keeps_exactly_the_top_k_magnitudes()
                 assert torch.equal(e.mask, ref.entries[key].mask), (allocation, amount, key)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_magnitude_init_of_a_half_precision_model_is_exactly_magnitude_pruning(dtype):
+    """The scores stay float32 on a bf16/fp16 model: stored in the weights' dtype, 6144 ranks collapsed to ~1400
+    distinct bf16 values and ties went by position, so the cut before training was not magnitude pruning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).to(dtype)
+    for allocation in ("global", "uniform"):
+        cs = ContinuousSparsifier(model, pairs(model), score_init="magnitude", allocation=allocation, progress=False)
+        assert all(s.dtype == torch.float32 for s in cs.parameters())
+        assert all(len(torch.unique(s.detach())) == s.numel() for s in cs.parameters())  # no ties in a ranking
+        out = model(torch.randn(2, 64, dtype=dtype))  # the gated forward still runs in the model's dtype
+        assert out.dtype == dtype
+        cs.finish(rewind=False)
+        assert model[0].weight.dtype == dtype
+        for amount in (0.2, 0.5, 0.9):
+            ours = cs.make_plan(amount=amount)
+            ref = api.plan(MagnitudeConfig(allocation=allocation), targets=cs.targets, amount=amount)
+            for key, e in ours.entries.items():
+                assert torch.equal(e.mask, ref.entries[key].mask), (allocation, amount, key)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "meta"])
+@pytest.mark.parametrize("score_init", ["constant", "magnitude"])
+def test_nan_inf_or_meta_weights_are_refused_naming_the_tensor(bad, score_init):
+    if bad == "meta":
+        with torch.device("meta"):
+            model = mlp()
+    else:
+        model = mlp()
+        with torch.no_grad():
+            model[2].weight[1, 2] = float(bad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expect = r"^params: 0\.weight is on the meta device" if bad == "meta" else r"^params: 2\.weight holds 1 NaN/Inf"
+    with pytest.raises(PruningInputError, match=expect):
+        ContinuousSparsifier(model, pairs(model), score_init=score_init, progress=False)
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    if bad != "meta":
+        assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num())
+                   and torch.equal(after[k].isnan(), before[k].isnan()) for k in before)
+
 def test_magnitude_init_honours_prior_masks_and_ranks_channels_by_mean_magnitude():
     model = lin8()
     prune.custom_from_mask(model[0], "weight", torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]]))  # the largest is gone

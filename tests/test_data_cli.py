@@ -78,7 +78,7 @@ def test_main_job_refuses_bad_obs_iht_settings_before_loading_the_model(flag, va
     import obs_plugins.experiment as experiment
     monkeypatch.setattr(experiment, "setup_smollm2", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["prune", flag, value, "--quiet"]) == 2
-    assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
+    assert f"{flag}: must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
@@ -116,3 +116,76 @@ def test_public_domain_texts_for_calibration_and_held_out_perplexity():
     assert kjv.count("\n") + 1 == 31102  # every verse of the King James Bible, one a line, references stripped
     with pytest.raises(ValueError, match="novels"):
         data.load_austen(("ulysses",))
+
+
+def _no_load(monkeypatch):
+    """The model / data loaders fail the test if reached: bad flags must be refused before any loading."""
+    import obs_plugins.experiment as experiment
+    monkeypatch.setattr(experiment, "setup_smollm2", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(data, "load_fashion_mnist", lambda *a, **k: pytest.fail("the data was loaded"))
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--sparsity", "1.5"], "--sparsity"), (["--sparsity", "abc"], "--sparsity"), (["--sparsity", "4:2"], "--sparsity"),
+    (["--sparsity", "-0.2"], "--sparsity"), (["--sparsity", "nan"], "--sparsity"), (["--sparsity", "2:x"], "--sparsity"),
+    (["--calib", "0"], "--calib"), (["--eval", "0"], "--eval"), (["--seq-len", "0"], "--seq-len"),
+    (["--blocks", "0"], "--blocks"), (["--method", "wanda", "--iterations", "0"], "--iterations"),
+    (["--method", "magnitude", "--grad-subsets", "0"], "--grad-subsets"), (["--threads", "-1"], "--threads")])
+def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    assert main(["prune", "--quiet"] + args) == 2
+    assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}: ")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--batches", "430"], "--batches"), (["--batches", "1"], "--batches"), (["--hvp-samples", "60000"], "--hvp-samples"),
+    (["--threads", "-1"], "--threads"), (["--hidden", "64", "0"], "--hidden"), (["--epsilon", "-1"], "--epsilon"),
+    (["--l1", "-0.1"], "--l1"), (["--tolerance", "-0.01"], "--tolerance"), (["--step", "0"], "--step")])
+def test_limit_refuses_every_bad_flag_before_loading_or_training(args, flag, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    assert main(["limit", "--quiet"] + args) == 2
+    assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}: ")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_prune_save_writes_the_pruned_model_for_every_method(method, tmp_path, monkeypatch):
+    """``--save`` after the report: run_rows restores the dense weights after each method, so the chosen method
+    must be applied again before saving (it used to be, for obs_iht only: magnitude and wanda saved the dense
+    model).  The real cmd_prune code path on a tiny Llama in place of SmolLM2."""
+    import torch
+    import transformers
+
+    import obs_plugins.experiment as experiment
+    from obs_plugins import prunable_linear_targets
+    from obs_plugins.lm import causal_lm_batches
+
+    class Tok:
+        def save_pretrained(self, d):
+            pass
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(0))
+
+    def tiny_setup(**kw):
+        return experiment.LLMSetup(model=model, tokenizer=Tok(), calib=causal_lm_batches(ids, 4),
+                                   heldout={"x": causal_lm_batches(ids, 4)}, targets=prunable_linear_targets(model),
+                                   load_seconds=0.0, info={"calib": "-", "heldout": "-"})
+
+    monkeypatch.setattr(experiment, "setup_smollm2", tiny_setup)
+    out = tmp_path / "saved"
+    assert main(["prune", "--quiet", "--method", method, "--sparsity", "0.5", "--save", str(out)]) == 0
+    saved = transformers.LlamaForCausalLM.from_pretrained(out).state_dict()
+    keys = [t.key for t in prunable_linear_targets(model)]
+    assert len(keys) == 7 and "lm_head.weight" not in keys
+    for k in keys:
+        w, s = dense[k], saved[k]
+        if method == "magnitude":  # uniform allocation: the smaller half of |w| of each tensor, nothing else
+            thr = w.abs().flatten().kthvalue(w.numel() // 2).values
+            assert torch.equal(s, torch.where(w.abs() > thr, w, torch.zeros_like(w))), k
+        else:  # Wanda compares within each output row: exactly half of every row, the rest untouched
+            assert ((s == 0).sum(1) == w.shape[1] // 2).all(), k
+            assert torch.equal(s[s != 0], w[s != 0]), k
+    assert torch.equal(saved["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])

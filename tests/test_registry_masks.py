@@ -47,6 +47,69 @@ def test_config_round_trip_is_versioned_and_allow_listed():
         config_from_dict({**d, "method": "os.system"})
 
 
+
+@pytest.mark.parametrize("change,field", [
+    ({"format_version": True}, "format_version"), ({"format_version": 1.0}, "format_version"),
+    ({"format_version": "1"}, "format_version"), ({"config": None}, "config"),
+    ({"config": [["iterations", 3]]}, "config"), ({"method": None}, "method"), ({"method": ["obs_iht"]}, "method"),
+    ({"config": {"iterations": "3; rm -rf"}}, "iterations"), ({"config": {"iterations": True}}, "iterations"),
+    ({"config": {"rel_damp": -5}}, "rel_damp"), ({"config": {"rel_damp": "x"}}, "rel_damp"),
+    ({"config": {"step_sizes": "abc"}}, "step_sizes"), ({"config": {"holdout_fraction": None}}, "holdout_fraction"),
+    ({"config": {"nm": 5}}, "nm"), ({"config": {"nm": "4:2"}}, "nm"),
+    ({"method": "bip", "config": {"sparsity": 7}}, "sparsity"),
+    ({"method": "continuous_sparsification", "config": {"penalty": -1.0}}, "penalty"),
+    ({"method": "magnitude", "config": {"allocation": "per-row"}}, "allocation"),
+    ({"method": "wanda", "config": {"nm": "2-4"}}, "nm")])
+def test_config_from_dict_validates_values_and_names_the_field(change, field):
+    good = config_to_dict(OBSIHTConfig())
+    with pytest.raises(PruningInputError, match=f"^{field}: "):
+        config_from_dict({**good, **change})
+
+
+@pytest.mark.parametrize("missing", ["format_version", "method", "config"])
+def test_config_from_dict_names_a_missing_key(missing):
+    d = config_to_dict(OBSIHTConfig())
+    del d[missing]
+    with pytest.raises(PruningInputError, match=f"^{missing}: missing"):
+        config_from_dict(d)
+
+
+def test_config_from_dict_round_trips_every_registered_default_and_valid_values():
+    import json
+    for name in list_methods():
+        cfg = get_method(name).config_cls()
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+    cfg = obs_plugins.MagnitudeConfig(allocation="uniform", nm="2:4")
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "meta"])
+def test_magnitude_refuses_nan_inf_or_meta_weights_naming_the_tensor(bad):
+    from torch import nn
+    from obs_plugins import MagnitudeConfig, api, resolve_targets
+    from obs_plugins.methods.magnitude import magnitude_solve
+    if bad == "meta":
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    else:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        with torch.no_grad():
+            model[2].weight[1, 2] = float(bad)
+    targets = resolve_targets(model, [(model[0], "weight"), (model[2], "weight")])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if bad == "meta":  # api.plan counts the prior masks first (api.py's own check); the solver refuses meta too
+        with pytest.raises(PruningInputError, match=r"^params: 0\.weight is on the meta device"):
+            magnitude_solve(targets, 4, MagnitudeConfig())
+        return
+    with pytest.raises(PruningInputError, match=r"^params: 2\.weight holds 1 NaN/Inf"):
+        api.prune(MagnitudeConfig(), targets=targets, amount=0.5)
+    with pytest.raises(PruningInputError, match=r"^params: 2\.weight holds 1 NaN/Inf"):
+        api.prune(MagnitudeConfig(allocation="uniform", nm="2:4"), targets=targets, amount=0.5)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and not hasattr(model[2], "weight_mask")
+    assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num())
+               and torch.equal(after[k].isnan(), before[k].isnan()) for k in before)
+
 def test_count_to_prune_matches_torch():
     from torch.nn.utils.prune import _compute_nparams_toprune
     for amount in (0.0, 0.1, 0.25, 0.5, 0.7, 0.999, 1.0, 0, 3, 10):

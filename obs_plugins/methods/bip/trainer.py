@@ -47,7 +47,7 @@ from ...curvature.fisher import batch_rows
 from ...errors import PruningInputError
 from .._state import check_saved_state, resolve_config
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
-from ...targets import Target, out_dim, resolve_targets
+from ...targets import Target, check_targets, out_dim, resolve_targets
 from .config import BiPConfig
 
 STATE_VERSION = 1
@@ -65,6 +65,11 @@ def implicit_gradient(theta: torch.Tensor, mask: torch.Tensor, grad_z: torch.Ten
     if implicit:
         g = g - (grad_z * (mask * grad_z)) / gamma
     return g
+
+
+def _is_pair_batch(batch) -> bool:
+    """``[inputs, target]`` / ``(inputs, target)`` with a tensor first: one batch (what a DataLoader yields)."""
+    return isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
 
 
 def _reduce_to(x: torch.Tensor, shape) -> torch.Tensor:
@@ -134,6 +139,7 @@ class BiPTrainer:
                     raise PruningInputError(f"params: {t.key} is already parametrized (another trainer or "
                                             "sparsifier still searching? call its finish() first)")
             parts[t.key] = names
+        check_targets(targets)  # finite values on one real device (NaN/Inf would be trained, meta has no values)
         self.model = model
         self.config = config
         self.targets: list[Target] = targets
@@ -355,9 +361,13 @@ class BiPTrainer:
 
     def step(self, lower_batches, upper_batch, optimizer, mask_optimizer, loss_fn: Callable | None = None, *,
              batch_loss: Callable | None = None) -> tuple[float, float]:
-        """``lower_step`` on each of ``lower_batches`` (one batch or a list), then ``upper_step`` on
-        ``upper_batch``.  Returns (last lower loss, upper loss)."""
-        if not isinstance(lower_batches, list):
+        """``lower_step`` on each of ``lower_batches`` (one batch or a list of batches), then ``upper_step`` on
+        ``upper_batch``.  Returns (last lower loss, upper loss).
+
+        A list is a list of batches, except a 2-element list whose first element is a tensor: that is one
+        ``[inputs, target]`` batch, as a ``DataLoader`` over a ``TensorDataset`` yields it (give two bare-tensor
+        batches to ``lower_step`` one at a time)."""
+        if not isinstance(lower_batches, list) or _is_pair_batch(lower_batches):
             lower_batches = [lower_batches]
         lo = float("nan")
         for b in lower_batches:

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from ...errors import PruningInputError
 from .._state import check_saved_state, resolve_config
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
-from ...targets import Target, out_dim, resolve_targets
+from ...targets import Target, check_targets, out_dim, resolve_targets
 from .config import CSConfig, check_epochs
 
 STATE_VERSION = 1
@@ -53,6 +53,12 @@ def _plain_name(name: str) -> str:
 def _out_dim(t: Target) -> int:
     """The output-channel dimension of the tensor (only a Conv1D's ``weight`` is stored ``(in, out)``)."""
     return out_dim(t.module) if t.name == "weight" else 0
+
+
+def _score_dtype(w: torch.Tensor) -> torch.dtype:
+    """The scores' dtype: the weights' own, but never below float32 (in bf16 the magnitude init's ranks tie, so
+    its cut was no longer magnitude pruning; the gate is cast to the weights' dtype in the forward)."""
+    return torch.promote_types(w.dtype, torch.float32)
 
 
 class _Gate(nn.Module):
@@ -71,7 +77,8 @@ class ContinuousSparsifier:
     """Learns a mask score per weight (or per output channel) of ``params`` while the model trains.
 
     Args:
-        model: the model (its parameters keep their device and dtype; the scores get the same).
+        model: the model (its parameters keep their device and dtype; the scores get the same device, and the
+            dtype at least float32: bf16/fp16 scores would tie neighbouring ranks of the magnitude init).
         params: ``(module, name)`` pairs (torch.nn.utils.prune's convention) or module names.
         config: a :class:`CSConfig`; keyword ``overrides`` replace its fields (``epochs=3, penalty=1e-6``).
         score_init_auto: what ``score_init="auto"`` means here: "constant" (the paper's search, the default) or
@@ -92,6 +99,7 @@ class ContinuousSparsifier:
             if parametrize.is_parametrized(t.module, self._stored_name(t)):
                 raise PruningInputError(f"params: {t.key} is already parametrized (another sparsifier still "
                                         "searching? call its finish() first)")
+        check_targets(targets)  # finite values on one real device (NaN/Inf would be trained, meta has no values)
         self.model = model
         self.config = config
         self.targets: list[Target] = targets
@@ -117,7 +125,7 @@ class ContinuousSparsifier:
             if init is not None:
                 self.scores[t.key] = nn.Parameter(init[t.key].clone())
             else:
-                self.scores[t.key] = nn.Parameter(torch.full(shape, float(config.mask_init), dtype=w.dtype,
+                self.scores[t.key] = nn.Parameter(torch.full(shape, float(config.mask_init), dtype=_score_dtype(w),
                                                              device=w.device))
             prior = t.prior_mask()
             if config.granularity == "channel":
@@ -185,7 +193,7 @@ class ContinuousSparsifier:
             for k in keys:
                 m = mags[k].numel()
                 w = self._target(k).orig()
-                out[k] = s[i:i + m].reshape(mags[k].shape).to(device=w.device, dtype=w.dtype)
+                out[k] = s[i:i + m].reshape(mags[k].shape).to(device=w.device, dtype=_score_dtype(w))
                 i += m
         return out
 

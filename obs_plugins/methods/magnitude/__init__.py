@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import PruningInputError
+from .._state import check_nm_field
 from ...masks import PrunePlan, allocate_global, allocate_uniform, lowest_k_mask, nm_mask, parse_nm
 from ...registry import register_method
-from ...targets import Target, from_2d, to_2d
+from ...targets import Target, check_targets, from_2d, to_2d
 
 
 @dataclass
@@ -17,11 +18,21 @@ class MagnitudeConfig:
     allocation: str = "global"
     nm: str | None = None
 
+    def validate(self) -> None:
+        if self.allocation not in ("uniform", "global"):
+            raise PruningInputError(f"allocation: 'uniform' or 'global', got {self.allocation!r}")
+        check_nm_field(self.nm)
+        parse_nm(self.nm)
+
 
 @dataclass
 class WandaConfig:
     """Wanda: score |W_ij| * ||X_j||, compared within each output row (needs layer curvature for ||X_j||)."""
     nm: str | None = None
+
+    def validate(self) -> None:
+        check_nm_field(self.nm)
+        parse_nm(self.nm)
 
 
 def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, allocation: str, nm, per_row: bool,
@@ -52,6 +63,7 @@ def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, 
 def magnitude_solve(targets: list[Target], k_total: int | None, config: MagnitudeConfig) -> PrunePlan:
     if config.allocation not in ("uniform", "global"):
         raise PruningInputError(f"allocation: 'uniform' or 'global', got {config.allocation!r}")
+    check_targets(targets)  # NaN/Inf weights, meta tensors, several devices (the curvature routes check in Curvature)
     scores = {t.key: t.current().abs().float() for t in targets}
     return _plan_from_scores(targets, scores, k_total, config.allocation, parse_nm(config.nm), False, "magnitude")
 

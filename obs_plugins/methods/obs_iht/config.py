@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from .._state import check_nm_field
 
 
 ALLOCATIONS = ("uniform", "global", "fisher", "owl")
+
 GRAD_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -79,8 +83,12 @@ class OBSIHTConfig:
     def validate(self) -> None:
         from ...errors import PruningInputError
         from ...masks import parse_nm
-        if not isinstance(self.iterations, int) or self.iterations < 1:
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
             raise PruningInputError(f"iterations: must be an int >= 1, got {self.iterations!r}")
+        check_nm_field(self.nm)
         parse_nm(self.nm)
         if self.allocation not in ALLOCATIONS:
             raise PruningInputError(f"allocation: one of {ALLOCATIONS}, got {self.allocation!r}")
@@ -94,21 +102,22 @@ class OBSIHTConfig:
             raise PruningInputError(f"owl_lambda: must be in [0, 0.5), got {self.owl_lambda!r}")
         if isinstance(self.owl_m, bool) or not isinstance(self.owl_m, (int, float)) or not self.owl_m > 0:
             raise PruningInputError(f"owl_m: must be > 0, got {self.owl_m!r}")
-        if not self.rel_damp > 0:
+        if not number(self.rel_damp) or not self.rel_damp > 0:
             raise PruningInputError(f"rel_damp: must be > 0, got {self.rel_damp!r}")
         if not (isinstance(self.blocksize, int) and self.blocksize > 0):
             raise PruningInputError(f"blocksize: must be a positive int, got {self.blocksize!r}")
-        if not self.step_sizes or any(not s > 0 for s in self.step_sizes):
+        if not isinstance(self.step_sizes, (tuple, list)) or not self.step_sizes \
+                or any(not number(s) or not s > 0 for s in self.step_sizes):
             raise PruningInputError(f"step_sizes: need positive values, got {self.step_sizes!r}")
         if not (isinstance(self.max_step, (int, float)) and self.max_step > 0):
             raise PruningInputError(f"max_step: must be > 0, got {self.max_step!r}")
         if not isinstance(self.layer_trust, bool):
             raise PruningInputError(f"layer_trust: must be True or False, got {self.layer_trust!r}")
-        if not 0 < self.step_decay <= 1:
+        if not number(self.step_decay) or not 0 < self.step_decay <= 1:
             raise PruningInputError(f"step_decay: must be in (0, 1], got {self.step_decay!r}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise PruningInputError(f"grad_dtype: one of {GRAD_DTYPES}, got {self.grad_dtype!r}")
         if isinstance(self.grad_subsets, bool) or not isinstance(self.grad_subsets, int) or self.grad_subsets < 1:
             raise PruningInputError(f"grad_subsets: must be an int >= 1, got {self.grad_subsets!r}")
-        if not 0 < self.holdout_fraction < 1:
+        if not number(self.holdout_fraction) or not 0 < self.holdout_fraction < 1:
             raise PruningInputError(f"holdout_fraction: must be in (0, 1), got {self.holdout_fraction!r}")
