@@ -407,6 +407,10 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
         eval_batches = batches if eval_data is None else _as_batches(eval_data, "eval_data")
         if metric == "accuracy" and not all(is_pair(b) for b in eval_batches):
             raise PruningInputError("eval_data: metric='accuracy' needs (inputs, target) pairs; use metric='loss'")
+        if metric == "accuracy" and any(not torch.is_tensor(b[1]) or b[1].is_floating_point()
+                                        for b in eval_batches):
+            raise PruningInputError("eval_data: metric='accuracy' needs integer class targets (these are not); "
+                                    "use metric='loss'")
     elif sparsities is not None:
         raise PruningInputError("sparsities: only used with sweep=True")
     forward_fn = forward_fn or default_forward
@@ -559,7 +563,7 @@ def _evaluate(curv: Curvature, batches, overrides, use_acc: bool) -> tuple[float
     model = curv.model
     flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
     model.eval()
-    correct = total = 0
+    correct = total = total_cmp = 0
     loss = 0.0
     try:
         with curv._weights(overrides), curv._mid_apply_attributes(), torch.no_grad():
@@ -571,8 +575,16 @@ def _evaluate(curv: Curvature, batches, overrides, use_acc: bool) -> tuple[float
                 total += n
                 if use_acc:
                     logits = out.logits if hasattr(out, "logits") else out
-                    correct += int((logits.argmax(-1) == b[1]).sum())
+                    target = b[1]
+                    if target.is_floating_point() or tuple(target.shape) != tuple(logits.shape[:-1]):
+                        raise PruningInputError(f"eval_data: metric='accuracy' needs integer class targets of "
+                                                f"shape {tuple(logits.shape[:-1])} (the logits' without the class "
+                                                f"dimension), got {target.dtype} {tuple(target.shape)}; use "
+                                                "metric='loss'")
+                    pred = logits.argmax(-1)
+                    correct += int((pred == target).sum())
+                    total_cmp += pred.numel()
     finally:
         for m, f in flags:
             m.training = f
-    return (correct / total if use_acc else None), loss / total
+    return (correct / max(total_cmp, 1) if use_acc else None), loss / total

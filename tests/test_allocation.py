@@ -152,6 +152,14 @@ def test_default_cap_yields_when_the_request_needs_more():
         layer_bounds(prior, 20, 0.0, 0.9)
 
 
+def test_the_floor_follows_when_the_default_cap_yields():
+    """layer_min_sparsity near the overall sparsity: the floors were clipped to the old cap (0.99) and kept after
+    the cap yielded, so a layer ended at 0.99 under a floor of 0.995; they are now recomputed."""
+    prior = {"a": torch.ones(20, 10, dtype=torch.bool), "b": torch.ones(10, 20, dtype=torch.bool)}
+    lo, hi, bounds = layer_bounds(prior, 398, 0.995, None)
+    assert bounds["max"] == 1.0 and lo == {"a": 199, "b": 199}
+
+
 def test_allocate_proportional_is_exact_and_respects_room():
     from obs_plugins.masks import allocate_proportional
     prior = {"a": torch.ones(10, dtype=torch.bool), "b": torch.ones(10, dtype=torch.bool),

@@ -278,6 +278,35 @@ def test_bad_input_names_the_argument_and_changes_nothing(kwargs, arg):
     assert state_equal(before, model.state_dict())
 
 
+def test_accuracy_needs_integer_targets_of_the_logits_shape():
+    """Float targets under metric='accuracy' are refused before the spectrum (they gave accuracy 0.0, so every
+    sparsity 'passed'); per-token targets are counted per token (accuracy came out 5.0, counting tokens over
+    samples)."""
+    batches = toy_batches()
+    floats = [(x, y.float()) for x, y in batches]
+    with pytest.raises(PruningInputError, match="^eval_data"):
+        estimate(Toy(), batches, nn.functional.cross_entropy, steps=4, probes=1, sweep=True, eval_data=floats,
+                 progress=False)
+    from obs_plugins.limit import _evaluate
+
+    class PerToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.lin(x)                        # (B, T, classes)
+    torch.manual_seed(0)
+    m = PerToken()
+    x = torch.randn(2, 5, 3)
+    y = m(x).argmax(-1)
+    y[0, :2] = (y[0, :2] + 1) % 4                     # 2 of the 10 tokens wrong
+    curv = Curvature(m, [(m.lin, "weight")], [(x, y)],
+                     loss_fn=lambda o, t: nn.functional.cross_entropy(o.reshape(-1, 4), t.reshape(-1)))
+    acc, _ = _evaluate(curv, [(x, y)], None, True)
+    assert acc == pytest.approx(0.8)
+
+
 def test_default_epsilon_needs_two_batches():
     with pytest.raises(PruningInputError, match="epsilon"):
         estimate(Toy(), toy_batches(seeds=(0,)), nn.functional.cross_entropy, steps=4, progress=False)

@@ -72,7 +72,7 @@ def test_dead_columns_are_decoupled_and_free():
     assert dead_columns(H).tolist() == [False, False, True, False, False]
     Hd = damped(H, 0.1)
     live_mean = float(torch.diagonal(H)[[0, 1, 3, 4]].mean())
-    assert Hd[2, 2] == 1.0 + 0.1 * live_mean
+    assert Hd[2, 2] == pytest.approx(0.1 * live_mean)   # only the damping: cheap at any input scale
     assert torch.allclose(torch.diagonal(Hd)[[0, 1, 3, 4]], torch.diagonal(H)[[0, 1, 3, 4]] + 0.1 * live_mean)
     assert torch.equal(H, H.clone())  # damped does not modify its input
     assert float(H[2, 2]) == 0.0

@@ -603,3 +603,64 @@ def test_grad_subsets_bad_values_are_refused_before_anything_changes(bad):
     with pytest.raises(PruningInputError, match="grad_subsets"):
         api.prune(OBSIHTConfig(iterations=2, grad_subsets=bad, progress=False), curvature=curv, amount=0.5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_step_with_a_nan_heldout_loss_is_never_chosen_or_accepted(monkeypatch):
+    """min() over (loss, step) trials kept a NaN met first and `nan >= best` is False, so a step whose held-out
+    loss was NaN was chosen and accepted; now the finite step is chosen, and a NaN-only search stops."""
+    from obs_plugins.methods.obs_iht import solver as sv
+    model, params, batches = tiny_problem(n=1024)
+    curv = Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)
+
+    def nan_first(f, grid, max_step, f0, **kw):
+        a, b = f(grid[0]), f(grid[1])
+        return [(float("nan"), a[1], a[2]), b]
+    monkeypatch.setattr(sv, "_line_search", nan_first)
+    cfg = OBSIHTConfig(iterations=2, progress=False, step_sizes=(0.01, 0.03, 0.1))
+    h = sv.solve(curv, round(0.7 * 640), cfg).report["history"][1]
+    assert h["step_size"] == pytest.approx(0.03) and math.isfinite(h["holdout_loss"])
+    monkeypatch.setattr(sv, "_line_search", lambda f, grid, max_step, f0, **kw: [(float("nan"),) + f(grid[0])[1:]])
+    plan = sv.solve(curv, round(0.7 * 640), cfg)
+    assert plan.report["history"][1]["accepted"] is False and plan.report["best_iteration"] == 1
+
+
+def test_solver_refuses_counts_it_cannot_prune():
+    """A negative or too large k (obs_sweep) / per-tensor count (solve): refused naming it (a negative quota
+    pruned almost everything; a count above the survivors pruned them all, silently)."""
+    from obs_plugins.methods.obs_iht import solve
+    from obs_plugins.methods.obs_iht.solver import obs_sweep
+    W = torch.randn(3, 6, dtype=torch.float64)
+    U = inverse_factor(torch.eye(6, dtype=torch.float64), 0.01).hinv_chol_upper
+    for k in (-3, 19, 2.5):
+        with pytest.raises(PruningInputError, match="^k: "):
+            obs_sweep(W, U, k=k)
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    n0 = model[0].weight.numel()
+    for bad in (-3, n0 + 1):
+        with pytest.raises(PruningInputError, match="^counts: 0.weight"):
+            solve(curv, None, OBSIHTConfig(progress=False), counts={"0.weight": bad, "2.weight": 2})
+
+
+def test_a_holdout_that_leaves_no_gradient_batch_is_refused():
+    model, params, batches = tiny_problem()
+    curv = Curvature.layerwise(model, params, batches[:2], loss_fn=mse, progress=False)
+    with pytest.raises(PruningInputError, match="^holdout_fraction"):
+        api.plan(OBSIHTConfig(iterations=2, holdout_fraction=0.75, progress=False), curvature=curv, amount=0.5)
+
+
+def test_dead_columns_are_cheap_to_prune_whatever_the_input_scale():
+    """A column whose input is always 0: its weights cost only the damping to prune, so the choice no longer
+    depends on the input scale (a unit diagonal priced them at ~w^2: all 4 kept at scale 0.01, 3 pruned at 100);
+    here 3 of the 4 go (the fourth row has a live weight cheaper still), the same mask at every scale."""
+    from obs_plugins.methods.obs_iht.solver import obs_sweep
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    X[:, 2] = 0
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    masks = []
+    for scale in (0.01, 1.0, 100.0):
+        H = 2 * (X * scale).T @ (X * scale) / 200
+        _, keep, _ = obs_sweep(W, inverse_factor(H, 0.01).hinv_chol_upper, k=4)
+        masks.append(keep)
+    assert all(torch.equal(m, masks[0]) for m in masks) and int((~masks[0][:, 2]).sum()) == 3

@@ -785,3 +785,13 @@ def test_load_pruned_keeps_the_saved_dtype(tmp_path, dtype):
     assert back.model.layers[0].mlp.down_proj.weight.dtype == dtype
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, back(input_ids=ids).logits)
+
+
+def test_greedy_removal_checks_every_layer_on_every_path():
+    """The single-column and no-update fast paths skipped the checks: a wrong-size H was accepted and a column
+    index -1 wrapped to the last column."""
+    W, H = torch.randn(3, 4), torch.eye(4)
+    for layers in ([(W, torch.eye(3), [[0], [1]], None)], [(W, H, [[0], [-1]], None)], [(W, H, [[0], [4]], None)]):
+        for compensate in (True, False):
+            with pytest.raises(PruningInputError, match="^layers\\[0\\]"):
+                greedy_removal(layers, 2, compensate=compensate)

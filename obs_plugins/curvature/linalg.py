@@ -28,12 +28,13 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
 
 
 def damped(H: torch.Tensor, rel_damp: float) -> torch.Tensor:
-    """``H + rel_damp * mean(diag H) * I``, with dead columns given a unit diagonal (they carry no signal, so
-    the choice only keeps the matrix invertible; their weights cost nothing to prune)."""
+    """``H + rel_damp * mean(diag H) * I`` (the mean over live columns).  A dead column (zero diagonal: its input
+    was always 0) keeps only the damping on its diagonal, so pruning its weight costs the damped quadratic's
+    ``rel_damp * mean * w^2 / 2`` -- a small fraction of a live weight's, whatever the scale of the inputs (a unit
+    diagonal used to price it at ``~w^2``, more than live weights when the inputs are small)."""
     H = H.clone()
     diag = torch.diagonal(H)
     dead = diag == 0
-    diag[dead] = 1.0
     live_mean = diag[~dead].mean() if (~dead).any() else diag.new_tensor(1.0)
     diag += rel_damp * live_mean
     return H

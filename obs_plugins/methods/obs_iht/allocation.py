@@ -26,6 +26,11 @@ def allocation_counts(curvature, targets, W0, prior, counts_total, counts, confi
     if counts is not None:
         if set(counts) != set(W0):
             raise PruningInputError(f"counts: expected one count per target {sorted(W0)}, got {sorted(counts)}")
+        for k, c in counts.items():
+            avail = int(prior[k].sum())
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= avail:
+                raise PruningInputError(f"counts: {k} has {avail} unpruned entries; its count must be an int in "
+                                        f"[0, {avail}], got {c!r}")
         return counts, {"allocation": "given"}
     if config.allocation == "uniform":
         return allocate_uniform(prior, counts_total), {"allocation": "uniform"}
@@ -73,8 +78,9 @@ def layer_bounds(prior, counts_total, min_sparsity, max_sparsity):
         lo[k] = min(hi[k], max(0, math.ceil(lo_s * p.numel() - 1e-9) - z))
     if sum(hi.values()) < counts_total and max_sparsity is None:
         # the default cap cannot hold this request (overall sparsity near 1, or tiny layers): it yields, and
-        # every layer may go as far as the request needs (the bound reported is 1.0)
+        # every layer may go as far as the request needs (the bound reported is 1.0); the floors follow
         hi_s, hi = 1.0, {k: int(p.sum()) for k, p in prior.items()}
+        lo = {k: min(hi[k], max(0, math.ceil(lo_s * p.numel() - 1e-9) - int((~p).sum()))) for k, p in prior.items()}
     if sum(hi.values()) < counts_total:
         raise PruningInputError(f"layer_max_sparsity={hi_s:.4g}: the layers cannot hold {counts_total} new prunes "
                                 f"under this cap (at most {sum(hi.values())}); raise it")

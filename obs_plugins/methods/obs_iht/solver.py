@@ -79,9 +79,12 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     prior = torch.ones_like(W, dtype=torch.bool) if keep_prior is None else keep_prior.bool()
     choose = keep is None
     keep = prior.clone() if choose else (keep.bool() & prior)
-    quotas = _block_quotas(prior, k, blocksize) if (choose and nm is None) else None
     if choose and nm is None and k is None:
         raise ValueError("obs_sweep: give k, keep or nm")
+    if choose and nm is None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= int(prior.sum())):
+        raise PruningInputError(f"k: new prunes must be an int in [0, {int(prior.sum())}] (the unpruned entries), "
+                                f"got {k!r}")
+    quotas = _block_quotas(prior, k, blocksize) if (choose and nm is None) else None
     loss = torch.zeros((), dtype=U.dtype, device=W.device)
     sub = solve_block if batched else None
     if nm is not None and choose:  # a group's support is chosen on the weights updated so far: one group a step,
@@ -199,6 +202,9 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
             raise PruningInputError("curvature: iterations > 1 need at least 2 calibration batches "
                                     "(gradient and held-out splits)")
         n_grad = len(curvature.batches) - _n_holdout(len(curvature.batches), config)
+        if n_grad < 1:
+            raise PruningInputError(f"holdout_fraction: {config.holdout_fraction} of {len(curvature.batches)} "
+                                    "calibration batches leaves none for the gradient; lower it or add batches")
         if config.grad_subsets > max(n_grad, 1):
             raise PruningInputError(f"grad_subsets: {config.grad_subsets} subsets of {n_grad} gradient batches "
                                     "would leave one empty; use at most that many")
@@ -417,7 +423,8 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
             return curvature.loss(_overrides(targets, cand), hold), r, cand
 
         trials = _line_search(try_step, [r * scale for r in config.step_sizes], config.max_step, f0=best[2])
-        loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0])
+        # a step whose held-out loss is not finite is never the best one (min() keeps a NaN met first)
+        loss_b, rho_b, cand_b = min(trials, key=lambda x: x[0] if math.isfinite(x[0]) else math.inf)
         scale = rho_b / config.step_sizes[len(config.step_sizes) // 2] * config.step_decay
         history.append({"iteration": it, "holdout_loss": loss_b, "step_size": rho_b,
                         "train_loss_before": train_loss,
@@ -427,7 +434,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
                         "seconds": {"gradient": t1 - t0, "direction_and_projection": t2 - t1,
                                     "step_search": time.perf_counter() - t2, "trials": len(trials)},
                         "tried": {round(r, 6): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
-        if loss_b >= best[2]:
+        if not (math.isfinite(loss_b) and loss_b < best[2]):
             history[-1]["accepted"] = False
             break  # no step size improves the held-out loss: later iterations would only repeat this
         history[-1]["accepted"] = True

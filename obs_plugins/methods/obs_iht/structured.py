@@ -141,6 +141,14 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
     for i, (W, H, sets, s) in enumerate(layers):
         if len(sets) != n_units:
             raise PruningInputError(f"layers[{i}]: expected {n_units} column sets, got {len(sets)}")
+        if W.dim() != 2 or tuple(H.shape) != (W.shape[1], W.shape[1]):
+            raise PruningInputError(f"layers[{i}]: H must be ({W.shape[-1]}, {W.shape[-1]}) for W of shape "
+                                    f"{tuple(W.shape)}, got {tuple(H.shape)}")
+        for j, c in enumerate(sets):   # every path (the fast ones too) indexes with these: range-check them
+            c = torch.as_tensor(c, dtype=torch.long).reshape(-1)
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= W.shape[1]):
+                raise PruningInputError(f"layers[{i}]: column set {j} must lie in [0, {W.shape[1]}), got "
+                                        f"[{int(c.min())}, {int(c.max())}]")
     if not compensate:
         return _greedy_uncompensated(layers, n_units, progress)
     state = []
