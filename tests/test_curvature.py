@@ -523,3 +523,24 @@ def test_conv2d_grams_follow_the_layers_own_padding(kw):
     conv.float()
     assert torch.allclose(rows @ W.T + conv.bias.detach().double(), out, atol=1e-10)
     assert rel(curv.hessians["0.weight"], gram64(rows)) < 1e-5
+
+
+def test_hvp_of_a_transformer_with_its_default_sdpa_attention():
+    """A Hugging Face decoder on CPU with its default 'sdpa' attention: the fused kernels have no double backward
+    (curv.hvp raised a RuntimeError); the HVP runs on the math kernel and equals the eager-attention HVP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from obs_plugins.lm import causal_lm_loss
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=32, use_cache=False)
+        cfg._attn_implementation = impl
+        model = LlamaForCausalLM(cfg).eval()
+        params = [(model.model.layers[0].self_attn.q_proj, "weight"), (model.model.layers[0].mlp.up_proj, "weight")]
+        curv = Curvature(model, params, [{"input_ids": ids, "labels": ids}], loss_fn=causal_lm_loss)
+        v = {t.key: torch.ones_like(t.current()) for t in curv.targets}
+        out[impl] = curv.hvp(v)
+    for k in out["eager"]:
+        assert rel(out["sdpa"][k], out["eager"][k]) < 1e-4, k

@@ -91,8 +91,15 @@ def test_main_job_end_to_end_small(tmp_path):
     _need(data.load_kjv_bible)
     out = tmp_path / "report.json"
     rc = main(["prune", "--calib", "16", "--eval", "4", "--seq-len", "64", "--iterations", "2", "--blocks", "2", "--quiet",
-               "--grad-subsets", "2", "--sequential", "sublayer", "--json", str(out)])
+               "--grad-subsets", "2", "--sequential", "sublayer", "--json", str(out), "--save", str(tmp_path / "m")])
     assert rc == 0
+    # --save writes the GGUF-loaded model as the plain model it is (save_pretrained refused it), pruned
+    import safetensors.torch
+    saved = {}
+    for f in sorted((tmp_path / "m").glob("*.safetensors")):
+        saved.update(safetensors.torch.load_file(str(f)))
+    w = saved["model.layers.0.mlp.down_proj.weight"]
+    assert abs(float((w == 0).float().mean()) - 0.5) < 1e-3
     rows = json.loads(out.read_text())["rows"]
     by = {r["method"].split(" T=")[0] if "best" not in r["method"] else "best": r for r in rows}
     dense = by["dense"]["ppl"]

@@ -322,11 +322,12 @@ def test_cli_limit_on_a_saved_model(tmp_path, capsys):
         pytest.skip(f"asset not installable here: {e}")
     model = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
     torch.save(model, tmp_path / "m.pt")
-    rc = main(["limit", "--model", str(tmp_path / "m.pt"), "--steps", "4", "--probes", "1", "--hvp-samples", "512",
+    rc = main(["limit", "--model", str(tmp_path / "m.pt"), "--steps", "4", "--probes", "1", "--hvp-samples", "300",
                "--batches", "3", "--step", "0.25", "--report", str(tmp_path / "r"), "--quiet", "--threads", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "predicted limit" in out and "measured limit" in out
     rep = LimitReport.load(tmp_path / "r.json")
     assert rep.sweep["sparsity"] == [0.25, 0.5, 0.75] and rep.num_weights == 784 * 16 + 160
+    assert rep.slq["samples"] == 300            # --hvp-samples is the count (it was rounded up to 512)
     assert (tmp_path / "r.png").exists()

@@ -29,6 +29,16 @@ def _leading_dim(out) -> int:
     return int(t.shape[0]) if torch.is_tensor(t) and t.dim() else 1
 
 
+def _double_backward_attention():
+    """``scaled_dot_product_attention`` on its math kernel: the fused CPU kernels (what Hugging Face's default
+    ``sdpa`` attention runs) have no double backward, which a Hessian-vector product needs."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _batch_weights(batches) -> list[float] | None:
     """Per-batch weights that make a mean of per-batch mean losses the mean over samples (``rows_i * n / sum
     rows``), or ``None`` when every batch has as many rows (the plain mean over batches is then that already)."""
@@ -489,8 +499,11 @@ class Curvature:
         self._need_loss("hvp")
         batches = self.batches if batches is None else list(batches)
         out = {t.key: torch.zeros_like(t.current(), dtype=torch.float32) for t in self.targets}
+        missing = [t.key for t in self.targets if t.key not in vec]
+        if missing:
+            raise PruningInputError(f"vec: no direction for {missing[:3]}; give one tensor per target key")
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
-                self._only_targets_require_grad():
+                self._only_targets_require_grad(), _double_backward_attention():
             params = self._grad_params()
             vs = [vec[t.key].to(p.dtype) for t, p in zip(self.targets, params)]
             w = _batch_weights(batches)
