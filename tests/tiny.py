@@ -28,3 +28,29 @@ def regression_problem(seed=0, n=512):
     X = torch.randn(n, 16, generator=g)
     Y = model(X).detach() + 0.1 * torch.randn(n, 4, generator=g)
     return model, [(X[i:i + 64], Y[i:i + 64]) for i in range(0, n, 64)]
+
+
+def check_bad_weights_refused(bad: str, make, build) -> None:
+    """``make()`` builds a fresh ``nn.Sequential`` whose ``[2].weight`` gets a NaN / Inf (``bad``), or the whole model on
+    the meta device; ``build(model)`` (a trainer or sparsifier constructor) must refuse it naming the tensor and
+    leave the model exactly as it was (no parametrization left behind)."""
+    import pytest
+    from torch.nn.utils import parametrize
+    from obs_plugins import PruningInputError
+    if bad == "meta":
+        with torch.device("meta"):
+            model = make()
+    else:
+        model = make()
+        with torch.no_grad():
+            model[2].weight[1, 2] = float(bad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expect = r"^params: 0\.weight is on the meta device" if bad == "meta" else r"^params: 2\.weight holds 1 NaN/Inf"
+    with pytest.raises(PruningInputError, match=expect):
+        build(model)
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    if bad != "meta":
+        assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num())
+                   and torch.equal(after[k].isnan(), before[k].isnan()) for k in before)
