@@ -32,8 +32,8 @@ def regression_problem(seed=0, n=512):
 
 def check_bad_weights_refused(bad: str, make, build) -> None:
     """``make()`` builds a fresh ``nn.Sequential`` whose ``[2].weight`` gets a NaN / Inf (``bad``), or the whole
-    model on the meta device; ``build(model)`` (a trainer or sparsifier constructor) must refuse it naming the tensor and
-    leave the model exactly as it was (no parametrization left behind)."""
+    model on the meta device; ``build(model)`` (a trainer or sparsifier constructor) must refuse it naming the
+    tensor and leave the model exactly as it was (no parametrization left behind)."""
     import pytest
     from torch.nn.utils import parametrize
     from obs_plugins import PruningInputError
