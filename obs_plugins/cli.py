@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--quiet", action="store_true", help="no progress bars")
     li.set_defaults(func=cmd_limit)
 
-    be = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (llm, curvature, tickets, tickets-sweep, onnx)",
+    be = sub.add_parser("bench", help=f"run a benchmark script from benchmarks/ ({', '.join(BENCHES)})",
                         description="Runs benchmarks/<name>.py from a checkout; extra arguments are passed on.")
     be.add_argument("name", choices=sorted(BENCHES))
     be.add_argument("rest", nargs=argparse.REMAINDER)
