@@ -6,6 +6,7 @@ float in [0, 1] is the fraction of the currently *unpruned* entries to remove, a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -17,8 +18,10 @@ from .targets import Target
 
 def count_to_prune(amount, n_available: int, *, arg: str = "amount") -> int:
     """Number of entries to prune, exactly as torch.nn.utils.prune computes it (round half to even)."""
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+    if isinstance(amount, bool) or not isinstance(amount, (numbers.Integral, numbers.Real)):
         raise PruningInputError(f"{arg}: expected a float in [0, 1] or a non-negative int, got {amount!r}")
+    # numpy scalars as torch.nn.utils.prune takes them: np.int64 is a count, np.float32 a fraction
+    amount = int(amount) if isinstance(amount, numbers.Integral) else float(amount)
     if isinstance(amount, float):
         if not (0.0 <= amount <= 1.0) or math.isnan(amount):
             raise PruningInputError(f"{arg}={amount} is outside [0, 1]")
@@ -59,10 +62,9 @@ def lowest_k_mask(scores: torch.Tensor, k: int, prior_mask: torch.Tensor | None 
         raise PruningInputError(f"amount: cannot prune {k} of {avail} remaining entries")
     if k == 0:
         return keep.reshape(scores.shape)
-    s = flat.masked_fill(~keep, float("inf"))
-    s = torch.nan_to_num(s, nan=float("inf"))
-    order = torch.sort(s, stable=True).indices[:k]
-    keep[order] = False
+    idx = keep.nonzero().squeeze(1)           # only the entries still kept compete (a NaN / +inf score tied
+    s = torch.nan_to_num(flat[idx], nan=float("inf"))   # with the prior zeros' +inf and could pick one of them)
+    keep[idx[torch.sort(s, stable=True).indices[:k]]] = False
     return keep.reshape(scores.shape)
 
 

@@ -140,6 +140,59 @@ def test_sparse_kernel_rewrite_matches_dense_nd_and_gemm():
     np.testing.assert_allclose(yb, ya, atol=1e-5)
 
 
+@pytest.mark.parametrize("opset", [14, 18])
+def test_rewrite_below_opset_15_and_a_rank_2_gemm_bias(opset, tmp_path):
+    """Opset 14 has no Shape(end=...): the rewrite slices the shape instead (the file it wrote did not load); a Gemm
+    whose bias C is (M, N) is left dense (its rewrite did not load either); both files reproduce the dense ones."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((16, 8)).astype(np.float32)
+    W[rng.random(W.shape) < 0.9] = 0
+    C = rng.standard_normal((3, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Gemm", ["X", "W", "C"], ["Y2"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 16])],
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("Y2", TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(W, "W"), numpy_helper.from_array(C, "C")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    sp, rew = ox.rewrite_sparse_kernel(m, threshold=0.8)
+    assert rew == ["W"] and sum(n.op_type == "SparseToDenseMatMul" for n in sp.graph.node) == 1
+    onnx.save(m, tmp_path / "a.onnx")
+    onnx.save(sp, tmp_path / "b.onnx")
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    ya, yb = ox.OrtRunner(str(tmp_path / "a.onnx")).run({"X": x}), ox.OrtRunner(str(tmp_path / "b.onnx")).run({"X": x})
+    for a, b in zip(ya, yb):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["torch_ao", "bip"])
+def test_exporting_a_parametrized_model_leaves_it_working(kind, tmp_path):
+    """A model gated by torch.nn.utils.parametrize (a torch.ao sparsifier, BiP): export's deep copy shares torch's
+    Parametrized* class, and removing the parametrization there deleted the caller's `weight` (its next forward
+    raised AttributeError); verify then checks the gated weights' zeros under their plain names."""
+    model = _mlp().eval()
+    x = torch.randn(4, 64)
+    if kind == "torch_ao":
+        from torch.ao.pruning import WeightNormSparsifier
+        sp = WeightNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 4), zeros_per_block=4)
+        sp.prepare(model, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+        sp.step()
+    else:
+        from obs_plugins import BiPTrainer
+        BiPTrainer(model, [(model[0], "weight"), (model[2], "weight")], sparsity=0.9, progress=False)
+    ref = model(x).detach()
+    res = ox.export(model, x, tmp_path / "p.onnx", sparse_kernel="off")
+    assert torch.equal(model(x).detach(), ref)
+    weights = ox.effective_weights(model)
+    assert "0.weight" in weights and not any("parametrizations" in k for k in weights)
+    rep = ox.verify(res, model, x, bench=False)
+    assert rep.ok and {r["param"] for r in rep.sparsity} >= {"0.weight", "2.weight"}
+    rows = {r["param"]: r for r in rep.sparsity}
+    zeros = sum(rows[k]["model_sparsity"] * model.get_submodule(k[0]).weight.numel() for k in ("0.weight", "2.weight"))
+    total = sum(model.get_submodule(k[0]).weight.numel() for k in ("0.weight", "2.weight"))
+    assert zeros / total == pytest.approx(0.9, abs=0.01)      # the gated zeros, found under the plain names
+
+
 def test_cnn_export_verify_and_sparse_storage(tmp_path):
     model = _prune_all(_cnn(), 0.8)
     x = torch.randn(3, 3, 12, 12)

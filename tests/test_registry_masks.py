@@ -166,3 +166,21 @@ def test_lazy_exports():
     assert obs_plugins.OBSIHT.PRUNING_TYPE == "unstructured"
     with pytest.raises(AttributeError):
         obs_plugins.NoSuchThing  # noqa: B018
+
+
+def test_lowest_k_mask_prunes_exactly_k_of_the_kept_entries_whatever_their_scores():
+    """NaN / +inf scores of kept entries tied with the +inf given to prior zeros, so a prior zero could be 'chosen'
+    and fewer than k entries pruned."""
+    from obs_plugins.masks import lowest_k_mask
+    prior = torch.tensor([False, True, True])
+    for s in (torch.tensor([0.0, float("nan"), float("nan")]), torch.tensor([0.0, float("inf"), 1.0])):
+        keep = lowest_k_mask(s, 2, prior)
+        assert keep.tolist() == [False, False, False]
+
+
+def test_count_to_prune_takes_numpy_numbers_as_torch_does():
+    import numpy as np
+    from obs_plugins.masks import count_to_prune
+    assert count_to_prune(np.int64(3), 10) == 3 and count_to_prune(np.float32(0.5), 10) == 5
+    with pytest.raises(PruningInputError, match="^amount"):
+        count_to_prune(torch.tensor(3), 10)

@@ -39,23 +39,42 @@ def baked_copy(model: nn.Module) -> nn.Module:
         for h in _prune_hooks(m):
             for name in _hook_names(h):
                 prune.remove(m, name)
-    try:  # parametrizations (e.g. learned masks written as torch.nn.utils.parametrize)
-        from torch.nn.utils import parametrize
-        for m in cp.modules():
-            if parametrize.is_parametrized(m):
-                for name in list(m.parametrizations.keys()):
-                    parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-    except ImportError:  # pragma: no cover
-        pass
+    _bake_parametrizations(cp)
     cp.eval()
     for p in cp.parameters():
         p.requires_grad_(False)
     return cp
 
 
+def _bake_parametrizations(cp: nn.Module) -> None:
+    """Replace every parametrized tensor of the *copy* ``cp`` (torch.ao sparsifiers, BiP / CS gates) by a plain
+    parameter holding its current value.  Not ``parametrize.remove_parametrizations``: a deep copy shares the
+    ``Parametrized*`` class torch made for the original module, and removing a parametrization deletes the property
+    from that class -- the caller's model would lose its ``weight``."""
+    from torch.nn.utils import parametrize
+    for m in list(cp.modules()):
+        if not parametrize.is_parametrized(m):
+            continue
+        with torch.no_grad():
+            values = {name: getattr(m, name).detach().clone() for name in list(m.parametrizations.keys())}
+        del m._modules["parametrizations"]
+        m.__class__ = type(m).__bases__[0]     # the class before torch injected its Parametrized* subclass
+        for name, v in values.items():
+            m.register_parameter(name, nn.Parameter(v, requires_grad=False))
+
+
 def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters as the model computes with them (``<name>_orig * <name>_mask`` for pruned ones); read-only."""
+    """Parameters as the model computes with them (``<name>_orig * <name>_mask`` for pruned ones, the value of a
+    parametrized tensor under its plain name); read-only."""
+    from torch.nn.utils import parametrize
     sd = model.state_dict()
+    for prefix, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            p = f"{prefix}." if prefix else ""
+            sd = {k: v for k, v in sd.items() if not k.startswith(f"{p}parametrizations.")}
+            with torch.no_grad():
+                for name in m.parametrizations.keys():
+                    sd[f"{p}{name}"] = getattr(m, name).detach()
     out = {}
     for k, v in sd.items():
         if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in sd:

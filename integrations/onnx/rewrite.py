@@ -38,6 +38,9 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
     """
     from onnx import TensorProto, helper, numpy_helper
     g = proto.graph                     # read only until something qualifies; then a copy is edited
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 10:                      # Slice with tensor inputs (the older-opset route below) needs 10
+        return proto, []
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     new_nodes, rewritten, new_inputs, new_inits = [], [], [], []
@@ -48,6 +51,11 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type == "Gemm" and attrs.get("transA", 0):
+            new_nodes.append(n)
+            continue
+        if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] and (
+                n.input[2] not in inits or len(inits[n.input[2]].dims) > 1):
+            # a bias C of rank 2 (or unknown): ORT's shape inference of the rewritten product cannot add it
             new_nodes.append(n)
             continue
         wname = n.input[1]
@@ -91,8 +99,8 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
         # would turn a known element count into wrong concrete shapes downstream
         new_nodes += [
             helper.make_node("Flatten", [x], [p + "_x2d"], axis=-1),
-            helper.make_node("SparseToDenseMatMul", [sname, p + "_x2d"], [p + "_yt"], name=p + "_spmm", domain=MS_DOMAIN,
-                             transB=1, alpha=alpha),
+            helper.make_node("SparseToDenseMatMul", [sname, p + "_x2d"], [p + "_yt"], name=p + "_spmm",
+                             domain=MS_DOMAIN, transB=1, alpha=alpha),
             helper.make_node("Transpose", [p + "_yt"], [p + "_y2d"], perm=[1, 0]),
         ]
         cur = p + "_y2d"
@@ -106,8 +114,15 @@ def rewrite_sparse_kernel(proto, threshold: float = 0.8):
                 c = p + "_c"
             new_nodes.append(helper.make_node("Add", [cur, c], [p + "_yb"]))
             cur = p + "_yb"
+        if opset >= 15:                   # Shape's start/end attributes exist from opset 15
+            new_nodes.append(helper.make_node("Shape", [x], [p + "_lead"], end=-1))
+        else:
+            lim = [numpy_helper.from_array(np.array([v], dtype=np.int64), p + suf)
+                   for v, suf in ((0, "_s0"), (-1, "_e1"))]
+            new_inits += lim
+            new_nodes += [helper.make_node("Shape", [x], [p + "_shape"]),
+                          helper.make_node("Slice", [p + "_shape", lim[0].name, lim[1].name], [p + "_lead"])]
         new_nodes += [
-            helper.make_node("Shape", [x], [p + "_lead"], end=-1),
             helper.make_node("Concat", [p + "_lead", out_last.name], [p + "_oshape"], axis=0),
             helper.make_node("Reshape", [cur, p + "_oshape"], [y]),
         ]
