@@ -544,3 +544,31 @@ def test_hvp_of_a_transformer_with_its_default_sdpa_attention():
         out[impl] = curv.hvp(v)
     for k in out["eager"]:
         assert rel(out["sdpa"][k], out["eager"][k]) < 1e-4, k
+
+
+@pytest.mark.parametrize("engine", ["vmap", "loop"])
+def test_fisher_micro_batches_keep_a_shared_batch_tensor_shared(engine):
+    """A batch entry shared by every sample (leading size 2, not the batch's 4): a micro-batch of 2 rows used to
+    re-decide which tensors are per sample and sliced it (Fisher 2x off, silently); the per-sample tensors are
+    now fixed once on the whole batch."""
+    from obs_plugins.curvature.fisher import collect_fisher
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, offset):
+            return self.fc(x + offset.sum(0))
+    torch.manual_seed(0)
+    m = M()
+    batch = {"x": torch.randn(4, 3), "offset": torch.randn(2, 3), "y": torch.randint(0, 2, (4,))}
+    blocks = {}
+    for mb in (None, 2):
+        curv = Curvature(m, [(m.fc, "weight")], [batch], loss_fn=lambda o, b: nn.functional.cross_entropy(o, b["y"]),
+                         forward_fn=lambda model, b: model(b["x"], b["offset"]))
+        collect_fisher(curv, block_size=6, micro_batch=mb, engine=engine, progress=False)
+        blocks[mb] = curv.fisher["fc.weight"].blocks
+    assert rel(blocks[2], blocks[None]) < 1e-5
+    with pytest.raises(PruningInputError, match="^micro_batch"):
+        collect_fisher(curv, block_size=6, micro_batch=1.5, progress=False)

@@ -80,9 +80,17 @@ def batch_rows(batch) -> int:
     raise PruningInputError("batches: a Fisher batch needs at least one tensor with a batch dimension")
 
 
-def _row_slice(batch, n: int, i: int, j: int):
-    """Rows ``i:j`` of every tensor whose leading size is the batch size ``n``; other entries are shared."""
-    leaves = [t[i:j] if (t.dim() >= 1 and t.shape[0] == n) else t for t in _tensors(batch, [])]
+def _rowwise(batch, n: int) -> list[bool]:
+    """Which tensors of ``batch`` hold one row per sample (leading size ``n``, the batch size); the others are
+    shared by every sample.  Decided once on the whole batch: a chunk of it must not re-decide (a shared tensor
+    whose leading size happens to equal the chunk's would be sliced per sample)."""
+    return [t.dim() >= 1 and t.shape[0] == n for t in _tensors(batch, [])]
+
+
+def _row_slice(batch, n: int, i: int, j: int, rowwise: list[bool] | None = None):
+    """Rows ``i:j`` of every per-sample tensor (``rowwise``, default: leading size ``n``); others are shared."""
+    rowwise = _rowwise(batch, n) if rowwise is None else rowwise
+    leaves = [t[i:j] if r else t for t, r in zip(_tensors(batch, []), rowwise)]
     return _rebuild(batch, iter(leaves))
 
 
@@ -109,10 +117,10 @@ def _param_names(model: nn.Module, tensors: list[torch.Tensor]) -> list[str] | N
     return None if any(n is None for n in out) else out
 
 
-def _vmap_grads(curv, wrapper, names, chunk, n):
+def _vmap_grads(curv, wrapper, names, chunk, n, rowwise):
     from torch.func import functional_call, grad, vmap
     leaves = _tensors(chunk, [])
-    batched = [t.dim() >= 1 and t.shape[0] == n for t in leaves]
+    batched = list(rowwise)
     params = {"model." + nm: t.orig().detach() for nm, t in zip(names, curv.targets)}
 
     def one(p, *xs):
@@ -124,11 +132,11 @@ def _vmap_grads(curv, wrapper, names, chunk, n):
     return [g["model." + nm].reshape(n, -1) for nm in names]
 
 
-def _loop_grads(curv, chunk, n):
+def _loop_grads(curv, chunk, n, rowwise):
     params = curv._grad_params()
     rows = [[] for _ in params]
     for i in range(n):
-        s = _row_slice(chunk, n, i, i + 1)
+        s = _row_slice(chunk, n, i, i + 1, rowwise)
         loss = batch_loss(curv.loss_fn, curv.forward_fn(curv.model, s), s)
         for r, g in zip(rows, torch.autograd.grad(loss, params)):
             r.append(g.reshape(-1))
@@ -163,8 +171,9 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
 
     if engine not in ("auto", "vmap", "loop"):
         raise PruningInputError(f"engine: 'auto', 'vmap' or 'loop', got {engine!r}")
-    if micro_batch is not None and micro_batch < 1:
-        raise PruningInputError(f"micro_batch: must be >= 1, got {micro_batch}")
+    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                    or micro_batch < 1):
+        raise PruningInputError(f"micro_batch: an int >= 1 or None, got {micro_batch!r}")
     curv._need_loss("Fisher collection")
     state = {} if state is None else state
     batches = curv.batches if batches is None else list(batches)
@@ -186,19 +195,20 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
                     break
                 b = move(b, curv.device)
                 n = batch_rows(b)
+                rowwise = _rowwise(b, n)
                 if num_samples is not None:
                     n_use = min(n, num_samples - seen)
                     if n_use < n:
-                        b, n = _row_slice(b, n, 0, n_use), n_use
+                        b, n = _row_slice(b, n, 0, n_use, rowwise), n_use
                 step = micro_batch or n
                 for i in range(0, n, step):
                     j = min(n, i + step)
-                    chunk = _row_slice(b, n, i, j) if (i, j) != (0, n) else b
+                    chunk = _row_slice(b, n, i, j, rowwise) if (i, j) != (0, n) else b
                     out = None
                     if use in ("auto", "vmap"):
                         try:
                             with _NoGradParams(curv.model):
-                                out = _vmap_grads(curv, wrapper, names, chunk, j - i)
+                                out = _vmap_grads(curv, wrapper, names, chunk, j - i, rowwise)
                             use = "vmap"
                         except Exception as e:  # data-dependent control flow, .item(), unsupported ops...
                             if engine == "vmap":
@@ -207,7 +217,7 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
                             use = "loop"
                     if out is None:
                         with curv._only_targets_require_grad():
-                            out = _loop_grads(curv, chunk, j - i)
+                            out = _loop_grads(curv, chunk, j - i, rowwise)
                     seen += j - i
                     yield out
     finally:
@@ -515,8 +525,9 @@ def collect_fisher(curv, *, block_size: int = 128, mode: str = "blocks", memory_
         raise PruningInputError(f"dtype: torch.float32 or torch.float64, got {dtype}")
     if not isinstance(block_size, int) or block_size < 1:
         raise PruningInputError(f"block_size: a positive int, got {block_size!r}")
-    if num_samples is not None and num_samples < 1:
-        raise PruningInputError(f"num_samples: must be >= 1, got {num_samples}")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise PruningInputError(f"num_samples: an int >= 1 or None, got {num_samples!r}")
     if not rel_damp > 0:
         raise PruningInputError(f"rel_damp: must be > 0, got {rel_damp}")
     curv._need_loss("Fisher collection")
