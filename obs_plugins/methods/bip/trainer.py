@@ -339,8 +339,16 @@ class BiPTrainer:
         if not all(z.requires_grad for *_, z in rec):
             raise PruningInputError("params: the pruned tensors must require grad")
         grads_z = torch.autograd.grad(loss, [z for *_, z in rec])
-        out = {k: torch.zeros_like(s) for k, s in self.scores.items()}
+        # a tensor read several times in one forward (a reused layer) records one z per read: the formula needs
+        # the total dloss/dz (its implicit term is quadratic in it), so the reads are summed first
+        total: dict[tuple[str, str], list] = {}
         for (key, part, w, m, _z), gz in zip(rec, grads_z):
+            if (key, part) in total:
+                total[(key, part)][2] = total[(key, part)][2] + gz
+            else:
+                total[(key, part)] = [w, m, gz]
+        out = {k: torch.zeros_like(s) for k, s in self.scores.items()}
+        for (key, part), (w, m, gz) in total.items():
             g = implicit_gradient(w.detach(), m, gz, self.config.gamma, implicit=implicit)
             out[key] += _reduce_to(g, out[key].shape).to(out[key].dtype)
         return float(loss.detach()), out
