@@ -194,6 +194,11 @@ def check_tied(model: nn.Module | None, targets: list[Target]) -> list[tuple[str
         return []
     listed = {(id(t.module), t.name) for t in targets}
     listed |= {(id(t.module), t.name + "_orig") for t in targets}
+    for t in targets:   # a torch.ao / BiP / CS parametrization holds the listed tensor itself as `original`
+        plist = getattr(getattr(t.module, "parametrizations", None), t.name, None) \
+            if "parametrizations" in t.module._modules else None
+        if plist is not None:
+            listed.add((id(plist), "original"))
     by_ptr = {}
     for t in targets:
         o = t.orig()

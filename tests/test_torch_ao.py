@@ -75,3 +75,18 @@ def test_bad_arguments_name_themselves(kwargs, match):
     curv = Curvature.layerwise(model, [(model[0], "weight")], batches, progress=False)
     with pytest.raises(PruningInputError, match=match):
         OBSIHTSparsifier(curv, **kwargs)
+
+
+def test_curvature_after_prepare_does_not_warn_about_a_tie():
+    """Collected after prepare (allowed), the listed tensor is its own parametrization's `original`: no
+    TiedWeightWarning (it warned that the tensor was tied to itself)."""
+    import warnings
+    from obs_plugins.errors import TiedWeightWarning
+    model, batches = problem()
+    params = [(model[0], "weight"), (model[2], "weight")]
+    sp = OBSIHTSparsifier(Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False),
+                          sparsity_level=0.5, progress=False)
+    sp.prepare(model, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TiedWeightWarning)
+        Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)
