@@ -672,6 +672,11 @@ class PruningCallback(TrainerCallback):
     # ---- events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kwargs):
+        for prev in (self.sparsifier, self.bip):   # a second trainer.train(): start afresh after a finished search
+            if prev is not None and not prev.finished:
+                raise PruningInputError("config: an earlier train() left its CS / BiP search unfinished on the model; "
+                                        "use a new PruningCallback (and model) for another run")
+        self.sparsifier, self.bip, self._cs_epoch, self._since_upper = None, None, 0, 0
         self.model = model
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._setup_schedule(state.max_steps)

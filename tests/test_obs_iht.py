@@ -664,3 +664,23 @@ def test_dead_columns_are_cheap_to_prune_whatever_the_input_scale():
         _, keep, _ = obs_sweep(W, inverse_factor(H, 0.01).hinv_chol_upper, k=4)
         masks.append(keep)
     assert all(torch.equal(m, masks[0]) for m in masks) and int((~masks[0][:, 2]).sum()) == 3
+
+
+def test_wanda_on_an_already_pruned_model_prunes_the_new_count():
+    """Wanda read the prior masks inside the sequential calibration, where pruned tensors run with a unit mask, so a
+    second call re-pruned the earlier zeros (4915 + 4915 asked, 4962 in the repro); now exactly the sum."""
+    from obs_plugins import WandaConfig
+    from obs_plugins.lm import causal_lm_batches, causal_lm_loss
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=32, use_cache=False)).eval()
+    batches = causal_lm_batches(torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(1)), 4)
+    params = [(m, "weight") for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n]
+    total = sum(m.weight.numel() for m, _ in params)
+    k = int(0.3 * total)
+    for step in (1, 2):
+        curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+        assert curv.sequential
+        api.prune(WandaConfig(), curvature=curv, amount=k, reparametrize=True)
+        assert sum(int((m.weight == 0).sum()) for m, _ in params) == step * k

@@ -678,3 +678,19 @@ def test_callback_cs_starts_from_the_magnitude_ranking_by_default():
     sp = _started_cs(cfg, model).sparsifier
     assert (sp.score_init, sp.mask_scale) == ("constant", "paper")
     assert all(bool((s == 0).all()) for s in sp.parameters()) and sp.scale_at(200.0) == 2.0
+
+
+@pytest.mark.parametrize("method", ["cs", "bip", "wanda"])
+def test_callback_train_twice_and_wanda_reach_the_exact_target(method, tmp_path):
+    """A second trainer.train() with CS / BiP starting after step 0 kept the finished search and did nothing, so the
+    baked zeros grew back (sparsity 0.0 after the second run); Wanda's later cubic steps re-pruned the earlier
+    zeros and stopped near its first step's sparsity (0.42 of 0.6). Both now end at exactly the target."""
+    kw = {"cs": dict(method_config={"rounds": 1, "epochs": 3}), "bip": {}, "wanda": dict(frequency=2)}[method]
+    cfg = PruningConfig(method=method, sparsity=0.5, begin_step=2, end_step=8, curvature_batches=2, **kw)
+    model, cb, trainer, _ = _train(tmp_path, cfg, steps=10)
+    targets = hf.select_targets(model, cfg)
+    zeros = lambda: sum(int((t.current() == 0).sum()) for t in targets)  # noqa: E731
+    assert zeros() == round(0.5 * cb.weights)
+    if method != "wanda":
+        trainer.train()
+        assert zeros() == round(0.5 * cb.weights)

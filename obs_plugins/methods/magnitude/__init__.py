@@ -36,8 +36,9 @@ class WandaConfig:
 
 
 def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, allocation: str, nm, per_row: bool,
-                      method: str) -> PrunePlan:
-    prior = {t.key: t.prior_mask() for t in targets}
+                      method: str, prior: dict | None = None) -> PrunePlan:
+    if prior is None:
+        prior = {t.key: t.prior_mask() for t in targets}
     plan = PrunePlan(report={"method": method})
     if nm is not None:
         for t in targets:
@@ -83,7 +84,10 @@ def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePla
             col_norm = torch.diagonal(grams[t.key]).clamp_min(0).sqrt()  # ∝ ||X_j||
             s2 = to_2d(t.module, t.current()).abs().float() * col_norm.unsqueeze(0).float()
             scores = from_2d(t.module, s2, t.current())
-            sub = _plan_from_scores([t], {t.key: scores}, counts[t.key], "uniform", nm, True, "wanda")
+            # the prior masks read before blockwise: inside it a pruned tensor runs with a unit mask
+            # (Curvature._weights), so t.prior_mask() here said nothing was pruned: the earlier zeros were re-pruned
+            sub = _plan_from_scores([t], {t.key: scores}, counts[t.key], "uniform", nm, True, "wanda",
+                                    prior={t.key: prior[t.key]})
             plan.entries[t.key] = sub.entries[t.key]
             out[t.key] = t.current() * plan.entries[t.key].mask
         return out
