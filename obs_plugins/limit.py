@@ -100,6 +100,7 @@ from torch import nn
 
 from .curvature import Curvature
 from .curvature.batching import batch_loss, default_forward, is_pair, move
+from .curvature.collect import eval_mode
 from .curvature.operators import curvature_matvec, density_on_grid, slq_density
 from .errors import PruningInputError
 from .masks import count_to_prune
@@ -542,17 +543,11 @@ def _batch_losses(curv: Curvature, batches, overrides, progress: bool, desc: str
     """Loss of each batch with optional weight overrides (model restored exactly afterwards)."""
     from tqdm.auto import tqdm
     model = curv.model
-    flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
-    model.eval()
     out = []
-    try:
-        with curv._weights(overrides), curv._mid_apply_attributes(), torch.no_grad():
-            for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                b = move(b, curv.device)
-                out.append(float(batch_loss(curv.loss_fn, curv.forward_fn(model, b), b)))
-    finally:
-        for m, f in flags:
-            m.training = f
+    with eval_mode(model), curv._weights(overrides), curv._mid_apply_attributes(), torch.no_grad():
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            b = move(b, curv.device)
+            out.append(float(batch_loss(curv.loss_fn, curv.forward_fn(model, b), b)))
     if not all(math.isfinite(l) for l in out) and overrides is None:
         raise PruningInputError("data: the dense model's loss is not finite on these batches")
     return out
@@ -561,30 +556,24 @@ def _batch_losses(curv: Curvature, batches, overrides, progress: bool, desc: str
 def _evaluate(curv: Curvature, batches, overrides, use_acc: bool) -> tuple[float | None, float]:
     """(accuracy or None, mean loss) over batches, sample-weighted, with optional weight overrides."""
     model = curv.model
-    flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
-    model.eval()
     correct = total = total_cmp = 0
     loss = 0.0
-    try:
-        with curv._weights(overrides), curv._mid_apply_attributes(), torch.no_grad():
-            for b in batches:
-                b = move(b, curv.device)
-                out = curv.forward_fn(model, b)
-                n = _batch_size(b)
-                loss += float(batch_loss(curv.loss_fn, out, b)) * n
-                total += n
-                if use_acc:
-                    logits = out.logits if hasattr(out, "logits") else out
-                    target = b[1]
-                    if target.is_floating_point() or tuple(target.shape) != tuple(logits.shape[:-1]):
-                        raise PruningInputError(f"eval_data: metric='accuracy' needs integer class targets of "
-                                                f"shape {tuple(logits.shape[:-1])} (the logits' without the class "
-                                                f"dimension), got {target.dtype} {tuple(target.shape)}; use "
-                                                "metric='loss'")
-                    pred = logits.argmax(-1)
-                    correct += int((pred == target).sum())
-                    total_cmp += pred.numel()
-    finally:
-        for m, f in flags:
-            m.training = f
+    with eval_mode(model), curv._weights(overrides), curv._mid_apply_attributes(), torch.no_grad():
+        for b in batches:
+            b = move(b, curv.device)
+            out = curv.forward_fn(model, b)
+            n = _batch_size(b)
+            loss += float(batch_loss(curv.loss_fn, out, b)) * n
+            total += n
+            if use_acc:
+                logits = out.logits if hasattr(out, "logits") else out
+                target = b[1]
+                if target.is_floating_point() or tuple(target.shape) != tuple(logits.shape[:-1]):
+                    raise PruningInputError(f"eval_data: metric='accuracy' needs integer class targets of "
+                                            f"shape {tuple(logits.shape[:-1])} (the logits' without the class "
+                                            f"dimension), got {target.dtype} {tuple(target.shape)}; use "
+                                            "metric='loss'")
+                pred = logits.argmax(-1)
+                correct += int((pred == target).sum())
+                total_cmp += pred.numel()
     return (correct / max(total_cmp, 1) if use_acc else None), loss / total

@@ -30,18 +30,14 @@ def perplexity(model, batches, *, progress: bool = True, desc: str = "perplexity
     """exp of the mean per-token loss over equal-length batches."""
     from tqdm.auto import tqdm
     device = next(model.parameters()).device
-    flags = [(m, m.training) for m in model.modules()]   # each submodule's own flag comes back
-    model.eval()
+    from .curvature.collect import eval_mode
     tot, n = 0.0, 0
-    try:
+    with eval_mode(model):   # each submodule's own training flag comes back
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
             b = {k: v.to(device) for k, v in b.items()}
             loss = causal_lm_loss(model(**b), b)
             w = b["input_ids"].numel()
             tot, n = tot + float(loss) * w, n + w
-    finally:
-        for m, f in flags:
-            m.training = f
     return math.exp(tot / max(n, 1))
 
 

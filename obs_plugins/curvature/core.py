@@ -223,7 +223,8 @@ class Curvature:
         another, each with the stages before it planned; each such run stops once the stage's layers have
         seen their inputs).  Peak extra memory: one block's activations for the calibration set.  The
         model is left exactly as it was (also when ``solve_layers`` raises); ``hessians`` ends up holding the
-        Grams the plan was solved on.
+        Grams the plan was solved on.  Inside ``solve_layers`` a pruned tensor runs with a unit mask
+        (:meth:`_weights`), so read prior masks (``t.prior_mask()``) before calling this, as the solvers do.
         """
         if not self.sequential:
             hs = self.hessians

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import CurvatureError, PruningInputError
 from .batching import batch_loss, move
+from .collect import eval_mode
 from .linalg import DEFAULT_LADDER, check_finite
 
 __all__ = ["FisherBlocks", "FisherWoodbury", "collect_fisher", "obs_saliency", "fisher_inverse_diag",
@@ -186,10 +187,8 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
     wrapper = _Forward(curv.model, curv.forward_fn)
     seen = 0
     overrides = {t.key: t.current() for t in curv.targets}
-    flags = [(m, m.training) for m in curv.model.modules()]   # every submodule's own flag comes back
-    curv.model.eval()
     try:
-        with curv._weights(overrides), curv._mid_apply_attributes():
+        with eval_mode(curv.model), curv._weights(overrides), curv._mid_apply_attributes():
             for b in tqdm(batches, desc="per-sample gradients", disable=not progress, leave=False):
                 if num_samples is not None and seen >= num_samples:
                     break
@@ -221,8 +220,6 @@ def per_sample_grads(curv, batches=None, *, num_samples: int | None = None, micr
                     seen += j - i
                     yield out
     finally:
-        for m, f in flags:
-            m.training = f
         for t in curv.targets:  # as torch.nn.utils.prune leaves it: `<name> = <name>_orig * <name>_mask`
             if hasattr(t.module, t.name + "_mask") and hasattr(t.module, t.name):
                 setattr(t.module, t.name, t.orig() * getattr(t.module, t.name + "_mask"))
