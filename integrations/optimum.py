@@ -543,22 +543,15 @@ class Pruner(OptimumQuantizer):
 
     def _export_onnx(self, res: PruneResult, calibration_dataset, config, onnx_options, verify_options):
         from obs_plugins.integrations import onnx as ox
-        model = self.model
-        was_cache = getattr(model.config, "use_cache", None)
+        model = self.model   # export traces a copy without the KV cache, verify runs its reference pass without it
         g = torch.Generator().manual_seed(0)
         vocab = getattr(model.config, "vocab_size", 1000)
         n_pos = getattr(model.config, "max_position_embeddings", None) or 32
         ids = torch.randint(0, vocab, (2, min(config.seq_len, 32, n_pos)), generator=g).to(_model_device(model))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         path = os.path.join(res.save_dir, "model.onnx")
-        try:
-            if was_cache is not None:
-                model.config.use_cache = False
-            ex = ox.export(model, inputs, path, **{"sparse_kernel": "off", **onnx_options})
-            rep = ox.verify(ex, model, inputs, **{"bench": False, **verify_options})
-        finally:
-            if was_cache is not None:
-                model.config.use_cache = was_cache
+        ex = ox.export(model, inputs, path, **{"sparse_kernel": "off", **onnx_options})
+        rep = ox.verify(ex, model, inputs, **{"bench": False, **verify_options})
         md, _ = rep.save(os.path.join(res.save_dir, "onnx_report"))
         res.onnx_path, res.onnx_report = ex.path, md
         res.report["onnx_ok"] = bool(rep.ok)
