@@ -8,6 +8,8 @@ Calibration: 4096 training images.  Reports test accuracy (validation beside it)
 
     OMP_NUM_THREADS=1 python benchmarks/allocation.py            # both models, ~10 min on a quiet 2-core machine
     python benchmarks/allocation.py --models mlp --sparsities 0.9
+    python benchmarks/allocation.py --models mlp --calib-draw 3 --out ...   # another 4096 calibration images
+    python benchmarks/allocation.py --mean A.json B.json ... --out ...       # mean (sd) over such runs
 """
 from __future__ import annotations
 
@@ -40,6 +42,28 @@ def cnn():
 MODELS = {"mlp": mlp, "cnn": cnn}
 
 
+class Stack(nn.Module):
+    """The same layers (shared, not copied) as a stack of blocks in an ``nn.ModuleList``, one block per Linear /
+    Conv2d with the parameter-free modules after it, so that ``Curvature.layerwise`` can calibrate block by block
+    (``--sequential``: each layer's Gram collected on the outputs of the layers before it, as planned)."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        blocks, cur = [], []
+        for m in seq:
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in cur):
+                blocks.append(nn.Sequential(*cur))
+                cur = []
+            cur.append(m)
+        blocks.append(nn.Sequential(*cur))
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = blk(x)
+        return x
+
+
 def data():
     x, y = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
@@ -70,22 +94,25 @@ def train(model, tr, epochs):
 
 
 def layers(model):
-    return [(m, "weight") for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 def layer_sparsity(model):
     return [round(float((m.weight == 0).float().mean()), 4) for m, _ in layers(model)]
 
 
-def run(name, dense, tr, va, te, calib, sparsity, method, allocation=None, iterations=1):
+def run(name, dense, tr, va, te, calib, sparsity, method, allocation=None, iterations=1, sequential=False):
     model = copy.deepcopy(dense)
+    if sequential and method != "magnitude":
+        model = Stack(model)
     params = layers(model)
     t0 = time.perf_counter()
     report = {}
     if method == "magnitude":
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=sparsity)
     else:
-        curv = Curvature.layerwise(model, params, calib, loss_fn=nn.functional.cross_entropy, progress=False)
+        curv = Curvature.layerwise(model, params, calib, loss_fn=nn.functional.cross_entropy, progress=False,
+                                   sequential=sequential)
         kw = {} if allocation is None else {"allocation": allocation}
         prune.global_unstructured(params, pruning_method=OBSIHT, amount=sparsity, curvature=curv,
                                   iterations=iterations, progress=False, **kw)
@@ -106,12 +133,27 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=3, help="best T is chosen among 1..this")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-draw", type=int, default=0,
+                    help="0 (default): the first 4096 training images; K >= 1: 4096 training images drawn at random "
+                         "with seed K (the trained networks do not change)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="calibrate layer by layer: each layer's Gram on the outputs of the layers before it as "
+                         "planned (the layers run as a block stack); default: one pass on the dense model")
+    ap.add_argument("--mean", nargs="+", metavar="JSON", help="only summarise earlier runs: mean (sd) per row")
     ap.add_argument("--out", default="benchmarks/results/allocation")
     args = ap.parse_args(argv)
+    if args.mean:
+        return mean(args.mean, args.out)
+    if args.calib_draw < 0:
+        ap.error("--calib-draw: must be >= 0")
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     tr, va, te = data()
-    calib = batches(tr[0][:4096], tr[1][:4096], 256)
+    if args.calib_draw == 0:
+        pick = torch.arange(4096)
+    else:
+        pick = torch.randperm(len(tr[0]), generator=torch.Generator().manual_seed(args.calib_draw))[:4096]
+    calib = batches(tr[0][pick], tr[1][pick], 256)
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -122,7 +164,7 @@ def main(argv=None) -> int:
             rows.append(run(name, dense, tr, va, te, calib, sp, "magnitude"))
             for alloc in ("uniform", "global"):
                 for T in (1, args.iterations):
-                    rows.append(run(name, dense, tr, va, te, calib, sp, "obs_iht", alloc, T))
+                    rows.append(run(name, dense, tr, va, te, calib, sp, "obs_iht", alloc, T, args.sequential))
     write(rows, args, time.perf_counter() - t_all)
     return 0
 
@@ -130,7 +172,9 @@ def main(argv=None) -> int:
 def write(rows, args, secs):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cmd = "python benchmarks/allocation.py " + " ".join(sys.argv[1:])
-    lines = [f"Fashion-MNIST, no fine-tuning after pruning; calibration 4096 training images; {args.epochs} training "
+    draw = "the first" if args.calib_draw == 0 else f"draw {args.calib_draw} of"
+    how = "sequential (layer by layer)" if args.sequential else "one pass"
+    lines = [f"Fashion-MNIST, no fine-tuning after pruning; calibration {draw} 4096 training images, {how}; {args.epochs} training "
              f"epochs; {args.threads} torch thread(s). Command: `{cmd.strip()}`. Total {secs:.0f} s.", "",
              "| model | sparsity | method | test acc | val acc | per-layer sparsity | prune s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -142,6 +186,30 @@ def write(rows, args, secs):
         json.dump({"rows": rows, "command": cmd}, f, indent=2)
     plot(rows, args.out + ".png")
     print("\n".join(lines))
+
+
+def mean(paths, out):
+    """Mean (sd) of test and validation accuracy per (model, sparsity, method) over runs (e.g. calibration draws)."""
+    import statistics
+    runs = [json.load(open(p))["rows"] for p in paths]
+    keys = [(r["model"], r["sparsity"], r["method"]) for r in runs[0]]
+    for p, rs in zip(paths, runs):
+        if [(r["model"], r["sparsity"], r["method"]) for r in rs] != keys:
+            raise SystemExit(f"--mean: {p} has other rows than {paths[0]}")
+
+    def ms(vals):
+        return f"{statistics.mean(vals):.4f} ({statistics.stdev(vals) if len(vals) > 1 else 0.0:.4f})"
+    lines = [f"Mean (sd) over {len(paths)} runs: {', '.join(paths)}", "",
+             "| model | sparsity | method | test acc | val acc | test acc min … max |", "|---|---|---|---|---|---|"]
+    for i, (m, sp, meth) in enumerate(keys):
+        te = [rs[i]["test"] for rs in runs]
+        va = [rs[i]["val"] for rs in runs]
+        lines.append(f"| {m} | {sp:.0%} | {meth} | {ms(te)} | {ms(va)} | {min(te):.4f} … {max(te):.4f} |")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 def plot(rows, path):

@@ -1,0 +1,68 @@
+"""benchmarks/allocation.py: ``Stack`` runs the very same layers as a block stack (one block per Linear / Conv2d
+with the parameter-free modules after it), so a sequential curvature over it plans what pruning layer by layer
+and re-collecting plans; ``--mean`` gives the mean and sd of every row over runs and refuses runs of other rows."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from obs_plugins import Curvature
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("allocation_bench", BENCH / "allocation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stack_shares_the_layers_and_splits_at_each_parametric_layer(bench):
+    torch.manual_seed(0)
+    seq = bench.cnn()
+    st = bench.Stack(seq)
+    kinds = [[type(m).__name__ for m in blk] for blk in st.layers]
+    assert kinds == [["Conv2d", "ReLU", "MaxPool2d"], ["Conv2d", "ReLU", "MaxPool2d", "Flatten"],
+                     ["Linear", "ReLU"], ["Linear"]]
+    assert [id(p) for p in st.parameters()] == [id(p) for p in seq.parameters()]
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(st(x), seq(x))
+    mlp = bench.Stack(bench.mlp())
+    assert [[type(m).__name__ for m in blk] for blk in mlp.layers] == [["Flatten", "Linear", "ReLU"],
+                                                                      ["Linear", "ReLU"], ["Linear"]]
+
+
+def test_stack_is_calibrated_sequentially(bench):
+    torch.manual_seed(0)
+    st = bench.Stack(bench.mlp())
+    data = [(torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(2)]
+    params = [(m, "weight") for m in st.modules() if isinstance(m, nn.Linear)]
+    curv = Curvature.layerwise(st, params, data, loss_fn=nn.functional.cross_entropy, progress=False,
+                               sequential=True)
+    assert curv.sequential
+    plain = bench.mlp()   # a plain nn.Sequential is not a block stack: one pass
+    assert not Curvature.layerwise(plain, [(m, "weight") for m in plain if isinstance(m, nn.Linear)], data,
+                                   progress=False).sequential
+
+
+def test_mean_over_runs(bench, tmp_path):
+    rows = lambda a, b: [{"model": "mlp", "sparsity": 0.9, "method": "m", "test": a, "val": b}]  # noqa: E731
+    paths = []
+    for i, (a, b) in enumerate([(0.5, 0.25), (0.7, 0.75)]):
+        p = tmp_path / f"r{i}.json"
+        p.write_text(json.dumps({"rows": rows(a, b)}))
+        paths.append(str(p))
+    assert bench.main(["--mean", *paths, "--out", str(tmp_path / "m")]) == 0
+    line = [ln for ln in (tmp_path / "m.md").read_text().splitlines() if ln.startswith("| mlp")][0]
+    assert "0.6000 (0.1414)" in line and "0.5000 (0.3536)" in line and "0.5000 … 0.7000" in line
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": [{"model": "cnn", "sparsity": 0.9, "method": "m", "test": 1, "val": 1}]}))
+    with pytest.raises(SystemExit, match="other rows"):
+        bench.main(["--mean", paths[0], str(other), "--out", str(tmp_path / "m2")])
