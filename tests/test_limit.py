@@ -217,6 +217,26 @@ def test_sweep_finds_the_threshold_of_a_toy_model_exactly():
     assert rep.measured_limit(acc_tolerance=0.5) == 39 / 40
 
 
+def test_measured_limits_up_to_the_first_failure_and_largest_passing_differ_on_a_dip():
+    """A curve that fails, then passes once more: the largest passing sparsity is past the failure, the limit up
+    to the first failure stops before it (the path model's own definition); both agree on a monotone curve."""
+    from obs_plugins.limit import LimitReport
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    acc = [0.90, 0.90, 0.85, 0.90, 0.80, 0.70]        # 0.3 fails (tolerance 0.02), 0.4 passes again
+    loss = [1.00, 1.00, 1.05, 1.20, 1.05, 1.30]       # dense 1.0, eps 0.1: 0.4 fails, 0.5 passes again
+    rep = LimitReport(predicted=0.5, epsilon=0.1, epsilon_source="given", dense_loss=1.0, num_weights=10,
+                      weight_norm=1.0, params=[], nodes=[], weights=[], slq={}, curve={}, g_curve={},
+                      sweep={"sparsity": grid, "acc_tolerance": 0.02, "dense_accuracy": 0.90, "accuracy": acc,
+                             "train_loss": loss})
+    assert rep.measured_limit() == 0.4 and rep.measured_limit(first_failure=True) == 0.2
+    assert rep.measured_loss_limit() == 0.5 and rep.measured_loss_limit(first_failure=True) == 0.3
+    assert rep.measured_limit(acc_tolerance=0.2) == 0.6 == rep.measured_limit(acc_tolerance=0.2, first_failure=True)
+    rep.sweep["accuracy"] = [0.80] + acc[1:]           # the smallest sparsity already fails
+    assert rep.measured_limit(first_failure=True) == 0.0 and rep.measured_limit() == 0.4
+    d = rep.to_dict()
+    assert d["measured_first_failure"] == 0.0 and d["measured_loss_first_failure"] == 0.3
+
+
 def test_model_is_unchanged_after_estimate_even_when_already_pruned():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
