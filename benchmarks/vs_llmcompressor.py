@@ -79,6 +79,13 @@ def save_model(model, tokenizer, path: Path) -> Path:
     return path
 
 
+def _windows_sha256(windows) -> str:
+    """The worker's fingerprint of the calibration windows (``benchmarks/llmc/worker.py: windows_sha256``)."""
+    import hashlib
+    w = windows.to(torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(w.shape)).encode() + w.numpy().tobytes()).hexdigest()
+
+
 def ensure_venv() -> None:
     if not VENV_PY.exists():
         print(f"vs_llmcompressor: {VENV_PY.parent.parent} is missing; running {SETUP_VENV} ...", flush=True)
@@ -89,8 +96,17 @@ def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sp
                threads: int, reuse: bool = False, device: str = "cpu", save_weights: Path | None = None,
                dtype: str = "float32") -> dict:
     if reuse and out.exists():
-        print(f"vs_llmcompressor: reusing {out}", flush=True)
-        return json.loads(out.read_text())
+        res = json.loads(out.read_text())
+        had = (res.get("calib") or {}).get("sha256")
+        now = _windows_sha256(torch.load(calib)) if calib else None
+        if had and now and had != now:
+            raise RuntimeError(f"--reuse-theirs: {out} was computed on other calibration windows (sha256 {had[:12]}, "
+                               f"now {now[:12]}); drop --reuse-theirs or that file")
+        print(f"vs_llmcompressor: reusing {out}" + ("" if had else " (from before the windows were fingerprinted: "
+                                                        "not checked)"), flush=True)
+        res["reused_from"] = str(out)
+        res["reuse_checked"] = bool(had and now)
+        return res
     cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
            "--threads", str(threads), "--device", device, "--dtype", dtype, "--out", str(out)] + (["--calib", str(calib)] if calib else []) \
         + (["--save-weights", str(save_weights)] if save_weights else [])
@@ -192,7 +208,9 @@ def main(argv=None) -> int:
             rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"],
                          "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"],
                          "n_weights": r["n_weights"], "settings": r.get("settings"),
-                         "per_weight_sparsity": r["per_weight_sparsity"]})
+                         "per_weight_sparsity": r["per_weight_sparsity"],
+                         **({"reused_from": r["reused_from"], "reuse_checked": r["reuse_checked"]}
+                            if "reused_from" in r else {})})
             print(json.dumps(rows[-1], default=str), flush=True)
         if not args.skip_ours:
             more, curv = run_rows(setup, sp, args.ours.split(","), iterations=args.iterations, progress=progress,
@@ -286,8 +304,15 @@ def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
         + " | time (s) |", "|---|---|---|" + "---|---|" * len(texts) + "---|"]
     for r in rows:
         cells = " | ".join(f"{r['ppl'][h]:.2f} | {r['vs_dense'][h]:.3f}" for h in texts)
-        lines.append(f"| {r['sparsity']} | {r['method']} | {r['measured_sparsity']:.4f} | {cells} | "
-                     f"{r['seconds']:.1f} |")
+        lines.append(f"| {r['sparsity']} | {r['method']}{' (reused)' if r.get('reused_from') else ''} | "
+                     f"{r['measured_sparsity']:.4f} | {cells} | {r['seconds']:.1f} |")
+    reused = [r for r in rows if r.get("reused_from")]
+    if reused:
+        lines += ["", "(reused): `--reuse-theirs` took these rows, their times included, from an earlier run's files "
+                  "(" + ", ".join(sorted({r["reused_from"] for r in reused})) + "); calibration windows "
+                  + ("checked identical by fingerprint." if all(r["reuse_checked"] for r in reused) else
+                     "not checked for the rows from before the windows were fingerprinted.")
+                  + " Time ratios against them compare two runs."]
     if not args.skip_ours:
         lines += ["", "Ours / llm-compressor SparseGPT (perplexity: lower is better; time: below 1 is faster):", "",
                   "| sparsity | best T | ppl T=1 (" + " / ".join(texts) + ") | ppl best T | ppl best T / their Wanda "

@@ -177,13 +177,17 @@ def test_llmc_layer_loss_and_counts(monkeypatch):
 
 
 def test_draws_geometric_mean_interval_and_counts(monkeypatch):
-    """benchmarks/vs_llmcompressor_draws.py: the geometric mean is exp(mean log ratio) with a 1.96 s.e. interval
-    on the log scale, and the table counts the runs where ours was lower."""
+    """benchmarks/vs_llmcompressor_draws.py: the geometric mean is exp(mean log ratio) with a Student-t 95%
+    interval on the log scale (n - 1 degrees of freedom), and the table counts the runs where ours was lower."""
     monkeypatch.syspath_prepend(str(BENCH))
     draws = _load("vs_llmcompressor_draws", BENCH / "vs_llmcompressor_draws.py")
+    # tabulated t quantiles (0.975): df 1, 3, 18, 50
+    for df, t in [(1, 12.7062), (3, 3.1824), (18, 2.1009), (50, 2.0086)]:
+        assert draws.t_quantile(0.975, df) == pytest.approx(t, abs=2e-4)
     g, lo, hi = draws.geometric([0.5, 2.0])
-    half = 1.96 * math.log(4.0) / math.sqrt(2) / math.sqrt(2)  # stdev of (-ln2, ln2) is ln4/sqrt2
-    assert g == pytest.approx(1.0) and lo == pytest.approx(math.exp(-half)) and hi == pytest.approx(math.exp(half))
+    half = 12.7062 * math.log(4.0) / math.sqrt(2) / math.sqrt(2)  # stdev of (-ln2, ln2) is ln4/sqrt2; df = 1
+    assert g == pytest.approx(1.0) and lo == pytest.approx(math.exp(-half), rel=1e-4) and hi == pytest.approx(
+        math.exp(half), rel=1e-4)
     r = {("0.7", "a"): [0.9, 1.2, 1.0]}
     ppl = {("0.7", "a"): {"ours": [9.0, 12.0, 10.0], "theirs": [10.0, 10.0, 10.0]}}
     row = draws.table(r, 3, ppl, per_run=False)[2]
@@ -225,3 +229,25 @@ def test_llmc_weights_their_counts_are_int_ns_plus_one_per_block_and_our_sweep_p
     W = torch.randn(6, 300, generator=g, dtype=torch.float64)
     _, keep, _ = obs_sweep(W, inverse_factor(2 * X @ X.T / 900).hinv_chol_upper, k=538 + 538 + 185)
     assert [int((~keep[:, i:i + 128]).sum()) for i in (0, 128, 256)] == [538, 538, 185]
+
+
+def test_reuse_theirs_checks_the_calibration_windows_and_marks_the_rows(driver, worker, tmp_path):
+    """--reuse-theirs: a cached worker result computed on other windows is refused; one on the same windows (the
+    worker's fingerprint) is reused and marked; one from before fingerprints is reused, marked as unchecked."""
+    calib = torch.arange(12).reshape(3, 4)
+    path = tmp_path / "calib.pt"
+    torch.save(calib, path)
+    assert worker.windows_sha256(calib) == driver._windows_sha256(torch.load(path))
+    assert worker.windows_sha256(calib) != worker.windows_sha256(calib.flip(0))
+    cached = tmp_path / "sparsegpt_0.7.json"
+    base = {"ppl": {"a": 1.0}, "prune_seconds": 9.0}
+    cached.write_text(json.dumps({**base, "calib": {"n": 3, "seq_len": 4, "sha256": worker.windows_sha256(calib)}}))
+    r = driver.run_worker(tmp_path, path, {}, "sparsegpt", "0.7", cached, 1, reuse=True)
+    assert r["reused_from"] == str(cached) and r["reuse_checked"] is True
+    cached.write_text(json.dumps({**base, "calib": {"n": 3, "seq_len": 4,
+                                                     "sha256": worker.windows_sha256(calib.flip(0))}}))
+    with pytest.raises(RuntimeError, match="other calibration windows"):
+        driver.run_worker(tmp_path, path, {}, "sparsegpt", "0.7", cached, 1, reuse=True)
+    cached.write_text(json.dumps({**base, "calib": {"n": 3, "seq_len": 4}}))
+    r = driver.run_worker(tmp_path, path, {}, "sparsegpt", "0.7", cached, 1, reuse=True)
+    assert r["reused_from"] == str(cached) and r["reuse_checked"] is False

@@ -16,6 +16,7 @@ the weighted mean.  The llm-compressor import stays inside ``main()`` so tests c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -30,6 +31,12 @@ _LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join
 
 
 @torch.no_grad()
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """Fingerprint of token windows (their int64 values and shape), independent of how the file was saved."""
+    w = windows.to(torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(w.shape)).encode() + w.numpy().tobytes()).hexdigest()
+
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp of the token-weighted mean of the per-batch causal-LM loss (labels = input_ids)."""
     if windows.dim() != 2:
@@ -152,7 +159,8 @@ def main(argv=None) -> int:
         oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=n, max_seq_length=seq_len,
                 batch_size=args.calib_batch_size, shuffle_calibration_samples=False)
         out["prune_seconds"] = time.perf_counter() - t0  # oneshot only (calibration passes + pruning)
-        out["calib"] = {"n": n, "seq_len": seq_len, "batch_size": args.calib_batch_size}
+        out["calib"] = {"n": n, "seq_len": seq_len, "batch_size": args.calib_batch_size,
+                        "sha256": windows_sha256(calib)}   # lets a reusing driver check the windows
         del llmcompressor
     else:
         out["prune_seconds"] = 0.0
