@@ -94,7 +94,7 @@ def ensure_venv() -> None:
 
 def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sparsity: str, out: Path,
                threads: int, reuse: bool = False, device: str = "cpu", save_weights: Path | None = None,
-               dtype: str = "float32") -> dict:
+               dtype: str = "float32", calib_batch_size: int | None = None) -> dict:
     if reuse and out.exists():
         res = json.loads(out.read_text())
         had = (res.get("calib") or {}).get("sha256")
@@ -109,7 +109,8 @@ def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sp
         return res
     cmd = [str(VENV_PY), str(WORKER), "--model-dir", str(model_dir), "--method", method, "--sparsity", sparsity,
            "--threads", str(threads), "--device", device, "--dtype", dtype, "--out", str(out)] + (["--calib", str(calib)] if calib else []) \
-        + (["--save-weights", str(save_weights)] if save_weights else [])
+        + (["--save-weights", str(save_weights)] if save_weights else []) \
+        + (["--calib-batch-size", str(calib_batch_size)] if calib_batch_size else [])
     for name, p in evals.items():
         cmd += ["--eval", f"{name}={p}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -146,6 +147,9 @@ def main(argv=None) -> int:
                          "measure how far rounding alone moves each side's perplexity")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, ours and theirs")
     ap.add_argument("--skip-ours", action="store_true", help="run only the llm-compressor rows")
+    ap.add_argument("--theirs-calib-batch-size", type=int, default=None,
+                    help="llm-compressor's calibration batch size (default: its own, 1; ours calibrates in batches "
+                         "of 4 -- the Grams are the same, the time is not)")
     ap.add_argument("--reuse-theirs", action="store_true",
                     help="reuse llm-compressor results already in benchmarks/.cache for these windows (same calib/"
                          "eval/seq-len) instead of re-running them")
@@ -202,13 +206,16 @@ def main(argv=None) -> int:
 
     for sp in sparsities:
         for m in methods:
-            r = run_worker(model_dir, calib_pt, evals, m, sp, work / f"{m}_{sp.replace(':', 'of')}.json",
-                           args.threads, args.reuse_theirs, args.device)
+            bs = args.theirs_calib_batch_size
+            r = run_worker(model_dir, calib_pt, evals, m, sp,
+                           work / f"{m}_{sp.replace(':', 'of')}{f'_bs{bs}' if bs else ''}.json",
+                           args.threads, args.reuse_theirs, args.device, calib_batch_size=bs)
             versions = r["versions"]
             rows.append({"sparsity": sp, "method": LLMC_METHODS[m], "ppl": r["ppl"],
                          "measured_sparsity": r["measured_sparsity"], "seconds": r["prune_seconds"],
                          "n_weights": r["n_weights"], "settings": r.get("settings"),
                          "per_weight_sparsity": r["per_weight_sparsity"],
+                         "calib_batch_size": (r.get("calib") or {}).get("batch_size"),
                          **({"reused_from": r["reused_from"], "reuse_checked": r["reuse_checked"]}
                             if "reused_from" in r else {})})
             print(json.dumps(rows[-1], default=str), flush=True)
@@ -299,7 +306,9 @@ def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
         + ", ".join(f"{k}={sg_settings[k]}" for k in ("block_size", "dampening_frac", "targets") if k in sg_settings)
         + "; its default calibration pipeline (sequential: each decoder layer is calibrated on the outputs of the"
         " layers already pruned). Time = wall time of `oneshot` (calibration + pruning) for theirs; layer"
-        " curvature (calibration) + prune for ours.", "",
+        " curvature (calibration) + prune for ours. Calibration batch size: theirs "
+        + (", ".join(sorted({str(r["calib_batch_size"]) for r in rows if r.get("calib_batch_size")})) or "?")
+        + ", ours 4.", "",
         "| sparsity | method | measured sparsity | " + " | ".join(f"ppl {h} | × dense" for h in texts)
         + " | time (s) |", "|---|---|---|" + "---|---|" * len(texts) + "---|"]
     for r in rows:
