@@ -3,25 +3,19 @@ with the parameter-free modules after it), so a sequential curvature over it pla
 and re-collecting plans; ``--mean`` gives the mean and sd of every row over runs and refuses runs of other rows."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from obs_plugins import Curvature
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tiny import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("allocation_bench", BENCH / "allocation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("allocation.py")
 
 
 def test_stack_shares_the_layers_and_splits_at_each_parametric_layer(bench):

@@ -2,24 +2,19 @@
 calibration sample it is given (Torch-Pruning 1.6.0's own ``accumulate_grad`` keeps only the last one)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiny import load_bench
+
 tp = pytest.importorskip("torch_pruning")
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("structured_bench", BENCH / "structured.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("structured.py")
 
 
 def test_hessian_baseline_uses_the_mean_over_all_samples(bench):

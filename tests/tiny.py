@@ -2,6 +2,8 @@
 sys.path, and spawned worker processes inherit it)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -54,3 +56,15 @@ def check_bad_weights_refused(bad: str, make, build) -> None:
     if bad != "meta":
         assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num())
                    and torch.equal(after[k].isnan(), before[k].isnan()) for k in before)
+
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_bench(file: str, name: str | None = None):
+    """A benchmarks/ script as a module (benchmarks/ is not a package; pytest never collects it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name or Path(file).stem + "_bench", BENCH / file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
