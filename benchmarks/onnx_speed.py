@@ -24,11 +24,14 @@ non-overlapping IQRs.  Writes benchmarks/results/onnx_speed.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import os
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,13 +128,54 @@ def structured_linear(model, ratio):
 # ------------------------------------------------------------------------------------------- FLOPs
 
 
-def flops(model, inputs) -> float:
+@contextlib.contextmanager
+def eager_attention(model):
+    """Hugging Face attention switched to the eager (matmul + softmax) path for the duration: torch's
+    FlopCounterMode counts ``scaled_dot_product_attention`` as 0 FLOPs on CPU, which left attention out of the
+    dense total and inflated the FLOP limits (MiniLM at 90%: 11.42x, more than 1/(1-0.9); eleventh session)."""
+    cfgs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
+            if c is not None and hasattr(c, "_attn_implementation")}
+    old = {k: c._attn_implementation for k, c in cfgs.items()}
+    try:
+        for c in cfgs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for k, c in cfgs.items():
+            c._attn_implementation = old[k]
+
+
+def flops(model, inputs, *, attention: bool = True) -> float:
+    """Forward FLOPs (torch's FlopCounterMode); ``attention=False`` keeps the model's own attention kernel
+    (SDPA: counted as 0), as the runs before the eleventh session did."""
     from torch.utils.flop_counter import FlopCounterMode
     args, kwargs = ox.as_args(inputs)
     fc = FlopCounterMode(display=False)
-    with fc, torch.no_grad():
+    with (eager_attention(model) if attention else contextlib.nullcontext()), fc, torch.no_grad():
         model(*args, **kwargs)
     return float(fc.get_total_flops())
+
+
+def flop_limits(name, dense, make_inputs, variants) -> list[dict]:
+    """``--flops-only``: each variant's FLOP limit (dense / pruned FLOPs at batch 1), counted with attention and,
+    for comparison, without it (the counting of the runs before the eleventh session); nothing exported or timed."""
+    one = make_inputs(1)
+    args1, kwargs1 = ox.as_args(one)
+    first1 = (list(args1) + list(kwargs1.values()))[0]
+    tokens1 = int(np.prod(first1.shape[:2])) if first1.dim() >= 2 and not first1.is_floating_point() else 1
+    out = []
+    fl = {a: flops(dense, one, attention=a) for a in (True, False)}
+    for label, kind, sp, factory in variants:
+        model = factory()
+        row = {"model": name, "variant": label, "dense_flops": fl[True], "dense_flops_no_attention": fl[False]}
+        for a in (True, False):
+            if kind == "unstructured":
+                row["limit" if a else "limit_no_attention"] = fl[a] / (fl[a] - zeroed_linear_flops(model, tokens1))
+            else:
+                row["limit" if a else "limit_no_attention"] = fl[a] / flops(model, one, attention=a)
+        out.append(row)
+        del model
+    return out
 
 
 def zeroed_linear_flops(model, tokens: int, only=None) -> float:
@@ -251,6 +295,8 @@ def main() -> int:
                     help="MiniLM/SmolLM2 structured rows: Torch-Pruning MagnitudeImportance, or the library's "
                          "prune_transformer + OBSImportance (same shapes per layer)")
     ap.add_argument("--kinds", default="unstructured,structured", help="which pruned variants to build and time")
+    ap.add_argument("--flops-only", action="store_true", help="only the FLOP limits of the variants (no export, "
+                    "no timing), with and without attention counted")
     ap.add_argument("--out", default="benchmarks/results/onnx_speed")
     args = ap.parse_args()
     if args.quick:
@@ -302,6 +348,10 @@ def main() -> int:
             return 2
         kinds = set(args.kinds.split(","))
         variants = [v for v in variants if v[1] in kinds]
+        if args.flops_only:
+            all_rows += flop_limits(name, dense, make, variants)
+            del dense, variants
+            continue
         rows, checks, m = bench_model(name, dense, make, variants, bss, runs, args.threads, work.name, skip,
                                       arena=name != "smollm2")
         all_rows += rows
@@ -310,6 +360,16 @@ def main() -> int:
         del dense, variants
         write(args, all_rows, all_checks, meta, command_line(), sw.seconds, quiet=True)  # partial
     work.cleanup()
+    if args.flops_only:
+        lines = [f"FLOP limits (dense / pruned FLOPs at batch 1, {args.seq_len} tokens), counted with attention "
+                 "(eager path) and without it (SDPA counted as 0, as before the eleventh session). Command: "
+                 f"`{command_line()}`.", "", "| model | variant | limit | without attention |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['variant']} | {r['limit']:.3f}× | {r['limit_no_attention']:.3f}× |"
+                  for r in all_rows]
+        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+        Path(args.out + ".json").write_text(json.dumps(all_rows, indent=1))
+        print("\n".join(lines))
+        return 0
     write(args, all_rows, all_checks, meta, command_line(), sw.seconds)
     return 0
 
