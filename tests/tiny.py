@@ -64,7 +64,15 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def load_bench(file: str, name: str | None = None):
     """A benchmarks/ script as a module (benchmarks/ is not a package; pytest never collects it)."""
     import importlib.util
+    import sys
     spec = importlib.util.spec_from_file_location(name or Path(file).stem + "_bench", BENCH / file)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    added = str(BENCH) not in sys.path
+    if added:   # the scripts import their shared helpers (_common) as top-level modules
+        sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if added:
+            sys.path.remove(str(BENCH))
     return mod
