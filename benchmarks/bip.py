@@ -173,11 +173,12 @@ def run_bip(dense, loader, ev, args, target, structured, implicit, mask_lr, gamm
             "mask_lr": mask_lr, "gamma": gamma, "implicit_gradient": implicit, "seconds": time.time() - t0}
 
 
-def tune(dense, loader, ev, args, target, structured, grid_lr, log):
-    """Validation-only grid: first-order over score lrs; paper IG over score lrs x gammas."""
+def tune(dense, loader, ev, args, target, structured, grid_lr, log, grid_lr_fo=None):
+    """Validation-only grid: first-order over score lrs (``grid_lr_fo``, default ``grid_lr``); paper IG over
+    score lrs x gammas."""
     runs = []
     for implicit in (False, True):
-        for lr in grid_lr:
+        for lr in (grid_lr if implicit or not grid_lr_fo else grid_lr_fo):
             for gamma in (args.grid_gamma if implicit else [args.grid_gamma[0]]):
                 r = run_bip(dense, loader, ev, args, target, structured, implicit, lr, gamma, test=False)
                 runs.append({**{k: v for k, v in r.items() if k != "history"},
@@ -211,6 +212,9 @@ def main(argv=None):
     p.add_argument("--tune-at", type=float, default=0.9)
     p.add_argument("--tune-channel-at", type=float, default=0.7)
     p.add_argument("--grid-mask-lr", type=float, nargs="+", default=[1.0, 10.0])
+    p.add_argument("--grid-fo-mask-lr", type=float, nargs="+", default=None,
+                   help="unstructured first-order score lrs, when they should differ from --grid-mask-lr (e.g. to "
+                        "fix each variant at its own earlier choice)")
     p.add_argument("--grid-channel-mask-lr", type=float, nargs="+", default=[0.1, 1.0])
     p.add_argument("--grid-gamma", type=float, nargs="+", default=[0.3, 3.0])
     p.add_argument("--seed", type=int, default=0)
@@ -248,7 +252,8 @@ def main(argv=None):
     print(f"  dense val {res['dense']['val']:.4f} test {res['dense']['test']:.4f}", flush=True)
 
     print("tuning BiP on validation", flush=True)
-    best_u = tune(dense, loader, ev, args, args.tune_at, False, args.grid_mask_lr, res["tuning"])
+    best_u = tune(dense, loader, ev, args, args.tune_at, False, args.grid_mask_lr, res["tuning"],
+                  grid_lr_fo=args.grid_fo_mask_lr)
     best_c = (tune(dense, loader, ev, args, args.tune_channel_at, True, args.grid_channel_mask_lr, res["tuning"])
               if args.channel_targets else {})
     res["chosen"] = {"unstructured": {("IG" if k else "FO"): v for k, v in best_u.items()},
