@@ -4,8 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tickets.py --quick    # a few minutes, smaller data, 1 seed
 
 Both methods use the same LeNet-5-style CNN, the same initialisation, the same optimizer and learning rate, the
-same rewind point (the weights after ``--rewind-step`` optimizer steps of the first training run) and the same
-ticket retraining (``--epochs`` epochs from the rewound weights with the mask fixed).  All conv and linear
+same rewind step (the weights after ``--rewind-step`` optimizer steps: of the dense run for IMP, of the CS
+search itself for CS, as the CS paper rewinds) and the same ticket retraining (``--epochs`` epochs from the rewound weights with the mask fixed).  All conv and linear
 weights are pruned with one global ranking; biases are kept.
 
 * IMP: train dense, then repeatedly remove 20% of the remaining weights by magnitude, rewind, retrain; the
