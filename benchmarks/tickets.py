@@ -5,7 +5,8 @@
 
 Both methods use the same LeNet-5-style CNN, the same initialisation, the same optimizer and learning rate, the
 same rewind step (the weights after ``--rewind-step`` optimizer steps: of the dense run for IMP, of the CS
-search itself for CS, as the CS paper rewinds) and the same ticket retraining (``--epochs`` epochs from the rewound weights with the mask fixed).  All conv and linear
+search itself for CS, as the CS paper rewinds) and the same ticket retraining (``--epochs`` epochs from the
+rewound weights with the mask fixed).  All conv and linear
 weights are pruned with one global ranking; biases are kept.
 
 * IMP: train dense, then repeatedly remove 20% of the remaining weights by magnitude, rewind, retrain; the
