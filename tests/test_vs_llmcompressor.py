@@ -251,3 +251,22 @@ def test_reuse_theirs_checks_the_calibration_windows_and_marks_the_rows(driver, 
     cached.write_text(json.dumps({**base, "calib": {"n": 3, "seq_len": 4}}))
     r = driver.run_worker(tmp_path, path, {}, "sparsegpt", "0.7", cached, 1, reuse=True)
     assert r["reused_from"] == str(cached) and r["reuse_checked"] is False
+
+
+def test_iteration_cost_median_and_time_outside_the_phases(tmp_path, capsys):
+    """benchmarks/iteration_cost.py: the median of an even count is the mean of the middle two; the best-T row's
+    time outside its iterations' phases (and its own T=1 sweep) is reported beside them."""
+    from tiny import load_bench
+    cost = load_bench("iteration_cost.py")
+    hist = [{"iteration": i, "accepted": True, "seconds": {"gradient": g, "direction_and_projection": 0.0,
+                                                           "step_search": 0.0, "trials": 3}}
+            for i, g in zip(range(2, 6), (6.0, 8.0, 10.0, 12.0))]
+    rows = [{"sparsity": "0.7", "method": "ours OBS-IHT T=1", "prune_seconds": 10.0},
+            {"sparsity": "0.7", "method": "ours OBS-IHT best T=5", "prune_seconds": 10.0 + 36.0 + 4.0,
+             "history": hist}]
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({"rows": rows}))
+    assert cost.main([str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "median 0.90" in out                     # (0.8 + 1.0) / 2, not the upper middle 1.0
+    assert "4.0 to 4.0 s per row" in out and "for 2 of 4" in out   # spread: 0.7, 0.9, 1.1, 1.3
