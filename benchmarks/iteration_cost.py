@@ -68,10 +68,12 @@ def main(argv=None) -> int:
     extra = [r for r in rows if r["ratio"] is not None and r.get("outside") is not None]
     if extra:
         spread = [(r["total"] + r["outside"] / r["n_row"]) / r["t1"] for r in extra]
-        first = [(r["total"] + (r["outside"] if r is min((x for x in extra if x["run"] == r["run"] and
-                                                           x["sparsity"] == r["sparsity"]),
-                                                          key=lambda x: x["iteration"]) else 0.0)) / r["t1"]
-                 for r in extra]
+        first_it = {}
+        for r in extra:
+            key = (r["run"], r["sparsity"])
+            first_it[key] = min(first_it.get(key, r["iteration"]), r["iteration"])
+        first = [(r["total"] + (r["outside"] if r["iteration"] == first_it[(r["run"], r["sparsity"])] else 0.0))
+                 / r["t1"] for r in extra]
         out_s = sorted({(r["run"], r["sparsity"]): r["outside"] for r in extra}.values())
         lines.append(f"Time of the best-T rows outside the iterations' phases (their own T=1 sweep excluded; mostly "
                      f"the held-out loss of the starting plan): {out_s[0]:.1f} to {out_s[-1]:.1f} s per row. Spread "

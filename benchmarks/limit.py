@@ -255,8 +255,6 @@ def run_one(name, l1, args, data):
     row = dict(direct_path=direct, model=name, l1=l1, label=label, predicted=rep.predicted,
                measured={str(t): rep.measured_limit(t) for t in args.tolerances},
                measured_loss=rep.measured_loss_limit(), dense_accuracy=rep.sweep["dense_accuracy"],
-               measured_first={str(t): rep.measured_limit(t, first_failure=True) for t in args.tolerances},
-               measured_loss_first=rep.measured_loss_limit(first_failure=True),
                epsilon=rep.epsilon, num_weights=rep.num_weights, slq=f"{steps}×{probes} @ {n_hvp}",
                small_weights=float((w < 1e-3).float().mean()),
                path=rep.path["predicted"], path_second_order=rep.path["predicted_second_order"],
@@ -270,11 +268,8 @@ def run_one(name, l1, args, data):
 
 
 def first_failure_limits(res, i, tol) -> tuple[float, float]:
-    """Row ``i``'s measured limits up to the first failing sparsity (accuracy at ``tol``, loss): stored by runs of
-    this script since the definition was added, recomputed from the run's stored sweep for earlier runs."""
-    r = res["rows"][i]
-    if "measured_first" in r:
-        return r["measured_first"][str(tol)], r["measured_loss_first"]
+    """Row ``i``'s measured limits up to the first failing sparsity (accuracy at ``tol``, loss), from the run's
+    stored sweep (every run of this script stores its reports)."""
     rep = LimitReport(**res["reports"][i])
     return rep.measured_limit(tol, first_failure=True), rep.measured_loss_limit(first_failure=True)
 

@@ -156,24 +156,33 @@ def flops(model, inputs, *, attention: bool = True) -> float:
     return float(fc.get_total_flops())
 
 
+def batch1_tokens(one) -> int:
+    """Token rows of a batch-1 input (sequence models: its length; a plain feature vector: 1)."""
+    args1, kwargs1 = ox.as_args(one)
+    first1 = (list(args1) + list(kwargs1.values()))[0]
+    return int(np.prod(first1.shape[:2])) if first1.dim() >= 2 and not first1.is_floating_point() else 1
+
+
+def flop_limit(model, kind, fl_dense, one, tokens, only=None, attention=True) -> float:
+    """Dense / pruned FLOPs: unstructured from the zeros a kernel could skip (of ``only``'s weights, if given),
+    structured from the smaller model's own count."""
+    if kind == "unstructured":
+        return fl_dense / (fl_dense - zeroed_linear_flops(model, tokens, only))
+    return fl_dense / flops(model, one, attention=attention)
+
+
 def flop_limits(name, dense, make_inputs, variants) -> list[dict]:
     """``--flops-only``: each variant's FLOP limit (dense / pruned FLOPs at batch 1), counted with attention and,
     for comparison, without it (the counting of the runs before the eleventh session); nothing exported or timed."""
     one = make_inputs(1)
-    args1, kwargs1 = ox.as_args(one)
-    first1 = (list(args1) + list(kwargs1.values()))[0]
-    tokens1 = int(np.prod(first1.shape[:2])) if first1.dim() >= 2 and not first1.is_floating_point() else 1
+    tokens1 = batch1_tokens(one)
     out = []
     fl = {a: flops(dense, one, attention=a) for a in (True, False)}
     for label, kind, sp, factory in variants:
         model = factory()
-        row = {"model": name, "variant": label, "dense_flops": fl[True], "dense_flops_no_attention": fl[False]}
-        for a in (True, False):
-            if kind == "unstructured":
-                row["limit" if a else "limit_no_attention"] = fl[a] / (fl[a] - zeroed_linear_flops(model, tokens1))
-            else:
-                row["limit" if a else "limit_no_attention"] = fl[a] / flops(model, one, attention=a)
-        out.append(row)
+        out.append({"model": name, "variant": label, "dense_flops": fl[True], "dense_flops_no_attention": fl[False],
+                    "limit": flop_limit(model, kind, fl[True], one, tokens1),
+                    "limit_no_attention": flop_limit(model, kind, fl[False], one, tokens1, attention=False)})
         del model
     return out
 
@@ -219,9 +228,7 @@ def bench_model(name, dense, make_inputs, variants, batch_sizes, runs, threads, 
     print(f"[{name}] dense exported in {res.seconds:.0f} s", flush=True)
     # FLOP ratios are batch-independent here (attention is per sequence): count once at batch 1
     one = make_inputs(1)
-    args1, kwargs1 = ox.as_args(one)
-    first1 = (list(args1) + list(kwargs1.values()))[0]
-    tokens1 = int(np.prod(first1.shape[:2])) if first1.dim() >= 2 and not first1.is_floating_point() else 1
+    tokens1 = batch1_tokens(one)
     fl_dense = flops(dense, one)
     route_meta = {"dense": ("dense", 0.0, "dense", 1.0, 1.0)}
     for label, kind, sp, factory in variants:
@@ -231,23 +238,20 @@ def bench_model(name, dense, make_inputs, variants, batch_sizes, runs, threads, 
                         sparse_threshold=0.8)
         # fp32 through 30 decoder blocks: ORT's fused kernels round differently (~2e-3 on SmolLM2 logits)
         rep = ox.verify(res, model, make_inputs(3), bench=False, atol=5e-3, rtol=1e-3, raise_on_fail=False)
+        pruned = [s for s in rep.sparsity if s["model_sparsity"] > 0.001]   # a structured file has none: n/a
         checks[label] = {"outputs_match": rep.ok and all(o["ok"] for o in rep.outputs),
                          "max_abs_err": max(o["max_abs"] for o in rep.outputs),
-                         # only weights that hold zeros can lose them: a structured file has none (n/a)
-                         "sparsity_survived": (all(s["ok"] for s in pruned) if (pruned := [
-                             s for s in rep.sparsity if s["model_sparsity"] > 0.001]) else None),
+                         "sparsity_survived": all(s["ok"] for s in pruned) if pruned else None,
                          "mean_sparsity": rep.info["mean_pruned_sparsity"], "export_s": res.seconds,
                          "file_mb": res.file_bytes / 1e6, "rewritten": len(res.rewritten)}
         # lim: what any kernel could give; route_lim: what this route's removed work allows (dense kernels over
         # zeros remove nothing; the sparse kernel removes the zeros of the rewritten weights only)
+        lim = kernel_lim = flop_limit(model, kind, fl_dense, one, tokens1)
         if kind == "unstructured":
-            lim = fl_dense / (fl_dense - zeroed_linear_flops(model, tokens1))
             moved = {res.param_map[r][0] for r in res.rewritten if r in res.param_map}
             if len(moved) < len(res.rewritten):
                 moved = None      # unmapped initializer: fall back to the bound over every weight
-            kernel_lim = fl_dense / (fl_dense - zeroed_linear_flops(model, tokens1, moved))
-        else:
-            lim = kernel_lim = fl_dense / flops(model, one)
+            kernel_lim = flop_limit(model, kind, fl_dense, one, tokens1, moved)
         del model
         print(f"[{name}] {label}: exported+verified ({checks[label]})", flush=True)
         runners[label] = ox.OrtRunner(res.path, threads, arena=arena)

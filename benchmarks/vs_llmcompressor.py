@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from llmc.worker import windows_sha256
 from obs_plugins.experiment import dense_row, run_rows, setup_smollm2
 
 ROOT = Path(__file__).resolve().parent
@@ -79,13 +80,6 @@ def save_model(model, tokenizer, path: Path) -> Path:
     return path
 
 
-def _windows_sha256(windows) -> str:
-    """The worker's fingerprint of the calibration windows (``benchmarks/llmc/worker.py: windows_sha256``)."""
-    import hashlib
-    w = windows.to(torch.int64).contiguous()
-    return hashlib.sha256(str(tuple(w.shape)).encode() + w.numpy().tobytes()).hexdigest()
-
-
 def ensure_venv() -> None:
     if not VENV_PY.exists():
         print(f"vs_llmcompressor: {VENV_PY.parent.parent} is missing; running {SETUP_VENV} ...", flush=True)
@@ -98,7 +92,7 @@ def run_worker(model_dir: Path, calib: Path | None, evals: dict, method: str, sp
     if reuse and out.exists():
         res = json.loads(out.read_text())
         had = (res.get("calib") or {}).get("sha256")
-        now = _windows_sha256(torch.load(calib)) if calib else None
+        now = windows_sha256(torch.load(calib)) if calib else None
         if had and now and had != now:
             raise RuntimeError(f"--reuse-theirs: {out} was computed on other calibration windows (sha256 {had[:12]}, "
                                f"now {now[:12]}); drop --reuse-theirs or that file")
@@ -308,7 +302,7 @@ def _markdown(rows, summary, setup, args, cmd, versions, total) -> list[str]:
         " layers already pruned). Time = wall time of `oneshot` (calibration + pruning) for theirs; layer"
         " curvature (calibration) + prune for ours. Calibration batch size: theirs "
         + (", ".join(sorted({str(r["calib_batch_size"]) for r in rows if r.get("calib_batch_size")})) or "?")
-        + ", ours 4.", "",
+        + f", ours {setup.calib[0]['input_ids'].shape[0]}.", "",
         "| sparsity | method | measured sparsity | " + " | ".join(f"ppl {h} | × dense" for h in texts)
         + " | time (s) |", "|---|---|---|" + "---|---|" * len(texts) + "---|"]
     for r in rows:

@@ -27,24 +27,12 @@ def _check_threads(args) -> None:
 
 
 def check_sparsity_spec(spec: str) -> None:
-    """``--sparsity``: a fraction in [0, 1) or an N:M pattern with 0 < N < M."""
-    import math
-    if ":" in spec:
-        try:
-            n, m = (int(x) for x in spec.split(":"))
-        except ValueError:
-            raise PruningInputError(f"--sparsity: expected a fraction such as 0.5 or an N:M pattern such as 2:4, "
-                                    f"got {spec!r}") from None
-        if not 0 < n < m:
-            raise PruningInputError(f"--sparsity: an N:M pattern needs 0 < N < M, got {spec!r}")
-        return
+    """``--sparsity``: a fraction in [0, 1) or an N:M pattern with 0 < N < M (the parser every route uses)."""
+    from .experiment import sparsity_args
     try:
-        v = float(spec)
-    except ValueError:
-        raise PruningInputError(f"--sparsity: expected a fraction such as 0.5 or an N:M pattern such as 2:4, "
-                                f"got {spec!r}") from None
-    if not (math.isfinite(v) and 0.0 <= v < 1.0):
-        raise PruningInputError(f"--sparsity: a fraction must lie in [0, 1), got {spec!r}")
+        sparsity_args(spec)
+    except PruningInputError as e:
+        raise PruningInputError(f"--{e}") from None
 
 
 def check_prune_args(args) -> None:

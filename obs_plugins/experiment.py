@@ -9,6 +9,7 @@ import torch
 
 from . import api
 from .curvature import Curvature
+from .errors import PruningInputError
 from .lm import causal_lm_batches, causal_lm_loss, perplexity
 from .methods.magnitude import MagnitudeConfig, WandaConfig
 from .methods.obs_iht import OBSIHTConfig
@@ -124,11 +125,24 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
 
 
 def sparsity_args(spec: str):
-    """'0.5' -> (amount 0.5, nm None); '2:4' -> (0.5, '2:4')."""
+    """'0.5' -> (amount 0.5, nm None); '2:4' -> (0.5, '2:4').  A fraction outside [0, 1) or a bad N:M pattern
+    raises :class:`PruningInputError` naming ``sparsity``."""
+    import math
+    from .masks import parse_nm
     if ":" in spec:
-        n, m = (int(x) for x in spec.split(":"))
+        try:
+            n, m = parse_nm(spec)
+        except PruningInputError as e:
+            raise PruningInputError(f"sparsity: {str(e).removeprefix('nm: ')}") from None
         return n / m, spec
-    return float(spec), None
+    try:
+        v = float(spec)
+    except ValueError:
+        raise PruningInputError(f"sparsity: expected a fraction such as 0.5 or an N:M pattern such as 2:4, "
+                                f"got {spec!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v < 1.0):
+        raise PruningInputError(f"sparsity: a fraction must lie in [0, 1), got {spec!r}")
+    return v, None
 
 
 def run_rows(setup: LLMSetup, sparsity: str, methods=("magnitude", "wanda", "obs_iht"), *, iterations: int = 3,

@@ -42,8 +42,11 @@ def parse_nm(pattern) -> tuple[int, int] | None:
             n, m = (int(x) for x in pattern.split(":"))
         except ValueError:
             raise PruningInputError(f"nm: expected 'N:M' such as '2:4', got {pattern!r}") from None
-    else:
+    elif isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in pattern):
         n, m = pattern
+    else:
+        raise PruningInputError(f"nm: None or an 'N:M' pattern such as '2:4', got {pattern!r}")
     if not (0 < n < m):
         raise PruningInputError(f"nm: need 0 < N < M, got {n}:{m}")
     return n, m

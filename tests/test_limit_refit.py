@@ -91,14 +91,13 @@ def test_direct_path_crosses_at_the_actual_loss(bench):
     assert all(torch.equal(before[k_], v) for k_, v in model.state_dict().items())
 
 
-def test_first_failure_limits_stored_or_recomputed_from_the_sweep(bench):
-    """The path-model comparison uses the limits up to the first failure: read from a row that stores them,
-    recomputed from the run's stored report for runs from before they were stored."""
+def test_first_failure_limits_from_the_stored_sweep(bench):
+    """The path-model comparison uses the limits up to the first failure, recomputed from the run's stored report
+    (they differ from the largest passing sparsity when a curve dips back under its threshold)."""
     sweep = {"sparsity": [0.1, 0.2, 0.3], "acc_tolerance": 0.0, "dense_accuracy": 0.9,
              "accuracy": [0.9, 0.8, 0.9], "train_loss": [1.0, 1.0, 2.0]}
     report = dict(predicted=0.5, epsilon=0.1, epsilon_source="given", dense_loss=1.0, num_weights=10, weight_norm=1.0,
                   params=[], nodes=[], weights=[], slq={}, curve={}, g_curve={}, sweep=sweep)
-    old = {"rows": [{"measured": {"0.0": 0.3}, "measured_loss": 0.2}], "reports": [report]}
-    assert bench.first_failure_limits(old, 0, 0.0) == (0.1, 0.2)
-    new = {"rows": [{"measured_first": {"0.0": 0.25}, "measured_loss_first": 0.15}], "reports": [report]}
-    assert bench.first_failure_limits(new, 0, 0.0) == (0.25, 0.15)
+    res = {"rows": [{"measured": {"0.0": 0.3}, "measured_loss": 0.2}], "reports": [report]}
+    assert bench.first_failure_limits(res, 0, 0.0) == (0.1, 0.2)
+    assert bench.first_failure_limits(res, 0, 0.1) == (0.3, 0.2)

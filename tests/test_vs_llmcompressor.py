@@ -3,7 +3,6 @@ worker are our batches' tokens, and the worker's perplexity (its own copy, the w
 obs_plugins) equals obs_plugins.lm.perplexity and a float64 brute-force reference."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,25 +11,19 @@ import pytest
 import torch
 
 from obs_plugins.lm import causal_lm_batches, perplexity
+from tiny import load_bench
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def worker():
-    return _load("llmc_worker", BENCH / "llmc" / "worker.py")
+    return load_bench("llmc/worker.py", "llmc_worker")
 
 
 @pytest.fixture(scope="module")
 def driver():
-    return _load("vs_llmcompressor", BENCH / "vs_llmcompressor.py")
+    return load_bench("vs_llmcompressor.py", "vs_llmcompressor")
 
 
 def _tiny_llama(layers=2, vocab=61):
@@ -82,7 +75,11 @@ def test_worker_perplexity_equals_ours_and_brute_force(worker):
     model = _tiny_llama()
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(0, 61, (5, 9), generator=g)  # batches of 4 + 1
+    grad_on = []
+    h = model.register_forward_pre_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
     theirs = worker.perplexity(model, windows, batch_size=4)
+    h.remove()
+    assert grad_on and not any(grad_on)   # evaluated without autograd (its no_grad once slipped off)
     ours = perplexity(model, causal_lm_batches(windows, 4), progress=False)
     ref = _brute_ppl(model, windows)
     assert theirs == pytest.approx(ours, rel=1e-12)
@@ -163,7 +160,7 @@ def test_llmc_layer_loss_and_counts(monkeypatch):
     """benchmarks/llmc_layer.py: the layer loss is ||dW X||^2 / n for H = 2 X X^T / n, and our side prunes
     round(s * n) entries (unstructured) or 2 of every 4 (2:4)."""
     monkeypatch.syspath_prepend(str(BENCH))  # the script imports _common and vs_llmcompressor from there
-    layer = _load("llmc_layer", BENCH / "llmc_layer.py")
+    layer = load_bench("llmc_layer.py", "llmc_layer")
     g = torch.Generator().manual_seed(0)
     X = torch.randn(12, 40, generator=g, dtype=torch.float64)
     W0 = torch.randn(6, 12, generator=g, dtype=torch.float64)
@@ -180,7 +177,7 @@ def test_draws_geometric_mean_interval_and_counts(monkeypatch):
     """benchmarks/vs_llmcompressor_draws.py: the geometric mean is exp(mean log ratio) with a Student-t 95%
     interval on the log scale (n - 1 degrees of freedom), and the table counts the runs where ours was lower."""
     monkeypatch.syspath_prepend(str(BENCH))
-    draws = _load("vs_llmcompressor_draws", BENCH / "vs_llmcompressor_draws.py")
+    draws = load_bench("vs_llmcompressor_draws.py", "vs_llmcompressor_draws")
     # tabulated t quantiles (0.975): df 1, 3, 18, 50
     for df, t in [(1, 12.7062), (3, 3.1824), (18, 2.1009), (50, 2.0086)]:
         assert draws.t_quantile(0.975, df) == pytest.approx(t, abs=2e-4)
@@ -199,7 +196,7 @@ def test_draws_geometric_mean_interval_and_counts(monkeypatch):
 def test_draws_pairs_two_variants_of_ours_by_calibration(monkeypatch, tmp_path):
     """--vs: our runs are paired with the other variant's run of the same calibration, not by position."""
     monkeypatch.syspath_prepend(str(BENCH))
-    draws = _load("vs_llmcompressor_draws", BENCH / "vs_llmcompressor_draws.py")
+    draws = load_bench("vs_llmcompressor_draws.py", "vs_llmcompressor_draws")
 
     def run(name, calib, ppl, seconds=10.0):
         rows = [{"method": "ours OBS-IHT T=1", "sparsity": "0.7", "ppl": {"a": ppl}, "prune_seconds": seconds}]
@@ -218,7 +215,7 @@ def test_llmc_weights_their_counts_are_int_ns_plus_one_per_block_and_our_sweep_p
     """benchmarks/llmc_weights.py --counts theirs: llm-compressor's threshold ``score <= sorted[int(n*s)]`` prunes
     int(n*s) + 1 entries of each 128-column block; our sweep given their total prunes exactly those per block."""
     monkeypatch.syspath_prepend(str(BENCH))
-    lw = _load("llmc_weights", BENCH / "llmc_weights.py")
+    lw = load_bench("llmc_weights.py", "llmc_weights")
     from obs_plugins.curvature.linalg import inverse_factor
     from obs_plugins.methods.obs_iht.solver import obs_sweep
     assert lw.their_counts(6, 300, 0.7) == [538, 538, 185]        # 6*128*0.7 = 537.6, 6*44*0.7 = 184.8
@@ -237,7 +234,7 @@ def test_reuse_theirs_checks_the_calibration_windows_and_marks_the_rows(driver, 
     calib = torch.arange(12).reshape(3, 4)
     path = tmp_path / "calib.pt"
     torch.save(calib, path)
-    assert worker.windows_sha256(calib) == driver._windows_sha256(torch.load(path))
+    assert driver.windows_sha256(calib) == worker.windows_sha256(torch.load(path))
     assert worker.windows_sha256(calib) != worker.windows_sha256(calib.flip(0))
     cached = tmp_path / "sparsegpt_0.7.json"
     base = {"ppl": {"a": 1.0}, "prune_seconds": 9.0}
@@ -256,7 +253,6 @@ def test_reuse_theirs_checks_the_calibration_windows_and_marks_the_rows(driver, 
 def test_iteration_cost_median_and_time_outside_the_phases(tmp_path, capsys):
     """benchmarks/iteration_cost.py: the median of an even count is the mean of the middle two; the best-T row's
     time outside its iterations' phases (and its own T=1 sweep) is reported beside them."""
-    from tiny import load_bench
     cost = load_bench("iteration_cost.py")
     hist = [{"iteration": i, "accepted": True, "seconds": {"gradient": g, "direction_and_projection": 0.0,
                                                            "step_search": 0.0, "trials": 3}}

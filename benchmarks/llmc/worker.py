@@ -30,13 +30,13 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 _LAYER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(PROJ) + r")$")
 
 
-@torch.no_grad()
-
 def windows_sha256(windows: torch.Tensor) -> str:
     """Fingerprint of token windows (their int64 values and shape), independent of how the file was saved."""
     w = windows.to(torch.int64).contiguous()
     return hashlib.sha256(str(tuple(w.shape)).encode() + w.numpy().tobytes()).hexdigest()
 
+
+@torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp of the token-weighted mean of the per-batch causal-LM loss (labels = input_ids)."""
     if windows.dim() != 2:

@@ -1,4 +1,4 @@
-"""Checks shared by the methods (the learned ones' configs and saved states; every config's ``nm``)."""
+"""Checks shared by the learned methods (Continuous Sparsification, BiP): configs and saved states."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +35,3 @@ def resolve_config(config, cls, overrides: dict, *, owner: str):
         config = dataclasses.replace(config, **overrides)
     config.validate()
     return config
-
-
-def check_nm_field(nm) -> None:
-    """A config's ``nm`` is None, an "N:M" string or an (N, M) pair of ints (``parse_nm`` checks 0 < N < M)."""
-    pair = isinstance(nm, (tuple, list)) and len(nm) == 2 and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in nm)
-    if not (nm is None or isinstance(nm, str) or pair):
-        raise PruningInputError(f"nm: None or an 'N:M' pattern such as '2:4', got {nm!r}")

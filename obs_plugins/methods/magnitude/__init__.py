@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import PruningInputError
-from .._state import check_nm_field
 from ...masks import PrunePlan, allocate_global, allocate_uniform, lowest_k_mask, nm_mask, parse_nm
 from ...registry import register_method
 from ...targets import Target, check_targets, from_2d, to_2d
@@ -21,7 +20,6 @@ class MagnitudeConfig:
     def validate(self) -> None:
         if self.allocation not in ("uniform", "global"):
             raise PruningInputError(f"allocation: 'uniform' or 'global', got {self.allocation!r}")
-        check_nm_field(self.nm)
         parse_nm(self.nm)
 
 
@@ -31,7 +29,6 @@ class WandaConfig:
     nm: str | None = None
 
     def validate(self) -> None:
-        check_nm_field(self.nm)
         parse_nm(self.nm)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._state import check_nm_field
 
 
 ALLOCATIONS = ("uniform", "global", "fisher", "owl")
@@ -88,7 +87,6 @@ class OBSIHTConfig:
 
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
             raise PruningInputError(f"iterations: must be an int >= 1, got {self.iterations!r}")
-        check_nm_field(self.nm)
         parse_nm(self.nm)
         if self.allocation not in ALLOCATIONS:
             raise PruningInputError(f"allocation: one of {ALLOCATIONS}, got {self.allocation!r}")
