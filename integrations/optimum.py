@@ -106,8 +106,9 @@ class PruningConfig(BaseConfig):
     """What to prune, how, and with which calibration data (``pruning_config.json``).
 
     method:        a registered method name (``obs_plugins.list_methods()``) or an alias ("cs").
-    sparsity:      fraction of the selected weights to remove, in [0, 1); exact (torch's rounding).  For an
-                   "N:M" pattern it must be None or N/M.
+    sparsity:      fraction of the selected weights to remove, in [0, 1); exact (torch's rounding); weights a
+                   torch.nn.utils.prune mask already removes count as removed.  For an "N:M" pattern it must be
+                   None or N/M.
     pattern:       "unstructured" or "N:M" (e.g. "2:4").  "heads"/"channels" go through the Torch-Pruning adapter.
     include, exclude: regular expressions (``re.search``) on qualified module names; a Linear/Conv1D/Conv2d is
                    pruned when it matches some ``include`` (None: every one) and no ``exclude``.  The default
@@ -128,6 +129,9 @@ class PruningConfig(BaseConfig):
     FIELDS = ("method", "sparsity", "pattern", "include", "exclude", "num_samples", "seq_len", "batch_size",
               "method_config", "begin_step", "end_step", "frequency", "initial_sparsity", "curvature_batches")
     STAMPS = ("pruning_config_version", "obs_plugins_version", "optimum_version", "transformers_version")
+    # what transformers' config loading passes along besides the fields (handed to PretrainedConfig, not stored)
+    HF_INTERNAL = ("_commit_hash", "_name_or_path", "_from_auto", "_from_pipeline", "_auto_class",
+                   "_configuration_file", "_attn_implementation_autoset")
 
     def __init__(self, method: str = "obs_iht", sparsity: float | None = 0.5, pattern: str = "unstructured",
                  include=None, exclude=DEFAULT_EXCLUDE, num_samples: int = 64, seq_len: int = 256,
@@ -135,12 +139,12 @@ class PruningConfig(BaseConfig):
                  frequency: int | None = None, initial_sparsity: float = 0.0, curvature_batches: int = 4,
                  **kwargs):
         version = kwargs.pop("pruning_config_version", PRUNING_CONFIG_VERSION)
-        if version != PRUNING_CONFIG_VERSION:
+        if type(version) is not int or version != PRUNING_CONFIG_VERSION:
             raise PruningInputError(f"pruning_config_version: this obs-plugins reads version "
-                                    f"{PRUNING_CONFIG_VERSION}, got {version!r}")
+                                    f"{PRUNING_CONFIG_VERSION} (an int), got {version!r}")
         for stamp in self.STAMPS[1:]:
             kwargs.pop(stamp, None)
-        unknown = sorted(k for k in kwargs if not k.startswith("_"))
+        unknown = sorted(k for k in kwargs if k not in self.HF_INTERNAL)
         if unknown:
             raise PruningInputError(f"{unknown[0]}: not a PruningConfig field (unknown: {unknown}); "
                                     f"fields: {', '.join(self.FIELDS)}")
@@ -202,12 +206,15 @@ class PruningConfig(BaseConfig):
 
     def _method_config_dict(self, method_config, nm) -> dict:
         spec = get_method(self.method)
+        explicit = set()   # fields the caller set in method_config (a dict's keys, a dataclass's non-defaults)
         if method_config is None:
             obj = spec.config_cls()
         elif isinstance(method_config, dict):
             data = method_config
             if "format_version" not in data:  # a bare field dict: wrap it
                 data = {"format_version": CONFIG_FORMAT_VERSION, "method": self.method, "config": data}
+            if isinstance(data.get("config"), dict):
+                explicit = set(data["config"])
             name = data.get("method")
             try:
                 name = normalize_method(name)
@@ -224,6 +231,8 @@ class PruningConfig(BaseConfig):
                 raise PruningInputError(f"method_config: a {type(method_config).__name__}, but method "
                                         f"{self.method!r} takes a {spec.config_cls.__name__}")
             obj = method_config
+            explicit = {f.name for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING
+                        and getattr(obj, f.name) != f.default}
         else:
             raise PruningInputError(f"method_config: a {spec.config_cls.__name__}, its dict, or None; got "
                                     f"{type(method_config).__name__}")
@@ -235,6 +244,12 @@ class PruningConfig(BaseConfig):
         elif getattr(obj, "nm", None) is not None:
             raise PruningInputError(f"method_config: nm={obj.nm!r} but pattern='unstructured'; set the pattern "
                                     "in PruningConfig.pattern")
+        if any(f.name == "sparsity" for f in dataclasses.fields(obj)):   # BiP: one sparsity, the top-level one
+            own = obj.sparsity
+            if "sparsity" in explicit and not (_number(own) and abs(own - self.sparsity) <= 1e-12):
+                raise PruningInputError(f"method_config: sparsity={own!r} contradicts sparsity={self.sparsity!r}; "
+                                        "PruningConfig.sparsity is the one used (leave it out of method_config)")
+            obj = dataclasses.replace(obj, sparsity=self.sparsity)
         if hasattr(obj, "validate"):
             obj.validate()
         return config_to_dict(obj)
@@ -246,9 +261,24 @@ class PruningConfig(BaseConfig):
         A new ``method`` without a ``method_config`` starts from that method's defaults."""
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.FIELDS}
         if fields:
+            stored = config_dict
             config_dict = {**config_dict, **fields}
-            if "method" in fields and "method_config" not in fields:
-                config_dict.pop("method_config", None)
+            mc = stored.get("method_config")
+            if "method_config" not in fields and mc is not None:
+                same = "method" not in fields or (
+                    normalize_method(fields["method"]) == normalize_method(stored.get("method", "obs_iht")))
+                if not same:     # another method starts from its own defaults
+                    config_dict.pop("method_config")
+                elif isinstance(mc, dict) and ("pattern" in fields or "sparsity" in fields):
+                    # the stored method_config mirrors the old pattern (nm) / sparsity (BiP): re-derive them
+                    mc = json.loads(json.dumps(mc))
+                    inner = mc.get("config") if "format_version" in mc else mc
+                    if isinstance(inner, dict):
+                        if "pattern" in fields:
+                            inner.pop("nm", None)
+                        if "sparsity" in fields:
+                            inner.pop("sparsity", None)
+                    config_dict["method_config"] = mc
         return super().from_dict(config_dict, **kwargs)
 
     # ---- the method's dataclass, serialization
@@ -280,6 +310,14 @@ class PruningConfig(BaseConfig):
 
     def __repr__(self):
         return f"PruningConfig({json.dumps(self.pruning_dict())})"
+
+
+def _checked(config) -> "PruningConfig":
+    """A validated copy of ``config``: its fields may have been set after construction (``cfg.sparsity = ...``),
+    which ``__init__``'s checks never saw; the copy goes through them again, errors naming the field."""
+    if not isinstance(config, PruningConfig):
+        raise PruningInputError(f"config: a PruningConfig, got {type(config).__name__}")
+    return PruningConfig(**config.pruning_dict())
 
 
 # ---------------------------------------------------------------- targets and calibration data
@@ -490,8 +528,7 @@ class Pruner(OptimumQuantizer):
         ``export="onnx"`` also export ``model.onnx`` and save the verification report beside it."""
         import time
         t0 = time.perf_counter()
-        if not isinstance(config, PruningConfig):
-            raise PruningInputError(f"config: a PruningConfig, got {type(config).__name__}")
+        config = _checked(config)
         if export not in (None, "onnx"):
             raise PruningInputError(f"export: None or 'onnx', got {export!r}")
         if export == "onnx" and save_dir is None:
@@ -515,9 +552,21 @@ class Pruner(OptimumQuantizer):
             targets = curv.targets
         else:   # Curvature.layerwise warns about tied weights on the other routes
             check_tied(model, targets)
-        plan = api.prune(method_cfg, curvature=curv, targets=None if curv is not None else targets,
-                         amount=config.sparsity, reparametrize=False)
         weights = sum(t.orig().numel() for t in targets)
+        amount = config.sparsity
+        if config.pattern == "unstructured":   # sparsity is of all the selected weights, torch masks included
+            masked = weights - sum(int(t.prior_mask().sum()) for t in targets)
+            amount = round(config.sparsity * weights) - masked
+            if amount < 0:
+                raise PruningInputError(f"sparsity: the selected weights already carry torch.nn.utils.prune masks "
+                                        f"removing {masked / weights:.4f} of them, more than sparsity="
+                                        f"{config.sparsity}")
+        plan = api.prune(method_cfg, curvature=curv, targets=None if curv is not None else targets,
+                         amount=amount, reparametrize=False)
+        from torch.nn.utils import prune as torch_prune
+        for t in targets:   # bake masks the model carried before (plain weights for save_pretrained)
+            if hasattr(t.module, t.name + "_mask"):
+                torch_prune.remove(t.module, t.name)
         zeros = sum(int((t.orig() == 0).sum()) for t in targets)
         pruned = sum(int((~e.mask).sum()) for e in plan.entries.values())
         report = {k: v for k, v in plan.report.items() if k not in ("predicted_layer_loss",)}
@@ -585,15 +634,15 @@ class PruningCallback(TrainerCallback):
     every ``lower_steps`` of them the callback takes one upper-level step on the scores (the paper's implicit
     gradient, on a fresh training batch, with its own SGD(``mask_lr``, momentum 0.9)); at ``end_step`` the mask the
     last step trained with is cut (exactly ``sparsity``; the network is unchanged by the cut) and fine-tuned with fixed masks.
-    ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).
+    ``on_train_end`` bakes every mask (plain weights for ``save_pretrained``).  Checkpoints saved during training
+    hold the prune parametrizations (a warning says so); a run resumed from one is refused.
     ``calibration_batches``: batches for the curvature, or BiP's upper level (cycled); default: drawn from the
     Trainer's training data (shuffled with ``seed``).
     """
 
     def __init__(self, config: PruningConfig, *, calibration_batches=None, loss_fn: Callable | None = None,
                  seed: int = 0):
-        if not isinstance(config, PruningConfig):
-            raise PruningInputError(f"config: a PruningConfig, got {type(config).__name__}")
+        config = _checked(config)
         if config.route.gradual is None:
             raise PruningInputError(f"method: {config.method} has no gradual schedule in PruningCallback")
         if config.pattern != "unstructured":
@@ -621,12 +670,15 @@ class PruningCallback(TrainerCallback):
         self.bip = None
         self.history: list[dict] = []
         self._batches = None
-        self._pruned_total = 0
+        self._warned_save = False
 
     # ---- schedule
     def _setup_schedule(self, max_steps: int):
         c = self.config
         self.begin = c.begin_step
+        if self.begin >= max_steps:
+            raise PruningInputError(f"begin_step: {self.begin} is not before the end of the {max_steps} training "
+                                    "steps")
         self.end = c.end_step if c.end_step is not None else max(self.begin + 1, int(0.75 * max_steps))
         if self.end > max_steps:
             raise PruningInputError(f"end_step: {self.end} is beyond the {max_steps} training steps")
@@ -643,7 +695,9 @@ class PruningCallback(TrainerCallback):
                 raise PruningInputError(f"end_step: BiP needs end_step > begin_step, got {self.end} <= {self.begin}")
         else:
             f = c.frequency or max(1, (self.end - self.begin) // 10)
-            self.prune_steps = sorted(set(list(range(self.begin + f, self.end, f)) + [self.end]))
+            # initial_sparsity > 0 is cut at begin_step itself (step 0: in on_train_begin, before any step)
+            first = [self.begin] if c.initial_sparsity > 0 and self.begin > 0 else []
+            self.prune_steps = sorted(set(first + list(range(self.begin + f, self.end, f)) + [self.end]))
 
     def _next_calibration(self, n):
         if self.calibration is not None:
@@ -669,6 +723,20 @@ class PruningCallback(TrainerCallback):
             if prev is not None and not prev.finished:
                 raise PruningInputError("config: an earlier train() left its CS / BiP search unfinished on the model; "
                                         "use a new PruningCallback (and model) for another run")
+        if state.global_step > 0:
+            raise PruningInputError(
+                f"resume_from_checkpoint: PruningCallback cannot resume a run (this one starts at step "
+                f"{state.global_step}); checkpoints written during training hold torch.nn.utils.prune "
+                "parametrizations (<name>_orig, <name>_mask) and the search state is not saved, so the resumed "
+                "model would not be the one that was pruned. Train from the start (save_strategy='no'), or prune "
+                "the saved final model again")
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not self._warned_save:
+            import warnings
+            warnings.warn("PruningCallback: checkpoints saved during training hold torch.nn.utils.prune "
+                          "parametrizations (<name>_orig, <name>_mask): from_pretrained does not load them and the "
+                          "callback cannot resume from them; the model is plain again after train() (set "
+                          "save_strategy='no' to silence this)", UserWarning, stacklevel=2)
+            self._warned_save = True
         self.sparsifier, self.bip, self._cs_epoch, self._since_upper = None, None, 0, 0
         self.model = model
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
@@ -696,7 +764,10 @@ class PruningCallback(TrainerCallback):
             self._start(state)
 
     def _start(self, state):
-        if self.config.route.gradual == "cs":
+        if self.config.route.gradual == "cubic":
+            if self.config.initial_sparsity > 0:   # the schedule's value at begin_step
+                self._prune_to(self.config.initial_sparsity, state)
+        elif self.config.route.gradual == "cs":
             from obs_plugins.methods.continuous_sparsification import ContinuousSparsifier
             cfg = self.config.method_config_object(progress=False)
             self.sparsifier = ContinuousSparsifier.for_fine_tuning(self.model, self.params, cfg,

@@ -10,6 +10,14 @@ import time
 from .errors import PruningInputError
 
 MAIN_DEFAULTS = dict(sparsity="0.5", iterations=2, calib=32, eval=32, seq_len=256)
+# the flags of each ``prune`` route, with their defaults: a flag of the other route is refused, not ignored
+MAIN_ONLY = dict(method="obs_iht", grad_subsets=1, sequential="auto", blocks=None, json=None, save=None,
+                 **MAIN_DEFAULTS)
+MODEL_ONLY = dict(model=None, config=None, out=None, calibration=None, export=None)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
@@ -37,9 +45,27 @@ def check_sparsity_spec(spec: str) -> None:
 
 def check_prune_args(args) -> None:
     """Every ``prune`` flag checked before anything is loaded (the model load takes minutes)."""
+    import os
     _check_threads(args)
-    if args.model is not None or args.config is not None:
-        return  # the Hugging Face route takes its settings from --config
+    if args.model is not None or args.config is not None:   # the Hugging Face route: settings from --config
+        for name, default in MAIN_ONLY.items():
+            if getattr(args, name) != default:
+                raise PruningInputError(f"{_flag(name)}: belongs to the main job; with --model / --config the "
+                                        "pruning settings come from the config file")
+        if not (args.model and args.config and args.out):
+            raise PruningInputError("--model, --config and --out go together")
+        if not os.path.isdir(args.model):
+            raise PruningInputError(f"--model: {args.model!r} is not a model folder (nothing loads from a hub)")
+        if not (os.path.isfile(args.config) or os.path.isfile(os.path.join(args.config, "pruning_config.json"))):
+            raise PruningInputError(f"--config: {args.config!r} is neither a pruning_config.json file nor a folder "
+                                    "holding one")
+        if args.calibration is not None and not os.path.isfile(args.calibration):
+            raise PruningInputError(f"--calibration: no such file {args.calibration!r}")
+        return
+    for name, default in MODEL_ONLY.items():
+        if getattr(args, name) != default:
+            raise PruningInputError(f"{_flag(name)}: goes with --model and --config (pruning a saved Transformers "
+                                    "model); the main job takes --save, --json and its own flags")
     check_sparsity_spec(args.sparsity)
     for name in ("calib", "eval", "seq_len", "iterations", "grad_subsets"):
         if getattr(args, name) < 1:
@@ -137,20 +163,22 @@ def add_model_arguments(p) -> None:
 
 
 def cmd_prune_model(args) -> int:
-    from .errors import PruningInputError
-    if not (args.model and args.config and args.out):
-        raise PruningInputError("--model, --config and --out go together")
     import os
     from obs_plugins.integrations.optimum import Pruner, PruningConfig
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     cfg_path = args.config
-    if os.path.isfile(cfg_path):
+    if os.path.isdir(cfg_path):
+        cfg_path = os.path.join(cfg_path, PruningConfig.CONFIG_NAME)
+    try:
         with open(cfg_path) as f:
-            cfg = PruningConfig.from_dict(json.load(f))
-    else:
-        cfg = PruningConfig.from_pretrained(cfg_path)
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PruningInputError(f"--config: {cfg_path!r} is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PruningInputError(f"--config: {cfg_path!r} holds a {type(data).__name__}, not a config object")
+    cfg = PruningConfig.from_dict(data)
     pruner = Pruner.from_pretrained(args.model)
     texts = None
     if cfg.route.curvature:
@@ -305,16 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="One-shot pruning of SmolLM2-135M-Instruct (packaged, offline) calibrated on "
                         "a mixed English set (Shakespeare, the King James Bible, BBC News); perplexity on held-out Shakespeare "
                         "plays and on Jane Austen's novels: dense vs magnitude vs the chosen method.")
-    pr.add_argument("--method", default="obs_iht", choices=["obs_iht", "wanda", "magnitude"],
+    pr.add_argument("--method", default=MAIN_ONLY["method"], choices=["obs_iht", "wanda", "magnitude"],
                     help="pruning method (default: obs_iht)")
     pr.add_argument("--sparsity", default=MAIN_DEFAULTS["sparsity"],
                     help="fraction of each Linear weight to prune (e.g. 0.5) or an N:M pattern (e.g. 2:4)")
     pr.add_argument("--iterations", type=int, default=MAIN_DEFAULTS["iterations"],
                     help="OBS-IHT iterations T (1 = the SparseGPT-equivalent OBS sweep; default 2)")
-    pr.add_argument("--grad-subsets", type=int, default=1,
+    pr.add_argument("--grad-subsets", type=int, default=MAIN_ONLY["grad_subsets"],
                     help="OBS-IHT: each iteration's gradient on every m-th gradient batch in turn (1/m of the cost; "
                          "2 suits a CPU without native bf16; default 1)")
-    pr.add_argument("--sequential", default="auto", choices=["auto", "block", "sublayer", "off"],
+    pr.add_argument("--sequential", default=MAIN_ONLY["sequential"], choices=["auto", "block", "sublayer", "off"],
                     help="calibration order: block by block (block), also stage by stage inside each block "
                          "(sublayer), or all Grams on the dense model in one pass (off); default auto")
     pr.add_argument("--calib", type=int, default=MAIN_DEFAULTS["calib"], help="calibration windows (default 32)")
@@ -380,7 +408,7 @@ def main(argv=None) -> int:
     from .errors import CurvatureError, PruningInputError
     try:
         return args.func(args)
-    except (PruningInputError, CurvatureError, ValueError) as e:
+    except (PruningInputError, CurvatureError, ValueError, OSError) as e:
         print(f"obs-prune: error: {e}", file=sys.stderr)
         return 2
 

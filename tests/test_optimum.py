@@ -1,6 +1,7 @@
 """Hugging Face / Optimum adapter: PruningConfig, Pruner, PruningCallback, the CLI route (tiny models from configs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -72,7 +73,8 @@ def test_config_json_round_trip_every_method(method, tmp_path):
     assert on_disk["method"] == method and on_disk["sparsity"] == 0.7 and "optimum_version" in on_disk
     back = PruningConfig.from_pretrained(tmp_path)
     assert back == cfg and back.pruning_dict() == cfg.pruning_dict()
-    assert back.method_config_object() == spec.config_cls()
+    mirrored = {"sparsity": 0.7} if any(f.name == "sparsity" for f in dataclasses.fields(spec.config_cls)) else {}
+    assert back.method_config_object() == dataclasses.replace(spec.config_cls(), **mirrored)
     assert PruningConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -394,15 +396,20 @@ class _Seq(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
 
 
-def _train(tmp_path, cfg, steps=12, **cb_kwargs):
+def _train(tmp_path, cfg, steps=12, before_cb=(), after_cb=(), **cb_kwargs):
+    """A tiny BERT trained ``steps`` steps with the PruningCallback; ``before_cb`` / ``after_cb``: callbacks that
+    run before / after it in each event (each gets the PruningCallback as ``.pruning``)."""
     model = tiny_bert(labels=3)
     model.train()
     cb = PruningCallback(cfg, **cb_kwargs)
+    for c in (*before_cb, *after_cb):
+        c.pruning = cb
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps,
                                           per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
                                           save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                                           seed=0, weight_decay=0.01)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[cb])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Seq(),
+                                   callbacks=[*before_cb, cb, *after_cb])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
     return model, cb, trainer, before
@@ -411,7 +418,14 @@ def _train(tmp_path, cfg, steps=12, **cb_kwargs):
 @pytest.mark.parametrize("method", ["magnitude", "obs_iht"])
 def test_callback_cubic_reaches_target_and_optimizer_keeps_working(method, tmp_path):
     cfg = PruningConfig(method=method, sparsity=0.7, end_step=8, frequency=2, curvature_batches=2)
-    model, cb, trainer, before = _train(tmp_path, cfg)
+    at_cut = {}
+
+    class AtLastCut(transformers.TrainerCallback):   # after the callback's step-8 pruning
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 8:
+                at_cut.update({t.key: t.current().clone() for t in hf.select_targets(model, cfg)})
+
+    model, cb, trainer, before = _train(tmp_path, cfg, after_cb=[AtLastCut()])
     targets = hf.select_targets(model, cfg)
     zeros = sum(int((t.orig() == 0).sum()) for t in targets)
     assert zeros == round(0.7 * cb.weights)
@@ -421,10 +435,10 @@ def test_callback_cubic_reaches_target_and_optimizer_keeps_working(method, tmp_p
     assert s[0] == pytest.approx(hf.cubic_sparsity(2, 0, 8, 0.7), abs=1e-3)
     # masks held through the optimizer steps after the last pruning step; the optimizer still trained them
     assert not any(n.endswith(("_orig", "_mask")) for n in model.state_dict())
-    kept = [t.orig() != 0 for t in targets]
-    assert all(k.any() for k in kept)
-    moved = model.classifier.weight.detach()
-    assert not torch.equal(moved, before["classifier.weight"])
+    for t in targets:   # steps 9..12 trained the kept weights of every pruned tensor, and only those
+        kept = at_cut[t.key] != 0
+        assert torch.equal(t.orig() != 0, kept)
+        assert not torch.equal(t.orig()[kept], at_cut[t.key][kept])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12 and all(l == l for l in losses)
     model.save_pretrained(tmp_path / "out")
@@ -460,15 +474,38 @@ def test_callback_masks_survive_optimizer_steps(tmp_path):
 def test_callback_cs_schedule_reaches_exact_target(tmp_path):
     cs = obs_plugins.CSConfig(rounds=2, epochs=2, penalty=1e-4, final_temperature=50.0)
     cfg = PruningConfig(method="cs", sparsity=0.7, end_step=8, method_config=cs)
-    model, cb, trainer, before = _train(tmp_path, cfg, steps=12)
+    initial, penalty_grad = [], []
+
+    class Before(transformers.TrainerCallback):   # the score gradients before the callback adds the penalty's
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if state.global_step == 0:
+                self.g = [torch.zeros_like(s) if s.grad is None else s.grad.clone()
+                          for s in self.pruning.sparsifier.parameters()]
+
+    class After(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):   # the scores as installed
+            initial.extend(s.detach().clone() for s in self.pruning.sparsifier.parameters())
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if state.global_step == 0:
+                sp = self.pruning.sparsifier
+                scores = list(sp.parameters())
+                want = torch.autograd.grad(sp.penalty(), scores)
+                penalty_grad.extend((s.grad - g, w) for s, g, w in zip(scores, before.g, want))
+
+    before = Before()
+    model, cb, trainer, _ = _train(tmp_path, cfg, steps=12, before_cb=[before], after_cb=[After()])
     sp = cb.sparsifier
     assert sp.finished and sp.done and sp.round == 1
     assert sp.global_step == 8  # cs.step() once per optimizer step up to the cut
     targets = hf.select_targets(model, cfg)
     zeros = sum(int((t.orig() == 0).sum()) for t in targets)
     assert zeros == round(0.7 * cb.weights)
-    # the scores were trained (penalty + task gradients reached them through the optimizer)
-    assert any(float(s.detach().abs().max()) > 0 for s in sp.parameters())
+    # the callback added exactly the penalty's gradient to the scores before the first optimizer step, and the
+    # optimizer then moved every score tensor from its installed value
+    assert penalty_grad and all(torch.allclose(got, want, rtol=1e-5, atol=1e-9) and want.abs().max() > 0
+                                for got, want in penalty_grad)
+    assert all(not torch.equal(s.detach(), s0) for s, s0 in zip(sp.parameters(), initial))
     assert len(trainer.optimizer.param_groups) == 3  # Trainer's two groups + the scores (no weight decay)
     assert trainer.optimizer.param_groups[-1]["weight_decay"] == 0.0
     assert not any("parametrizations" in n or n.endswith("_mask") for n in model.state_dict())
@@ -694,3 +731,168 @@ def test_callback_train_twice_and_wanda_reach_the_exact_target(method, tmp_path)
     if method != "wanda":
         trainer.train()
         assert zeros() == round(0.5 * cb.weights)
+
+
+# ---------------------------------------------------------------- twelfth-session review: what the adapter lost
+def test_pruner_counts_and_bakes_masks_the_model_already_carried(tmp_path):
+    """A target with a torch.nn.utils.prune mask from before: sparsity is of all selected weights (the mask's
+    zeros included), the masks are baked, and the saved folder reloads to the same outputs (it used to save
+    weight_orig / weight_mask, which from_pretrained re-initialised)."""
+    from torch.nn.utils import prune
+    model = tiny_llama()
+    up = model.model.layers[0].mlp.up_proj
+    prune.l1_unstructured(up, "weight", amount=0.3)
+    cfg = PruningConfig(method="magnitude", sparsity=0.5)
+    res = Pruner(model).prune(cfg, save_dir=tmp_path / "out", progress=False)
+    zeros, total = _selected_counts(model, cfg)
+    assert zeros == round(0.5 * total) and res.sparsity == zeros / total
+    assert not hasattr(up, "weight_mask") and not any(n.endswith(("_orig", "_mask")) for n in model.state_dict())
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, back(x).logits)
+    # more masked already than asked: refused, nothing changed
+    m2 = tiny_llama()
+    prune.l1_unstructured(m2.model.layers[0].mlp.up_proj, "weight", amount=0.9)
+    for layer in m2.model.layers:
+        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            if not hasattr(lin, "weight_mask"):
+                prune.l1_unstructured(lin, "weight", amount=0.9)
+    before = state(m2)
+    with pytest.raises(PruningInputError, match="^sparsity"):
+        Pruner(m2).prune(PruningConfig(method="magnitude", sparsity=0.1, include=[r"mlp"]), progress=False)
+    assert same_state(before, state(m2))
+
+
+def test_config_overrides_keep_or_rederive_the_method_settings(tmp_path):
+    """from_pretrained(..., method=<the stored one>) keeps the stored method_config; pattern= / sparsity=
+    overrides re-derive what method_config mirrors (nm; BiP's sparsity) instead of contradicting it."""
+    cfg = PruningConfig(method="obs_iht", sparsity=0.5, pattern="2:4",
+                        method_config=obs_plugins.OBSIHTConfig(iterations=3, rel_damp=0.05))
+    cfg.save_pretrained(tmp_path)
+    same = PruningConfig.from_pretrained(tmp_path, method="obs_iht")
+    assert (same.method_config_object().iterations, same.method_config_object().rel_damp) == (3, 0.05)
+    assert PruningConfig.from_pretrained(tmp_path, method="OBS-IHT").method_config == cfg.method_config
+    un = PruningConfig.from_pretrained(tmp_path, pattern="unstructured", sparsity=0.6)
+    assert un.method_config_object().nm is None and un.method_config_object().iterations == 3
+    assert PruningConfig.from_pretrained(tmp_path, pattern="4:8").method_config_object().nm == "4:8"
+    other = PruningConfig.from_pretrained(tmp_path, method="magnitude")
+    assert other.method_config_object() == dataclasses.replace(obs_plugins.MagnitudeConfig(), nm="2:4")
+    # BiP: one sparsity; a contradicting method_config value is refused, the stored one follows overrides
+    bip = PruningConfig(method="bip", sparsity=0.7)
+    assert bip.method_config_object().sparsity == 0.7
+    with pytest.raises(PruningInputError, match="^method_config: sparsity=0.3"):
+        PruningConfig(method="bip", sparsity=0.7, method_config={"sparsity": 0.3})
+    with pytest.raises(PruningInputError, match="^method_config: sparsity=0.3"):
+        PruningConfig(method="bip", sparsity=0.7, method_config=obs_plugins.BiPConfig(sparsity=0.3))
+    bip.save_pretrained(tmp_path / "bip")
+    assert PruningConfig.from_pretrained(tmp_path / "bip", sparsity=0.8).method_config_object().sparsity == 0.8
+
+
+def test_config_version_stamp_and_private_keys_are_strict():
+    good = PruningConfig(method="magnitude").to_dict()
+    for bad in (True, 1.0, "1", 2):
+        with pytest.raises(PruningInputError, match="^pruning_config_version"):
+            PruningConfig.from_dict({**good, "pruning_config_version": bad})
+    with pytest.raises(PruningInputError, match="^_evil"):
+        PruningConfig.from_dict({**good, "_evil": 1})
+    assert PruningConfig.from_dict({**good, "_commit_hash": None}) == PruningConfig(method="magnitude")
+
+
+def test_fields_set_after_construction_are_checked_before_use(tmp_path):
+    """cfg.pattern / cfg.method / cfg.sparsity changed on the object: Pruner and PruningCallback validate a copy
+    (a pattern set late is pruned and saved as such; bad values name the field; the model is untouched)."""
+    cfg = PruningConfig(method="magnitude", sparsity=0.5)
+    cfg.pattern = "2:4"
+    model = tiny_llama()
+    Pruner(model).prune(cfg, save_dir=tmp_path / "a", progress=False)
+    w = model.model.layers[0].mlp.up_proj.weight.detach()
+    assert ((w.reshape(-1, 4) == 0).sum(1) >= 2).all()
+    assert PruningConfig.from_pretrained(tmp_path / "a").method_config_object().nm == "2:4"
+    for field, value, match in (("sparsity", 1.5, "^sparsity"), ("method", "wanda", "^method_config: is for")):
+        cfg = PruningConfig(method="magnitude", sparsity=0.5)
+        setattr(cfg, field, value)
+        m = tiny_llama()
+        before = state(m)
+        with pytest.raises(PruningInputError, match=match):
+            Pruner(m).prune(cfg, progress=False)
+        with pytest.raises(PruningInputError, match=match):
+            PruningCallback(cfg)
+        assert same_state(before, state(m))
+
+
+def test_callback_cuts_initial_sparsity_at_begin_step(tmp_path):
+    """The cubic schedule starts at initial_sparsity at begin_step: at step 0 before any step (begin_step 0), at
+    begin_step itself otherwise (it used to wait for the first frequency step)."""
+    seen = {}
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen[state.global_step] = self.pruning.sparsity()
+
+    cfg = PruningConfig(method="magnitude", sparsity=0.7, initial_sparsity=0.5, end_step=8, frequency=4)
+    _, cb, _, _ = _train(tmp_path, cfg, steps=10, after_cb=[Spy()])
+    assert [h["step"] for h in cb.history] == [0, 4, 8]
+    assert seen[0] == pytest.approx(round(0.5 * cb.weights) / cb.weights)   # before the first optimizer step
+    cfg = PruningConfig(method="magnitude", sparsity=0.7, initial_sparsity=0.5, begin_step=2, end_step=8,
+                        frequency=4)
+    _, cb, _, _ = _train(tmp_path, cfg, steps=10, after_cb=[Spy()])
+    assert [h["step"] for h in cb.history] == [2, 6, 8]
+    assert seen[2] == pytest.approx(round(0.5 * cb.weights) / cb.weights) and seen[1] == 0.0
+
+
+def test_callback_refuses_a_late_begin_step_and_a_resumed_run(tmp_path):
+    model = tiny_bert(labels=3)
+    before = state(model)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True)
+    cb = PruningCallback(PruningConfig(method="magnitude", sparsity=0.5, begin_step=10))
+    with pytest.raises(PruningInputError, match="^begin_step: 10"):
+        transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[cb]).train()
+    assert same_state(before, state(model))
+    # a run resumed from a checkpoint: refused (the checkpoint holds prune parametrizations the fresh model
+    # cannot load); saving during training warns
+    cfg = PruningConfig(method="magnitude", sparsity=0.6, end_step=6, frequency=2)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "ck"), max_steps=8, save_steps=4,
+                                          per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                                          disable_tqdm=True, seed=0)
+    with pytest.warns(UserWarning, match="checkpoints saved during training"):
+        transformers.Trainer(model=tiny_bert(labels=3), args=args, train_dataset=_Seq(),
+                             callbacks=[PruningCallback(cfg)]).train()
+    with pytest.raises(PruningInputError, match="^resume_from_checkpoint"):
+        transformers.Trainer(model=tiny_bert(labels=3), args=args, train_dataset=_Seq(),
+                             callbacks=[PruningCallback(cfg)]).train(
+            resume_from_checkpoint=str(tmp_path / "ck" / "checkpoint-4"))
+
+
+def test_cli_refuses_flags_of_the_other_route_and_missing_files(tmp_path, capsys):
+    """Each prune route refuses the other's flags (they were silently ignored); --config / --model /
+    --calibration must be local files or folders, checked before any model loads (exit code 2, no traceback)."""
+    from obs_plugins import cli
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    PruningConfig(method="magnitude", sparsity=0.5).save_pretrained(tmp_path)
+    base = ["prune", "--model", str(src), "--config", str(tmp_path), "--out", str(tmp_path / "o")]
+    capsys.readouterr()   # the saves' progress bars
+    for extra, flag in ((["--sparsity", "0.9"], "--sparsity"), (["--method", "wanda"], "--method"),
+                        (["--save", str(tmp_path / "s")], "--save"), (["--calib", "0"], "--calib"),
+                        (["--json", str(tmp_path / "j.json")], "--json")):
+        assert cli.main(base + extra) == 2
+        assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}:")
+    for extra, flag in ((["--out", str(tmp_path / "o")], "--out"), (["--export", "onnx"], "--export"),
+                        (["--calibration", str(tmp_path / "x.txt")], "--calibration")):
+        assert cli.main(["prune", *extra]) == 2
+        assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}:")
+    for args, flag in ((["--config", str(tmp_path / "missing.json")], "--config"),
+                       (["--config", str(src)], "--config"),     # a folder without pruning_config.json
+                       (["--model", str(tmp_path / "nope")], "--model"),
+                       (["--calibration", str(tmp_path / "none.txt")], "--calibration")):
+        argv = list(base)
+        if args[0] in argv:
+            argv[argv.index(args[0]) + 1] = args[1]
+        else:
+            argv += args
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}:")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+    assert cli.main(base + ["--quiet"]) == 0 and (tmp_path / "o" / "model.safetensors").exists()
