@@ -22,7 +22,8 @@ HELDOUT = ["hamlet", "macbeth", "tempest", "othello"]
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="obs_iht", help="obs_iht | wanda | magnitude")
+    ap.add_argument("--method", default="obs_iht", choices=["obs_iht", "wanda", "magnitude"],
+                    help="a one-shot method (default obs_iht)")
     ap.add_argument("--sparsity", default="0.5", help="a fraction (0.5) or an N:M pattern (2:4)")
     ap.add_argument("--iterations", type=int, default=1, help="OBS-IHT iterations T (1 = the OBS sweep)")
     ap.add_argument("--calib", type=int, default=16, help="calibration windows")
@@ -33,13 +34,33 @@ def main():
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    for name in ("iterations", "calib", "eval", "seq_len", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+
+    from obs_plugins.errors import PruningInputError
+    from obs_plugins.experiment import sparsity_args
+    from obs_plugins.integrations.optimum import Pruner, PruningConfig
+
+    # the config is built (and so checked) before the model loads
+    try:
+        amount, nm = sparsity_args(args.sparsity)
+        mc = {"iterations": args.iterations} if args.method == "obs_iht" else None
+        config = PruningConfig(method=args.method, sparsity=amount, pattern=nm or "unstructured",
+                               num_samples=args.calib, seq_len=args.seq_len, batch_size=min(4, args.calib),
+                               method_config=mc)
+        if args.method == "obs_iht" and args.iterations > 1 and args.calib <= 4:
+            raise PruningInputError("--calib: OBS-IHT iterations > 1 hold out calibration batches for the step "
+                                    "search, so they need at least 2 batches of 4 windows: give at least 5")
+    except PruningInputError as e:
+        msg = str(e)
+        ap.error("--" + msg if msg.startswith(("sparsity", "iterations")) else msg)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     from transformers import AutoModelForCausalLM
 
     from obs_plugins.data import load_shakespeare, load_smollm2, shakespeare_plays, token_windows
-    from obs_plugins.integrations.optimum import Pruner, PruningConfig
     from obs_plugins.lm import causal_lm_batches, perplexity
 
     progress = not args.quiet
@@ -48,11 +69,6 @@ def main():
     load_s = time.perf_counter() - t0
     calib_texts = [load_shakespeare([p]) for p in shakespeare_plays() if p not in HELDOUT]
     heldout = causal_lm_batches(token_windows(tok, load_shakespeare(HELDOUT), args.eval, args.seq_len), 4)
-
-    pattern, sparsity = ("unstructured", float(args.sparsity)) if ":" not in args.sparsity else (args.sparsity, None)
-    mc = {"iterations": args.iterations} if args.method == "obs_iht" else None
-    config = PruningConfig(method=args.method, sparsity=sparsity, pattern=pattern, num_samples=args.calib,
-                           seq_len=args.seq_len, batch_size=4, method_config=mc)
     out = args.out or tempfile.mkdtemp(prefix="smollm2_pruned_")
 
     dense_ppl = perplexity(model, heldout, progress=progress, desc="perplexity dense")
