@@ -15,7 +15,9 @@ Importances: GroupMagnitudeImportance (L2), GroupTaylorImportance, GroupHessianI
 per-sample accumulation repaired: see ``hessian_importance``;
 default group mean normaliser), OBSImportance (loss-scaled greedy OBS: the loss left after the OBS update),
 OBSImportance(compensate=False) ("obs_removal": the loss-scaled removal error without the update; "obs_removal_greedy":
-the joint removal error in greedy order, ``mode="greedy"``), and for the CNN
+the joint removal error in greedy order, ``mode="greedy"``), OBSImportance(scope="network") ("obs_network": the
+removal cost in the network loss, the cross-entropy's Gauss-Newton matrix in channel-gate coordinates, greedy over
+all layers jointly), and for the CNN
 the two learned channel rankings CSImportance / BiPImportance.
 
 CNN allocation (``--cnn-allocation``): ``global`` (one threshold over all channels; networks of different sizes),
@@ -55,17 +57,22 @@ import torch.nn.functional as F
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "obs_removal_greedy", "cs", "bip")
-OBS_NAMES = ("obs", "obs_removal", "obs_removal_greedy")
+IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "obs_removal_greedy", "obs_network", "cs",
+               "bip")
+OBS_NAMES = ("obs", "obs_removal", "obs_removal_greedy", "obs_network")
 LEARNED = ("cs", "bip")
 
 
-def obs_importance(curv, imp_name, rel_damp, mode=None):
+def obs_importance(curv, imp_name, rel_damp, mode=None, logits_fn=None):
     """The OBSImportance that ranks (OBS names) or only applies the update (any other importance: the default).
     "obs": the default ranking (loss after the update; ``mode``: greedy / single); "obs_removal": the removal error
     of each channel alone (``compensate=False``); "obs_removal_greedy": the joint removal error, greedy order
-    (``compensate=False, mode="greedy"``).  The same object applies the update when asked."""
+    (``compensate=False, mode="greedy"``); "obs_network": the network-loss removal cost in channel-gate
+    coordinates (``scope="network"``, Gauss-Newton of the classifier's cross-entropy through ``logits_fn``).
+    The same object applies the update when asked."""
     from obs_plugins.integrations.torch_pruning import OBSImportance
+    if imp_name == "obs_network":
+        return OBSImportance(curv, rel_damp=rel_damp, scope="network", logits_fn=logits_fn)
     if imp_name not in ("obs_removal", "obs_removal_greedy"):
         return OBSImportance(curv, rel_damp=rel_damp, mode=mode)
     return OBSImportance(curv, rel_damp=rel_damp, compensate=False,
@@ -481,7 +488,8 @@ def minilm_prune(dense, enc, labels, calib_idx, head, ratio, imp_name, update, r
 
     params = [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("pooler",))]
     curv = Curvature.layerwise(m, params, batches, loss_fn=loss_fn, forward_fn=fwd, progress=False)
-    obs = obs_importance(curv, imp_name, rel_damp, mode)
+    obs = obs_importance(curv, imp_name, rel_damp, mode,
+                         logits_fn=lambda out, b: head(mean_pool(out, b["attention_mask"])))
     imp = obs if imp_name in OBS_NAMES else builtin_importance(imp_name)
     before = None
     if imp_name in ("taylor", "hessian"):
@@ -547,6 +555,7 @@ LABEL = {("magnitude", "dense"): "GroupMagnitude (L2)", ("taylor", "dense"): "Gr
          ("hessian", "dense"): "GroupHessian", ("obs", "dense"): "**OBSImportance**",
          ("obs_removal", "dense"): "**OBSImportance(compensate=False)** (removal-error ranking)",
          ("obs_removal_greedy", "dense"): "**OBSImportance(compensate=False, mode='greedy')** (joint removal error)",
+         ("obs_network", "dense"): "**OBSImportance(scope='network')** (network-loss Gauss-Newton, channel gates)",
          ("cs", "dense"): "CSImportance (search's ranking)", ("bip", "dense"): "BiPImportance (search's ranking)",
          ("bip", "searched"): "BiP search's own weights (not comparable: +1 epoch of masked training)"}
 SERIES = list(LABEL)   # (importance, weights) in table order; rows without "weights" prune the dense model

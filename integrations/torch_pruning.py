@@ -27,8 +27,9 @@ from torch.nn.utils import parametrize
 from torch_pruning.pruner import function as tpf
 
 from obs_plugins.errors import PruningInputError
-from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, greedy_removal,
-                                                    output_sensitivity, removal_operator, ridge_inverse)
+from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, greedy_gate_removal,
+                                                    greedy_removal, output_sensitivity, removal_operator,
+                                                    ridge_inverse)
 from obs_plugins.targets import from_2d, to_2d
 
 _IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
@@ -105,12 +106,30 @@ class OBSImportance(tp.importance.Importance):
             while few channels go: removing many correlated channels costs far more than the sum).
         channel_blocks: ``{consumer module: b}`` -- score consecutive runs of ``b`` channels jointly (attention
             heads: the output projection with ``b = head_dim``); every channel of a block gets the block's score.
+        scope: ``"layer"`` (default): the scores above, from each consumer's layer Gram.  ``"network"``: the
+            removal cost in the *network* loss, ``1/2 1_S^T G 1_S`` with ``G`` the Gauss-Newton matrix of the
+            softmax cross-entropy in channel-gate coordinates (:meth:`Curvature.gate_ggn`; the Fisher of the
+            model's predictive distribution, through every later layer), ordered greedily and jointly over all the
+            pruner's groups (cross terms between layers included); a channel's score is the running maximum of
+            the increments along that order.  No update enters the score (``compensate`` only sets whether
+            :meth:`step` applies the layer OBS update by default).  It is computed in :meth:`step` from the
+            groups the pruner is about to prune, so prune through ``imp.step(pruner)``.  Needs classification
+            logits: ``logits_fn(output, batch) -> (batch, classes)`` (default: the output or its ``.logits``).
     """
 
     def __init__(self, curvature, *, compensate: bool = True, scale="loss", rel_damp: float = 1e-2,
-                 mode: str | None = None, channel_blocks: dict | None = None, progress: bool = False):
+                 mode: str | None = None, channel_blocks: dict | None = None, scope: str = "layer",
+                 logits_fn: Callable | None = None, progress: bool = False):
         if not hasattr(curvature, "hessians") or not curvature.hessians:
             raise PruningInputError("curvature: needs layer Grams; build it with Curvature.layerwise(...)")
+        if scope not in ("layer", "network"):
+            raise PruningInputError(f"scope: 'layer' or 'network', got {scope!r}")
+        if scope == "network" and mode not in (None, "greedy"):
+            raise PruningInputError(f"mode: scope='network' orders the channels greedily; got mode={mode!r}")
+        if logits_fn is not None and not callable(logits_fn):
+            raise PruningInputError(f"logits_fn: a callable (output, batch) -> logits, got {logits_fn!r}")
+        if scope == "network" and not curvature.batches:
+            raise PruningInputError("curvature: scope='network' needs the curvature's calibration batches")
         if not (isinstance(rel_damp, (int, float)) and rel_damp > 0):
             raise PruningInputError(f"rel_damp: must be a positive number, got {rel_damp!r}")
         if not (scale is None or scale == "loss" or isinstance(scale, dict)):
@@ -136,6 +155,9 @@ class OBSImportance(tp.importance.Importance):
         self._hinv: dict[str, torch.Tensor] = {}
         self._s: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
+        self.scope = scope
+        self.logits_fn = logits_fn
+        self._net: dict | None = None    # scope="network": (id(consumer), input feature) -> channel score
 
     # ------------------------------------------------------------------ state
     def _row_weights(self, key: str, rows: int) -> torch.Tensor | None:
@@ -174,6 +196,8 @@ class OBSImportance(tp.importance.Importance):
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
+        if self.scope == "network":
+            return self._network_scores(group)
         pos = _positions(group)
         consumers = []
         for item in group:
@@ -224,6 +248,78 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"curvature: non-finite OBS scores for group {_group_name(group)}")
         return scores
 
+    # ------------------------------------------------------------------ scope="network"
+    def _units(self, group):
+        """The group's consumers ``[(module, {root: [input features]})]`` and its units (lists of roots: single
+        channels, or blocks of ``channel_blocks`` channels), as :meth:`__call__` scores them."""
+        pos = _positions(group)
+        consumers = []
+        for item in group:
+            module = item.dep.target.module
+            if _is_in(item.dep.handler) and isinstance(module, (nn.Linear, nn.Conv2d)):
+                feats: dict[int, list[int]] = {}
+                for i, r in zip(item.idxs, item.root_idxs):
+                    if int(r) in pos:
+                        feats.setdefault(int(r), []).append(int(i))
+                consumers.append((module, feats))
+        if not consumers:
+            raise PruningInputError(f"pruner: no Linear/Conv2d consumes the channels of group {_group_name(group)}")
+        b = max([self.channel_blocks.get(m, 1) for m, _ in consumers])
+        if len(pos) % b:
+            raise PruningInputError(f"channel_blocks: {len(pos)} channels of group {_group_name(group)} do not "
+                                    f"split into blocks of {b}")
+        by_pos = {p: r for r, p in pos.items()}
+        return pos, consumers, [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(len(pos) // b)]
+
+    def _prepare_network(self, pruner) -> None:
+        """Gate every unit of the groups ``pruner`` will prune, factor the gate-space Gauss-Newton matrix on the
+        current model, order the units greedily and store each channel's score (running max of increments)."""
+        sites: dict[nn.Module, torch.Tensor] = {}
+        gate_of: dict[tuple[int, int], int] = {}
+        n = 0
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                              root_module_types=pruner.root_module_types):
+            if not pruner._check_pruning_ratio(group):
+                continue
+            if pruner._is_atten_group(group)[0]:   # as MetaPruner scores attention groups
+                group = pruner._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
+            _pos, consumers, units = self._units(group)
+            for unit in units:
+                for module, feats in consumers:
+                    if module not in sites:
+                        width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+                        sites[module] = torch.full((width,), -1, dtype=torch.long)
+                    for r in unit:
+                        for f in feats.get(r, ()):
+                            sites[module][f] = n
+                            gate_of[(id(module), f)] = n
+                n += 1
+        if n == 0:
+            raise PruningInputError("pruner: no group to prune (every layer ignored, or its ratio reached)")
+        factor = self.curvature.gate_ggn(sites, logits_fn=self.logits_fn, n_gates=n, progress=self.progress)
+        order, inc = greedy_gate_removal(factor, progress=self.progress)
+        score = torch.empty(n, dtype=torch.float32)
+        score[torch.tensor(order)] = _strictly_increasing(torch.cummax(inc, 0).values.float())
+        self._net = {k: float(score[g]) for k, g in gate_of.items()}
+
+    def _network_scores(self, group) -> torch.Tensor:
+        if self._net is None:
+            raise PruningInputError("scope: 'network' scores are computed from the pruner's groups; prune through "
+                                    "imp.step(pruner), not pruner.step()")
+        pos, consumers, units = self._units(group)
+        scores = torch.zeros(len(pos), dtype=torch.float32)
+        for unit in units:
+            found = [self._net.get((id(m), f)) for m, feats in consumers for r in unit for f in feats.get(r, ())]
+            found = [v for v in found if v is not None]
+            if not found:
+                raise PruningInputError(f"scope: group {_group_name(group)} was not among the groups scored when "
+                                        "this step began")
+            for r in unit:
+                scores[pos[r]] = found[0]
+        return scores
+
     # ------------------------------------------------------------------ pruning with compensation
     def plan(self, group, *, update: bool | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
         """For one pruning group (the indices to remove), ``[(key, P, C)]`` for each consumer: the removed columns
@@ -263,6 +359,14 @@ class OBSImportance(tp.importance.Importance):
         ``strict`` (default) either raises; ``strict=False`` prunes and records both counts in the returned dict."""
         update = self.compensate if update is None else bool(update)
         expected = _expected_global_removals(pruner)
+        if self.scope == "network" and getattr(pruner, "importance", None) is self:
+            self._prepare_network(pruner)
+        try:
+            return self._step(pruner, expected, strict, update)
+        finally:
+            self._net = None   # the scores belong to this step's model
+
+    def _step(self, pruner, expected, strict, update) -> dict:
         # pruner.step() counts the step and updates head counts while it yields, before anything is pruned:
         # a refusal puts them back, so the pruner can be stepped again
         saved = {a: copy.copy(getattr(pruner, a)) for a in ("current_step", "num_heads", "out_channel_groups",

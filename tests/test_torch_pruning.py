@@ -795,3 +795,135 @@ def test_greedy_removal_checks_every_layer_on_every_path():
         for compensate in (True, False):
             with pytest.raises(PruningInputError, match="^layers\\[0\\]"):
                 greedy_removal(layers, 2, compensate=compensate)
+
+
+# ------------------------------------------------------------------- scope="network": gate-space Gauss-Newton
+def _gated_mlp():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).eval()
+
+
+# gate ids of each consumer's input features (-1: not gated); gate 2 feeds both consumers (a shared unit)
+MLP_SITES = {2: [0, 0, 1, 1, 2, -1], 4: [3, 3, 4, 2]}
+
+
+def _ggn_brute(f, X, n):
+    """float64 brute force: G = mean_i J_i^T (diag p_i - p_i p_i^T) J_i, J_i = d logits_i / d m at m = 1."""
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for x in X:
+        J = torch.autograd.functional.jacobian(lambda m: f(m, x), torch.ones(n, dtype=torch.float64))
+        p = torch.softmax(f(torch.ones(n, dtype=torch.float64), x), 0)
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    return G / len(X)
+
+
+def test_gate_ggn_factor_is_the_brute_force_gauss_newton_and_k_batches_equal_one():
+    from obs_plugins.curvature.gates import gate_ggn_factor
+    model = _gated_mlp()
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(12, 5, generator=g)
+    m64 = copy.deepcopy(model).double()
+
+    def f(m, x):
+        gate = lambda ids: torch.stack([m[i] if i >= 0 else m.new_ones(()) for i in ids])  # noqa: E731
+        h = torch.relu(m64[0](x.double()))
+        h = torch.tanh(m64[2](h * gate(MLP_SITES[2])))
+        return m64[4](h * gate(MLP_SITES[4]))
+
+    want = _ggn_brute(f, X, 5)
+    sites = {model[k]: torch.tensor(v) for k, v in MLP_SITES.items()}
+    B = gate_ggn_factor(model, sites, [(X[:5], None), (X[5:], None)])
+    assert B.shape == (12 * 3, 5) and B.dtype == torch.float64
+    torch.testing.assert_close(B.T @ B, want, rtol=1e-4, atol=1e-7)
+    one = gate_ggn_factor(model, sites, [(X, None)])
+    torch.testing.assert_close(one.T @ one, B.T @ B, rtol=1e-5, atol=1e-9)
+    before = copy.deepcopy(model.state_dict())
+    assert all(not m._forward_pre_hooks for m in model) and state_equal(before, model.state_dict())
+
+
+def test_gate_ggn_factor_gates_conv_input_channels():
+    from obs_plugins.curvature.gates import gate_ggn_factor
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 4))
+    X = torch.randn(6, 2, 8, 8, generator=torch.Generator().manual_seed(7))
+    m64 = copy.deepcopy(model).double()
+
+    def f(m, x):
+        h = torch.relu(m64[0](x.double().unsqueeze(0)))
+        return m64[4](m64[2](h * m.view(1, 3, 1, 1)).flatten(1))[0]
+
+    B = gate_ggn_factor(model, {model[2]: torch.tensor([0, 1, 2])}, [(X, None)])
+    torch.testing.assert_close(B.T @ B, _ggn_brute(f, X, 3), rtol=1e-4, atol=1e-7)
+
+
+def test_greedy_gate_removal_follows_the_brute_force_joint_quadratic():
+    from obs_plugins.methods.obs_iht.structured import greedy_gate_removal
+    B = torch.randn(9, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    q = lambda S: 0.5 * float((B[:, sorted(S)].sum(1) ** 2).sum()) if S else 0.0  # noqa: E731
+    order, inc = greedy_gate_removal(B)
+    S = []
+    for u, d in zip(order, inc):
+        costs = {v: q(S + [v]) - q(S) for v in range(6) if v not in S}
+        assert u == min(costs, key=costs.get) and d == pytest.approx(costs[u], rel=1e-12, abs=1e-12)
+        S.append(u)
+    assert float(inc.sum()) == pytest.approx(q(S))
+    with pytest.raises(Exception, match="factor"):
+        greedy_gate_removal(torch.tensor([[float("nan")]]))
+
+
+def test_network_scope_removes_each_layers_first_units_of_the_joint_greedy_order():
+    """Per-layer pruning of a small CNN with OBSImportance(scope="network"): the channels removed in every layer
+    are that layer's earliest in the greedy order of the gate-space Gauss-Newton quadratic over all layers."""
+    from obs_plugins.curvature.gates import gate_ggn_factor
+    from obs_plugins.methods.obs_iht.structured import greedy_gate_removal
+    model = small_cnn()
+    with torch.no_grad():   # distinct biases: kept_channels matches channels by them
+        for k in (0, 3, 7):
+            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    original = copy.deepcopy(model)
+    batches = cnn_batches()
+    sites = {model[3]: torch.arange(8), model[7]: 8 + torch.arange(12).repeat_interleave(36),
+             model[9]: 20 + torch.arange(16)}
+    order, _ = greedy_gate_removal(gate_ggn_factor(model, sites, batches))
+    want = []
+    for lo, n in ((0, 8), (8, 12), (20, 16)):
+        gone = [u - lo for u in order if lo <= u < lo + n][:n // 2]
+        want.append(sorted(set(range(n)) - set(gone)))
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+    imp = OBSImportance(curv, scope="network")
+    pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.5, global_pruning=False,
+                              ignored_layers=[model[9]])
+    with pytest.raises(PruningInputError, match="^scope"):   # the scores come from imp.step(pruner)
+        imp(groups_of(pr)[0])
+    imp.step(pr, update=False)
+    got = [kept_channels(model[k], original[k]) for k in (0, 3, 7)]
+    assert got == want
+    out = model(batches[0][0])
+    assert out.shape == (16, 5) and bool(torch.isfinite(out).all())
+
+
+def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
+    model = tiny_bert()
+    ids, am, batches = token_batches()
+    head = nn.Linear(32, 3)
+    logits = lambda out, b: head(out.last_hidden_state[:, 0])  # noqa: E731
+    curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                               progress=False)
+    imp = OBSImportance(curv, scope="network", logits_fn=logits)
+    prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, imp, 0.5, update=False)
+    for layer in model.encoder.layer:
+        assert layer.attention.self.num_attention_heads == 2 and layer.intermediate.dense.out_features == 32
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am).last_hidden_state
+    assert out.shape == (8, 12, 16 * 2) and bool(torch.isfinite(out).all())
+    with pytest.raises(PruningInputError, match="^scope"):
+        OBSImportance(curv, scope="everything")
+    with pytest.raises(PruningInputError, match="^mode"):
+        OBSImportance(curv, scope="network", mode="single")
+    fresh = tiny_bert()   # BERT's own output is (batch, tokens, hidden), not logits: refused, nothing changed
+    before = copy.deepcopy(fresh.state_dict())
+    bad = OBSImportance(Curvature.layerwise(fresh, all_layers(fresh, exclude=("pooler",)), batches,
+                                            loss_fn=bert_loss, progress=False), scope="network")
+    with pytest.raises(PruningInputError, match="^logits_fn"):
+        prune_transformer(fresh, {"input_ids": ids[:2], "attention_mask": am[:2]}, bad, 0.5)
+    assert state_equal(before, fresh.state_dict())

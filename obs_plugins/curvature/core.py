@@ -440,6 +440,18 @@ class Curvature:
             return 0.0, {t.key: torch.zeros_like(t.current(), dtype=torch.float32) for t in self.targets}
         return total / n, {k: g.div_(n) for k, g in grads.items()}
 
+    def gate_ggn(self, sites: dict, *, logits_fn: Callable | None = None, n_gates: int | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """The gate-space Gauss-Newton factor of :func:`obs_plugins.curvature.gates.gate_ggn_factor` over this
+        curvature's model and calibration batches (its ``forward_fn``; eval mode, no key/value cache): ``B`` with
+        ``B^T B`` the softmax cross-entropy's Gauss-Newton matrix in unit-gate coordinates."""
+        from .gates import gate_ggn_factor
+        if not self.batches:
+            raise PruningInputError("batches: the gate Gauss-Newton needs the curvature's calibration batches")
+        with self._eval_mode():
+            return gate_ggn_factor(self.model, sites, self.batches, n_gates=n_gates, forward_fn=self.forward_fn,
+                                   logits_fn=logits_fn, progress=progress)
+
     def output_sensitivity(self, batches: Iterable | None = None, *, keys=None, per_sample: bool = False,
                            progress: bool = False) -> dict[str, torch.Tensor]:
         """Per target, for each output ``i`` of the layer, the summed squared loss gradient ``sum_rows (dL/dy_i)^2``

@@ -188,6 +188,33 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
     return order, torch.tensor(inc, dtype=torch.float64)
 
 
+def greedy_gate_removal(factor: torch.Tensor, *, progress: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Greedy joint removal of units under the gate-space quadratic ``dL(S) = 1/2 ||B 1_S||^2`` (``B = factor``,
+    ``(rows, n_units)``: :func:`obs_plugins.curvature.gates.gate_ggn_factor`).  Each step removes the unit adding
+    the least loss given those already removed: ``B_u . r + 1/2 ||B_u||^2`` with ``r = B 1_S`` (cross terms
+    included).  Returns ``(order, increments)``; ``increments[:t].sum()`` is the modelled loss of removing the
+    first ``t`` units together."""
+    from tqdm.auto import tqdm
+    if not torch.is_tensor(factor) or factor.dim() != 2 or factor.shape[1] < 1:
+        raise PruningInputError(f"factor: a (rows, units) tensor, got "
+                                f"{tuple(factor.shape) if torch.is_tensor(factor) else type(factor).__name__}")
+    check_finite(factor, "factor")
+    Bd = factor.to(torch.float64)
+    own = 0.5 * (Bd * Bd).sum(0)
+    r = torch.zeros(Bd.shape[0], dtype=torch.float64)
+    alive = torch.ones(Bd.shape[1], dtype=torch.bool)
+    order, inc = [], []
+    for _ in tqdm(range(Bd.shape[1]), desc="greedy gate removal", disable=not progress, leave=False):
+        total = own + r @ Bd
+        total[~alive] = float("inf")
+        u = int(torch.argmin(total))
+        order.append(u)
+        inc.append(float(total[u]))
+        alive[u] = False
+        r += Bd[:, u]
+    return order, torch.tensor(inc, dtype=torch.float64)
+
+
 def _greedy_uncompensated(layers, n_units, progress):
     """:func:`greedy_removal` without the update: ``G = W_S H`` (the removed part of every row times ``H``) is
     kept per layer, so the increase of also removing unit ``u`` is ``1/2 sum_r s_r w_rP H_PP w_rP^T +
@@ -280,4 +307,4 @@ def output_sensitivity(curvature, keys: Sequence[str] | None = None, *, progress
     return curvature.output_sensitivity(keys=targets, per_sample=True, progress=progress)
 
 
-__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "ridge_inverse", "output_sensitivity"]
+__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "greedy_gate_removal", "ridge_inverse", "output_sensitivity"]
