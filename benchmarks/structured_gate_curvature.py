@@ -6,8 +6,9 @@ assumption) over all layers at once, then every layer loses its first channels i
 Torch-Pruning importance can express under per-layer pruning), removal only:
 
 * ``hessian``: the exact gate Hessian of the mean calibration cross-entropy (autograd);
-* ``ggn``: the Gauss-Newton matrix ``1/N sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` (the softmax Fisher; what
-  ``scope="network"`` uses, through ``obs_plugins.curvature.gates``);
+* ``ggn``: the Gauss-Newton matrix ``1/N sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` (the softmax Fisher; the
+  curvature ``scope="network"`` uses -- computed here independently of ``obs_plugins.curvature.gates``, as a
+  cross-check);
 * ``fisher``: the empirical Fisher ``1/N sum_i g_i g_i^T`` of the per-sample label gradients.
 
 The same cached CNNs, seeds and 1,024 calibration images as ``benchmarks/structured.py``; accuracy on each seed's

@@ -306,8 +306,9 @@ class OBSImportance(tp.importance.Importance):
 
     def _network_scores(self, group) -> torch.Tensor:
         if self._net is None:
-            raise PruningInputError("scope: 'network' scores are computed from the pruner's groups; prune through "
-                                    "imp.step(pruner), not pruner.step()")
+            raise PruningInputError("scope: 'network' scores are computed inside OBSImportance.step(pruner) (this "
+                                    "importance's, or a compensating OBSImportance's), not by pruner.step(); a "
+                                    "pruner.step() that raised this has counted its step: build a new MetaPruner")
         pos, consumers, units = self._units(group)
         scores = torch.zeros(len(pos), dtype=torch.float32)
         for unit in units:
@@ -359,12 +360,18 @@ class OBSImportance(tp.importance.Importance):
         ``strict`` (default) either raises; ``strict=False`` prunes and records both counts in the returned dict."""
         update = self.compensate if update is None else bool(update)
         expected = _expected_global_removals(pruner)
-        if self.scope == "network" and getattr(pruner, "importance", None) is self:
-            self._prepare_network(pruner)
+        if pruner.current_step >= pruner.iterative_steps:   # Torch-Pruning would only warn and prune nothing
+            raise PruningInputError(f"pruner: its {pruner.iterative_steps} iterative step(s) are used up (a "
+                                    "pruner.step() that raised still counts its step); build a new MetaPruner")
+        ranking = getattr(pruner, "importance", None)   # the ranking may be another OBSImportance than self
+        network = isinstance(ranking, OBSImportance) and ranking.scope == "network"
+        if network:
+            ranking._prepare_network(pruner)
         try:
             return self._step(pruner, expected, strict, update)
         finally:
-            self._net = None   # the scores belong to this step's model
+            if network:
+                ranking._net = None   # the scores belong to this step's model
 
     def _step(self, pruner, expected, strict, update) -> dict:
         # pruner.step() counts the step and updates head counts while it yields, before anything is pruned:

@@ -832,13 +832,40 @@ def test_gate_ggn_factor_is_the_brute_force_gauss_newton_and_k_batches_equal_one
 
     want = _ggn_brute(f, X, 5)
     sites = {model[k]: torch.tensor(v) for k, v in MLP_SITES.items()}
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    model[2].eval()          # a submodule the caller keeps in eval mode stays there
     B = gate_ggn_factor(model, sites, [(X[:5], None), (X[5:], None)])
+    assert model.training and not model[2].training and all(p.grad is None for p in model.parameters())
     assert B.shape == (12 * 3, 5) and B.dtype == torch.float64
     torch.testing.assert_close(B.T @ B, want, rtol=1e-4, atol=1e-7)
     one = gate_ggn_factor(model, sites, [(X, None)])
     torch.testing.assert_close(one.T @ one, B.T @ B, rtol=1e-5, atol=1e-9)
-    before = copy.deepcopy(model.state_dict())
     assert all(not m._forward_pre_hooks for m in model) and state_equal(before, model.state_dict())
+    with pytest.raises(PruningInputError, match="^logits_fn"):   # the error path removes its hooks too
+        gate_ggn_factor(model, sites, [(X, None)], logits_fn=lambda out, b: out[:, :, None])
+    assert all(not m._forward_pre_hooks for m in model) and model.training and not model[2].training
+
+
+def test_gate_ggn_factor_refuses_a_consumer_that_mixes_the_batch():
+    """A sequence-first layer (batch in dim 1) with as many time steps as samples passes the row-count check;
+    the per-sample independence check catches it."""
+    from obs_plugins.curvature.gates import gate_ggn_factor
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(9)
+            self.inner, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):                  # x: (B, T=B, 3) -> the gated layer sees (T, B, 3)
+            h = torch.relu(self.inner(x))
+            return self.out(h.transpose(0, 1)).mean(0)
+
+    x = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(10))[..., :3]
+    model = SeqFirst()
+    with pytest.raises(PruningInputError, match="^sites: one sample's gates"):
+        gate_ggn_factor(model, {model.out: torch.tensor([0, 0, 1, 1])}, [(x, None)])
 
 
 def test_gate_ggn_factor_gates_conv_input_channels():
@@ -895,6 +922,11 @@ def test_network_scope_removes_each_layers_first_units_of_the_joint_greedy_order
                               ignored_layers=[model[9]])
     with pytest.raises(PruningInputError, match="^scope"):   # the scores come from imp.step(pruner)
         imp(groups_of(pr)[0])
+    spent = tp.pruner.MetaPruner(copy.deepcopy(model), batches[0][0][:2], importance=imp, pruning_ratio=0.5,
+                                 global_pruning=False)
+    spent.current_step = spent.iterative_steps   # e.g. after a pruner.step() that raised
+    with pytest.raises(PruningInputError, match="^pruner: its 1 iterative step"):
+        imp.step(spent)
     imp.step(pr, update=False)
     got = [kept_channels(model[k], original[k]) for k in (0, 3, 7)]
     assert got == want
@@ -903,16 +935,33 @@ def test_network_scope_removes_each_layers_first_units_of_the_joint_greedy_order
 
 
 def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
+    """Heads pass: the heads kept in each layer are those not among its two earliest in the joint greedy order of
+    the 8 head gates (both layers); an OBSImportance of the default scope can add the update to the ranking."""
+    from obs_plugins.curvature.gates import gate_ggn_factor
+    from obs_plugins.methods.obs_iht.structured import greedy_gate_removal
     model = tiny_bert()
     ids, am, batches = token_batches()
     head = nn.Linear(32, 3)
     logits = lambda out, b: head(out.last_hidden_state[:, 0])  # noqa: E731
+    sites = {layer.attention.output.dense: 4 * li + torch.arange(4).repeat_interleave(8)
+             for li, layer in enumerate(model.encoder.layer)}
+    order, _ = greedy_gate_removal(gate_ggn_factor(model, sites, batches, logits_fn=logits))
+    want = []
+    for li in range(2):
+        gone = [u - 4 * li for u in order if 4 * li <= u < 4 * li + 4][:2]
+        want.append(sorted(set(range(4)) - set(gone)))
+    queries = [layer.attention.self.query.weight.detach().clone() for layer in model.encoder.layer]
     curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
                                progress=False)
     imp = OBSImportance(curv, scope="network", logits_fn=logits)
-    prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, imp, 0.5, update=False)
-    for layer in model.encoder.layer:
+    comp = OBSImportance(curv)   # adds the layer OBS update to the network ranking
+    prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, imp, 0.5, compensation=comp,
+                      update=False)
+    for li, layer in enumerate(model.encoder.layer):
         assert layer.attention.self.num_attention_heads == 2 and layer.intermediate.dense.out_features == 32
+        q = layer.attention.self.query.weight.detach()
+        kept = [h for h in range(4) for k in range(2) if torch.equal(q[8 * k:8 * k + 8], queries[li][8 * h:8 * h + 8])]
+        assert kept == want[li]
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am).last_hidden_state
     assert out.shape == (8, 12, 16 * 2) and bool(torch.isfinite(out).all())

@@ -69,8 +69,6 @@ def gate_ggn_factor(model: nn.Module, sites: dict, batches, *, n_gates: int | No
     gives ``(batch, classes)`` logits (default: the output, or its ``.logits``).  The model is left as it was
     (hooks removed, gradients untouched: only the gates are differentiated).  Across processes
     (``torch.distributed``) the rows are gathered, so every rank returns the same factor."""
-    from tqdm.auto import tqdm
-
     from .batching import default_forward
     from .fisher import _all_gather_rows, _dist
     if not isinstance(sites, dict) or not sites:
@@ -94,38 +92,15 @@ def gate_ggn_factor(model: nn.Module, sites: dict, batches, *, n_gates: int | No
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ref: list = [None]
     handles = [m.register_forward_pre_hook(_gate_hook(v, ref)) for m, v in zip(sites, ids)]
-    rows, total = [], 0
-    was = model.training
-    model.eval()
-    try:
-        for i, batch in enumerate(tqdm(batches, desc="gate Gauss-Newton", disable=not progress, leave=False)):
-            batch = move(batch, device)
-            from .fisher import batch_rows
-            B = batch_rows(batch)
-            G = torch.ones(B, n, dtype=torch.float32, device=device, requires_grad=True)
-            ref[0] = G
-            with torch.enable_grad():
-                z = logits_fn(forward_fn(model, batch), batch)
-                if not torch.is_tensor(z) or z.dim() != 2 or z.shape[0] != B:
-                    raise PruningInputError(f"logits_fn: expected (batch={B}, classes) logits, got "
-                                            f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
-                C = z.shape[1]
-                if C > max_classes:
-                    raise PruningInputError(f"logits_fn: {C} classes (more than max_classes={max_classes}); the "
-                                            "gate Gauss-Newton takes one backward pass per class")
-                if not torch.isfinite(z).all():
-                    raise PruningInputError(f"batches[{i}]: the logits hold NaN/Inf values")
-                J = torch.stack([torch.autograd.grad(z[:, c].sum(), G, retain_graph=c < C - 1)[0]
-                                 for c in range(C)], 1).double()                       # (B, C, n)
-            p = torch.softmax(z.detach().double(), dim=1)                              # (B, C)
-            centred = J - (p.unsqueeze(2) * J).sum(1, keepdim=True)
-            rows.append((p.sqrt().unsqueeze(2) * centred).reshape(B * C, n).cpu())
-            total += B
-    finally:
-        ref[0] = None
-        for h in handles:
-            h.remove()
-        model.train(was)
+    from .collect import eval_mode
+    with eval_mode(model):
+        try:
+            rows, total = _collect_rows(model, batches, ref, forward_fn, logits_fn, n, max_classes, device,
+                                        progress)
+        finally:
+            ref[0] = None
+            for h in handles:
+                h.remove()
     R = torch.cat(rows)
     if _dist() is not None:
         R = _all_gather_rows(R.to(device)).cpu()
@@ -133,6 +108,44 @@ def gate_ggn_factor(model: nn.Module, sites: dict, batches, *, n_gates: int | No
         _dist().all_reduce(cnt)
         total = int(cnt.item())
     return R / math.sqrt(total)
+
+
+def _collect_rows(model, batches, ref, forward_fn, logits_fn, n, max_classes, device, progress):
+    """The unscaled factor rows of every batch (gates installed through ``ref``) and the number of samples."""
+    from tqdm.auto import tqdm
+
+    from .fisher import batch_rows
+    rows, total = [], 0
+    for i, batch in enumerate(tqdm(batches, desc="gate Gauss-Newton", disable=not progress, leave=False)):
+        batch = move(batch, device)
+        B = batch_rows(batch)
+        G = torch.ones(B, n, dtype=torch.float32, device=device, requires_grad=True)
+        ref[0] = G
+        with torch.enable_grad():
+            z = logits_fn(forward_fn(model, batch), batch)
+            if not torch.is_tensor(z) or z.dim() != 2 or z.shape[0] != B:
+                raise PruningInputError(f"logits_fn: expected (batch={B}, classes) logits, got "
+                                        f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
+            C = z.shape[1]
+            if C > max_classes:
+                raise PruningInputError(f"logits_fn: {C} classes (more than max_classes={max_classes}); the "
+                                        "gate Gauss-Newton takes one backward pass per class")
+            if not torch.isfinite(z).all():
+                raise PruningInputError(f"batches[{i}]: the logits hold NaN/Inf values")
+            if i == 0 and B > 1:   # one sample's logits must not depend on another sample's gates
+                cross = torch.autograd.grad(z[0].sum(), G, retain_graph=True)[0][1:]
+                if bool((cross != 0).any()):
+                    raise PruningInputError(
+                        "sites: one sample's gates changed another sample's logits, so a gated consumer does "
+                        "not take the batch in its leading dimension (a sequence-first layer?) or the model "
+                        "mixes samples; the gate Gauss-Newton needs batch-first, per-sample computation")
+            J = torch.stack([torch.autograd.grad(z[:, c].sum(), G, retain_graph=c < C - 1)[0]
+                             for c in range(C)], 1).double()                       # (B, C, n)
+        p = torch.softmax(z.detach().double(), dim=1)                              # (B, C)
+        centred = J - (p.unsqueeze(2) * J).sum(1, keepdim=True)
+        rows.append((p.sqrt().unsqueeze(2) * centred).reshape(B * C, n).cpu())
+        total += B
+    return rows, total
 
 
 __all__ = ["gate_ggn_factor"]
