@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import structured as S  # noqa: E402
-from structured_oracle import WIDTHS, counts  # noqa: E402
+from structured_oracle import counts, load_seed  # noqa: E402
 
 OFF = [0, 16, 48, 176]
 
@@ -96,16 +96,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = []
     for seed in args.seeds:
-        cache = Path(args.cache) / f"structured_cnn_seed{seed}_ep2.pt"
-        if not cache.exists():
-            ap.error(f"--seeds: {cache} is missing; run benchmarks/structured.py --only cnn --seed {seed} first")
-        train, val, test = S.fashion(seed)
-        m = S.CNN()
-        m.load_state_dict(torch.load(cache))
-        m.eval()
+        m, train, val, test, idx = load_seed(ap, args.cache, seed)
         for p in m.parameters():
             p.requires_grad_(False)
-        idx = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed + 1))[:1024]
         for name, H in curvatures(m, train[0][idx], train[1][idx]).items():
             order = greedy_order(H.double())
             for ratio in (0.3, 0.5):

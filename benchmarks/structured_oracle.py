@@ -63,6 +63,20 @@ def accuracy(model, X, y, gates):
     return float((net.logits(net.h(net.a2(gates[0]), gates[1]), gates[2]).argmax(1) == y).float().mean())
 
 
+def load_seed(ap, cache_dir, seed):
+    """The cached CNN of ``structured.py``'s seed (eval mode), its splits and the indices of its 1,024
+    calibration images; ``ap.error`` when the network was never trained here."""
+    cache = Path(cache_dir) / f"structured_cnn_seed{seed}_ep2.pt"
+    if not cache.exists():
+        ap.error(f"--seeds: {cache} is missing; run benchmarks/structured.py --only cnn --seed {seed} first")
+    train, val, test = S.fashion(seed)
+    model = S.CNN()
+    model.load_state_dict(torch.load(cache))
+    model.eval()
+    idx = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed + 1))[:1024]
+    return model, train, val, test, idx
+
+
 def counts(ratio):
     return [w - int(w * (1 - ratio)) for w in WIDTHS]   # Torch-Pruning's per-layer rounding
 
@@ -122,15 +136,7 @@ def main(argv=None):
             ap.error(f"--ratios: each in (0, 1), got {r}")
     rows = []
     for seed in args.seeds:
-        cache = Path(args.cache) / f"structured_cnn_seed{seed}_ep2.pt"
-        if not cache.exists():
-            ap.error(f"--seeds: {cache} is missing; run benchmarks/structured.py --only cnn --seed {seed} first")
-        train, _val, test = S.fashion(seed)
-        model = S.CNN()
-        model.load_state_dict(torch.load(cache))
-        model.eval()
-        g = torch.Generator().manual_seed(seed + 1)   # the calibration images of structured.py
-        idx = torch.randperm(len(train[0]), generator=g)[:1024]
+        model, train, _val, test, idx = load_seed(ap, args.cache, seed)   # structured.py's calibration images
         net = Gated(model, train[0][idx])
         for ratio in args.ratios:
             for name, fn in (("exact_single", exact_single), ("exact_greedy", exact_greedy)):
