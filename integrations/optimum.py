@@ -38,7 +38,7 @@ from obs_plugins import api
 from obs_plugins.curvature import Curvature
 from obs_plugins.errors import PruningInputError
 from obs_plugins.lm import save_plain  # noqa: F401  (re-exported: it lived here)
-from obs_plugins.masks import parse_nm
+from obs_plugins.masks import bake, count_to_reach, parse_nm
 from obs_plugins.registry import CONFIG_FORMAT_VERSION, config_from_dict, config_to_dict, get_method, list_methods
 from obs_plugins.targets import check_tied, is_hf_conv1d, resolve_targets
 
@@ -555,18 +555,13 @@ class Pruner(OptimumQuantizer):
         weights = sum(t.orig().numel() for t in targets)
         amount = config.sparsity
         if config.pattern == "unstructured":   # sparsity is of all the selected weights, torch masks included
-            masked = weights - sum(int(t.prior_mask().sum()) for t in targets)
-            amount = round(config.sparsity * weights) - masked
+            amount = count_to_reach(config.sparsity, targets)
             if amount < 0:
                 raise PruningInputError(f"sparsity: the selected weights already carry torch.nn.utils.prune masks "
-                                        f"removing {masked / weights:.4f} of them, more than sparsity="
-                                        f"{config.sparsity}")
+                                        f"removing more than sparsity={config.sparsity} of them")
         plan = api.prune(method_cfg, curvature=curv, targets=None if curv is not None else targets,
                          amount=amount, reparametrize=False)
-        from torch.nn.utils import prune as torch_prune
-        for t in targets:   # bake masks the model carried before (plain weights for save_pretrained)
-            if hasattr(t.module, t.name + "_mask"):
-                torch_prune.remove(t.module, t.name)
+        bake(targets)   # masks the model carried before: plain weights for save_pretrained
         zeros = sum(int((t.orig() == 0).sum()) for t in targets)
         pruned = sum(int((~e.mask).sum()) for e in plan.entries.values())
         report = {k: v for k, v in plan.report.items() if k not in ("predicted_layer_loss",)}
@@ -790,9 +785,7 @@ class PruningCallback(TrainerCallback):
             self._since_upper = 0
 
     def _prune_to(self, sparsity, state):
-        target_zeros = round(sparsity * self.weights)
-        have = self.weights - sum(int(t.prior_mask().sum()) for t in self.targets)
-        k = target_zeros - have
+        k = count_to_reach(sparsity, self.targets)
         if k <= 0:
             return
         curv = None
@@ -876,8 +869,7 @@ class PruningCallback(TrainerCallback):
         with torch.no_grad():  # the weights theta the gates multiplied (kept entries unchanged by the cut)
             theta = {t.key: t.orig().detach().clone() for t in bip.targets}
         bip.finish()
-        plan = bip.make_plan(k=round(self.config.sparsity * self.weights)
-                             - (self.weights - sum(int(t.prior_mask().sum()) for t in self.targets)))
+        plan = bip.make_plan(k=count_to_reach(self.config.sparsity, self.targets))
         for key, e in plan.entries.items():
             e.new_weight = theta[key]
         plan.apply(reparametrize=True)
@@ -899,12 +891,9 @@ class PruningCallback(TrainerCallback):
                 self._start(state)
             if not self.sparsifier.finished:  # training stopped before the schedule ended: cut it now
                 self._cut_ticket(state)
-        elif self.sparsity() < round(self.config.sparsity * self.weights) / self.weights - 1e-12:
+        else:   # training stopped before end_step: the rest of the schedule now (nothing if it was reached)
             self._prune_to(self.config.sparsity, state)
-        from torch.nn.utils import prune
-        for t in self.targets:
-            if hasattr(t.module, t.name + "_mask"):
-                prune.remove(t.module, t.name)
+        bake(self.targets)
 
     def sparsity(self) -> float:
         """Fraction of the selected weights masked (or zero once baked)."""

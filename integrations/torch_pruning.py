@@ -134,7 +134,7 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"rel_damp: must be a positive number, got {rel_damp!r}")
         if not (scale is None or scale == "loss" or isinstance(scale, dict)):
             raise PruningInputError(f"scale: 'loss', None or a dict key -> tensor, got {scale!r}")
-        if scale == "loss":
+        if scale == "loss" and scope == "layer":   # the network scope does not use the row weights
             curvature._need_loss("OBSImportance(scale='loss')")
         if mode not in (None, "greedy", "single"):
             raise PruningInputError(f"mode: 'greedy', 'single' or None, got {mode!r}")
@@ -214,15 +214,8 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"curvature: no layer consuming the channels of group {_group_name(group)} is "
                                     "among the curvature's targets; collect the curvature over every Linear/Conv2d "
                                     "(prunable_linear_targets(model, exclude=())) or ignore that layer")
-        # units scored (and, in greedy mode, removed) together: channels, or blocks of b channels (heads)
-        b = max([self.channel_blocks.get(m, 1) for _, m, _, _, _ in consumers])
-        n = len(pos)
-        if n % b:
-            raise PruningInputError(f"channel_blocks: {n} channels of group {_group_name(group)} do not split into "
-                                    f"blocks of {b}")
-        by_pos = {p: r for r, p in pos.items()}
-        units = [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(n // b)]
-        scores = torch.zeros(n, dtype=torch.float32)
+        units = self._unit_roots(group, pos, [m for _, m, _, _, _ in consumers])
+        scores = torch.zeros(len(pos), dtype=torch.float32)
         if self.mode == "greedy":
             layers = []
             for key, _m, W, H, cols in consumers:
@@ -248,6 +241,16 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"curvature: non-finite OBS scores for group {_group_name(group)}")
         return scores
 
+    def _unit_roots(self, group, pos: dict[int, int], consumers) -> list[list[int]]:
+        """The units scored (and, in greedy orders, removed) together, as lists of root channels: single
+        channels, or blocks of ``b`` channels where a consumer has ``channel_blocks`` ``b`` (heads)."""
+        b = max([self.channel_blocks.get(m, 1) for m in consumers])
+        if len(pos) % b:
+            raise PruningInputError(f"channel_blocks: {len(pos)} channels of group {_group_name(group)} do not "
+                                    f"split into blocks of {b}")
+        by_pos = {p: r for r, p in pos.items()}
+        return [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(len(pos) // b)]
+
     # ------------------------------------------------------------------ scope="network"
     def _units(self, group):
         """The group's consumers ``[(module, {root: [input features]})]`` and its units (lists of roots: single
@@ -264,12 +267,7 @@ class OBSImportance(tp.importance.Importance):
                 consumers.append((module, feats))
         if not consumers:
             raise PruningInputError(f"pruner: no Linear/Conv2d consumes the channels of group {_group_name(group)}")
-        b = max([self.channel_blocks.get(m, 1) for m, _ in consumers])
-        if len(pos) % b:
-            raise PruningInputError(f"channel_blocks: {len(pos)} channels of group {_group_name(group)} do not "
-                                    f"split into blocks of {b}")
-        by_pos = {p: r for r, p in pos.items()}
-        return pos, consumers, [[by_pos[p] for p in range(u * b, (u + 1) * b)] for u in range(len(pos) // b)]
+        return pos, consumers, self._unit_roots(group, pos, [m for m, _ in consumers])
 
     def _prepare_network(self, pruner) -> None:
         """Gate every unit of the groups ``pruner`` will prune, factor the gate-space Gauss-Newton matrix on the

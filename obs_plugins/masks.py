@@ -239,6 +239,22 @@ class PrunePlan:
                     w.mul_(e.mask.to(w.device, w.dtype))
 
 
+def count_to_reach(sparsity: float, targets: Sequence[Target]) -> int:
+    """How many more entries to prune so that ``round(sparsity * n)`` of the targets' ``n`` entries are masked,
+    the torch.nn.utils.prune masks already on them counted (negative: they already mask more)."""
+    n = sum(t.orig().numel() for t in targets)
+    masked = n - sum(int(t.prior_mask().sum()) for t in targets)
+    return round(sparsity * n) - masked
+
+
+def bake(targets: Sequence[Target]) -> None:
+    """Make the targets' torch.nn.utils.prune masks permanent (``prune.remove``): plain weights again, zeros kept."""
+    from torch.nn.utils import prune
+    for t in targets:
+        if hasattr(t.module, t.name + "_mask"):
+            prune.remove(t.module, t.name)
+
+
 def sparsity_of(tensors: Iterable[torch.Tensor]) -> float:
     tensors = list(tensors)
     total = sum(t.numel() for t in tensors)

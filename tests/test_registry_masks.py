@@ -184,3 +184,21 @@ def test_count_to_prune_takes_numpy_numbers_as_torch_does():
     assert count_to_prune(np.int64(3), 10) == 3 and count_to_prune(np.float32(0.5), 10) == 5
     with pytest.raises(PruningInputError, match="^amount"):
         count_to_prune(torch.tensor(3), 10)
+
+
+def test_count_to_reach_counts_prior_masks_and_bake_leaves_plain_weights():
+    """1x8 and 1x4 layers, 2 of the 8 entries masked by torch: reaching 50% of the 12 entries needs 6 - 2 = 4 more;
+    75% of them 9 - 2 = 7; 10% is already exceeded (1 - 2 = -1).  bake() makes the mask permanent."""
+    from obs_plugins.masks import bake, count_to_reach
+    from obs_plugins.targets import resolve_targets
+    net = torch.nn.Sequential(torch.nn.Linear(8, 1, bias=False), torch.nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.arange(1.0, 9.0).view(1, 8))
+    prune.custom_from_mask(net[0], "weight", torch.tensor([[0, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool))
+    targets = resolve_targets(net, [(net[0], "weight"), (net[1], "weight")])
+    assert [count_to_reach(s, targets) for s in (0.5, 0.75, 0.1)] == [4, 7, -1]
+    bake(targets)
+    assert not hasattr(net[0], "weight_mask") and isinstance(net[0].weight, torch.nn.Parameter)
+    assert net[0].weight.tolist() == [[0.0, 2.0, 3.0, 0.0, 5.0, 6.0, 7.0, 8.0]]
+    bake(targets)   # nothing left to bake: a no-op
+    assert net[0].weight.tolist() == [[0.0, 2.0, 3.0, 0.0, 5.0, 6.0, 7.0, 8.0]]
