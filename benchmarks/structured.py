@@ -17,7 +17,7 @@ default group mean normaliser), OBSImportance (loss-scaled greedy OBS: the loss 
 OBSImportance(compensate=False) ("obs_removal": the loss-scaled removal error without the update; "obs_removal_greedy":
 the joint removal error in greedy order, ``mode="greedy"``), OBSImportance(scope="network") ("obs_network": the
 removal cost in the network loss, the cross-entropy's Gauss-Newton matrix in channel-gate coordinates, greedy over
-all layers jointly), and for the CNN
+all layers jointly, re-linearised in 8 rounds; "obs_network1": one model at the dense point), and for the CNN
 the two learned channel rankings CSImportance / BiPImportance.
 
 CNN allocation (``--cnn-allocation``): ``global`` (one threshold over all channels; networks of different sizes),
@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "obs_removal_greedy", "obs_network", "cs",
-               "bip")
-OBS_NAMES = ("obs", "obs_removal", "obs_removal_greedy", "obs_network")
+IMPORTANCES = ("magnitude", "taylor", "hessian", "obs", "obs_removal", "obs_removal_greedy", "obs_network",
+               "obs_network1", "cs", "bip")
+OBS_NAMES = ("obs", "obs_removal", "obs_removal_greedy", "obs_network", "obs_network1")
 LEARNED = ("cs", "bip")
 
 
@@ -68,11 +68,13 @@ def obs_importance(curv, imp_name, rel_damp, mode=None, logits_fn=None):
     "obs": the default ranking (loss after the update; ``mode``: greedy / single); "obs_removal": the removal error
     of each channel alone (``compensate=False``); "obs_removal_greedy": the joint removal error, greedy order
     (``compensate=False, mode="greedy"``); "obs_network": the network-loss removal cost in channel-gate
-    coordinates (``scope="network"``, Gauss-Newton of the classifier's cross-entropy through ``logits_fn``).
-    The same object applies the update when asked."""
+    coordinates (``scope="network"``, Gauss-Newton of the classifier's cross-entropy through ``logits_fn``,
+    re-linearised in the default 8 rounds); "obs_network1": the same at the dense point only (``relinearize=1``,
+    the twelfth session's rows).  The same object applies the update when asked."""
     from obs_plugins.integrations.torch_pruning import OBSImportance
-    if imp_name == "obs_network":
-        return OBSImportance(curv, rel_damp=rel_damp, scope="network", logits_fn=logits_fn)
+    if imp_name in ("obs_network", "obs_network1"):
+        return OBSImportance(curv, rel_damp=rel_damp, scope="network", logits_fn=logits_fn,
+                             **({"relinearize": 1} if imp_name == "obs_network1" else {}))
     if imp_name not in ("obs_removal", "obs_removal_greedy"):
         return OBSImportance(curv, rel_damp=rel_damp, mode=mode)
     return OBSImportance(curv, rel_damp=rel_damp, compensate=False,
@@ -555,7 +557,9 @@ LABEL = {("magnitude", "dense"): "GroupMagnitude (L2)", ("taylor", "dense"): "Gr
          ("hessian", "dense"): "GroupHessian", ("obs", "dense"): "**OBSImportance**",
          ("obs_removal", "dense"): "**OBSImportance(compensate=False)** (removal-error ranking)",
          ("obs_removal_greedy", "dense"): "**OBSImportance(compensate=False, mode='greedy')** (joint removal error)",
-         ("obs_network", "dense"): "**OBSImportance(scope='network')** (network-loss Gauss-Newton, channel gates)",
+         ("obs_network", "dense"): "**OBSImportance(scope='network')** (network-loss Gauss-Newton, channel gates, "
+                                   "8 re-linearised rounds)",
+         ("obs_network1", "dense"): "OBSImportance(scope='network', relinearize=1) (dense-point model only)",
          ("cs", "dense"): "CSImportance (search's ranking)", ("bip", "dense"): "BiPImportance (search's ranking)",
          ("bip", "searched"): "BiP search's own weights (not comparable: +1 epoch of masked training)"}
 SERIES = list(LABEL)   # (importance, weights) in table order; rows without "weights" prune the dense model

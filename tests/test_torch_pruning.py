@@ -1,5 +1,6 @@
 """Torch-Pruning adapter: OBS / CS / BiP channel importances, OBS compensation, HF structured pruning and reload."""
 import copy
+import math
 
 import pytest
 import torch
@@ -917,7 +918,7 @@ def test_network_scope_removes_each_layers_first_units_of_the_joint_greedy_order
         gone = [u - lo for u in order if lo <= u < lo + n][:n // 2]
         want.append(sorted(set(range(n)) - set(gone)))
     curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
-    imp = OBSImportance(curv, scope="network")
+    imp = OBSImportance(curv, scope="network", relinearize=1)
     pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.5, global_pruning=False,
                               ignored_layers=[model[9]])
     with pytest.raises(PruningInputError, match="^scope"):   # the scores come from imp.step(pruner)
@@ -932,6 +933,174 @@ def test_network_scope_removes_each_layers_first_units_of_the_joint_greedy_order
     assert got == want
     out = model(batches[0][0])
     assert out.shape == (16, 5) and bool(torch.isfinite(out).all())
+
+
+def _kl_model_brute(f, X, at, ref_at):
+    """float64 brute force of the gate-space model at gates ``at``: the Gauss-Newton matrix there and the gradient
+    of mean_i KL(p_i(ref_at) || p_i(m)) at m = at."""
+    at = torch.as_tensor(at, dtype=torch.float64)
+    ref_at = torch.as_tensor(ref_at, dtype=torch.float64)
+    n = at.numel()
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for x in X:
+        J = torch.autograd.functional.jacobian(lambda m: f(m, x), at)
+        p = torch.softmax(f(at, x), 0)
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    q = [torch.softmax(f(ref_at, x), 0).detach() for x in X]
+
+    def kl(m):
+        return sum((qi * (qi.log() - torch.log_softmax(f(m, x), 0))).sum() for qi, x in zip(q, X)) / len(X)
+
+    return G / len(X), torch.autograd.functional.jacobian(kl, at)
+
+
+def test_gate_quadratic_away_from_one_is_the_brute_force_kl_model_and_k_batches_equal_one():
+    from obs_plugins.curvature.gates import gate_quadratic
+    model = _gated_mlp()
+    X = torch.randn(12, 5, generator=torch.Generator().manual_seed(5))
+    m64 = copy.deepcopy(model).double()
+
+    def f(m, x):
+        gate = lambda ids: torch.stack([m[i] if i >= 0 else m.new_ones(()) for i in ids])  # noqa: E731
+        h = torch.relu(m64[0](x.double()))
+        h = torch.tanh(m64[2](h * gate(MLP_SITES[2])))
+        return m64[4](h * gate(MLP_SITES[4]))
+
+    sites = {model[k]: torch.tensor(v) for k, v in MLP_SITES.items()}
+    parts = [(X[:5], None), (X[5:], None)]
+    dense = gate_quadratic(model, sites, parts)
+    assert torch.equal(dense.grad, torch.zeros(5, dtype=torch.float64))   # no reference: no gradient
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(dense.probs), torch.softmax(model(X).double(), 1), rtol=1e-5, atol=1e-7)
+    at = [1.0, 0.0, 1.0, 1.0, 0.0]    # units 1 and 4 removed; unit 2 feeds both consumers
+    q = gate_quadratic(model, sites, parts, at=at, reference=dense.probs)
+    G, g = _kl_model_brute(f, X, at, torch.ones(5))
+    torch.testing.assert_close(q.factor.T @ q.factor, G, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(q.grad, g, rtol=1e-4, atol=1e-7)
+    assert float(g.abs().max()) > 1e-3   # the gradient is really there away from the reference point
+    one = gate_quadratic(model, sites, [(X, None)], at=at, reference=[torch.cat(dense.probs)])
+    torch.testing.assert_close(one.grad, q.grad, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(one.factor.T @ one.factor, q.factor.T @ q.factor, rtol=1e-5, atol=1e-9)
+    with pytest.raises(PruningInputError, match="^at"):
+        gate_quadratic(model, sites, parts, at=[1.0, 0.0])
+    with pytest.raises(PruningInputError, match="^reference"):
+        gate_quadratic(model, sites, parts, reference=dense.probs[:1])
+
+
+def test_relinearized_gate_removal_is_a_brute_force_staged_greedy():
+    """Each round re-takes the model at the gates reached and removes greedily under it, within the group caps, up
+    to ceil(count * (s + 1) / stages); the units left are ordered by the last model; one round is the plain
+    capped greedy."""
+    from obs_plugins.methods.obs_iht.structured import greedy_gate_removal, relinearized_gate_removal
+    gen = torch.Generator().manual_seed(11)
+    n = 9
+    B0, B1 = torch.randn(7, n, generator=gen, dtype=torch.float64), torch.randn(7, n, generator=gen, dtype=torch.float64)
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    groups, caps = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2]), torch.tensor([2, 1, 2])
+    seen = []
+
+    def quadratic(at):
+        seen.append(at.clone())
+        gone = (1 - at).double()
+        return B0 + B1 * gone.sum() / 3, A @ gone
+
+    def brute(stages):
+        at, room, order = torch.ones(n), caps.clone(), []
+        for s in range(stages):
+            want = math.ceil(5 * (s + 1) / stages) - len(order)
+            if want <= 0:
+                continue
+            B, g = quadratic(at.clone())
+            G, S = B.T @ B, []
+            for _ in range(want):
+                cost = {u: -float(g[u]) + 0.5 * float(G[u, u]) + sum(float(G[u, v]) for v in S)
+                        for u in range(n) if at[u] > 0 and room[groups[u]] > 0}
+                u = min(cost, key=cost.get)
+                S.append(u)
+                at[u] = 0
+                room[groups[u]] -= 1
+            order += S
+        rest = []
+        while len(order) + len(rest) < n:
+            cost = {u: -float(g[u]) + 0.5 * float(G[u, u]) + sum(float(G[u, v]) for v in S + rest)
+                    for u in range(n) if u not in order and u not in rest}
+            rest.append(min(cost, key=cost.get))
+        return order + rest
+
+    for stages in (1, 2, 5):
+        want = brute(stages)
+        seen.clear()
+        order, inc = relinearized_gate_removal(quadratic, n, 5, groups=groups, caps=caps, stages=stages)
+        assert order == want and len(inc) == n and len(seen) == stages
+        for s, at in enumerate(seen):   # each round's model is taken with exactly the earlier rounds' units at 0
+            assert sorted(torch.nonzero(at == 0).flatten().tolist()) == sorted(order[:math.ceil(5 * s / stages)])
+        assert torch.bincount(groups[torch.tensor(order[:5])], minlength=3).tolist() == caps.tolist()
+    B, g = quadratic(torch.ones(n))
+    assert relinearized_gate_removal(quadratic, n, 5, groups=groups, caps=caps, stages=1)[0][:5] == \
+        greedy_gate_removal(B, grad=g, groups=groups, caps=caps, count=5)[0]
+    with pytest.raises(PruningInputError, match="^stages"):
+        relinearized_gate_removal(quadratic, n, 5, stages=0)
+    with pytest.raises(PruningInputError, match="^count"):   # the caps allow only 5
+        relinearized_gate_removal(quadratic, n, 6, groups=groups, caps=caps, stages=2)
+
+
+def _cnn_network_reference(model, batches, sites, sizes, caps, count, stages):
+    """The units the re-linearised network ranking removes, from the core functions directly."""
+    from obs_plugins.curvature.gates import gate_quadratic
+    from obs_plugins.methods.obs_iht.structured import relinearized_gate_removal
+    n = sum(sizes)
+    dense = gate_quadratic(model, sites, batches, n_gates=n)
+
+    def quadratic(at):
+        q = gate_quadratic(model, sites, batches, n_gates=n, at=at, reference=dense.probs)
+        return q.factor, q.grad
+
+    groups = torch.cat([torch.full((k,), i) for i, k in enumerate(sizes)])
+    return relinearized_gate_removal(quadratic, n, count, groups=groups, caps=caps, stages=stages)[0][:count]
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_network_scope_relinearized_removes_the_staged_greedy_units(global_pruning):
+    """Per-layer ratios (each layer's count from the pruner's dry run) and plain global pruning (the total; no
+    layer emptied): the channels removed are those of the core's re-linearised greedy, and a plan the pruner
+    would not carry out is refused with nothing changed."""
+    model = small_cnn()
+    with torch.no_grad():   # distinct biases: kept_channels matches channels by them
+        for k in (0, 3, 7):
+            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    original = copy.deepcopy(model)
+    batches = cnn_batches()
+    sites = {model[3]: torch.arange(8), model[7]: 8 + torch.arange(12).repeat_interleave(36),
+             model[9]: 20 + torch.arange(16)}
+    sizes = [8, 12, 16]
+    caps = torch.tensor([7, 11, 15]) if global_pruning else torch.tensor([4, 6, 8])
+    gone = set(_cnn_network_reference(model, batches, sites, sizes, caps, 18, 3))
+    want = [sorted(set(range(k)) - {u - lo for u in gone if lo <= u < lo + k}) for lo, k in ((0, 8), (8, 12), (20, 16))]
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+    imp = OBSImportance(curv, scope="network", relinearize=3)
+    pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.5,
+                              global_pruning=global_pruning, ignored_layers=[model[9]])
+    plain = imp._prepare_network
+
+    def wrong_plan(pruner):   # as if the pruner chose otherwise than planned
+        plain(pruner)
+        imp._planned = set(imp._planned) ^ {min(imp._planned), max(set(range(36)) - imp._planned)}
+
+    imp._prepare_network = wrong_plan
+    with pytest.raises(PruningInputError, match="^pruner: Torch-Pruning would remove other channels"):
+        imp.step(pr, update=False)
+    assert state_equal(original.state_dict(), model.state_dict()) and pr.current_step == 0
+    imp._prepare_network = plain
+    imp.step(pr, update=False)
+    assert [kept_channels(model[k], original[k]) for k in (0, 3, 7)] == want
+    if not global_pruning:
+        assert [len(w) for w in want] == [4, 6, 8]
+    out = model(batches[0][0])
+    assert out.shape == (16, 5) and bool(torch.isfinite(out).all())
+    with pytest.raises(PruningInputError, match="^relinearize"):
+        OBSImportance(curv, scope="network", relinearize=0)
+    with pytest.raises(PruningInputError, match="^relinearize"):
+        OBSImportance(curv, scope="network", relinearize=True)
 
 
 def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
@@ -953,7 +1122,7 @@ def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
     queries = [layer.attention.self.query.weight.detach().clone() for layer in model.encoder.layer]
     curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
                                progress=False)
-    imp = OBSImportance(curv, scope="network", logits_fn=logits)
+    imp = OBSImportance(curv, scope="network", logits_fn=logits, relinearize=1)
     comp = OBSImportance(curv)   # adds the layer OBS update to the network ranking
     prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, imp, 0.5, compensation=comp,
                       update=False)

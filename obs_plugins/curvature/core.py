@@ -445,12 +445,19 @@ class Curvature:
         """The gate-space Gauss-Newton factor of :func:`obs_plugins.curvature.gates.gate_ggn_factor` over this
         curvature's model and calibration batches (its ``forward_fn``; eval mode, no key/value cache): ``B`` with
         ``B^T B`` the softmax cross-entropy's Gauss-Newton matrix in unit-gate coordinates."""
-        from .gates import gate_ggn_factor
+        return self.gate_quadratic(sites, logits_fn=logits_fn, n_gates=n_gates, progress=progress).factor
+
+    def gate_quadratic(self, sites: dict, *, at=None, reference=None, logits_fn: Callable | None = None,
+                       n_gates: int | None = None, progress: bool = False):
+        """:func:`obs_plugins.curvature.gates.gate_quadratic` over this curvature's model and calibration batches:
+        the gate-space Gauss-Newton factor at gates ``at`` and the gradient of the KL divergence from
+        ``reference`` (the ``probs`` of an earlier call)."""
+        from .gates import gate_quadratic
         if not self.batches:
             raise PruningInputError("batches: the gate Gauss-Newton needs the curvature's calibration batches")
         with self._eval_mode():
-            return gate_ggn_factor(self.model, sites, self.batches, n_gates=n_gates, forward_fn=self.forward_fn,
-                                   logits_fn=logits_fn, progress=progress)
+            return gate_quadratic(self.model, sites, self.batches, n_gates=n_gates, at=at, reference=reference,
+                                  forward_fn=self.forward_fn, logits_fn=logits_fn, progress=progress)
 
     def output_sensitivity(self, batches: Iterable | None = None, *, keys=None, per_sample: bool = False,
                            progress: bool = False) -> dict[str, torch.Tensor]:

@@ -17,10 +17,17 @@ different layers interact.  ``G`` is kept as a factor ``B`` (``B^T B = G``) of `
 and class: ``B_(i,c) = sqrt(p_ic) (J_i[c] - p_i^T J_i) / sqrt(N)``, since ``sum_c p_c (e_c - p)(e_c - p)^T =
 diag p - p p^T``.  Per-sample Jacobians come from per-sample gates (shape ``(batch, n)``), one backward pass per
 class and batch.
+
+Away from ``m = 1`` (some units already removed, their gates at 0) the same matrix, taken at the current gates, is
+the Gauss-Newton matrix of the mean KL divergence ``KL(p_ref || p(m))`` from the reference predictions (the dense
+model's), whose gradient ``1/N sum_i J_i^T (p_i - p_ref,i)`` is no longer zero: :func:`gate_quadratic` returns
+both, so a removal order can be re-linearised along the way (the dense point's gradient is exactly zero, so the
+first linearisation is the one above).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -58,17 +65,39 @@ def _gate_hook(index: torch.Tensor, gates_ref: list):
     return hook
 
 
-def gate_ggn_factor(model: nn.Module, sites: dict, batches, *, n_gates: int | None = None,
-                    forward_fn: Callable | None = None, logits_fn: Callable | None = None, max_classes: int = 1024,
-                    progress: bool = False) -> torch.Tensor:
-    """The factor ``B`` (float64, ``(N*C, n_gates)``) of the gate-space Gauss-Newton matrix ``G = B^T B``.
+@dataclass
+class GateQuadratic:
+    """The second-order model of the network loss in gate coordinates at gates ``at`` (:func:`gate_quadratic`).
+
+    ``factor``: ``B`` (float64, ``(N*C, n)``), ``B^T B`` the Gauss-Newton matrix; ``grad``: (float64, ``(n,)``) the
+    gradient of the mean ``KL(p_ref || p)`` (zeros without a reference); ``probs``: the predictions at ``at``, one
+    ``(batch, C)`` float64 tensor per calibration batch (the reference of later linearisations).  Moving the gates
+    by ``d`` changes the modelled loss by ``grad . d + 1/2 ||B d||^2``."""
+    factor: torch.Tensor
+    grad: torch.Tensor
+    probs: list
+
+
+def gate_ggn_factor(model: nn.Module, sites: dict, batches, **kwargs) -> torch.Tensor:
+    """The factor ``B`` (float64, ``(N*C, n_gates)``) of the gate-space Gauss-Newton matrix ``G = B^T B`` at all gates
+    1 (:func:`gate_quadratic`'s ``factor``; the same arguments)."""
+    return gate_quadratic(model, sites, batches, **kwargs).factor
+
+
+def gate_quadratic(model: nn.Module, sites: dict, batches, *, n_gates: int | None = None, at=None, reference=None,
+                   forward_fn: Callable | None = None, logits_fn: Callable | None = None, max_classes: int = 1024,
+                   progress: bool = False) -> GateQuadratic:
+    """The gate-space quadratic model (:class:`GateQuadratic`) of the network at gates ``at``.
 
     ``sites``: ``{consumer module (Linear / Conv2d): LongTensor of its input features' gate ids}`` (``-1``: not
-    gated; a Linear's features are its input columns, a Conv2d's its input channels).  ``forward_fn(model,
-    batch)`` runs the model (default ``model(**batch)`` / ``model(batch[0])``); ``logits_fn(output, batch)``
-    gives ``(batch, classes)`` logits (default: the output, or its ``.logits``).  The model is left as it was
-    (hooks removed, gradients untouched: only the gates are differentiated).  Across processes
-    (``torch.distributed``) the rows are gathered, so every rank returns the same factor."""
+    gated; a Linear's features are its input columns, a Conv2d's its input channels).  ``at``: the gate values
+    ``(n_gates,)`` to linearise at (default all 1; a removed unit's gate is 0).  ``reference``: the predictions the
+    KL gradient is taken against, as returned in ``probs`` by an earlier call on the same batches (default: none,
+    gradient zero).  ``forward_fn(model, batch)`` runs the model (default ``model(**batch)`` / ``model(batch[0])``);
+    ``logits_fn(output, batch)`` gives ``(batch, classes)`` logits (default: the output, or its ``.logits``).  The
+    model is left as it was (hooks removed, gradients untouched: only the gates are differentiated).  Across
+    processes (``torch.distributed``) the factor rows are gathered and the gradient summed, so every rank returns
+    the same factor and gradient (``probs`` stay per rank, like the batches)."""
     from .batching import default_forward
     from .fisher import _all_gather_rows, _dist
     if not isinstance(sites, dict) or not sites:
@@ -84,19 +113,24 @@ def gate_ggn_factor(model: nn.Module, sites: dict, batches, *, n_gates: int | No
     n = int(max(int(v.max()) for v in ids)) + 1 if n_gates is None else int(n_gates)
     if n < 1 or any(int(v.max()) >= n for v in ids):
         raise PruningInputError(f"sites: gate ids must lie in [0, {n}) (-1: not gated)")
+    at = torch.ones(n, dtype=torch.float32) if at is None else torch.as_tensor(at, dtype=torch.float32).reshape(-1)
+    if at.numel() != n or not torch.isfinite(at).all():
+        raise PruningInputError(f"at: {n} finite gate values, got {at.numel()}")
     forward_fn = forward_fn or default_forward
     logits_fn = logits_fn or (lambda out, _b: _output_tensor(out))
     batches = list(batches)
     if not batches:
         raise PruningInputError("batches: empty")
+    if reference is not None and len(reference) != len(batches):
+        raise PruningInputError(f"reference: one prediction tensor per batch ({len(batches)}), got {len(reference)}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ref: list = [None]
     handles = [m.register_forward_pre_hook(_gate_hook(v, ref)) for m, v in zip(sites, ids)]
     from .collect import eval_mode
     with eval_mode(model):
         try:
-            rows, total = _collect_rows(model, batches, ref, forward_fn, logits_fn, n, max_classes, device,
-                                        progress)
+            rows, grad, probs, total = _collect_rows(model, batches, ref, forward_fn, logits_fn, at, reference,
+                                                     max_classes, device, progress)
         finally:
             ref[0] = None
             for h in handles:
@@ -107,19 +141,25 @@ def gate_ggn_factor(model: nn.Module, sites: dict, batches, *, n_gates: int | No
         cnt = torch.tensor([float(total)], dtype=torch.float64, device=device)
         _dist().all_reduce(cnt)
         total = int(cnt.item())
-    return R / math.sqrt(total)
+        grad = grad.to(device)
+        _dist().all_reduce(grad)
+        grad = grad.cpu()
+    return GateQuadratic(factor=R / math.sqrt(total), grad=grad / total, probs=probs)
 
 
-def _collect_rows(model, batches, ref, forward_fn, logits_fn, n, max_classes, device, progress):
-    """The unscaled factor rows of every batch (gates installed through ``ref``) and the number of samples."""
+def _collect_rows(model, batches, ref, forward_fn, logits_fn, at, reference, max_classes, device, progress):
+    """The unscaled factor rows of every batch (gates ``at`` installed through ``ref``), the summed KL gradient,
+    the predictions per batch and the number of samples."""
     from tqdm.auto import tqdm
 
     from .fisher import batch_rows
-    rows, total = [], 0
+    n = at.numel()
+    rows, probs, total = [], [], 0
+    grad = torch.zeros(n, dtype=torch.float64)
     for i, batch in enumerate(tqdm(batches, desc="gate Gauss-Newton", disable=not progress, leave=False)):
         batch = move(batch, device)
         B = batch_rows(batch)
-        G = torch.ones(B, n, dtype=torch.float32, device=device, requires_grad=True)
+        G = at.to(device).expand(B, n).clone().requires_grad_(True)
         ref[0] = G
         with torch.enable_grad():
             z = logits_fn(forward_fn(model, batch), batch)
@@ -142,10 +182,17 @@ def _collect_rows(model, batches, ref, forward_fn, logits_fn, n, max_classes, de
             J = torch.stack([torch.autograd.grad(z[:, c].sum(), G, retain_graph=c < C - 1)[0]
                              for c in range(C)], 1).double()                       # (B, C, n)
         p = torch.softmax(z.detach().double(), dim=1)                              # (B, C)
+        if reference is not None:
+            q = torch.as_tensor(reference[i], dtype=torch.float64, device=p.device)
+            if q.shape != p.shape:
+                raise PruningInputError(f"reference[{i}]: predictions of shape {tuple(p.shape)}, got "
+                                        f"{tuple(q.shape)}")
+            grad += torch.einsum("bcn,bc->n", J, p - q).cpu()                      # d KL(q || p) / d gates
         centred = J - (p.unsqueeze(2) * J).sum(1, keepdim=True)
         rows.append((p.sqrt().unsqueeze(2) * centred).reshape(B * C, n).cpu())
+        probs.append(p.cpu())
         total += B
-    return rows, total
+    return rows, grad, probs, total
 
 
-__all__ = ["gate_ggn_factor"]
+__all__ = ["GateQuadratic", "gate_ggn_factor", "gate_quadratic"]

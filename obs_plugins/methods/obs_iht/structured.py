@@ -17,6 +17,7 @@ here takes column sets.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -188,31 +189,111 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
     return order, torch.tensor(inc, dtype=torch.float64)
 
 
-def greedy_gate_removal(factor: torch.Tensor, *, progress: bool = False) -> tuple[list[int], torch.Tensor]:
-    """Greedy joint removal of units under the gate-space quadratic ``dL(S) = 1/2 ||B 1_S||^2`` (``B = factor``,
-    ``(rows, n_units)``: :func:`obs_plugins.curvature.gates.gate_ggn_factor`).  Each step removes the unit adding
-    the least loss given those already removed: ``B_u . r + 1/2 ||B_u||^2`` with ``r = B 1_S`` (cross terms
-    included).  Returns ``(order, increments)``; ``increments[:t].sum()`` is the modelled loss of removing the
-    first ``t`` units together."""
+def greedy_gate_removal(factor: torch.Tensor, *, grad: torch.Tensor | None = None, removed=None, candidates=None,
+                        groups=None, caps=None, count: int | None = None,
+                        progress: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Greedy joint removal of units under the gate-space quadratic ``dL(S) = -g . 1_S + 1/2 ||B 1_S||^2``
+    (``B = factor``, ``(rows, n_units)``; ``g = grad``, default zero: :func:`obs_plugins.curvature.gates.
+    gate_quadratic`).  Each step removes the unit adding the least loss given those already removed:
+    ``-g_u + B_u . r + 1/2 ||B_u||^2`` with ``r = B 1_S`` (cross terms included).
+
+    ``removed``: units already removed under this same quadratic (they count in ``r``, are not chosen again);
+    ``candidates``: a bool ``(n_units,)`` mask of the units that may be chosen (default: all not removed);
+    ``groups`` / ``caps``: unit ``u`` belongs to group ``groups[u]`` and at most ``caps[j]`` units of group ``j``
+    are chosen here; ``count``: stop after that many (default: every unit allowed).  Returns ``(order,
+    increments)``; ``increments[:t].sum()`` is the modelled loss of removing the first ``t`` units together."""
     from tqdm.auto import tqdm
     if not torch.is_tensor(factor) or factor.dim() != 2 or factor.shape[1] < 1:
         raise PruningInputError(f"factor: a (rows, units) tensor, got "
                                 f"{tuple(factor.shape) if torch.is_tensor(factor) else type(factor).__name__}")
     check_finite(factor, "factor")
+    n = factor.shape[1]
     Bd = factor.to(torch.float64)
     own = 0.5 * (Bd * Bd).sum(0)
-    r = torch.zeros(Bd.shape[0], dtype=torch.float64)
-    alive = torch.ones(Bd.shape[1], dtype=torch.bool)
+    if grad is not None:
+        grad = torch.as_tensor(grad, dtype=torch.float64).reshape(-1)
+        if grad.numel() != n:
+            raise PruningInputError(f"grad: {n} values (one per unit), got {grad.numel()}")
+        check_finite(grad, "grad")
+        own = own - grad
+    alive = torch.ones(n, dtype=torch.bool) if candidates is None else \
+        torch.as_tensor(candidates, dtype=torch.bool).reshape(-1).clone()
+    if alive.numel() != n:
+        raise PruningInputError(f"candidates: {n} flags (one per unit), got {alive.numel()}")
+    done = torch.as_tensor([] if removed is None else list(removed), dtype=torch.long)
+    if done.numel() and (int(done.min()) < 0 or int(done.max()) >= n):
+        raise PruningInputError(f"removed: unit indices in [0, {n})")
+    r = Bd[:, done].sum(1) if done.numel() else torch.zeros(Bd.shape[0], dtype=torch.float64)
+    alive[done] = False
+    if (groups is None) != (caps is None):
+        raise PruningInputError("groups, caps: give both (a group id per unit and a cap per group) or neither")
+    if groups is not None:
+        groups = torch.as_tensor(groups, dtype=torch.long).reshape(-1)
+        room = torch.as_tensor(caps, dtype=torch.long).reshape(-1).clone()
+        if groups.numel() != n or int(groups.min()) < 0 or int(groups.max()) >= room.numel() or \
+                bool((room < 0).any()):
+            raise PruningInputError(f"groups, caps: a group id in [0, len(caps)) for each of the {n} units and "
+                                    "non-negative caps")
+    limit = int(alive.sum()) if count is None else int(count)
     order, inc = [], []
-    for _ in tqdm(range(Bd.shape[1]), desc="greedy gate removal", disable=not progress, leave=False):
+    for _ in tqdm(range(limit), desc="greedy gate removal", disable=not progress, leave=False):
         total = own + r @ Bd
-        total[~alive] = float("inf")
+        allowed = alive if groups is None else alive & (room[groups] > 0)
+        total[~allowed] = float("inf")
         u = int(torch.argmin(total))
+        if not bool(allowed[u]):
+            if count is not None:
+                raise PruningInputError(f"count: only {len(order)} units may be removed here, {count} asked")
+            break
         order.append(u)
         inc.append(float(total[u]))
         alive[u] = False
+        if groups is not None:
+            room[groups[u]] -= 1
         r += Bd[:, u]
     return order, torch.tensor(inc, dtype=torch.float64)
+
+
+def relinearized_gate_removal(quadratic, n_units: int, count: int, *, groups=None, caps=None, stages: int = 8,
+                              progress: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Remove ``count`` units greedily in ``stages`` rounds, re-linearising the network before each:
+    ``quadratic(at) -> (factor, grad)`` is the gate-space model (:func:`greedy_gate_removal`'s ``B`` and ``g``) at
+    gates ``at`` (float ``(n_units,)``: 1 kept, 0 removed).  Round ``s`` removes units until
+    ``ceil(count * (s + 1) / stages)`` are gone (``groups`` / ``caps`` bound each group's total); then the units
+    left are ordered by the last model without caps.  Returns ``(order, increments)`` over all ``n_units`` (the
+    first ``count`` are the removal; increments are each round's model's, at its own linearisation point)."""
+    if not (isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1):
+        raise PruningInputError(f"stages: a positive integer, got {stages!r}")
+    if not (isinstance(count, int) and 0 <= count <= n_units):
+        raise PruningInputError(f"count: an integer in [0, {n_units}], got {count!r}")
+    at = torch.ones(n_units, dtype=torch.float32)
+    room = None if caps is None else torch.as_tensor(caps, dtype=torch.long).reshape(-1).clone()
+    order: list[int] = []
+    incs = []
+    factor = grad = None
+    stage_units: list[int] = []
+    for s in range(stages):
+        want = math.ceil(count * (s + 1) / stages) - len(order)
+        if want <= 0:
+            continue
+        factor, grad = quadratic(at.clone())
+        stage_units, inc = greedy_gate_removal(factor, grad=grad, candidates=at > 0, groups=groups, caps=room,
+                                               count=want, progress=progress)
+        for u in stage_units:
+            at[u] = 0.0
+            if room is not None:
+                room[int(groups[u])] -= 1
+        order += stage_units
+        incs.append(inc)
+    if len(order) < n_units:
+        if factor is None:
+            factor, grad = quadratic(at.clone())
+            stage_units = []
+        rest, inc = greedy_gate_removal(factor, grad=grad, removed=stage_units, candidates=at > 0,
+                                        progress=progress)
+        order += rest
+        incs.append(inc)
+    return order, torch.cat(incs) if incs else torch.zeros(0, dtype=torch.float64)
 
 
 def _greedy_uncompensated(layers, n_units, progress):
@@ -307,4 +388,4 @@ def output_sensitivity(curvature, keys: Sequence[str] | None = None, *, progress
     return curvature.output_sensitivity(keys=targets, per_sample=True, progress=progress)
 
 
-__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "greedy_gate_removal", "ridge_inverse", "output_sensitivity"]
+__all__ = ["channel_columns", "column_saliency", "removal_operator", "apply_removal", "remove_columns", "greedy_removal", "greedy_gate_removal", "relinearized_gate_removal", "ridge_inverse", "output_sensitivity"]
