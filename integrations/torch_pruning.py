@@ -293,7 +293,7 @@ class OBSImportance(tp.importance.Importance):
         sites: dict[nn.Module, torch.Tensor] = {}
         gate_of: dict[tuple[int, int], int] = {}
         group_of: list[int] = []
-        n = 0
+        n, single = 0, True
         for gi, group in enumerate(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                             root_module_types=pruner.root_module_types)):
             if not pruner._check_pruning_ratio(group):
@@ -303,6 +303,7 @@ class OBSImportance(tp.importance.Importance):
                 if group is None:
                     continue
             _pos, consumers, units = self._units(group)
+            single = single and all(len(unit) == 1 for unit in units)
             for unit in units:
                 for module, feats in consumers:
                     if module not in sites:
@@ -326,10 +327,12 @@ class OBSImportance(tp.importance.Importance):
             return
         groups = torch.unique(torch.tensor(group_of), return_inverse=True)[1]
         sizes = torch.bincount(groups)
-        if _expected_global_removals(pruner) is not None:   # one threshold: the rounds choose the groups too
-            caps = sizes - 1                                # (a group below the threshold whole is skipped)
+        count = _expected_global_removals(pruner) if single else None   # (it counts channels, not blocks)
+        if count is not None:        # one threshold: the rounds choose the groups too, and remove what the ratio
+            caps = sizes - 1         # implies (no group whole: Torch-Pruning would skip it)
         else:
             caps = torch.bincount(groups[torch.tensor(sorted(removed))], minlength=len(sizes))
+            count = len(removed)
 
         def quadratic(at):
             if bool((at == 1).all()):
@@ -338,10 +341,10 @@ class OBSImportance(tp.importance.Importance):
                                               n_gates=n, progress=self.progress)
             return q.factor, q.grad
 
-        order, inc = relinearized_gate_removal(quadratic, n, len(removed), groups=groups, caps=caps,
+        order, inc = relinearized_gate_removal(quadratic, n, count, groups=groups, caps=caps,
                                                stages=self.relinearize, progress=self.progress)
         self._set_network_scores(order, inc, gate_of, n)
-        self._planned = set(order[:len(removed)])
+        self._planned = set(order[:count])
 
     def _set_network_scores(self, order, inc, gate_of, n) -> None:
         score = torch.empty(n, dtype=torch.float32)

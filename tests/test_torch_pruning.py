@@ -1134,6 +1134,18 @@ def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am).last_hidden_state
     assert out.shape == (8, 12, 16 * 2) and bool(torch.isfinite(out).all())
+    for global_pruning in (False, True):   # re-linearised (default rounds): the pruner's counts, planned exactly
+        relin = tiny_bert()
+        rcurv = Curvature.layerwise(relin, all_layers(relin, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                                    progress=False)
+        prune_transformer(relin, {"input_ids": ids[:2], "attention_mask": am[:2]},
+                          OBSImportance(rcurv, scope="network", logits_fn=logits), 0.5,
+                          global_pruning=global_pruning, update=False)
+        heads = [layer.attention.self.num_attention_heads for layer in relin.encoder.layer]
+        ffn = [layer.intermediate.dense.out_features for layer in relin.encoder.layer]
+        assert (sum(heads), sum(ffn)) == (4, 64) and (global_pruning or (heads, ffn) == ([2, 2], [32, 32]))
+        with torch.no_grad():
+            assert bool(torch.isfinite(relin(input_ids=ids, attention_mask=am).last_hidden_state).all())
     with pytest.raises(PruningInputError, match="^scope"):
         OBSImportance(curv, scope="everything")
     with pytest.raises(PruningInputError, match="^mode"):
