@@ -1,6 +1,7 @@
 """Torch-Pruning adapter: OBS / CS / BiP channel importances, OBS compensation, HF structured pruning and reload."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -1103,6 +1104,74 @@ def test_network_scope_relinearized_removes_the_staged_greedy_units(global_pruni
         OBSImportance(curv, scope="network", relinearize=True)
 
 
+def _network_cnn_prune(relinearize, norm=None, strict=True, **pruner_kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), norm or nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(12 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        for k in (0, 3, 7):
+            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    original, batches = copy.deepcopy(model), cnn_batches()
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+    imp = OBSImportance(curv, scope="network", relinearize=relinearize)
+    kw = {"pruning_ratio": 0.5, "global_pruning": False, "ignored_layers": [model[9]], **pruner_kw}
+    pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, **kw)
+    imp.step(pr, update=False, strict=strict)
+    return [kept_channels(model[k], original[k]) for k in (0, 3, 7)]
+
+
+def test_network_scope_relinearized_falls_back_where_the_pruner_would_not_follow_a_plan():
+    """Channel groups (Torch-Pruning averages scores over them): a warning, and the dense-point ranking's prune.
+    A global ratio that would empty a layer: the usual strict refusal (model unchanged, no scores left behind, so
+    a plain pruner.step() is still refused); strict=False prunes as the dense-point ranking does."""
+    with pytest.warns(UserWarning, match="channel groups"):
+        got = _network_cnn_prune(8, norm=nn.GroupNorm(2, 8))
+    assert got == _network_cnn_prune(1, norm=nn.GroupNorm(2, 8))
+    torch.manual_seed(0)
+    model = small_cnn()
+    original, batches = copy.deepcopy(model), cnn_batches()
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+    imp = OBSImportance(curv, scope="network")
+    pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.95, global_pruning=True,
+                              ignored_layers=[model[9]])
+    with pytest.raises(PruningInputError, match="^pruner: Torch-Pruning would remove 15 channels where "
+                                                "pruning_ratio implies 35"):
+        imp.step(pr, update=False)
+    assert state_equal(original.state_dict(), model.state_dict()) and pr.current_step == 0 and imp._net is None
+    with pytest.raises(PruningInputError, match="^scope"):
+        pr.step()
+    loose = _network_cnn_prune(8, strict=False, pruning_ratio=0.95, global_pruning=True)
+    assert loose == _network_cnn_prune(1, strict=False, pruning_ratio=0.95, global_pruning=True)
+    assert [len(k) for k in loose] == [8, 12, 1]
+
+
+def test_network_scope_relinearized_keeps_the_callers_num_heads_dict():
+    """The dry run puts the pruner's head counts back in place: the num_heads dict the caller passed stays the
+    pruner's and follows the model over iterative steps."""
+    from obs_plugins.integrations import torch_pruning as T
+    ids, am, batches = token_batches()
+    model = tiny_bert()
+    head = nn.Linear(32, 3)
+    curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                               progress=False)
+    imp = OBSImportance(curv, scope="network", logits_fn=lambda out, b: head(out.last_hidden_state[:, 0]),
+                        channel_blocks=T.transformer_channel_blocks(model))
+    attn, _ = T._attention_blocks(model)
+    nh = {lin: int(sa.num_attention_heads) for sa in attn for lin in (sa.query, sa.key, sa.value)}
+    keep = {id(m) for m in nh}
+    ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) and id(m) not in keep]
+    pr = tp.pruner.MetaPruner(model, {"input_ids": ids[:2], "attention_mask": am[:2]}, importance=imp,
+                              pruning_ratio=0.5, ignored_layers=ignored, num_heads=nh, prune_num_heads=True,
+                              prune_head_dims=False, head_pruning_ratio=0.5, iterative_steps=2,
+                              output_transform=T._hf_output_transform)
+    for step in range(2):
+        imp.step(pr, update=False)
+        assert pr.num_heads is nh
+        assert [nh[sa.query] for sa in attn] == [sa.query.out_features // sa.attention_head_size for sa in attn] \
+            == [3 - 2 * step] * 2
+
+
 def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
     """Heads pass: the heads kept in each layer are those not among its two earliest in the joint greedy order of
     the 8 head gates (both layers); an OBSImportance of the default scope can add the update to the ranking."""
@@ -1134,18 +1203,34 @@ def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am).last_hidden_state
     assert out.shape == (8, 12, 16 * 2) and bool(torch.isfinite(out).all())
-    for global_pruning in (False, True):   # re-linearised (default rounds): the pruner's counts, planned exactly
-        relin = tiny_bert()
-        rcurv = Curvature.layerwise(relin, all_layers(relin, exclude=("pooler",)), batches, loss_fn=bert_loss,
-                                    progress=False)
-        prune_transformer(relin, {"input_ids": ids[:2], "attention_mask": am[:2]},
-                          OBSImportance(rcurv, scope="network", logits_fn=logits), 0.5,
-                          global_pruning=global_pruning, update=False)
-        heads = [layer.attention.self.num_attention_heads for layer in relin.encoder.layer]
-        ffn = [layer.intermediate.dense.out_features for layer in relin.encoder.layer]
-        assert (sum(heads), sum(ffn)) == (4, 64) and (global_pruning or (heads, ffn) == ([2, 2], [32, 32]))
-        with torch.no_grad():
-            assert bool(torch.isfinite(relin(input_ids=ids, attention_mask=am).last_hidden_state).all())
+    from obs_plugins.integrations import torch_pruning as T
+    rounds = []
+    plain_rounds = T.relinearized_gate_removal
+
+    def spy(*a, **kw):
+        out = plain_rounds(*a, **kw)
+        rounds.append(kw["stages"])
+        return out
+
+    T.relinearized_gate_removal = spy
+    try:
+        for global_pruning in (False, True):   # re-linearised (default rounds), each pass's plan carried out as made
+            relin = tiny_bert()
+            rcurv = Curvature.layerwise(relin, all_layers(relin, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                                        progress=False)
+            rimp = OBSImportance(rcurv, scope="network", logits_fn=logits)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")   # no fallback to the dense-point ranking
+                prune_transformer(relin, {"input_ids": ids[:2], "attention_mask": am[:2]}, rimp, 0.5,
+                                  global_pruning=global_pruning, update=False)
+            heads = [layer.attention.self.num_attention_heads for layer in relin.encoder.layer]
+            ffn = [layer.intermediate.dense.out_features for layer in relin.encoder.layer]
+            assert (sum(heads), sum(ffn)) == (4, 64) and (global_pruning or (heads, ffn) == ([2, 2], [32, 32]))
+            with torch.no_grad():
+                assert bool(torch.isfinite(relin(input_ids=ids, attention_mask=am).last_hidden_state).all())
+    finally:
+        T.relinearized_gate_removal = plain_rounds
+    assert rounds == [8, 8, 8, 8]   # heads pass and FFN pass, per layer and global
     with pytest.raises(PruningInputError, match="^scope"):
         OBSImportance(curv, scope="everything")
     with pytest.raises(PruningInputError, match="^mode"):

@@ -79,8 +79,8 @@ class GateQuadratic:
 
 
 def gate_ggn_factor(model: nn.Module, sites: dict, batches, **kwargs) -> torch.Tensor:
-    """The factor ``B`` (float64, ``(N*C, n_gates)``) of the gate-space Gauss-Newton matrix ``G = B^T B`` at all gates
-    1 (:func:`gate_quadratic`'s ``factor``; the same arguments)."""
+    """The factor ``B`` (float64, ``(N*C, n_gates)``) of the gate-space Gauss-Newton matrix ``G = B^T B``, at all
+    gates 1 unless ``at`` says otherwise (:func:`gate_quadratic`'s ``factor``; the same arguments)."""
     return gate_quadratic(model, sites, batches, **kwargs).factor
 
 

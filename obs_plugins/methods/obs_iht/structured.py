@@ -220,7 +220,7 @@ def greedy_gate_removal(factor: torch.Tensor, *, grad: torch.Tensor | None = Non
         torch.as_tensor(candidates, dtype=torch.bool).reshape(-1).clone()
     if alive.numel() != n:
         raise PruningInputError(f"candidates: {n} flags (one per unit), got {alive.numel()}")
-    done = torch.as_tensor([] if removed is None else list(removed), dtype=torch.long)
+    done = torch.as_tensor([] if removed is None else list(removed), dtype=torch.long).reshape(-1).unique()
     if done.numel() and (int(done.min()) < 0 or int(done.max()) >= n):
         raise PruningInputError(f"removed: unit indices in [0, {n})")
     r = Bd[:, done].sum(1) if done.numel() else torch.zeros(Bd.shape[0], dtype=torch.float64)
@@ -234,7 +234,9 @@ def greedy_gate_removal(factor: torch.Tensor, *, grad: torch.Tensor | None = Non
                 bool((room < 0).any()):
             raise PruningInputError(f"groups, caps: a group id in [0, len(caps)) for each of the {n} units and "
                                     "non-negative caps")
-    limit = int(alive.sum()) if count is None else int(count)
+    if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+        raise PruningInputError(f"count: a non-negative integer, got {count!r}")
+    limit = int(alive.sum()) if count is None else count
     order, inc = [], []
     for _ in tqdm(range(limit), desc="greedy gate removal", disable=not progress, leave=False):
         total = own + r @ Bd
@@ -266,8 +268,15 @@ def relinearized_gate_removal(quadratic, n_units: int, count: int, *, groups=Non
         raise PruningInputError(f"stages: a positive integer, got {stages!r}")
     if not (isinstance(count, int) and 0 <= count <= n_units):
         raise PruningInputError(f"count: an integer in [0, {n_units}], got {count!r}")
-    at = torch.ones(n_units, dtype=torch.float32)
+    if (groups is None) != (caps is None):
+        raise PruningInputError("groups, caps: give both (a group id per unit and a cap per group) or neither")
     room = None if caps is None else torch.as_tensor(caps, dtype=torch.long).reshape(-1).clone()
+    if room is not None:   # checked before any model is taken: what the caps allow of each group, in all
+        sizes = torch.bincount(torch.as_tensor(groups, dtype=torch.long).reshape(-1), minlength=room.numel())
+        allowed = int(torch.minimum(room.clamp(min=0), sizes[:room.numel()]).sum())
+        if count > allowed:
+            raise PruningInputError(f"count: {count} units asked, the caps allow {allowed}")
+    at = torch.ones(n_units, dtype=torch.float32)
     order: list[int] = []
     incs = []
     factor = grad = None
