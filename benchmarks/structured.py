@@ -69,12 +69,12 @@ def obs_importance(curv, imp_name, rel_damp, mode=None, logits_fn=None):
     of each channel alone (``compensate=False``); "obs_removal_greedy": the joint removal error, greedy order
     (``compensate=False, mode="greedy"``); "obs_network": the network-loss removal cost in channel-gate
     coordinates (``scope="network"``, Gauss-Newton of the classifier's cross-entropy through ``logits_fn``,
-    re-linearised in the default 8 rounds); "obs_network1": the same at the dense point only (``relinearize=1``,
-    the twelfth session's rows).  The same object applies the update when asked."""
+    re-linearised in 8 rounds, ``relinearize=8``); "obs_network1": the same at the dense point only
+    (``relinearize=1``, the library's default; the twelfth session's rows).  The same object applies the update when asked."""
     from obs_plugins.integrations.torch_pruning import OBSImportance
     if imp_name in ("obs_network", "obs_network1"):
         return OBSImportance(curv, rel_damp=rel_damp, scope="network", logits_fn=logits_fn,
-                             **({"relinearize": 1} if imp_name == "obs_network1" else {}))
+                             relinearize=1 if imp_name == "obs_network1" else 8)
     if imp_name not in ("obs_removal", "obs_removal_greedy"):
         return OBSImportance(curv, rel_damp=rel_damp, mode=mode)
     return OBSImportance(curv, rel_damp=rel_damp, compensate=False,

@@ -60,11 +60,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--calib", type=int, default=1024,
+                    help="calibration images (the first of structured.py's 1,024): fewer rows than the 176 units "
+                         "leave the gate model rank-deficient")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "obs_plugins"))
     ap.add_argument("--out", default=str(S.RESULTS / "structured_relinearize"))
     args = ap.parse_args(argv)
     if any(k < 1 for k in args.stages):
         ap.error("--stages: positive integers")
+    if not 1 <= args.calib <= 1024:
+        ap.error("--calib: between 1 and 1024")
     rows = []
     for seed in args.seeds:
         m, train, val, test, idx = load_seed(ap, args.cache, seed)
@@ -73,7 +78,7 @@ def main(argv=None):
         for K in args.stages:
             for ratio in (0.3, 0.5):
                 t0 = time.perf_counter()
-                gates = removal(m, train[0][idx], ratio, K)
+                gates = removal(m, train[0][idx[:args.calib]], ratio, K)
                 rows.append({"seed": seed, "stages": K, "ratio": ratio, "val": accuracy(m, *val, gates),
                              "test": accuracy(m, *test, gates), "seconds": time.perf_counter() - t0})
                 print(rows[-1], flush=True)

@@ -1132,7 +1132,7 @@ def test_network_scope_relinearized_falls_back_where_the_pruner_would_not_follow
     model = small_cnn()
     original, batches = copy.deepcopy(model), cnn_batches()
     curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
-    imp = OBSImportance(curv, scope="network")
+    imp = OBSImportance(curv, scope="network", relinearize=8)
     pr = tp.pruner.MetaPruner(model, batches[0][0][:2], importance=imp, pruning_ratio=0.95, global_pruning=True,
                               ignored_layers=[model[9]])
     with pytest.raises(PruningInputError, match="^pruner: Torch-Pruning would remove 15 channels where "
@@ -1157,7 +1157,7 @@ def test_network_scope_relinearized_keeps_the_callers_num_heads_dict():
     curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
                                progress=False)
     imp = OBSImportance(curv, scope="network", logits_fn=lambda out, b: head(out.last_hidden_state[:, 0]),
-                        channel_blocks=T.transformer_channel_blocks(model))
+                        channel_blocks=T.transformer_channel_blocks(model), relinearize=8)
     attn, _ = T._attention_blocks(model)
     nh = {lin: int(sa.num_attention_heads) for sa in attn for lin in (sa.query, sa.key, sa.value)}
     keep = {id(m) for m in nh}
@@ -1215,11 +1215,11 @@ def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
 
     T.relinearized_gate_removal = spy
     try:
-        for global_pruning in (False, True):   # re-linearised (default rounds), each pass's plan carried out as made
+        for global_pruning in (False, True):   # re-linearised (8 rounds), each pass's plan carried out as made
             relin = tiny_bert()
             rcurv = Curvature.layerwise(relin, all_layers(relin, exclude=("pooler",)), batches, loss_fn=bert_loss,
                                         progress=False)
-            rimp = OBSImportance(rcurv, scope="network", logits_fn=logits)
+            rimp = OBSImportance(rcurv, scope="network", logits_fn=logits, relinearize=8)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")   # no fallback to the dense-point ranking
                 prune_transformer(relin, {"input_ids": ids[:2], "attention_mask": am[:2]}, rimp, 0.5,
