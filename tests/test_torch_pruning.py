@@ -44,11 +44,27 @@ def groups_of(pruner):
                                          root_module_types=pruner.root_module_types))
 
 
-def small_cnn():
+def small_cnn(norm=None):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8) if norm is None else norm, nn.ReLU(),
                          nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(12 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+
+
+def distinct_bias_cnn(norm=None):
+    """small_cnn with distinct biases (kept_channels matches channels by them)."""
+    model = small_cnn(norm)
+    with torch.no_grad():
+        for k in (0, 3, 7):
+            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    return model
+
+
+def cnn_gate_sites(model):
+    """Gate ids of small_cnn's consumers: conv1's 8 channels at conv2, conv2's 12 at the Linear (36 columns
+    each), the Linear's 16 at the output layer."""
+    return {model[3]: torch.arange(8), model[7]: 8 + torch.arange(12).repeat_interleave(36),
+            model[9]: 20 + torch.arange(16)}
 
 
 def cnn_batches():
@@ -809,6 +825,19 @@ def _gated_mlp():
 MLP_SITES = {2: [0, 0, 1, 1, 2, -1], 4: [3, 3, 4, 2]}
 
 
+def _gated_mlp_logits(model):
+    """float64 logits of ``_gated_mlp`` for one input ``x`` as a function of the gate vector ``m`` (MLP_SITES)."""
+    m64 = copy.deepcopy(model).double()
+
+    def f(m, x):
+        gate = lambda ids: torch.stack([m[i] if i >= 0 else m.new_ones(()) for i in ids])  # noqa: E731
+        h = torch.relu(m64[0](x.double()))
+        h = torch.tanh(m64[2](h * gate(MLP_SITES[2])))
+        return m64[4](h * gate(MLP_SITES[4]))
+
+    return f
+
+
 def _ggn_brute(f, X, n):
     """float64 brute force: G = mean_i J_i^T (diag p_i - p_i p_i^T) J_i, J_i = d logits_i / d m at m = 1."""
     G = torch.zeros(n, n, dtype=torch.float64)
@@ -824,13 +853,7 @@ def test_gate_ggn_factor_is_the_brute_force_gauss_newton_and_k_batches_equal_one
     model = _gated_mlp()
     g = torch.Generator().manual_seed(5)
     X = torch.randn(12, 5, generator=g)
-    m64 = copy.deepcopy(model).double()
-
-    def f(m, x):
-        gate = lambda ids: torch.stack([m[i] if i >= 0 else m.new_ones(()) for i in ids])  # noqa: E731
-        h = torch.relu(m64[0](x.double()))
-        h = torch.tanh(m64[2](h * gate(MLP_SITES[2])))
-        return m64[4](h * gate(MLP_SITES[4]))
+    f = _gated_mlp_logits(model)
 
     want = _ggn_brute(f, X, 5)
     sites = {model[k]: torch.tensor(v) for k, v in MLP_SITES.items()}
@@ -905,14 +928,10 @@ def test_network_scope_removes_each_layers_first_units_of_the_joint_greedy_order
     are that layer's earliest in the greedy order of the gate-space Gauss-Newton quadratic over all layers."""
     from obs_plugins.curvature.gates import gate_ggn_factor
     from obs_plugins.methods.obs_iht.structured import greedy_gate_removal
-    model = small_cnn()
-    with torch.no_grad():   # distinct biases: kept_channels matches channels by them
-        for k in (0, 3, 7):
-            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    model = distinct_bias_cnn()
     original = copy.deepcopy(model)
     batches = cnn_batches()
-    sites = {model[3]: torch.arange(8), model[7]: 8 + torch.arange(12).repeat_interleave(36),
-             model[9]: 20 + torch.arange(16)}
+    sites = cnn_gate_sites(model)
     order, _ = greedy_gate_removal(gate_ggn_factor(model, sites, batches))
     want = []
     for lo, n in ((0, 8), (8, 12), (20, 16)):
@@ -959,13 +978,7 @@ def test_gate_quadratic_away_from_one_is_the_brute_force_kl_model_and_k_batches_
     from obs_plugins.curvature.gates import gate_quadratic
     model = _gated_mlp()
     X = torch.randn(12, 5, generator=torch.Generator().manual_seed(5))
-    m64 = copy.deepcopy(model).double()
-
-    def f(m, x):
-        gate = lambda ids: torch.stack([m[i] if i >= 0 else m.new_ones(()) for i in ids])  # noqa: E731
-        h = torch.relu(m64[0](x.double()))
-        h = torch.tanh(m64[2](h * gate(MLP_SITES[2])))
-        return m64[4](h * gate(MLP_SITES[4]))
+    f = _gated_mlp_logits(model)
 
     sites = {model[k]: torch.tensor(v) for k, v in MLP_SITES.items()}
     parts = [(X[:5], None), (X[5:], None)]
@@ -1065,14 +1078,10 @@ def test_network_scope_relinearized_removes_the_staged_greedy_units(global_pruni
     """Per-layer ratios (each layer's count from the pruner's dry run) and plain global pruning (the total; no
     layer emptied): the channels removed are those of the core's re-linearised greedy, and a plan the pruner
     would not carry out is refused with nothing changed."""
-    model = small_cnn()
-    with torch.no_grad():   # distinct biases: kept_channels matches channels by them
-        for k in (0, 3, 7):
-            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    model = distinct_bias_cnn()
     original = copy.deepcopy(model)
     batches = cnn_batches()
-    sites = {model[3]: torch.arange(8), model[7]: 8 + torch.arange(12).repeat_interleave(36),
-             model[9]: 20 + torch.arange(16)}
+    sites = cnn_gate_sites(model)
     sizes = [8, 12, 16]
     caps = torch.tensor([7, 11, 15]) if global_pruning else torch.tensor([4, 6, 8])
     gone = set(_cnn_network_reference(model, batches, sites, sizes, caps, 18, 3))
@@ -1105,13 +1114,7 @@ def test_network_scope_relinearized_removes_the_staged_greedy_units(global_pruni
 
 
 def _network_cnn_prune(relinearize, norm=None, strict=True, **pruner_kw):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), norm or nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(12 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
-    with torch.no_grad():
-        for k in (0, 3, 7):
-            model[k].bias.copy_(torch.arange(model[k].bias.numel()) * 0.01 - 0.05)
+    model = distinct_bias_cnn(norm)
     original, batches = copy.deepcopy(model), cnn_batches()
     curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
     imp = OBSImportance(curv, scope="network", relinearize=relinearize)
