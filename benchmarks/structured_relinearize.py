@@ -9,7 +9,7 @@ predictions).  This script runs the library's functions (``obs_plugins.curvature
 loses the ratio of its channels, removal only; the counts Torch-Pruning uses), for each ``K``, and reports the
 accuracy on each seed's 5,000-image **validation** split (the selection) and on the test set.  The same cached
 CNNs, seeds and 1,024 calibration images as ``benchmarks/structured.py``.  Writes
-``benchmarks/results/structured_relinearize.{md,json}`` (``--out``).
+``benchmarks/results/structured_relinearize.{md,json,png}`` (``--out``).
 
     OMP_NUM_THREADS=2 python benchmarks/structured_relinearize.py
 """
@@ -96,7 +96,30 @@ def main(argv=None):
         lines.append(f"| {K} | {cell(0.3, 'val'):.4f} | {cell(0.3, 'test'):.4f} | {cell(0.5, 'val'):.4f} | "
                      f"{cell(0.5, 'test'):.4f} | {(cell(0.3, 'val') + cell(0.5, 'val')) / 2:.4f} | {sec:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, args, out.with_suffix(".png"))
     print("\n".join(lines))
+
+
+def plot(rows, args, path):
+    """Mean validation / test accuracy against the number of rounds, one line per ratio and split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, ratio in enumerate((0.3, 0.5)):
+        for key, style in (("val", "-o"), ("test", "--x")):
+            ys = [sum(z[key] for z in rows if z["stages"] == K and z["ratio"] == ratio) / len(args.seeds)
+                  for K in args.stages]
+            ax.plot(args.stages, ys, style, color=f"C{i}", label=f"{ratio:.0%} {key}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(args.stages, [str(k) for k in args.stages])
+    ax.minorticks_off()
+    ax.set_xlabel("re-linearised rounds")
+    ax.set_ylabel(f"mean accuracy, seeds {', '.join(map(str, args.seeds))}")
+    ax.set_title(f"Network-scope ranking, per-layer CNN, {args.calib} calibration images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
