@@ -29,9 +29,8 @@ from torch_pruning.pruner import function as tpf
 
 from obs_plugins.errors import PruningInputError
 from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, greedy_gate_removal,
-                                                     relinearized_gate_removal,
-                                                    greedy_removal, output_sensitivity, removal_operator,
-                                                    ridge_inverse)
+                                                    greedy_removal, output_sensitivity, relinearized_gate_removal,
+                                                    removal_operator, ridge_inverse)
 from obs_plugins.targets import from_2d, to_2d
 
 _IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
