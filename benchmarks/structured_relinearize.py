@@ -40,17 +40,11 @@ def sites_of(m):
 def removal(m, X, ratio, stages, bs=256):
     sites, n = sites_of(m), sum(WIDTHS)
     batches = [(X[i:i + bs],) for i in range(0, len(X), bs)]
-    dense = gate_quadratic(m, sites, batches, n_gates=n)
-
-    def quadratic(at):
-        if bool((at == 1).all()):
-            return dense.factor, dense.grad
-        q = gate_quadratic(m, sites, batches, n_gates=n, at=at, reference=dense.probs)
-        return q.factor, q.grad
-
+    take = lambda at=None, reference=None: gate_quadratic(m, sites, batches, n_gates=n, at=at,  # noqa: E731
+                                                          reference=reference)
     k = counts(ratio)
     groups = torch.cat([torch.full((w,), i) for i, w in enumerate(WIDTHS)])
-    order, _ = relinearized_gate_removal(quadratic, n, sum(k), groups=groups, caps=torch.tensor(k), stages=stages)
+    order, _ = relinearized_gate_removal(take, n, sum(k), groups=groups, caps=torch.tensor(k), stages=stages)
     gates = torch.ones(n)
     gates[torch.tensor(order[:sum(k)])] = 0
     return list(gates.split(WIDTHS))

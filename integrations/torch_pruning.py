@@ -74,6 +74,14 @@ def _strictly_increasing(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _network_score_map(order, inc, gate_of: dict, n: int) -> dict:
+    """``(id(consumer), input feature) -> score``: the running maximum of the increments along the removal order,
+    made strictly increasing (so the pruner's threshold cuts a prefix of the order)."""
+    score = torch.empty(n, dtype=torch.float32)
+    score[torch.tensor(order)] = _strictly_increasing(torch.cummax(inc, 0).values.float())
+    return {k: float(score[g]) for k, g in gate_of.items()}
+
+
 def _group_name(group) -> str:
     dep = group[0].dep
     name = getattr(dep.target, "name", None) or type(dep.target.module).__name__
@@ -173,8 +181,6 @@ class OBSImportance(tp.importance.Importance):
         self.logits_fn = logits_fn
         self.relinearize = relinearize
         self._net: dict | None = None    # scope="network": (id(consumer), input feature) -> channel score
-        self._planned: set | None = None  # scope="network": the gate ids this step's scores make the pruner remove
-        self._gate_of: dict = {}
 
     # ------------------------------------------------------------------ state
     def _row_weights(self, key: str, rows: int) -> torch.Tensor | None:
@@ -292,18 +298,22 @@ class OBSImportance(tp.importance.Importance):
 
         With ``relinearize > 1``: a dry run of the pruner on those scores (its state put back) tells how many
         units it removes from each group (per-layer ratios, heads) or in all (plain global pruning); that many are
-        then removed greedily in ``relinearize`` rounds, the model re-linearised at the gates reached before each
-        (Gauss-Newton and gradient of the KL divergence from the dense predictions), and the scores re-set so
-        that the pruner removes exactly those units (checked again when it does)."""
+        then removed in ``relinearize`` rounds (:func:`relinearized_gate_removal`), and the scores re-set so that
+        the pruner removes exactly those units -- checked by a second dry run, the dense-point scores kept (with a
+        warning) where it would not."""
         sites: dict[nn.Module, torch.Tensor] = {}
         gate_of: dict[tuple[int, int], int] = {}
         group_of: list[int] = []
-        n, single = 0, True
+        n, single, averaged = 0, True, False
         for gi, group in enumerate(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                             root_module_types=pruner.root_module_types)):
             if not pruner._check_pruning_ratio(group):
                 continue
-            if pruner._is_atten_group(group)[0]:   # as MetaPruner scores attention groups
+            attention = pruner._is_atten_group(group)[0]
+            # Torch-Pruning averages scores over channel groups (whole heads only: head scores are not averaged)
+            averaged = averaged or (pruner._get_channel_groups(group) > 1 and
+                                    (pruner.prune_head_dims or not attention))
+            if attention:   # as MetaPruner scores attention groups
                 group = pruner._downstream_node_as_root_if_attention(group)
                 if group is None:
                     continue
@@ -322,15 +332,16 @@ class OBSImportance(tp.importance.Importance):
                 n += 1
         if n == 0:
             raise PruningInputError("pruner: no group to prune (every layer ignored, or its ratio reached)")
-        dense = self.curvature.gate_quadratic(sites, logits_fn=self.logits_fn, n_gates=n, progress=self.progress)
-        self._planned = None
-        self._set_network_scores(*greedy_gate_removal(dense.factor, progress=self.progress), gate_of, n)
+
+        def take(at=None, reference=None):
+            return self.curvature.gate_quadratic(sites, at=at, reference=reference, logits_fn=self.logits_fn,
+                                                 n_gates=n, progress=self.progress)
+
+        dense = take()
+        self._net = _network_score_map(*greedy_gate_removal(dense.factor, progress=self.progress), gate_of, n)
         if self.relinearize == 1:
             return
-        if any(pruner._get_channel_groups(g) > 1 and (pruner.prune_head_dims or not pruner._is_atten_group(g)[0])
-               for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                                 root_module_types=pruner.root_module_types)
-               if pruner._check_pruning_ratio(g)):   # (whole heads only: the head scores are not averaged)
+        if averaged:
             warnings.warn("OBSImportance(relinearize=...): Torch-Pruning averages scores over channel groups "
                           "(grouped layers, head-dim pruning), which a per-unit plan cannot follow; this step uses "
                           "the dense-point ranking (relinearize=1)", stacklevel=3)
@@ -346,30 +357,14 @@ class OBSImportance(tp.importance.Importance):
         else:                  # (no group whole: Torch-Pruning would skip it; if the ratio needs that, the dry run)
             caps = torch.bincount(groups[torch.tensor(sorted(removed))], minlength=len(sizes))
             count = len(removed)
-
-        def quadratic(at):
-            if bool((at == 1).all()):
-                return dense.factor, dense.grad
-            q = self.curvature.gate_quadratic(sites, at=at, reference=dense.probs, logits_fn=self.logits_fn,
-                                              n_gates=n, progress=self.progress)
-            return q.factor, q.grad
-
-        order, inc = relinearized_gate_removal(quadratic, n, count, groups=groups, caps=caps,
-                                               stages=self.relinearize, progress=self.progress)
-        dense_scores = self._net
-        self._set_network_scores(order, inc, gate_of, n)
-        self._planned = set(order[:count])
-        if self._removed_gates(_dry_run(pruner), gate_of) != self._planned:   # a pruner rule the plan misses
+        order, inc = relinearized_gate_removal(take, n, count, groups=groups, caps=caps, stages=self.relinearize,
+                                               dense=dense, progress=self.progress)
+        dense_scores, self._net = self._net, _network_score_map(order, inc, gate_of, n)
+        if self._removed_gates(_dry_run(pruner), gate_of) != set(order[:count]):   # a rule the plan misses
             warnings.warn("OBSImportance(relinearize=...): Torch-Pruning would not remove the planned units (a "
                           "pruner option the plan does not model); this step uses the dense-point ranking "
                           "(relinearize=1)", stacklevel=3)
-            self._net, self._planned = dense_scores, None
-
-    def _set_network_scores(self, order, inc, gate_of, n) -> None:
-        score = torch.empty(n, dtype=torch.float32)
-        score[torch.tensor(order)] = _strictly_increasing(torch.cummax(inc, 0).values.float())
-        self._net = {k: float(score[g]) for k, g in gate_of.items()}
-        self._gate_of = gate_of
+            self._net = dense_scores
 
     @staticmethod
     def _removed_gates(groups, gate_of) -> set:
@@ -449,7 +444,7 @@ class OBSImportance(tp.importance.Importance):
             return self._step(pruner, expected, strict, update)
         finally:
             if network:
-                ranking._net = ranking._planned = None   # the scores belong to this step's model
+                ranking._net = None   # the scores belong to this step's model
 
     def _step(self, pruner, expected, strict, update) -> dict:
         # pruner.step() counts the step and updates head counts while it yields, before anything is pruned:
@@ -490,13 +485,6 @@ class OBSImportance(tp.importance.Importance):
                 f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: scores "
                 "tie at the global threshold (it removes every channel <= threshold). Nothing was changed "
                 "(strict=False accepts it)")
-        ranking = getattr(pruner, "importance", None)
-        planned = getattr(ranking, "_planned", None) if isinstance(ranking, OBSImportance) else None
-        if planned is not None and self._removed_gates(groups, ranking._gate_of) != planned:
-            raise PruningInputError(
-                "pruner: Torch-Pruning would remove other channels than the re-linearised network ranking planned "
-                "(a pruner option this ranking does not model: round_to, channel groups?). Nothing was changed; "
-                "use relinearize=1")
         return groups, [self.plan(g, update=update) for g in groups]
 
     def _drops(self, group):

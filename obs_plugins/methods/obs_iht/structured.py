@@ -256,14 +256,19 @@ def greedy_gate_removal(factor: torch.Tensor, *, grad: torch.Tensor | None = Non
     return order, torch.tensor(inc, dtype=torch.float64)
 
 
-def relinearized_gate_removal(quadratic, n_units: int, count: int, *, groups=None, caps=None, stages: int = 8,
-                              progress: bool = False) -> tuple[list[int], torch.Tensor]:
-    """Remove ``count`` units greedily in ``stages`` rounds, re-linearising the network before each:
-    ``quadratic(at) -> (factor, grad)`` is the gate-space model (:func:`greedy_gate_removal`'s ``B`` and ``g``) at
-    gates ``at`` (float ``(n_units,)``: 1 kept, 0 removed).  Round ``s`` removes units until
-    ``ceil(count * (s + 1) / stages)`` are gone (``groups`` / ``caps`` bound each group's total); then the units
-    left are ordered by the last model without caps.  Returns ``(order, increments)`` over all ``n_units`` (the
-    first ``count`` are the removal; increments are each round's model's, at its own linearisation point)."""
+def relinearized_gate_removal(take, n_units: int, count: int, *, groups=None, caps=None, stages: int = 8,
+                              dense=None, progress: bool = False) -> tuple[list[int], torch.Tensor]:
+    """Remove ``count`` units greedily in ``stages`` rounds, re-linearising the network before each.
+
+    ``take(at, reference)`` returns the gate-space model at gates ``at`` (float ``(n_units,)``: 1 kept, 0
+    removed) with the KL gradient against the predictions ``reference`` -- a
+    :class:`~obs_plugins.curvature.gates.GateQuadratic`, e.g. ``curvature.gate_quadratic(sites, at=at,
+    reference=reference, n_gates=n_units)``.  The first round's model is taken at all gates 1 with no reference
+    (or is ``dense``, when the caller has it already); its predictions are the reference of every later round.
+    Round ``s`` removes units until ``ceil(count * (s + 1) / stages)`` are gone (``groups`` / ``caps`` bound each
+    group's total); then the units left are ordered by the last model without caps.  Returns ``(order,
+    increments)`` over all ``n_units`` (the first ``count`` are the removal; increments are each round's model's, at
+    its own linearisation point)."""
     if not (isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1):
         raise PruningInputError(f"stages: a positive integer, got {stages!r}")
     if not (isinstance(count, int) and 0 <= count <= n_units):
@@ -277,17 +282,19 @@ def relinearized_gate_removal(quadratic, n_units: int, count: int, *, groups=Non
         if count > allowed:
             raise PruningInputError(f"count: {count} units asked, the caps allow {allowed}")
     at = torch.ones(n_units, dtype=torch.float32)
+    model = dense if dense is not None else take(at.clone(), None)
+    reference = model.probs
     order: list[int] = []
     incs = []
-    factor = grad = None
     stage_units: list[int] = []
     for s in range(stages):
         want = math.ceil(count * (s + 1) / stages) - len(order)
         if want <= 0:
             continue
-        factor, grad = quadratic(at.clone())
-        stage_units, inc = greedy_gate_removal(factor, grad=grad, candidates=at > 0, groups=groups, caps=room,
-                                               count=want, progress=progress)
+        if order:
+            model = take(at.clone(), reference)
+        stage_units, inc = greedy_gate_removal(model.factor, grad=model.grad, candidates=at > 0, groups=groups,
+                                               caps=room, count=want, progress=progress)
         for u in stage_units:
             at[u] = 0.0
             if room is not None:
@@ -295,10 +302,7 @@ def relinearized_gate_removal(quadratic, n_units: int, count: int, *, groups=Non
         order += stage_units
         incs.append(inc)
     if len(order) < n_units:
-        if factor is None:
-            factor, grad = quadratic(at.clone())
-            stage_units = []
-        rest, inc = greedy_gate_removal(factor, grad=grad, removed=stage_units, candidates=at > 0,
+        rest, inc = greedy_gate_removal(model.factor, grad=model.grad, removed=stage_units, candidates=at > 0,
                                         progress=progress)
         order += rest
         incs.append(inc)
