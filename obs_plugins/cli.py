@@ -213,8 +213,8 @@ def check_limit_args(args) -> None:
     """Every ``limit`` flag checked before anything is loaded or trained."""
     import math
     _check_threads(args)
-    if not 0.0 < args.step < 1.0:
-        raise PruningInputError(f"--step: the sweep grid step must lie in (0, 1), got {args.step}")
+    if not 1e-4 <= args.step < 1.0:
+        raise PruningInputError(f"--step: the sweep grid step must lie in [1e-4, 1), got {args.step}")
     for name in ("epochs", "steps", "probes", "hvp_samples", "batches"):
         if getattr(args, name) < 1:
             raise PruningInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

@@ -101,6 +101,7 @@ import torch
 from torch import nn
 
 from .curvature import Curvature
+from .curvature.core import _batch_weights
 from .curvature.batching import batch_loss, default_forward, is_pair, move
 from .curvature.collect import eval_mode
 from .curvature.operators import curvature_matvec, density_on_grid, slq_density
@@ -113,9 +114,15 @@ __all__ = ["estimate", "LimitReport", "gaussian_width_fraction", "magnitude_path
 
 
 def default_sparsities(step: float = 0.01) -> list[float]:
-    """``step, 2 step, ..., < 1`` (default 0.01 ... 0.99)."""
-    n = int(round(1.0 / step))
-    return [round(i * step, 10) for i in range(1, n)]
+    """``step, 2 step, ..., < 1`` (default 0.01 ... 0.99; 0.3 gives 0.3, 0.6, 0.9)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 1e-4 <= step < 1.0:
+        raise PruningInputError(f"step: the sparsity grid step must be a number in [1e-4, 1) (at most 9,999 "
+                                f"sparsities), got {step!r}")
+    out, i = [], 1
+    while round(i * step, 10) < 1.0:
+        out.append(round(i * step, 10))
+        i += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------- pure formulas
@@ -271,7 +278,8 @@ class LimitReport:
         p = Path(path)
         stem = p.with_suffix("") if p.suffix in (".json", ".md") else p
         stem.parent.mkdir(parents=True, exist_ok=True)
-        js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
+        # appended, not with_suffix: a dotted name ("l1_0.001_seed1") keeps every character
+        js, md = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
         js.write_text(json.dumps(self.to_dict(), indent=1))
         md.write_text(self.to_markdown() + "\n")
         return js, md
@@ -448,7 +456,7 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
     # ---------------- dense loss and eps
     t0 = time.perf_counter()
     per_batch = _batch_losses(ev, batches, None, progress, "dense loss")
-    dense_loss = sum(per_batch) / len(per_batch)
+    dense_loss = _sample_mean(per_batch, batches)
     if epsilon is None:
         mean = dense_loss
         epsilon = math.sqrt(sum((l - mean) ** 2 for l in per_batch) / len(per_batch))
@@ -542,7 +550,7 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
             w = flat.clone()
             w[order[:k]] = 0
             ov = ev.unflatten(w)
-            sw["train_loss"].append(sum(_batch_losses(ev, batches, ov, False, "")) / len(batches))
+            sw["train_loss"].append(_sample_mean(_batch_losses(ev, batches, ov, False, ""), batches))
             acc, el = _evaluate(ev, eval_batches, ov, use_acc)
             if use_acc:
                 sw["accuracy"].append(acc)
@@ -561,6 +569,15 @@ def _bar(progress: bool, total: int, desc: str):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, leave=False)
+
+
+def _sample_mean(per_batch: list[float], batches) -> float:
+    """The mean over samples of per-batch mean losses (the plain mean when every batch has as many rows), the
+    weighting the gradient and the HVPs use."""
+    w = _batch_weights(batches)
+    if w is None:
+        return sum(per_batch) / len(per_batch)
+    return sum(l * wi for l, wi in zip(per_batch, w)) / len(per_batch)
 
 
 def _batch_losses(curv: Curvature, batches, overrides, progress: bool, desc: str) -> list[float]:

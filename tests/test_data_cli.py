@@ -147,7 +147,8 @@ def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsy
 @pytest.mark.parametrize("args,flag", [
     (["--batches", "430"], "--batches"), (["--batches", "1"], "--batches"), (["--hvp-samples", "60000"], "--hvp-samples"),
     (["--threads", "-1"], "--threads"), (["--hidden", "64", "0"], "--hidden"), (["--epsilon", "-1"], "--epsilon"),
-    (["--l1", "-0.1"], "--l1"), (["--tolerance", "-0.01"], "--tolerance"), (["--step", "0"], "--step")])
+    (["--l1", "-0.1"], "--l1"), (["--tolerance", "-0.01"], "--tolerance"), (["--step", "0"], "--step"),
+    (["--step", "1e-9"], "--step")])
 def test_limit_refuses_every_bad_flag_before_loading_or_training(args, flag, capsys, monkeypatch):
     _no_load(monkeypatch)
     assert main(["limit", "--quiet"] + args) == 2

@@ -9,8 +9,8 @@ from torch.nn.utils import prune
 
 from conftest import state_equal
 from obs_plugins import Curvature, PruningInputError
-from obs_plugins.limit import (LimitReport, estimate, gaussian_width_fraction, magnitude_path, path_limit,
-                               solve_limit)
+from obs_plugins.limit import (LimitReport, default_sparsities, estimate, gaussian_width_fraction, magnitude_path,
+                               path_limit, solve_limit)
 from obs_plugins.masks import lowest_k_mask
 
 
@@ -254,6 +254,73 @@ def test_model_is_unchanged_after_estimate_even_when_already_pruned():
         losses = torch.tensor([float(nn.functional.cross_entropy(model(x), y)) for x, y in batches])
     assert rep.epsilon == pytest.approx(float(losses.std(unbiased=False)), rel=1e-5)
     assert rep.dense_loss == pytest.approx(float(losses.mean()), rel=1e-5)
+
+
+def test_pruned_weight_attribute_is_the_callers_after_estimate_and_no_grad_is_fine():
+    """torch.nn.utils.prune keeps a plain ``weight`` tensor on a pruned module; every pass inside estimate
+    rebinds it (the last sweep point's weights, an HVP graph). It must come back as the very tensor the caller had,
+    and a caller's torch.no_grad() must not break the gradient / HVP passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.3)
+    w0 = model[0].__dict__["weight"]
+    batches = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(4)]
+    kw = dict(steps=8, probes=1, sweep=True, sparsities=[0.2, 0.9], progress=False)
+    rep = estimate(model, batches, nn.functional.cross_entropy, **kw)
+    assert model[0].__dict__["weight"] is w0  # was the 90% sweep point's weight
+    assert int((model[0].weight == 0).sum()) == int(0.3 * 72 + 0.5)
+    with torch.no_grad():
+        again = estimate(model, batches, nn.functional.cross_entropy, **kw)
+    assert model[0].__dict__["weight"] is w0
+    assert again.predicted == rep.predicted and again.path == rep.path
+
+
+def test_losses_are_means_over_samples_when_batches_differ_in_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    batches = [(x[:30], y[:30]), (x[30:], y[30:])]
+    rep = estimate(model, batches, nn.functional.cross_entropy, steps=6, probes=1, sweep=True,
+                   sparsities=[0.5], progress=False)
+    with torch.no_grad():
+        whole = float(nn.functional.cross_entropy(model(x), y))
+    assert rep.dense_loss == pytest.approx(whole, rel=1e-6)
+    # the 50% sweep point by hand: the 54 smallest of the 108 weights zeroed, the loss on all 40 rows at once
+    pruned = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    pruned.load_state_dict(model.state_dict())
+    flat = torch.cat([pruned[0].weight.detach().reshape(-1), pruned[2].weight.detach().reshape(-1)])
+    order, _ = magnitude_path(flat)
+    flat[order[:54]] = 0
+    with torch.no_grad():
+        pruned[0].weight.copy_(flat[:72].reshape(12, 6))
+        pruned[2].weight.copy_(flat[72:].reshape(3, 12))
+        want = float(nn.functional.cross_entropy(pruned(x), y))
+    assert rep.sweep["train_loss"] == [pytest.approx(want, rel=1e-6)]
+
+
+@pytest.mark.parametrize("step, grid", [
+    (0.3, [0.3, 0.6, 0.9]), (0.4, [0.4, 0.8]), (0.7, [0.7]), (0.25, [0.25, 0.5, 0.75]),
+    (0.07, [round(0.07 * i, 10) for i in range(1, 15)]), (0.01, [round(0.01 * i, 10) for i in range(1, 100)]),
+])
+def test_default_sparsities_reach_the_last_step_below_one(step, grid):
+    assert default_sparsities(step) == grid
+
+
+@pytest.mark.parametrize("step", [0.0, 1.0, -0.1, 1e-9, True, "0.1", float("nan")])
+def test_default_sparsities_refuse_a_bad_step(step):
+    with pytest.raises(PruningInputError, match="step"):
+        default_sparsities(step)
+
+
+def test_report_saves_under_a_dotted_name_without_cutting_it(tmp_path):
+    model = Toy()
+    rep = estimate(model, toy_batches(), nn.functional.cross_entropy, epsilon=1e-3, steps=4, probes=1,
+                   progress=False)
+    a = rep.save(tmp_path / "l1_0.001_seed1")
+    b = rep.save(tmp_path / "l1_0.001_seed2")
+    assert [p.name for p in a] == ["l1_0.001_seed1.json", "l1_0.001_seed1.md"]
+    assert [p.name for p in b] == ["l1_0.001_seed2.json", "l1_0.001_seed2.md"]
+    assert [p.name for p in rep.save(tmp_path / "x.json")] == ["x.json", "x.md"]
 
 
 def test_report_round_trip_markdown_and_plot(tmp_path):

@@ -39,6 +39,21 @@ def _double_backward_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+_ABSENT = object()
+
+
+def _pruned_attributes(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """``(module, name, tensor)`` for every torch.nn.utils.prune-pruned tensor in ``model`` (``<name>_orig``
+    parameter plus ``<name>_mask`` buffer): the plain ``<name>`` attribute its forward pre-hook maintains."""
+    out = []
+    for module in model.modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            if pname.endswith("_orig") and pname[:-5] + "_mask" in module._buffers:
+                name = pname[:-5]
+                out.append((module, name, module.__dict__.get(name, _ABSENT)))
+    return out
+
+
 def _batch_weights(batches) -> list[float] | None:
     """Per-batch weights that make a mean of per-batch mean losses the mean over samples (``rows_i * n / sum
     rows``), or ``None`` when every batch has as many rows (the plain mean over batches is then that already)."""
@@ -327,9 +342,12 @@ class Curvature:
         Pruned modules (torch.nn.utils.prune) get ``<name>_orig`` replaced and ``<name>_mask`` set to ones, so
         gradients are taken w.r.t. the whole effective weight.  Pruned targets without an override run with
         their current effective weight (``orig * mask``) in ``<name>_orig`` and a unit mask, for the same
-        reason.  Everything is restored on exit.
+        reason.  Everything is restored on exit, including the plain ``<name>`` tensor that torch.nn.utils.prune's
+        forward pre-hook keeps on every pruned module of the model (each pass inside rebinds it to that pass's
+        weights and autograd graph; the very tensor object the caller had is put back).
         """
         saved = []
+        effective = _pruned_attributes(self.model)
         try:
             with torch.no_grad():
                 for t in self.targets:
@@ -351,6 +369,11 @@ class Curvature:
                     orig.copy_(w)
                     if mask is not None:
                         mask.copy_(m)
+            for module, name, value in effective:
+                if value is _ABSENT:
+                    module.__dict__.pop(name, None)
+                else:
+                    module.__dict__[name] = value
 
     @contextlib.contextmanager
     def _mid_apply_attributes(self):
@@ -389,13 +412,16 @@ class Curvature:
 
     @contextlib.contextmanager
     def _only_targets_require_grad(self):
+        """Only the targets' tensors require grad, and grad mode is on (a caller's ``torch.no_grad()`` must not
+        turn a gradient / HVP pass into an autograd error); the flags are restored on exit."""
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
             for p in self._grad_params():
                 p.requires_grad_(True)
-            yield
+            with torch.enable_grad():
+                yield
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
