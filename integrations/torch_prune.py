@@ -91,6 +91,13 @@ class _PlanPruningMethod(prune.BasePruningMethod):
         try:
             targets = self._targets()
             check_targets(targets)  # NaN/Inf weights are named here, not mistaken for a different parameter list
+            from torch.nn.utils import parametrize
+            wrapped = [tgt.key for tgt in targets if parametrize.is_parametrized(tgt.module, tgt.name)]
+            if wrapped:  # torch would fail writing its mask after our weights went in: refuse before any write
+                raise PruningInputError(
+                    f"params: {wrapped[0]} is parametrized (a torch.ao sparsifier's FakeSparsity?), which "
+                    "torch.nn.utils.prune masks cannot wrap; prune it through that sparsifier "
+                    "(obs_plugins.integrations.torch_ao), or remove the parametrization first")
             kept = [tgt.prior_mask() for tgt in targets]
             expected = torch.cat([tgt.current()[m] for tgt, m in zip(targets, kept)])
             if expected.numel() != t.numel():

@@ -154,6 +154,9 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
             raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is listed twice")
         seen.add((id(module), name))
         if t.device.type != "meta":   # one tensor under two names: each plan entry would overwrite the other
+            # the stored tensor: under a parametrization (torch.ao prepare) ``module.<name>`` is a fresh product
+            # on every access, and freed temporaries reuse memory, so two tensors could share an address
+            t = Target("", module, name).orig()
             ptr = (t.data_ptr(), tuple(t.shape))
             if ptr in storages:
                 raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is the same tensor as "

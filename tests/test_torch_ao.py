@@ -90,3 +90,23 @@ def test_curvature_after_prepare_does_not_warn_about_a_tie():
     with warnings.catch_warnings():
         warnings.simplefilter("error", TiedWeightWarning)
         Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)
+
+
+def test_curvature_after_prepare_and_torch_prune_on_prepared_tensors():
+    """After prepare() ``module.weight`` is a fresh product on every access: the shared-tensor check must look
+    at the stored tensors (two same-shape layers were refused as "the same tensor"), and torch.nn.utils.prune
+    on a prepared tensor is refused before anything is written (torch failed after the weights went in)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    batches = [(torch.randn(16, 8), torch.randn(16, 8)) for _ in range(2)]
+    params = [(m, "weight") for m in model]
+    first = Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)
+    sp = OBSIHTSparsifier(first, sparsity_level=0.5, progress=False)
+    sp.prepare(model, [{"tensor_fqn": f"{i}.weight"} for i in range(4)])
+    curv = Curvature.layerwise(model, params, batches, loss_fn=mse, progress=False)  # was refused
+    assert len(curv.hessians) == 4
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningInputError, match="parametrized"):
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import PruningInputError
 from ..targets import Target, layer_kind
 
 
@@ -61,7 +62,7 @@ def masking_rows(mask: torch.Tensor | None):
 
 
 def _real_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` of a Linear input ``x`` without the padded positions of the running batch (if any)."""
+    """``rows`` of a Linear / Conv1D input ``x`` without the padded positions of the running batch (if any)."""
     m = _ROW_MASK.get()
     if m is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(m.shape):
         return rows
@@ -114,8 +115,12 @@ def add_gram_hooks(targets: list[Target], accs: dict[str, GramAccumulator]):
     for t in targets:
         def hook(module, args, _out, _key=t.key):
             raw, acc = args[0], accs[_key]
-            if layer_kind(module) != "linear":
+            kind = layer_kind(module)
+            if kind == "conv2d":
                 acc.add(input_rows(module, raw.detach()))
+                return
+            if kind == "conv1d":  # Hugging Face Conv1D: (batch, token, feature) like a Linear, padding left out
+                acc.add(_real_rows(raw, input_rows(module, raw.detach())))
                 return
             src = last.get("key")
             if (src is not None and last["x"] is raw and last["version"] == raw._version
@@ -160,38 +165,71 @@ def find_block_list(model: nn.Module, targets: list[Target]) -> tuple[str, nn.Mo
 
 
 def block_stack(model: nn.Module, targets: list[Target]) -> nn.ModuleList | None:
-    """The block stack holding *every* target, or None (no stack, or some target outside it)."""
+    """The block stack holding *every* target, each in exactly one block, or None (no stack, some target outside
+    it, or a layer shared by two blocks: its Gram needs both blocks' inputs, which a block-by-block plan does
+    not have at once)."""
     try:
         _, blocks = find_block_list(model, targets)
     except ValueError:
         return None
-    inside = {id(m) for blk in blocks for m in blk.modules()}
-    return blocks if all(id(t.module) in inside for t in targets) else None
+    homes: dict[int, int] = {}
+    for blk in blocks:
+        for m in {id(m) for m in blk.modules()}:
+            homes[m] = homes.get(m, 0) + 1
+    return blocks if all(homes.get(id(t.module)) == 1 for t in targets) else None
 
 
 def blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch, forward_fn: Callable) -> bool:
     """Does one forward pass on ``batch`` call every block once, in order, each fed (as its first positional input)
     exactly the previous block's output?  What sequential calibration assumes when it feeds block i's outputs to
     block i+1; a residual added outside the blocks (``x = x + blk(x)``) or parallel branches break it."""
+    return chain_inputs(model, blocks, batch, forward_fn)[0]
+
+
+def chain_inputs(model: nn.Module, blocks: nn.ModuleList, batch, forward_fn: Callable) -> tuple[bool, bool]:
+    """``(chain, shared)``: :func:`blocks_chain`'s answer, and whether every block gets block 0's other inputs
+    (positional after the first, and keyword) -- equal values, caches aside.  Not shared where the model hands
+    each block its own: per-layer attention masks (sliding / full layers: Qwen2/3, Gemma 2/3), per-layer rotary
+    tables (Gemma 3), a position bias that block 0 computes for the others (T5).  Sequential calibration must
+    then replay each block's own inputs (:func:`capture_block_inputs` with ``blocks``)."""
     seen = []
 
-    def hook(_m, args, out, i):
+    def hook(_m, args, kwargs, out, i):
         first_out = out[0] if isinstance(out, (tuple, list)) else out
-        seen.append((i, args[0] if args else None, first_out))
+        seen.append((i, args[0] if args else None, first_out, (list(args[1:]), stateless_kwargs(dict(kwargs)))))
 
-    handles = [blk.register_forward_hook(lambda m, a, o, _i=i: hook(m, a, o, _i)) for i, blk in enumerate(blocks)]
+    handles = [blk.register_forward_hook(lambda m, a, k, o, _i=i: hook(m, a, k, o, _i), with_kwargs=True)
+               for i, blk in enumerate(blocks)]
     try:
         with torch.no_grad():
             forward_fn(model, batch)
     finally:
         for h in handles:
             h.remove()
-    if [i for i, _, _ in seen] != list(range(len(blocks))):
-        return False
-    for (_, _, out), (_, nxt, _) in zip(seen, seen[1:]):
+    if [s[0] for s in seen] != list(range(len(blocks))):
+        return False, False
+    for (_, _, out, _), (_, nxt, _, _) in zip(seen, seen[1:]):
         if not (torch.is_tensor(out) and torch.is_tensor(nxt) and out.shape == nxt.shape and torch.equal(out, nxt)):
-            return False
-    return torch.is_tensor(seen[0][1])
+            return False, False
+    shared = all(_same(s[3], seen[0][3]) for s in seen[1:])
+    return torch.is_tensor(seen[0][1]), shared
+
+
+def _same(a, b) -> bool:
+    """Equal values (tensors by shape, dtype and content; containers element by element)."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- objects without a usable ==: not known to be equal
+        return False
 
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -244,16 +282,28 @@ def no_kv_cache(model):
             cfg.use_cache = old
 
 
-def capture_block_inputs(model, first_block, batches, forward_fn) -> list[tuple[list, dict]]:
+def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None) -> list[tuple[list, dict]]:
     """The positional and keyword inputs of ``first_block`` for every batch (the forward stops there), without
-    key/value caches (:func:`stateless_kwargs`)."""
+    key/value caches (:func:`stateless_kwargs`).  With ``blocks`` (the stack, ``blocks[0] is first_block``) the
+    dense forward runs on to the last block and keeps every block's own other inputs too (all but the hidden
+    states, which the calibration feeds itself); ``cached.at(i)`` gives block i's inputs."""
+    if blocks is not None and blocks[0] is not first_block:
+        raise ValueError("capture_block_inputs: blocks[0] must be first_block")
+    n = 1 if blocks is None else len(blocks)
     cached = []
+    others: list[list] = [[] for _ in range(n)]
 
-    def catch(_m, args, kwargs):
-        cached.append((list(args), stateless_kwargs(dict(kwargs))))
-        raise _Stop
+    def catch(_m, args, kwargs, i):
+        if i == 0:
+            cached.append((list(args), stateless_kwargs(dict(kwargs))))
+        else:
+            others[i].append((list(args[1:]), stateless_kwargs(dict(kwargs))))
+        if i == n - 1:
+            raise _Stop
 
-    h = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    stack = [first_block] if blocks is None else list(blocks)
+    hs = [blk.register_forward_pre_hook(lambda m, a, k, _i=i: catch(m, a, k, _i), with_kwargs=True)
+          for i, blk in enumerate(stack)]
     try:
         with torch.no_grad(), no_kv_cache(model):
             for batch in batches:
@@ -262,17 +312,31 @@ def capture_block_inputs(model, first_block, batches, forward_fn) -> list[tuple[
                 except _Stop:
                     pass
     finally:
-        h.remove()
-    if len(cached) != len(batches):
-        raise ValueError("sequential calibration: the forward pass did not reach the first block for every batch")
+        for h in hs:
+            h.remove()
+    if len(cached) != len(batches) or any(len(o) != len(batches) for o in others[1:]):
+        raise ValueError("sequential calibration: the forward pass did not reach every block for every batch")
     out = _Cached(cached)
     out.row_masks = [row_mask(b) for b in batches]
+    out.per_block = None if blocks is None else others
     return out
 
 
 class _Cached(list):
-    """Cached block inputs, one per batch, with each batch's token mask (``row_masks``) for the Gram hooks."""
+    """Cached block inputs, one per batch, with each batch's token mask (``row_masks``) for the Gram hooks, and,
+    where blocks get inputs of their own (``per_block[i][b]``: block i's other positional and keyword inputs
+    for batch b), :meth:`at` to put them beside the current hidden states."""
     row_masks: list = []
+    per_block: list | None = None
+
+    def at(self, i: int) -> "_Cached":
+        """The inputs of block ``i``: the cached hidden states with block i's own other inputs (``self`` where
+        every block shares block 0's)."""
+        if not self.per_block or i == 0:
+            return self
+        view = _Cached(([a[0]] + list(extra), kw) for (a, _), (extra, kw) in zip(self, self.per_block[i]))
+        view.row_masks = self.row_masks
+        return view
 
 
 def _masks_of(cached) -> list:
@@ -364,17 +428,25 @@ def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=No
     outside = [t.key for t in targets if id(t.module) not in in_blocks]
     if outside:
         raise ValueError(f"sequential=True: targets outside the block stack are not supported: {outside[:5]}")
-    cached = capture_block_inputs(model, blocks[0], batches, forward_fn)
+    if block_stack(model, targets) is None:
+        raise PruningInputError("on_block: a target layer is shared by two blocks of the stack; block-by-block "
+                                "calibration needs each in one block")
+    chain, shared = chain_inputs(model, blocks, batches[0], forward_fn)
+    if not chain:
+        raise PruningInputError("on_block: the blocks of the stack are not a chain (a forward pass does not feed "
+                                "each block exactly the previous block's output, e.g. a residual added outside "
+                                "the blocks); block-by-block calibration would see other inputs than the model")
+    cached = capture_block_inputs(model, blocks[0], batches, forward_fn, blocks=None if shared else blocks)
     by_block = [[t for t in targets if any(t.module is m for m in blk.modules())] for blk in blocks]
     for i, blk in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress, leave=False)):
         handles = add_gram_hooks(by_block[i], accs)
         try:
-            outs = run_block(blk, cached)
+            outs = run_block(blk, cached.at(i))
         finally:
             for hh in handles:
                 hh.remove()
         for t in by_block[i]:
             accs[t.key].all_reduce()
         if on_block is not None and by_block[i] and on_block(i, by_block[i]):
-            outs = run_block(blk, cached)
+            outs = run_block(blk, cached.at(i))
         feed(cached, outs)

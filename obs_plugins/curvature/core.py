@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, batch_loss, default_forward, move
-from .collect import (GramAccumulator, add_gram_hooks, block_stack, blocks_chain, capture_block_inputs,
+from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs,
                       collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
                       run_block_until)
 
@@ -89,6 +89,7 @@ class Curvature:
         self.device = _device_of(model)
         self.sequential = False        # plans are computed block by block (see :meth:`blockwise`)
         self.stages = None             # sequential: "block" or "sublayer" (stage by stage inside each block)
+        self._shared_inputs = True      # sequential: every block gets block 0's other inputs (else each its own)
         self.dtype = torch.float32
         self.progress = True
         self._grams_pending = False    # sequential: the one-pass Grams are only collected if someone asks
@@ -97,9 +98,14 @@ class Curvature:
     def hessians(self) -> dict[str, torch.Tensor]:
         """key -> layer Gram ``2 X X^T / n``.  Under sequential calibration this is filled by the last plan
         (the Grams that plan was solved on); asked for before any plan, the one-pass Grams of the model as it
-        is are collected first."""
+        is are collected first, and so are those of targets the last plan left out (a plan of one tensor,
+        ``OBSIHT.apply``, solves only that tensor's Gram)."""
         if self._grams_pending:
             self._collect_onepass()
+        elif self.sequential:
+            missing = [t for t in self.targets if t.key not in self._hessians]
+            if missing:
+                self._collect_onepass(missing)
         return self._hessians
 
     @property
@@ -159,10 +165,12 @@ class Curvature:
         stack = block_stack(model, curv.targets)
         if sequential not in (False, "auto") and stack is None:
             raise PruningInputError(f"sequential={sequential!r}: the targets do not all live in one stack of blocks "
-                                    "(an nn.ModuleList such as model.layers); use sequential=False")
+                                    "(an nn.ModuleList such as model.layers), each in one block (a layer shared "
+                                    "by two blocks is not); use sequential=False")
         if sequential is not False and stack is not None:
             with curv._eval_mode():
-                chain = blocks_chain(model, stack, move(curv.batches[0], curv.device), curv.forward_fn)
+                chain, curv._shared_inputs = chain_inputs(model, stack, move(curv.batches[0], curv.device),
+                                                          curv.forward_fn)
             if not chain and sequential == "auto":
                 stack = None     # e.g. a residual added around the blocks: calibrate in one pass
             elif not chain:
@@ -212,10 +220,10 @@ class Curvature:
             a.all_reduce()
         self._store(accs)
 
-    def _collect_onepass(self) -> None:
+    def _collect_onepass(self, targets: list[Target] | None = None) -> None:
         batches = [move(b, self.device) for b in self.batches]
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
-            self._collect(self.targets, lambda: run_batches(self.model, batches, self.forward_fn,
+            self._collect(self.targets if targets is None else targets, lambda: run_batches(self.model, batches, self.forward_fn,
                                                             desc="collecting layer curvature", progress=self.progress))
         self._grams_pending = False
 
@@ -255,7 +263,9 @@ class Curvature:
         batches = [move(b, self.device) for b in self.batches]
         from tqdm.auto import tqdm
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
-            cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn)
+            # every block's own other inputs (masks, rotary tables, position bias) where they are not block 0's
+            cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
+                                          blocks=None if self._shared_inputs else blocks)
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
                 bt, blk = by_block[i], blocks[i]
@@ -263,17 +273,17 @@ class Curvature:
                 if not bt:
                     stages = []
                 elif self.stages == "sublayer":
-                    stages = input_stages(blk, bt, cached[0])
+                    stages = input_stages(blk, bt, cached.at(i)[0])
                 else:
                     stages = [(bt, True)]
                 for st, whole in stages:  # (targets, needs the whole block run)
                     with self._weights(ours()):
-                        self._collect(st, (lambda: run_block(blk, cached)) if whole else
-                                      (lambda: run_block_until(blk, cached, [t.module for t in st])))
+                        self._collect(st, (lambda: run_block(blk, cached.at(i))) if whole else
+                                      (lambda: run_block_until(blk, cached.at(i), [t.module for t in st])))
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
                     with self._weights(ours()):
-                        feed(cached, run_block(blk, cached))
+                        feed(cached, run_block(blk, cached.at(i)))
         self._grams_pending = False
         return planned
 
