@@ -150,7 +150,7 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"logits_fn: a callable (output, batch) -> logits, got {logits_fn!r}")
         if scope == "network" and not curvature.batches:
             raise PruningInputError("curvature: scope='network' needs the curvature's calibration batches")
-        if not (isinstance(rel_damp, (int, float)) and rel_damp > 0):
+        if not (isinstance(rel_damp, (int, float)) and not isinstance(rel_damp, bool) and rel_damp > 0):
             raise PruningInputError(f"rel_damp: must be a positive number, got {rel_damp!r}")
         if not (scale is None or scale == "loss" or isinstance(scale, dict)):
             raise PruningInputError(f"scale: 'loss', None or a dict key -> tensor, got {scale!r}")
@@ -160,6 +160,9 @@ class OBSImportance(tp.importance.Importance):
             raise PruningInputError(f"mode: 'greedy', 'single' or None, got {mode!r}")
         if not (isinstance(relinearize, int) and not isinstance(relinearize, bool) and relinearize >= 1):
             raise PruningInputError(f"relinearize: a positive number of rounds, got {relinearize!r}")
+        if relinearize != 1 and scope != "network":
+            raise PruningInputError(f"relinearize: rounds re-take the network-scope model; scope='layer' has none "
+                                    f"(got relinearize={relinearize}; use scope='network')")
         self.mode = mode or ("greedy" if compensate else "single")
         self.curvature = curvature
         self.compensate = bool(compensate)
@@ -431,7 +434,10 @@ class OBSImportance(tp.importance.Importance):
         the count ``pruning_ratio`` implies *before* anything changes: fewer means a group was skipped whole (all
         its channels below the threshold), more means ties at the threshold (``score <= threshold``).  With
         ``strict`` (default) either raises; ``strict=False`` prunes and records both counts in the returned dict."""
-        update = self.compensate if update is None else bool(update)
+        for arg, value in (("update", update), ("strict", strict)):
+            if not (isinstance(value, bool) or (value is None and arg == "update")):
+                raise PruningInputError(f"{arg}: True or False, got {value!r}")
+        update = self.compensate if update is None else update
         expected = _expected_global_removals(pruner)
         if pruner.current_step >= pruner.iterative_steps:   # Torch-Pruning would only warn and prune nothing
             raise PruningInputError(f"pruner: its {pruner.iterative_steps} iterative step(s) are used up (a "
@@ -455,13 +461,16 @@ class OBSImportance(tp.importance.Importance):
         except BaseException:
             _restore(pruner, saved)
             raise
+        # every consumer's update first, one joint removal of all its columns this step (two groups feeding one
+        # consumer, e.g. through a concatenation, share it: per-group operators would each see the other's
+        # columns still there, and the second would no longer fit after the first group's prune)
+        with torch.no_grad():
+            for key, P, C in plans:
+                m = self._module[key]
+                W = to_2d(m, m.weight.detach())
+                m.weight.copy_(from_2d(m, apply_removal(W, P, C), m.weight))
         removed = 0
-        for g, plan in zip(groups, plans):
-            with torch.no_grad():
-                for key, P, C in plan:
-                    m = self._module[key]
-                    W = to_2d(m, m.weight.detach())
-                    m.weight.copy_(from_2d(m, apply_removal(W, P, C), m.weight))
+        for g in groups:
             drops = self._drops(g)
             g.prune()
             self._follow(drops)
@@ -485,7 +494,25 @@ class OBSImportance(tp.importance.Importance):
                 f"pruner: Torch-Pruning would remove {got} channels where pruning_ratio implies {expected}: scores "
                 "tie at the global threshold (it removes every channel <= threshold). Nothing was changed "
                 "(strict=False accepts it)")
-        return groups, [self.plan(g, update=update) for g in groups]
+        return groups, self._joint_plan(groups, update)
+
+    def _joint_plan(self, groups, update) -> list:
+        """``(key, P, C)`` per consumer for all ``groups`` at once, in the consumers' current column order: the
+        union of the columns the groups remove from it, and their joint OBS update operator (``None`` without
+        the update)."""
+        cols: dict[str, set[int]] = {}
+        for g in groups:
+            for key, P, _ in self.plan(g, update=False):
+                cols.setdefault(key, set()).update(int(c) for c in P)
+        out = []
+        for key, cs in cols.items():
+            P = torch.tensor(sorted(cs))
+            if update:
+                P, C = removal_operator(self._H[key], P, hinv=self._inverse(key))
+            else:
+                C = None
+            out.append((key, P, C))
+        return out
 
     def _drops(self, group):
         """What the group removes from layers this importance tracks: (key, 'in'|'out', indices)."""
@@ -734,6 +761,10 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
     ffns = _ffn_blocks(model)
     if not bert and not ffns:
         raise PruningInputError("model: no BERT-style attention or FFN blocks found")
+    if getattr(model, "config", None) is None:
+        raise PruningInputError("model: prune_transformer records the pruned shapes in a Hugging Face model's "
+                                "config (model.config), and this model has none; prune it with a "
+                                "tp.pruner.MetaPruner (and OBSImportance.step for the OBS update)")
     head_ratio = ratio if head_ratio is None else head_ratio
     do_heads = bool(heads and bert and head_ratio > 0)
     do_ffn = bool(ffn and ffns and ratio > 0)
@@ -775,23 +806,79 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
         else:
             pr.step()
 
-    for imp in (importance, compensation):  # joint head scores for OBS unless the caller chose blocks
-        if isinstance(imp, OBSImportance) and not imp.channel_blocks:
-            imp.channel_blocks.update(transformer_channel_blocks(model))
-    if do_heads:
-        nh = {}
-        for sa in bert:
-            for lin in (sa.query, sa.key, sa.value):
-                nh[lin] = int(sa.num_attention_heads)
-        # the head pass's pruning_ratio only has to be > 0 (Torch-Pruning skips a pass whose ratio is 0)
-        run(list(nh), dict(num_heads=nh, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio),
-            head_ratio)
-        for sa in bert:
-            sa.num_attention_heads = sa.query.out_features // sa.attention_head_size
-            sa.all_head_size = sa.query.out_features
-    if do_ffn:
-        run([p for prods, _ in ffns for p in prods], {}, ratio)
-    return update_config(model)
+    def check_global(what, before, after, pass_ratio):
+        # Torch-Pruning's global count (total - int(total * (1 - ratio))); it skips, without a word, a layer
+        # whose units all fall below the threshold, and removes every tie at it
+        implied = before - int(before * (1 - pass_ratio))
+        if before - after != implied:
+            raise PruningInputError(
+                f"global_pruning: Torch-Pruning removed {before - after} {what} where ratio {pass_ratio} implies "
+                f"{implied} ({'a layer whose units all ranked below the global threshold is skipped whole' if before - after < implied else 'scores tie at the global threshold'}); nothing was changed. Use "
+                "scores comparable across layers (OBSImportance's scale='loss'), or global_pruning=False")
+
+    # a failure in either pass (a refusal, a solve) puts the model and the OBS importances back as they were
+    transaction = _Transaction(model, [i for i in (importance, compensation) if isinstance(i, OBSImportance)])
+    try:
+        for imp in (importance, compensation):  # joint head scores for OBS unless the caller chose blocks
+            if isinstance(imp, OBSImportance) and not imp.channel_blocks:
+                imp.channel_blocks.update(transformer_channel_blocks(model))
+        if do_heads:
+            nh = {}
+            for sa in bert:
+                for lin in (sa.query, sa.key, sa.value):
+                    nh[lin] = int(sa.num_attention_heads)
+            heads_before = sum(int(sa.num_attention_heads) for sa in bert)
+            # the head pass's pruning_ratio only has to be > 0 (Torch-Pruning skips a pass whose ratio is 0)
+            run(list(nh), dict(num_heads=nh, prune_num_heads=True, prune_head_dims=False,
+                               head_pruning_ratio=head_ratio), head_ratio)
+            for sa in bert:
+                sa.num_attention_heads = sa.query.out_features // sa.attention_head_size
+                sa.all_head_size = sa.query.out_features
+            if global_pruning:
+                check_global("heads", heads_before, sum(int(sa.num_attention_heads) for sa in bert), head_ratio)
+        if do_ffn:
+            width = sum(prods[0].out_features for prods, _ in ffns)
+            run([p for prods, _ in ffns for p in prods], {}, ratio)
+            if global_pruning:
+                check_global("FFN channels", width, sum(prods[0].out_features for prods, _ in ffns), ratio)
+        return update_config(model)
+    except BaseException:
+        transaction.rollback()
+        raise
+
+
+class _Transaction:
+    """The state structural pruning changes, to put back on failure: every module's parameters and buffers (the
+    objects, and their values: the OBS update writes in place before Torch-Pruning swaps in narrower tensors),
+    its plain attributes (``out_features``, ``num_attention_heads``...), and the OBS importances' own state
+    (Grams, sensitivities, factors, history, channel blocks).  One copy of the weights while it is held."""
+
+    def __init__(self, model: nn.Module, importances) -> None:
+        self.modules = []
+        for m in model.modules():
+            plain = {k: copy.copy(v) for k, v in m.__dict__.items() if not k.startswith("_")}
+            tensors = {**{k: v for k, v in m._parameters.items() if v is not None},
+                       **{k: v for k, v in m._buffers.items() if v is not None}}
+            self.modules.append((m, plain, dict(m._parameters), dict(m._buffers),
+                                 {k: v.detach().clone() for k, v in tensors.items()}))
+        self.importances = [(imp, {k: copy.copy(v) for k, v in vars(imp).items() if isinstance(v, (dict, list))})
+                            for imp in importances]
+
+    def rollback(self) -> None:
+        for m, plain, params, buffers, values in self.modules:
+            for k in [k for k in m.__dict__ if not k.startswith("_") and k not in plain]:
+                del m.__dict__[k]
+            m.__dict__.update(plain)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            with torch.no_grad():
+                for k, v in values.items():
+                    (params.get(k) if k in params else buffers[k]).copy_(v)
+        for imp, state in self.importances:
+            for k, v in state.items():
+                setattr(imp, k, v)
 
 
 def update_config(model: nn.Module, original: dict | None = None) -> dict:

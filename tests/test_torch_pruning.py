@@ -167,6 +167,44 @@ def test_step_applies_the_least_squares_update_of_the_consumer():
     torch.testing.assert_close(model[2].bias, ref[2].bias)
 
 
+class _Concat(nn.Module):
+    """Two producers concatenated into one consumer: two dependency groups remove columns of ``c``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.fc = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))))
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_step_updates_a_consumer_of_two_groups_jointly(global_pruning):
+    """Both groups' columns of ``c`` go in one least-squares update (it crashed after pruning the first group,
+    the second's operator still 8 columns wide, and left the model half pruned)."""
+    torch.manual_seed(0)
+    model = _Concat().eval()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(256, 5, generator=g)
+    batches = [(X[i:i + 64], torch.randint(0, 3, (64,), generator=g)) for i in range(0, 256, 64)]
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, dtype=torch.float64,
+                               progress=False)
+    imp = OBSImportance(curv, rel_damp=1e-10)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=imp, pruning_ratio=0.5, global_pruning=global_pruning,
+                              ignored_layers=[model.c, model.fc])
+    rec = imp.step(pr)
+    assert rec["root_channels_removed"] == 4 and model.c.in_features == 4
+    kept = [int((ref.a.weight - r).abs().sum(1).argmin()) for r in model.a.weight] + \
+           [4 + int((ref.b.weight - r).abs().sum(1).argmin()) for r in model.b.weight]
+    with torch.no_grad():
+        A = torch.cat([torch.relu(ref.a(X)), torch.relu(ref.b(X))], 1).double()
+        Y = A @ ref.c.weight.double().t()
+    coef = torch.linalg.lstsq(A[:, kept], Y).solution
+    torch.testing.assert_close(model.c.weight.double(), coef.t(), rtol=1e-4, atol=1e-5)
+    assert model(X).shape == (256, 3)
+
+
 @pytest.mark.parametrize("update", [False, True])
 def test_removal_error_ranking_removes_the_smallest_errors_and_can_still_update(update):
     """OBSImportance(compensate=False): the channels with the smallest 1/2 sum_r w_rj^2 H_jj go (hand-computed from
@@ -742,6 +780,88 @@ def test_prune_transformer_refuses_what_torch_pruning_would_skip_and_changes_not
     assert state_equal(before, model.state_dict())
 
 
+def _bert_module_state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(l.attention.self.num_attention_heads, l.attention.self.all_head_size, l.intermediate.dense.out_features,
+              l.output.dense.in_features) for l in model.encoder.layer],
+            model.config.num_attention_heads, model.config.intermediate_size, hasattr(model.config, "obs_pruned"))
+
+
+def _bert_layer0_ffn_tiny(model):
+    """Layer 0's FFN 1000x smaller: a global magnitude threshold takes all of it, which Torch-Pruning skips."""
+    with torch.no_grad():
+        layer = model.encoder.layer[0]
+        for lin in (layer.intermediate.dense, layer.output.dense):
+            lin.weight.mul_(1e-3)
+        layer.intermediate.dense.bias.mul_(1e-3)
+
+
+def test_prune_transformer_is_atomic_when_the_ffn_pass_refuses_after_the_heads_pass():
+    """Global pruning: the OBS compensation's count check refuses in the FFN pass, after the heads pass pruned the
+    model and the importance's Grams followed it. All of it goes back: weights, head counts, config, and the
+    importance (a retry with per-layer pruning then equals a fresh run)."""
+    model = tiny_bert()
+    _bert_layer0_ffn_tiny(model)
+    twin = copy.deepcopy(model)
+    ids, am, batches = token_batches()
+    ex = {"input_ids": ids[:2], "attention_mask": am[:2]}
+    curv = Curvature.layerwise(model, all_layers(model, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                               progress=False)
+    comp = OBSImportance(curv)
+    before = _bert_module_state(model)
+    with pytest.raises(PruningInputError, match="would remove 0 channels"):
+        prune_transformer(model, ex, tp.importance.GroupMagnitudeImportance(normalizer=None), 0.5,
+                          global_pruning=True, compensation=comp)
+    after = _bert_module_state(model)
+    assert state_equal(before[0], after[0]) and before[1:] == after[1:]
+    prune_transformer(model, ex, tp.importance.GroupMagnitudeImportance(normalizer=None), 0.5, compensation=comp)
+    tcurv = Curvature.layerwise(twin, all_layers(twin, exclude=("pooler",)), batches, loss_fn=bert_loss,
+                                progress=False)
+    prune_transformer(twin, ex, tp.importance.GroupMagnitudeImportance(normalizer=None), 0.5,
+                      compensation=OBSImportance(tcurv))
+    assert state_equal(model.state_dict(), twin.state_dict())
+
+
+@pytest.mark.parametrize("what", ["heads", "ffn"])
+def test_prune_transformer_global_refuses_a_skipped_layer_for_any_importance(what):
+    """Torch-Pruning skips a layer whose heads / channels all rank below the global threshold; with a built-in
+    importance (no OBS step to count) that was silent: fewer units removed than the ratio implies."""
+    model = tiny_bert()
+    if what == "heads":
+        with torch.no_grad():
+            sa = model.encoder.layer[0].attention.self
+            for lin in (sa.query, sa.key, sa.value):
+                lin.weight.mul_(1e-3)
+                lin.bias.mul_(1e-3)
+    else:
+        _bert_layer0_ffn_tiny(model)
+    ids, am, _ = token_batches()
+    before = _bert_module_state(model)
+    with pytest.raises(PruningInputError, match="^global_pruning: .* removed .* where ratio 0.5 implies"):
+        prune_transformer(model, {"input_ids": ids[:2], "attention_mask": am[:2]},
+                          tp.importance.GroupMagnitudeImportance(normalizer=None), 0.5, global_pruning=True,
+                          heads=what == "heads", ffn=what == "ffn")
+    after = _bert_module_state(model)
+    assert state_equal(before[0], after[0]) and before[1:] == after[1:]
+
+
+def test_prune_transformer_refuses_a_model_without_a_config_before_pruning():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.down_proj(torch.relu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="^model: .*config"):
+        prune_transformer(model, torch.randn(2, 8), tp.importance.GroupMagnitudeImportance(), 0.5)
+    assert state_equal(before, model.state_dict())
+
+
 def test_prune_transformer_heads_only_with_ffn_ratio_zero():
     """ratio=0 with head_ratio>0 removes heads (Torch-Pruning skipped the pass when its pruning_ratio was 0)."""
     model = tiny_bert()
@@ -1108,6 +1228,14 @@ def test_network_scope_relinearized_removes_the_staged_greedy_units(global_pruni
         OBSImportance(curv, scope="network", relinearize=0)
     with pytest.raises(PruningInputError, match="^relinearize"):
         OBSImportance(curv, scope="network", relinearize=True)
+    with pytest.raises(PruningInputError, match="^relinearize: .*scope='layer'"):
+        OBSImportance(curv, relinearize=2)   # was silently ignored
+    for bad in (dict(rel_damp=True),):
+        with pytest.raises(PruningInputError, match="^rel_damp"):
+            OBSImportance(curv, **bad)
+    for kw, arg in ((dict(update="no"), "update"), (dict(strict="no"), "strict")):  # bool("no") was True
+        with pytest.raises(PruningInputError, match=f"^{arg}: True or False"):
+            imp.step(pr, **kw)
 
 
 def _network_cnn_prune(relinearize, norm=None, strict=True, **pruner_kw):
