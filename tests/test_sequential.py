@@ -504,17 +504,8 @@ def test_a_layer_shared_by_two_blocks_is_calibrated_in_one_pass():
 
 
 def test_on_block_refuses_blocks_that_are_not_a_chain():
-    class Residual(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
-
-        def forward(self, x):
-            for blk in self.layers:
-                x = x + blk(x)  # the residual outside the blocks
-            return x
-
-    model = Residual()
+    torch.manual_seed(0)
+    model = _ResidualOutside()
     params = [(m, "weight") for m in model.layers]
     batches = [torch.randn(4, 8)]
     with pytest.raises(PruningInputError, match="not a chain"):
