@@ -14,6 +14,7 @@ MAIN_DEFAULTS = dict(sparsity="0.5", iterations=2, calib=32, eval=32, seq_len=25
 MAIN_ONLY = dict(method="obs_iht", grad_subsets=1, sequential="auto", blocks=None, json=None, save=None,
                  **MAIN_DEFAULTS)
 MODEL_ONLY = dict(model=None, config=None, out=None, calibration=None, export=None)
+SMOLLM2_BLOCKS = 30  # decoder blocks of the main job's model (--blocks)
 
 
 def _flag(name: str) -> str:
@@ -44,12 +45,14 @@ def check_sparsity_spec(spec: str) -> None:
 
 
 def check_prune_args(args) -> None:
-    """Every ``prune`` flag checked before anything is loaded (the model load takes minutes)."""
+    """Every ``prune`` flag checked before anything is loaded (the model load takes minutes).  The parser leaves
+    a main-job flag that was not given at ``None``, so a flag given with its default value is still seen (and
+    refused on the other route); the defaults are filled in here."""
     import os
     _check_threads(args)
     if args.model is not None or args.config is not None:   # the Hugging Face route: settings from --config
-        for name, default in MAIN_ONLY.items():
-            if getattr(args, name) != default:
+        for name in MAIN_ONLY:
+            if getattr(args, name, None) is not None:
                 raise PruningInputError(f"{_flag(name)}: belongs to the main job; with --model / --config the "
                                         "pruning settings come from the config file")
         if not (args.model and args.config and args.out):
@@ -66,12 +69,22 @@ def check_prune_args(args) -> None:
         if getattr(args, name) != default:
             raise PruningInputError(f"{_flag(name)}: goes with --model and --config (pruning a saved Transformers "
                                     "model); the main job takes --save, --json and its own flags")
+    for name, default in MAIN_ONLY.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     check_sparsity_spec(args.sparsity)
     for name in ("calib", "eval", "seq_len", "iterations", "grad_subsets"):
         if getattr(args, name) < 1:
             raise PruningInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.blocks is not None and args.blocks < 1:
-        raise PruningInputError(f"--blocks: must be >= 1 (or left out for all blocks), got {args.blocks}")
+    if args.blocks is not None and not 1 <= args.blocks <= SMOLLM2_BLOCKS:
+        raise PruningInputError(f"--blocks: must be in 1..{SMOLLM2_BLOCKS} (SmolLM2-135M's decoder blocks; or left "
+                                f"out for all), got {args.blocks}")
+    if args.json is not None:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder):
+            raise PruningInputError(f"--json: {args.json!r} must be a file in an existing folder")
+    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise PruningInputError(f"--save: {args.save!r} is a file; give a folder (created if missing)")
 
 
 def prune_for_save(setup, method: str, sparsity: str, curvature, *, iterations: int, grad_subsets: int,
@@ -333,21 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
                         description="One-shot pruning of SmolLM2-135M-Instruct (packaged, offline) calibrated on "
                         "a mixed English set (Shakespeare, the King James Bible, BBC News); perplexity on held-out Shakespeare "
                         "plays and on Jane Austen's novels: dense vs magnitude vs the chosen method.")
-    pr.add_argument("--method", default=MAIN_ONLY["method"], choices=["obs_iht", "wanda", "magnitude"],
+    pr.add_argument("--method", default=None, choices=["obs_iht", "wanda", "magnitude"],
                     help="pruning method (default: obs_iht)")
-    pr.add_argument("--sparsity", default=MAIN_DEFAULTS["sparsity"],
+    pr.add_argument("--sparsity", default=None,
                     help="fraction of each Linear weight to prune (e.g. 0.5) or an N:M pattern (e.g. 2:4)")
-    pr.add_argument("--iterations", type=int, default=MAIN_DEFAULTS["iterations"],
+    pr.add_argument("--iterations", type=int, default=None,
                     help="OBS-IHT iterations T (1 = the SparseGPT-equivalent OBS sweep; default 2)")
-    pr.add_argument("--grad-subsets", type=int, default=MAIN_ONLY["grad_subsets"],
+    pr.add_argument("--grad-subsets", type=int, default=None,
                     help="OBS-IHT: each iteration's gradient on every m-th gradient batch in turn (1/m of the cost; "
                          "2 suits a CPU without native bf16; default 1)")
-    pr.add_argument("--sequential", default=MAIN_ONLY["sequential"], choices=["auto", "block", "sublayer", "off"],
+    pr.add_argument("--sequential", default=None, choices=["auto", "block", "sublayer", "off"],
                     help="calibration order: block by block (block), also stage by stage inside each block "
                          "(sublayer), or all Grams on the dense model in one pass (off); default auto")
-    pr.add_argument("--calib", type=int, default=MAIN_DEFAULTS["calib"], help="calibration windows (default 32)")
-    pr.add_argument("--eval", type=int, default=MAIN_DEFAULTS["eval"], help="held-out windows (default 32)")
-    pr.add_argument("--seq-len", type=int, default=MAIN_DEFAULTS["seq_len"], help="tokens per window (default 256)")
+    pr.add_argument("--calib", type=int, default=None, help="calibration windows (default 32)")
+    pr.add_argument("--eval", type=int, default=None, help="held-out windows (default 32)")
+    pr.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 256)")
     pr.add_argument("--blocks", type=int, default=None,
                     help="prune only the first N of the 30 decoder blocks (quick runs; default: all)")
     pr.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

@@ -136,7 +136,9 @@ def _no_load(monkeypatch):
     (["--sparsity", "1.5"], "--sparsity"), (["--sparsity", "abc"], "--sparsity"), (["--sparsity", "4:2"], "--sparsity"),
     (["--sparsity", "-0.2"], "--sparsity"), (["--sparsity", "nan"], "--sparsity"), (["--sparsity", "2:x"], "--sparsity"),
     (["--calib", "0"], "--calib"), (["--eval", "0"], "--eval"), (["--seq-len", "0"], "--seq-len"),
-    (["--blocks", "0"], "--blocks"), (["--method", "wanda", "--iterations", "0"], "--iterations"),
+    (["--blocks", "0"], "--blocks"), (["--blocks", "31"], "--blocks"), (["--json", "/nonexistent/r.json"], "--json"),
+    (["--json", "."], "--json"), (["--save", __file__], "--save"),
+    (["--method", "wanda", "--iterations", "0"], "--iterations"),
     (["--method", "magnitude", "--grad-subsets", "0"], "--grad-subsets"), (["--threads", "-1"], "--threads")])
 def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsys, monkeypatch):
     _no_load(monkeypatch)

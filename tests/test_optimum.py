@@ -396,10 +396,13 @@ class _Seq(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.y[i]}
 
 
-def _train(tmp_path, cfg, steps=12, before_cb=(), after_cb=(), **cb_kwargs):
+def _train(tmp_path, cfg, steps=12, before_cb=(), after_cb=(), prepare=None, **cb_kwargs):
     """A tiny BERT trained ``steps`` steps with the PruningCallback; ``before_cb`` / ``after_cb``: callbacks that
-    run before / after it in each event (each gets the PruningCallback as ``.pruning``)."""
+    run before / after it in each event (each gets the PruningCallback as ``.pruning``); ``prepare(model)`` runs
+    first."""
     model = tiny_bert(labels=3)
+    if prepare is not None:
+        prepare(model)
     model.train()
     cb = PruningCallback(cfg, **cb_kwargs)
     for c in (*before_cb, *after_cb):
@@ -628,7 +631,8 @@ def test_cli_main_job_arguments_unchanged():
     from obs_plugins import cli
     args = cli.build_parser().parse_args(["prune"])
     assert args.model is None and args.config is None and args.func is cli.cmd_prune
-    assert (args.method, args.sparsity, args.iterations) == ("obs_iht", "0.5", 2)
+    cli.check_prune_args(args)   # the parser leaves the main job's flags unset; the check fills the defaults
+    assert (args.method, args.sparsity, args.iterations, args.sequential) == ("obs_iht", "0.5", 2, "auto")
 
 
 def test_optimum_cli_registration(tmp_path):
@@ -731,6 +735,23 @@ def test_callback_train_twice_and_wanda_reach_the_exact_target(method, tmp_path)
     if method != "wanda":
         trainer.train()
         assert zeros() == round(0.5 * cb.weights)
+
+
+@pytest.mark.parametrize("method", ["cs", "bip", "magnitude"])
+def test_callback_counts_masks_the_model_already_carried(method, tmp_path):
+    """30% of every target masked before training, sparsity 0.6: exactly round(0.6 n) zeros at the end (CS's cut
+    took 0.6 of the weights still unmasked: 0.72)."""
+    from torch.nn.utils import prune
+
+    def mask_30(model):
+        for t in hf.select_targets(model, PruningConfig()):
+            prune.random_unstructured(t.module, t.name, amount=0.3)
+
+    kw = {"cs": dict(method_config={"rounds": 1, "epochs": 2}), "bip": {}, "magnitude": dict(frequency=2)}[method]
+    cfg = PruningConfig(method=method, sparsity=0.6, end_step=6, **kw)
+    model, cb, _, _ = _train(tmp_path, cfg, steps=8, prepare=mask_30)
+    targets = hf.select_targets(model, cfg)
+    assert sum(int((t.current() == 0).sum()) for t in targets) == round(0.6 * cb.weights)
 
 
 # ---------------------------------------------------------------- twelfth-session review: what the adapter lost
@@ -876,7 +897,10 @@ def test_cli_refuses_flags_of_the_other_route_and_missing_files(tmp_path, capsys
     capsys.readouterr()   # the saves' progress bars
     for extra, flag in ((["--sparsity", "0.9"], "--sparsity"), (["--method", "wanda"], "--method"),
                         (["--save", str(tmp_path / "s")], "--save"), (["--calib", "0"], "--calib"),
-                        (["--json", str(tmp_path / "j.json")], "--json")):
+                        (["--json", str(tmp_path / "j.json")], "--json"),
+                        # given with the main job's default value: still given (was silently ignored)
+                        (["--sparsity", "0.5"], "--sparsity"), (["--iterations", "2"], "--iterations"),
+                        (["--method", "obs_iht"], "--method"), (["--sequential", "auto"], "--sequential")):
         assert cli.main(base + extra) == 2
         assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}:")
     for extra, flag in ((["--out", str(tmp_path / "o")], "--out"), (["--export", "onnx"], "--export"),
