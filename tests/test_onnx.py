@@ -383,3 +383,98 @@ def test_the_verdict_counts_only_the_pruned_weights(tmp_path):
     res = ox.export(m, (ids,), tmp_path / "m.onnx", sparse_kernel="off")
     rep = ox.verify(res, m, (ids,), batch_sizes=(1,), runs=3)
     assert rep.info["mean_pruned_sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+# ------------------------------------------------------------------ fourteenth-session review
+def test_verify_keeps_every_submodule_training_flag(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    m.train()
+    m[1].eval()   # a frozen BatchNorm in a model being trained
+    x = torch.randn(4, 8)
+    res = ox.export(m, x, tmp_path / "m.onnx", sparse_kernel="off")
+    ox.verify(res, m, x, bench=False)
+    assert [mod.training for mod in m] == [True, False, True, True]
+
+
+def test_a_pruned_layer_used_twice_keeps_its_sparsity_check():
+    """One pruned Linear applied twice on 3-D inputs (ALBERT-style sharing): both names hold one initializer."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+    torch.manual_seed(0)
+    m = Shared().eval()
+    prune.l1_unstructured(m.a, "weight", amount=0.5)
+    x = torch.randn(2, 3, 8)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        rep = ox.verify(ox.export(m, x, f"{d}/s.onnx", sparse_kernel="off"), m, x, bench=False)
+    assert rep.ok and all(s["ok"] and s["onnx_sparsity"] == pytest.approx(0.5) for s in rep.sparsity)
+    assert "Outputs match" in rep.to_markdown()
+
+
+def test_report_headline_is_about_the_outputs_only():
+    rep = ox.Report(outputs=[{"route": "pruned", "index": 0, "shape": [2], "max_abs": 0.0, "max_rel": 0.0,
+                              "ok": True}],
+                    sparsity=[{"param": "w", "onnx": [], "model_sparsity": 0.5, "onnx_sparsity": None, "ok": False,
+                               "layer": True}],
+                    latency={}, best={}, ok=False,
+                    info={"path": "m.onnx", "atol": 1e-4, "rtol": 1e-3, "ort_version": "x", "threads": 1, "runs": 3,
+                          "warmup": 1, "baseline_route": "pruned"})
+    md = rep.to_markdown()
+    assert "Outputs match PyTorch" in md and "survived (every weight holding zeros): NO" in md
+
+
+def test_sparse_kernel_files_of_dotted_names_do_not_collide():
+    from obs_plugins.integrations.onnx.export import sparse_kernel_file
+    assert sparse_kernel_file("out/model.onnx") == "out/model.sparse.onnx"
+    assert sparse_kernel_file("out/mlp_0.85") == "out/mlp_0.85.sparse.onnx"
+    assert sparse_kernel_file("out/mlp_0.95") == "out/mlp_0.95.sparse.onnx"
+
+
+def test_external_data_writes_the_weights_beside_the_file_and_verifies(tmp_path):
+    model = _prune_all(_mlp(), 0.9)
+    x = torch.randn(4, 64)
+    res = ox.export(model, x, tmp_path / "mlp.onnx", sparse_kernel="auto", external_data=True)
+    assert (tmp_path / "mlp.onnx.data").exists() and (tmp_path / "mlp.sparse.onnx.data").exists()
+    assert (tmp_path / "mlp.onnx").stat().st_size < 20_000 < (tmp_path / "mlp.onnx.data").stat().st_size
+    rep = ox.verify(res, model, x, bench=False)
+    assert rep.ok and len(rep.sparsity) == 3 and all(s["ok"] for s in rep.sparsity)
+    assert {o["route"] for o in rep.outputs} == {"pruned", "sparse-kernel"}
+    with pytest.raises(PruningInputError, match="^external_data"):
+        ox.export(model, x, tmp_path / "x.onnx", external_data="yes")
+
+
+def test_an_embedding_padding_row_is_not_a_pruned_weight(tmp_path):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 64, padding_idx=0), nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+    torch.manual_seed(0)
+    m = M().eval()
+    prune.l1_unstructured(m.fc, "weight", amount=0.5)
+    ids = torch.randint(0, 50, (2, 8))
+    rep = ox.verify(ox.export(m, (ids,), tmp_path / "m.onnx", sparse_kernel="off"), m, (ids,), batch_sizes=(1,),
+                    runs=3)
+    assert {s["param"]: s["layer"] for s in rep.sparsity} == {"emb.weight": False, "fc.weight": True}
+    assert rep.info["mean_pruned_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "Sparsity of 1 pruned layer weights" in rep.to_markdown()
+
+
+def test_verify_and_export_refuse_bad_batch_sizes_and_a_folder_path(tmp_path):
+    model = _mlp()
+    x = torch.randn(4, 64)
+    res = ox.export(model, x, tmp_path / "m.onnx", sparse_kernel="off")
+    for bad in ([0], [-1], [1.5]):
+        with pytest.raises(PruningInputError, match="^batch_sizes"):
+            ox.verify(res, model, x, batch_sizes=bad)
+    with pytest.raises(PruningInputError, match="^path: .* is a folder"):
+        ox.export(model, x, tmp_path)

@@ -40,9 +40,12 @@ class ExportResult:
         return self.path
 
 
+EXTERNAL_DATA_BYTES = 1536 * 2 ** 20   # above this much weight, "auto" writes it beside the file (protobuf: 2 GiB)
+
+
 def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", sparse_storage: bool = False,
            sparse_kernel: str = "auto", sparse_threshold: float = 0.8, opset: int | None = None,
-           strip_value_info: bool = False, verbose: bool = False) -> ExportResult:
+           strip_value_info: bool = False, verbose: bool = False, external_data="auto") -> ExportResult:
     """Bake masks on a copy of ``model`` and export it with ``torch.onnx.export(..., dynamo=True)``.
 
     ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors (Hugging Face
@@ -52,6 +55,9 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
     (ORT densifies them at load: size only, no speed).  ``sparse_kernel``: ``"off"``, ``"auto"`` (rewrite
     MatMul/Gemm whose weight is at least ``sparse_threshold`` zeros into ``com.microsoft:SparseToDenseMatMul``,
     written beside ``path`` as ``<stem>.sparse.onnx``) or ``"on"`` (every weight with any zeros).
+    ``external_data``: write the weights to ``<file>.data`` beside each file (ONNX external data; ORT and
+    :func:`verify` read it from there): ``"auto"`` (default) when the model holds more than 1.5 GiB of parameters
+    and buffers (one protobuf file cannot exceed 2 GiB), ``True`` / ``False`` always / never.
     ``strip_value_info``: drop the exporter's intermediate shape annotations (ORT re-infers them).  The
     sparse-kernel rewrite always drops them; on MiniLM that alone made ORT ~8% faster (see
     ``benchmarks/onnx_value_info.py``), so compare routes with the same setting.
@@ -64,6 +70,13 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
         raise PruningInputError(f"sparse_threshold: expected a fraction in [0, 1], got {sparse_threshold}")
     if not isinstance(model, nn.Module):
         raise PruningInputError(f"model: expected a torch.nn.Module, got {type(model)}")
+    if external_data not in ("auto", True, False):
+        raise PruningInputError(f"external_data: 'auto', True or False, got {external_data!r}")
+    if os.path.isdir(str(path)):
+        raise PruningInputError(f"path: {path} is a folder; give the .onnx file to write")
+    if external_data == "auto":
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        external_data = size > EXTERNAL_DATA_BYTES
     t0 = time.perf_counter()
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -100,22 +113,37 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
         sp_proto, rewritten = rewrite_sparse_kernel(proto, threshold=thr)
         if rewritten:
             kernel_path = sparse_kernel_file(path)
-            onnx.save(sp_proto, kernel_path)
+            _save(sp_proto, kernel_path, external_data)
     if kernel_path is None and os.path.exists(sparse_kernel_file(path)):
         os.remove(sparse_kernel_file(path))   # an earlier export's rewrite: it would not match this file
     proto.metadata_props.add(key=META_SPARSE_KERNEL, value=os.path.basename(kernel_path) if kernel_path else "")
     stored = []
     if sparse_storage:
         proto, stored = to_sparse_storage(proto)
-    onnx.save(proto, path)
+    _save(proto, path, external_data)
     del cp
-    return ExportResult(path, kernel_path, rewritten, pmap, stored, os.path.getsize(path),
-                        time.perf_counter() - t0)
+    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if external_data else 0)
+    return ExportResult(path, kernel_path, rewritten, pmap, stored, size, time.perf_counter() - t0)
+
+
+def _save(proto, path: str, external_data: bool) -> None:
+    import onnx
+    data = path + ".data"
+    if os.path.exists(data):
+        os.remove(data)   # onnx appends to an existing data file
+    if external_data:
+        onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=os.path.basename(data), size_threshold=1024)
+    else:
+        onnx.save(proto, path)
 
 
 def sparse_kernel_file(path) -> str:
-    """Where :func:`export` writes the sparse-kernel rewrite of ``path``: ``<stem>.sparse.onnx`` beside it."""
-    return str(Path(path).with_suffix("")) + ".sparse.onnx"
+    """Where :func:`export` writes the sparse-kernel rewrite of ``path``: ``<stem>.sparse.onnx`` beside it
+    (``model.onnx`` → ``model.sparse.onnx``; only an ``.onnx`` suffix is replaced, so ``mlp_0.85`` and
+    ``mlp_0.95`` get files of their own)."""
+    p = Path(path)
+    return str(p.with_suffix("") if p.suffix == ".onnx" else p) + ".sparse.onnx"
 
 
 def param_map(proto, weights: dict[str, torch.Tensor]) -> dict[str, list]:

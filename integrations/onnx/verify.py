@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from obs_plugins.curvature.batching import named_failure
+from obs_plugins.curvature.collect import eval_mode
 from obs_plugins.errors import PruningInputError
 from obs_plugins.timing import latency_stats, speedup
 
 from .bake import effective_weights, zero_fraction
-from .export import FLOAT_TYPES, ExportResult, export, load_proto, param_map_of, sparse_kernel_of
+from .export import FLOAT_TYPES, ExportResult, _hash, export, load_proto, param_map_of, sparse_kernel_of
 from .inputs import as_args, first_tensor, flatten_outputs, repeat_to_batch
 from .report import Report, route_verdict
 from .rewrite import CSR_SUFFIXES, sparse_input_stem
@@ -75,6 +76,14 @@ def check_outputs(route, got, ref, atol, rtol) -> list[dict]:
     return rows
 
 
+def layer_weight_names(model: nn.Module) -> set[str]:
+    """State-dict names of the weights pruning acts on (Linear, Conv2d, Hugging Face Conv1D): what the report
+    calls the pruned weights (an embedding's zero padding row is not pruning)."""
+    from obs_plugins.targets import is_hf_conv1d
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)}
+
+
 def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tuple[list[dict], list[str]]:
     """Zeros of every pruned (2-D) weight of ``model`` vs the ONNX initializer that holds it (through the
     parameter map :func:`export` wrote; the CSR arrays of the sparse-kernel file count too): one row per weight,
@@ -92,6 +101,14 @@ def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tupl
     for oname, (pname, _tr) in pmap.items():
         if oname in onnx_sp:
             by_param.setdefault(pname, []).append((oname, onnx_sp[oname]["sparsity"]))
+    # the parameter map keeps one name per value: a weight shared by two modules (or equal to another) is held
+    # by the initializer its twin maps to
+    value = {pname: _hash(w.detach().cpu().float().numpy()) for pname, w in eff.items() if w.dim() >= 2}
+    by_value = {}
+    for pname, hits in by_param.items():
+        if pname in value:
+            by_value.setdefault(value[pname], hits)
+    layers = layer_weight_names(model)
     sparsity = []
     for pname, w in eff.items():
         if w.dim() < 2:
@@ -100,12 +117,14 @@ def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tupl
         hits = by_param.get(pname, [])
         if not hits and pname in onnx_sp:
             hits = [(pname, onnx_sp[pname]["sparsity"])]
+        if not hits:
+            hits = by_value.get(value[pname], [])
         if not hits and ms <= 0.001:
             continue
         osp = min((h[1] for h in hits), default=None)
         ok = osp is not None and osp >= ms - 1e-6
         sparsity.append({"param": pname, "onnx": [h[0] for h in hits], "model_sparsity": ms, "onnx_sparsity": osp,
-                         "ok": ok})
+                         "ok": ok, "layer": pname in layers})
         if not ok:
             failures.append(
                 f"sparsity did not survive for {pname!r}: {ms:.1%} zeros in the model, " +
@@ -142,6 +161,9 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         sparse_kernel_path = sparse_kernel_of(onnx_path)
     if runs < 1 or warmup < 0 or threads < 1:
         raise PruningInputError("runs/warmup/threads: need runs >= 1, warmup >= 0, threads >= 1")
+    if batch_sizes is not None and not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                           for b in batch_sizes):
+        raise PruningInputError(f"batch_sizes: positive whole numbers, got {list(batch_sizes)!r}")
     args, kwargs = as_args(inputs)
     first = first_tensor(args, kwargs)
     if first is None:
@@ -153,17 +175,15 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         runners["sparse-kernel"] = OrtRunner(sparse_kernel_path, threads)
 
     # ---- outputs
-    was_training = model.training
     cfg = getattr(model, "config", None)
     was_cache = getattr(cfg, "use_cache", None)   # export traced without the cache: compare like with like
-    model.eval()
     try:
         if was_cache is not None:
             cfg.use_cache = False
-        with torch.no_grad():
+        # eval mode, every submodule's own flag back afterwards (a frozen BatchNorm stays frozen)
+        with eval_mode(model), torch.no_grad():
             ref = flatten_outputs(named_failure("inputs", model, lambda: model(*args, **kwargs), inputs))
     finally:
-        model.train(was_training)
         if was_cache is not None:
             cfg.use_cache = was_cache
     outputs, failures = [], []
@@ -194,7 +214,7 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         routes = {"dense": OrtRunner(bpath, threads), **runners}
         base_name = "dense"
     latency, best = {}, {}
-    pruned = [s["model_sparsity"] for s in sparsity if s["model_sparsity"] > 0.001]   # as the report's table
+    pruned = [s["model_sparsity"] for s in sparsity if s["model_sparsity"] > 0.001 and s["layer"]]  # as the report
     mean_sp = float(np.mean(pruned)) if pruned else 0.0
     for b in (batch_sizes if bench else []):
         binp = repeat_to_batch(inputs, b)
