@@ -450,6 +450,17 @@ def test_external_data_writes_the_weights_beside_the_file_and_verifies(tmp_path)
         ox.export(model, x, tmp_path / "x.onnx", external_data="yes")
 
 
+def test_external_data_auto_follows_the_model_size(tmp_path, monkeypatch):
+    from obs_plugins.integrations.onnx import export as export_module
+    model, x = _mlp(), torch.randn(4, 64)
+    size = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", size - 1)
+    ox.export(model, x, tmp_path / "big.onnx", sparse_kernel="off")
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", size)
+    ox.export(model, x, tmp_path / "small.onnx", sparse_kernel="off")
+    assert (tmp_path / "big.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
+
+
 def test_an_embedding_padding_row_is_not_a_pruned_weight(tmp_path):
     class M(nn.Module):
         def __init__(self):
