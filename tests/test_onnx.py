@@ -451,7 +451,8 @@ def test_external_data_writes_the_weights_beside_the_file_and_verifies(tmp_path)
 
 
 def test_external_data_auto_follows_the_model_size(tmp_path, monkeypatch):
-    from obs_plugins.integrations.onnx import export as export_module
+    import importlib
+    export_module = importlib.import_module("obs_plugins.integrations.onnx.export")  # the module, not the function
     model, x = _mlp(), torch.randn(4, 64)
     size = sum(p.numel() * 4 for p in model.parameters())
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", size - 1)
