@@ -293,6 +293,16 @@ def test_cli_export_minilm(tmp_path, capsys):
     assert main(["export", str(out), "--sparsity", "1.5"]) == 2
 
 
+@pytest.mark.parametrize("args, flag", [(["--runs", "0"], "--runs"), (["--threads", "0"], "--threads"),
+                                        (["--budget", "0"], "--budget"), (["--atol", "-1"], "--atol")])
+def test_cli_export_refuses_bad_timing_flags_before_loading(args, flag, tmp_path, monkeypatch, capsys):
+    from obs_plugins import data
+    from obs_plugins.cli import main
+    monkeypatch.setattr(data, "load_minilm", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["export", str(tmp_path / "m.onnx")] + args) == 2
+    assert flag in capsys.readouterr().err
+
+
 def test_verdict_rules_known_answers():
     def st(med, q25, q75, runs=10):
         return {"median_ms": med, "q25_ms": q25, "q75_ms": q75, "runs": runs}

@@ -53,6 +53,11 @@ def run_export_cli(args) -> int:
             raise PruningInputError(f"--batch-sizes: must be positive, got {args.batch_sizes}")
         if args.seq_len < 2:
             raise PruningInputError(f"--seq-len: must be >= 2, got {args.seq_len}")
+        for flag, value, low in (("--runs", args.runs, 1), ("--threads", args.threads, 1)):
+            if value < low:   # checked before the model is pruned and exported (verify would refuse it after)
+                raise PruningInputError(f"{flag}: must be >= {low}, got {value}")
+        if not args.budget > 0 or not args.atol > 0:
+            raise PruningInputError(f"--budget / --atol: must be > 0, got {args.budget} / {args.atol}")
         torch.manual_seed(0)
         model, tok = load_minilm() if args.model == "minilm" else load_smollm2()
         model.eval()
