@@ -56,6 +56,9 @@ class OBSIHTSparsifier(BaseSparsifier):
         if not self.enable_mask_update:
             return
         pairs = self._targets_of_groups()
+        if not pairs:
+            raise PruningInputError("sparsifier: no tensors to prune; call prepare(model, config) first, with "
+                                    "config listing them ({'tensor_fqn': 'layer.weight'} each)")
         nm = parse_nm(self.obs_config.nm)
         counts = {}
         for g, t in pairs:

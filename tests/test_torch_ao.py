@@ -69,12 +69,22 @@ def test_curvature_for_other_tensors_fails_and_leaves_the_model():
 
 @pytest.mark.parametrize("kwargs, match", [({"sparsity_level": 1.5}, "sparsity_level"),
                                            ({"allocation": "global"}, "allocation"),
-                                           ({"bogus": 1}, "bogus")])
+                                           ({"bogus": 1}, "bogus"),
+                                           ({"blocksize": True}, "^blocksize"),   # was taken as 1
+                                           ({"max_step": True}, "^max_step")])
 def test_bad_arguments_name_themselves(kwargs, match):
     model, batches = problem()
     curv = Curvature.layerwise(model, [(model[0], "weight")], batches, progress=False)
     with pytest.raises(PruningInputError, match=match):
         OBSIHTSparsifier(curv, **kwargs)
+
+
+def test_step_without_prepared_tensors_says_so():
+    model, batches = problem()
+    curv = Curvature.layerwise(model, [(model[0], "weight")], batches, progress=False)
+    for sp in (OBSIHTSparsifier(curv, sparsity_level=0.5, progress=False),):
+        with pytest.raises(PruningInputError, match="^sparsifier: no tensors to prune; call prepare"):
+            sp.step()   # was "curvature: sequential calibration needs the targets in one stack of blocks"
 
 
 def test_curvature_after_prepare_does_not_warn_about_a_tie():

@@ -102,12 +102,12 @@ class OBSIHTConfig:
             raise PruningInputError(f"owl_m: must be > 0, got {self.owl_m!r}")
         if not number(self.rel_damp) or not self.rel_damp > 0:
             raise PruningInputError(f"rel_damp: must be > 0, got {self.rel_damp!r}")
-        if not (isinstance(self.blocksize, int) and self.blocksize > 0):
+        if not (isinstance(self.blocksize, int) and not isinstance(self.blocksize, bool) and self.blocksize > 0):
             raise PruningInputError(f"blocksize: must be a positive int, got {self.blocksize!r}")
         if not isinstance(self.step_sizes, (tuple, list)) or not self.step_sizes \
                 or any(not number(s) or not s > 0 for s in self.step_sizes):
             raise PruningInputError(f"step_sizes: need positive values, got {self.step_sizes!r}")
-        if not (isinstance(self.max_step, (int, float)) and self.max_step > 0):
+        if not (number(self.max_step) and self.max_step > 0):
             raise PruningInputError(f"max_step: must be > 0, got {self.max_step!r}")
         if not isinstance(self.layer_trust, bool):
             raise PruningInputError(f"layer_trust: must be True or False, got {self.layer_trust!r}")
