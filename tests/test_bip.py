@@ -450,3 +450,52 @@ def test_score_gradient_of_a_layer_used_twice_is_the_formula_on_the_total_gradie
     loss = F.cross_entropy(m.out(torch.tanh(F.linear(torch.tanh(F.linear(x, z, b)), z, b))), y)
     gz, = torch.autograd.grad(loss, z)
     assert torch.allclose(g["fc.weight"], implicit_gradient(W, mask, gz, 0.5), atol=1e-7)
+
+
+class _ReadsItsWeight(nn.Module):
+    """fc1's weight is also read for its dtype (Hugging Face T5 does this): a read that plays no part in the loss."""
+
+    def __init__(self, read: bool):
+        super().__init__()
+        self.read = read
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.read:
+            x = x.to(self.fc1.weight.dtype)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_a_read_the_loss_does_not_use_adds_nothing_to_the_score_step():
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    scores = []
+    for read in (False, True):
+        torch.manual_seed(0)
+        m = _ReadsItsWeight(read)
+        bip = BiPTrainer(m, [(m.fc1, "weight"), (m.fc2, "weight")], sparsity=0.5, progress=False)
+        opt, mopt = torch.optim.SGD(bip.param_groups(0.1)), torch.optim.SGD(bip.score_groups())
+        bip.step((X[:8], Y[:8]), (X[8:], Y[8:]), opt, mopt, loss_fn=F.cross_entropy)  # raised with the read
+        scores.append({k: s.detach().clone() for k, s in bip.scores.items()})
+    assert scores[0].keys() == scores[1].keys()
+    assert all(torch.equal(scores[0][k], scores[1][k]) for k in scores[0])
+
+
+def test_channel_mode_refuses_a_bias_listed_beside_its_weight():
+    """With granularity='channel' (mask_bias) a layer's bias follows its weight's channel mask; listing the bias
+    too stacked a second gate on it, zeroing kept channels' biases."""
+    m = mlp()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for params in ([(m[0], "weight"), (m[0], "bias")], [(m[0], "bias"), (m[0], "weight")]):
+        with pytest.raises(PruningInputError, match="^params: .* already gated through"):
+            BiPTrainer(m, params, sparsity=0.5, granularity="channel", progress=False)
+        assert not parametrize.is_parametrized(m[0])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_make_plan_refuses_an_amount_given_as_the_targets():
+    m = mlp()
+    bip = BiPTrainer(m, pairs(m), sparsity=0.5, progress=False)
+    bip.finish()
+    with pytest.raises(PruningInputError, match="^targets: .* make_plan\\(amount=...\\)"):
+        bip.make_plan(0.5)

@@ -504,3 +504,33 @@ def test_state_saved_before_the_score_init_fields_still_loads():
     old["mask_scale"] = "none"
     with pytest.raises(PruningInputError, match="mask_scale"):
         cs2.load_state_dict({**state, "config": old})
+
+
+class _DictIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp()
+
+    def forward(self, x, labels=None):
+        return self.net(x)
+
+
+def test_fit_follows_the_librarys_batch_convention_for_dicts():
+    """fit took ``x, y = batch``: a dict batch gave the model its key strings. Dict batches now run as
+    model(**batch) with loss_fn(output, batch), and equal the pair batches' search."""
+    runs = []
+    for as_dict in (False, True):
+        model = _DictIn()
+        cs = ContinuousSparsifier(model, pairs(model.net), rounds=1, epochs=2, progress=False, penalty=1e-3)
+        batches = [{"x": x, "labels": y} for x, y in data()] if as_dict else data()
+        loss = (lambda out, b: F.cross_entropy(out, b["labels"])) if as_dict else F.cross_entropy
+        cs.fit(batches, loss, lr=0.1)
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_make_plan_refuses_an_amount_given_as_the_targets():
+    _, cs = searched()
+    with pytest.raises(PruningInputError, match="^targets: .* make_plan\\(amount=...\\)"):
+        cs.make_plan(0.5)

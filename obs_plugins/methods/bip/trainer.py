@@ -130,6 +130,7 @@ class BiPTrainer:
         targets = resolve_targets(model, params)
         channel = config.granularity == "channel"
         parts: dict[str, list[str]] = {}
+        targets_by_key = {t.key: t for t in targets}
         for t in targets:
             names = [self._stored_name(t.module, t.name)]
             if channel and config.mask_bias and t.name == "weight" and getattr(t.module, "bias", None) is not None:
@@ -138,6 +139,11 @@ class BiPTrainer:
                 if parametrize.is_parametrized(t.module, n):
                     raise PruningInputError(f"params: {t.key} is already parametrized (another trainer or "
                                             "sparsifier still searching? call its finish() first)")
+                taken = [k for k, ns in parts.items() if n in ns and targets_by_key[k].module is t.module]
+                if taken:   # channel mode gates a layer's bias with its weight: listing the bias too gated it twice
+                    raise PruningInputError(f"params: {t.key} is already gated through {taken[0]} (with "
+                                            "granularity='channel' and mask_bias a layer's bias follows its weight's "
+                                            "channel mask); leave the bias out of params")
             parts[t.key] = names
         check_targets(targets)  # finite values on one real device (NaN/Inf would be trained, meta has no values)
         self.model = model
@@ -338,7 +344,10 @@ class BiPTrainer:
             raise PruningInputError("params: none of the trainer's tensors took part in the forward pass")
         if not all(z.requires_grad for *_, z in rec):
             raise PruningInputError("params: the pruned tensors must require grad")
-        grads_z = torch.autograd.grad(loss, [z for *_, z in rec])
+        # a read the loss does not use (e.g. ``x.to(layer.weight.dtype)``, as Hugging Face T5 does) adds nothing
+        grads_z = [torch.zeros_like(z) if g is None else g
+                   for z, g in zip([z for *_, z in rec],
+                                   torch.autograd.grad(loss, [z for *_, z in rec], allow_unused=True))]
         # a tensor read several times in one forward (a reused layer) records one z per read: the formula needs
         # the total dloss/dz (its implicit term is quadratic in it), so the reads are summed first
         total: dict[tuple[str, str], list] = {}
@@ -409,6 +418,9 @@ class BiPTrainer:
         ``config.allocation``: one global ranking or the same fraction per tensor.  Channel scores rank whole
         channels (ties by position, so where ``k`` ends inside a channel its first entries go).
         """
+        if targets is not None and (isinstance(targets, (int, float)) or torch.is_tensor(targets)):
+            raise PruningInputError(f"targets: a list of targets, got {targets!r}; give the amount as "
+                                    "make_plan(amount=...) or the count as make_plan(k=...)")
         if not self.finished:
             raise PruningInputError("trainer: the search is still running; call bip.finish() (or fit) before "
                                     "pruning")

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ...curvature.batching import batch_loss as _batch_loss
+from ...curvature.batching import default_forward as _default_forward
 from ...errors import PruningInputError
 from .._state import check_saved_state, resolve_config
 from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
@@ -381,6 +383,9 @@ class ContinuousSparsifier:
         learned score first, honouring each target's prior mask.  ``config.allocation``: one global ranking or
         the same fraction per tensor.  ``granularity="channel"``: whole channels in score order (ties broken by
         position, so where ``k`` ends inside a channel its first entries go)."""
+        if targets is not None and (isinstance(targets, (int, float)) or torch.is_tensor(targets)):
+            raise PruningInputError(f"targets: a list of targets, got {targets!r}; give the amount as "
+                                    "make_plan(amount=...) or the count as make_plan(k=...)")
         if not self.finished:
             raise PruningInputError("sparsifier: the search is still running; call cs.finish() (or fit) before "
                                     "pruning")
@@ -492,7 +497,8 @@ class ContinuousSparsifier:
         """Run (or continue) the whole search: ``rounds`` x ``epochs`` epochs, then :meth:`finish`.
 
         train_loader: any re-iterable (a DataLoader, a list of batches); it is iterated afresh every epoch.
-        loss_fn(output, target) for ``(input, target)`` batches, or ``batch_loss(model, batch)`` for anything else.
+        loss_fn: the library's convention -- ``loss_fn(output, target)`` for ``(input, target)`` batches,
+        ``loss_fn(output, batch)`` with ``model(**batch)`` for dicts -- or ``batch_loss(model, batch)``.
         optimizer: your own (it must include the scores, e.g. built from :meth:`param_groups`), or ``lr``
         for the default SGD(momentum) over :meth:`param_groups`.  Returns the per-epoch history.
         """
@@ -546,9 +552,8 @@ class ContinuousSparsifier:
                     batch = to_dev(batch)
                     if batch_loss is not None:
                         loss = batch_loss(self.model, batch)
-                    else:
-                        x, y = batch
-                        loss = loss_fn(self.model(x), y)
+                    else:   # the library's convention: (inputs, target) pairs, dicts as model(**batch)
+                        loss = _batch_loss(loss_fn, _default_forward(self.model, batch), batch)
                     loss = loss + self.penalty()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
