@@ -66,6 +66,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
         hooks = module._forward_pre_hooks
         saved = list(hooks.items())
         methods = {k: h._pruning_methods for k, h in saved if isinstance(h, prune.PruningContainer)}
+        order = list(module._parameters)
         try:
             return super().apply(module, name, **kwargs)
         except BaseException:
@@ -73,6 +74,12 @@ class _PlanPruningMethod(prune.BasePruningMethod):
             hooks.update(saved)
             for k, pm in methods.items():
                 hooks[k]._pruning_methods = pm
+            # torch's rollback re-registers the tensor last: put the parameters back in their order (optimizer
+            # state and parameters_to_vector go by position)
+            if set(module._parameters) == set(order):
+                params = dict(module._parameters)
+                module._parameters.clear()
+                module._parameters.update((k, params[k]) for k in order)
             raise
 
     def _targets(self):

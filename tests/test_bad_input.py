@@ -314,3 +314,60 @@ def test_one_parameter_under_two_modules_is_refused():
     with pytest.raises(PruningInputError, match=r"^params\[2\].*same tensor as params\[0\]"):
         Curvature.layerwise(model, params + [(twin, "weight")], batches, progress=False)
     assert same(before, state(model))
+
+
+# ------------------------------------------------------------------ fourteenth-session review
+def _masked_twin_pair():
+    """Two identical Linears-with-a-tanh models whose first weight carries the same torch.nn.utils.prune mask."""
+    import torch.nn.functional as F
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        prune.l1_unstructured(m[0], "weight", amount=0.25)
+        models.append(m)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(4)]
+    return models, batches, F.cross_entropy
+
+
+@pytest.mark.parametrize("last_forward_no_grad", [False, True])
+def test_a_second_apply_with_iterations_equals_global_unstructured(last_forward_no_grad):
+    """torch takes the old mask's hook off before compute_mask on a second apply, so ``weight`` went stale and
+    the gradient passes of T >= 2 (and global allocation) failed; both routes now give the same plan."""
+    (m, twin), batches, loss = _masked_twin_pair()
+    for mod in (m, twin):
+        if last_forward_no_grad:
+            with torch.no_grad():
+                mod(batches[0][0])
+        else:
+            mod(batches[0][0])
+    curv = Curvature.layerwise(m, [(m[0], "weight")], batches, loss_fn=loss, progress=False)
+    OBSIHT.apply(m[0], "weight", amount=0.5, curvature=curv, iterations=2, progress=False)
+    tcurv = Curvature.layerwise(twin, [(twin[0], "weight")], batches, loss_fn=loss, progress=False)
+    prune.global_unstructured([(twin[0], "weight")], pruning_method=OBSIHT, amount=0.5, curvature=tcurv,
+                              iterations=2, progress=False)
+    assert int((m[0].weight_mask == 0).sum()) == 12 + 18
+    assert torch.equal(m[0].weight_mask, twin[0].weight_mask) and torch.equal(m[0].weight, twin[0].weight)
+
+
+def test_a_refused_first_apply_keeps_the_parameter_order():
+    model, params, batches = problem()
+    order = list(model.state_dict())
+    curv = Curvature.layerwise(model, params, batches, progress=False)
+    with pytest.raises(PruningInputError):
+        OBSIHT.apply(params[0][0], params[0][1], amount=0.5, curvature=curv, nm="2:4", progress=False)
+    assert list(model.state_dict()) == order   # torch's rollback re-registered the weight last
+
+
+def test_a_bad_batch_names_the_module_that_fails_inside_a_custom_model():
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(6, 2)   # b does not fit a's output
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+    model = TwoLayers()
+    with pytest.raises(PruningInputError, match=r"failed in module 'b' \(Linear\)"):
+        Curvature.layerwise(model, [(model.a, "weight")], [torch.randn(3, 4)], progress=False)

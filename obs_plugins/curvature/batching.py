@@ -105,9 +105,14 @@ def failing_module(model: nn.Module, run: Callable[[], object]) -> str | None:
     names = {id(m): n for n, m in model.named_modules()}
     stack: list[nn.Module] = []
     handles = []
+
+    def leave(_mod, _a, _o) -> None:   # must return None: a forward hook's return value replaces the output
+        if stack:
+            stack.pop()
+
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(lambda mod, _a: stack.append(mod)))
-        handles.append(m.register_forward_hook(lambda mod, _a, _o: stack.pop() if stack else None))
+        handles.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad():
             run()

@@ -388,17 +388,29 @@ class Curvature:
     @contextlib.contextmanager
     def _mid_apply_attributes(self):
         """While torch.nn.utils.prune's ``apply`` runs ``compute_mask`` the tensor lives at ``<name>_orig`` and
-        ``<name>`` is missing; expose it temporarily so the model can run a forward pass."""
+        ``<name>`` is missing (a first application) or stale (a second one: torch has taken the old method's
+        forward pre-hook off, so nothing rebuilds ``<name>`` from ``<name>_orig``); expose ``<name>_orig``
+        temporarily so a forward pass computes with it (``_weights`` runs such a tensor with a unit mask)."""
+        from torch.nn.utils import prune
         patched = []
         try:
             for t in self.targets:
                 if not hasattr(t.module, t.name):
-                    t.module.__dict__[t.name] = t.orig()
-                    patched.append(t)
+                    patched.append((t, _ABSENT))
+                elif hasattr(t.module, t.name + "_orig") and not any(
+                        isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == t.name
+                        for h in t.module._forward_pre_hooks.values()):
+                    patched.append((t, t.module.__dict__.get(t.name, _ABSENT)))
+                else:
+                    continue
+                t.module.__dict__[t.name] = t.orig()
             yield
         finally:
-            for t in patched:
-                t.module.__dict__.pop(t.name, None)
+            for t, old in patched:
+                if old is _ABSENT:
+                    t.module.__dict__.pop(t.name, None)
+                else:
+                    t.module.__dict__[t.name] = old
 
     def loss(self, overrides: Mapping[str, torch.Tensor] | None = None, batches: Iterable | None = None, *,
              progress: bool = False) -> float:
