@@ -856,12 +856,13 @@ class _Transaction:
     def __init__(self, model: nn.Module, importances) -> None:
         self.modules = []
         for m in model.modules():
-            plain = {k: copy.copy(v) for k, v in m.__dict__.items() if not k.startswith("_")}
+            # the objects themselves (a shared config must stay one object); Torch-Pruning rebinds, not mutates
+            plain = {k: v for k, v in m.__dict__.items() if not k.startswith("_")}
             tensors = {**{k: v for k, v in m._parameters.items() if v is not None},
                        **{k: v for k, v in m._buffers.items() if v is not None}}
             self.modules.append((m, plain, dict(m._parameters), dict(m._buffers),
                                  {k: v.detach().clone() for k, v in tensors.items()}))
-        self.importances = [(imp, {k: copy.copy(v) for k, v in vars(imp).items() if isinstance(v, (dict, list))})
+        self.importances = [(imp, {k: (v, copy.copy(v)) for k, v in vars(imp).items() if isinstance(v, (dict, list))})
                             for imp in importances]
 
     def rollback(self) -> None:
@@ -876,9 +877,14 @@ class _Transaction:
             with torch.no_grad():
                 for k, v in values.items():
                     (params.get(k) if k in params else buffers[k]).copy_(v)
-        for imp, state in self.importances:
-            for k, v in state.items():
-                setattr(imp, k, v)
+        for imp, state in self.importances:   # the same dict / list objects, their contents put back
+            for k, (obj, saved) in state.items():
+                if isinstance(obj, dict):
+                    obj.clear()
+                    obj.update(saved)
+                else:
+                    obj[:] = saved
+                setattr(imp, k, obj)
 
 
 def update_config(model: nn.Module, original: dict | None = None) -> dict:

@@ -458,7 +458,7 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
     per_batch = _batch_losses(ev, batches, None, progress, "dense loss")
     dense_loss = _sample_mean(per_batch, batches)
     if epsilon is None:
-        mean = dense_loss
+        mean = sum(per_batch) / len(per_batch)   # the std of the per-batch losses (their own mean)
         epsilon = math.sqrt(sum((l - mean) ** 2 for l in per_batch) / len(per_batch))
         sizes = sorted({_batch_size(b) for b in batches})
         source = (f"std of the dense per-batch loss over {len(batches)} batches of "

@@ -284,7 +284,9 @@ def test_losses_are_means_over_samples_when_batches_differ_in_size():
                    sparsities=[0.5], progress=False)
     with torch.no_grad():
         whole = float(nn.functional.cross_entropy(model(x), y))
+        per = torch.tensor([float(nn.functional.cross_entropy(model(a), b)) for a, b in batches], dtype=torch.float64)
     assert rep.dense_loss == pytest.approx(whole, rel=1e-6)
+    assert rep.epsilon == pytest.approx(float(per.std(unbiased=False)), rel=1e-6)  # the per-batch losses' std
     # the 50% sweep point by hand: the 54 smallest of the 108 weights zeroed, the loss on all 40 rows at once
     pruned = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
     pruned.load_state_dict(model.state_dict())

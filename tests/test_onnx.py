@@ -460,6 +460,13 @@ def test_external_data_writes_the_weights_beside_the_file_and_verifies(tmp_path)
         ox.export(model, x, tmp_path / "x.onnx", external_data="yes")
 
 
+def test_external_data_with_no_weight_large_enough_to_move(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4, 8)
+    res = ox.export(model, x, tmp_path / "t.onnx", sparse_kernel="off", external_data=True)  # raised: no .data
+    assert res.file_bytes == (tmp_path / "t.onnx").stat().st_size and ox.verify(res, model, x, bench=False).ok
+
+
 def test_external_data_auto_follows_the_model_size(tmp_path, monkeypatch):
     import importlib
     export_module = importlib.import_module("obs_plugins.integrations.onnx.export")  # the module, not the function
@@ -495,7 +502,7 @@ def test_verify_and_export_refuse_bad_batch_sizes_and_a_folder_path(tmp_path):
     model = _mlp()
     x = torch.randn(4, 64)
     res = ox.export(model, x, tmp_path / "m.onnx", sparse_kernel="off")
-    for bad in ([0], [-1], [1.5]):
+    for bad in ([0], [-1], [1.5], 4):
         with pytest.raises(PruningInputError, match="^batch_sizes"):
             ox.verify(res, model, x, batch_sizes=bad)
     with pytest.raises(PruningInputError, match="^path: .* is a folder"):

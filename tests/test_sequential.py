@@ -443,6 +443,26 @@ def test_blocks_with_inputs_of_their_own_get_them_in_sequential_calibration(arch
         assert torch.allclose(seq.hessians[k], h, rtol=1e-5, atol=1e-6 * float(h.abs().max())), k
 
 
+def test_a_short_first_batch_does_not_decide_for_longer_ones():
+    """Sliding (window 4) and full masks agree on a 2-token batch and differ on a 16-token one: whether blocks get
+    inputs of their own is decided on one batch of every shape, not on the first."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_sliding_window=True, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention", "full_attention"])
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 50, (2, 2), generator=g)},
+               {"input_ids": torch.randint(0, 50, (2, 16), generator=g)}]
+    params = [(m, "weight") for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    seq, one = _grams_after_a_plan_of_nothing(model, params, batches)
+    assert not seq._shared_inputs
+    for k, h in one.hessians.items():
+        assert torch.allclose(seq.hessians[k], h, rtol=1e-5, atol=1e-6 * float(h.abs().max())), k
+
+
 def test_blocks_sharing_block_0s_inputs_keep_the_short_capture():
     model, params, batches = llama_problem()
     seq, one = _grams_after_a_plan_of_nothing(model, params, batches)

@@ -809,11 +809,15 @@ def test_prune_transformer_is_atomic_when_the_ffn_pass_refuses_after_the_heads_p
                                progress=False)
     comp = OBSImportance(curv)
     before = _bert_module_state(model)
+    cfg, grams = model.config, comp._H
     with pytest.raises(PruningInputError, match="would remove 0 channels"):
         prune_transformer(model, ex, tp.importance.GroupMagnitudeImportance(normalizer=None), 0.5,
                           global_pruning=True, compensation=comp)
     after = _bert_module_state(model)
     assert state_equal(before[0], after[0]) and before[1:] == after[1:]
+    # the very objects back, not copies: one shared config (a copy per module split it), the importance's dicts
+    assert model.config is cfg and all(getattr(m, "config", cfg) is cfg for m in model.modules())
+    assert comp._H is grams
     prune_transformer(model, ex, tp.importance.GroupMagnitudeImportance(normalizer=None), 0.5, compensation=comp)
     tcurv = Curvature.layerwise(twin, all_layers(twin, exclude=("pooler",)), batches, loss_fn=bert_loss,
                                 progress=False)

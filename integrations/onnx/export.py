@@ -114,15 +114,18 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
         if rewritten:
             kernel_path = sparse_kernel_file(path)
             _save(sp_proto, kernel_path, external_data)
-    if kernel_path is None and os.path.exists(sparse_kernel_file(path)):
-        os.remove(sparse_kernel_file(path))   # an earlier export's rewrite: it would not match this file
+    if kernel_path is None:   # an earlier export's rewrite (and its weights): it would not match this file
+        for old in (sparse_kernel_file(path), sparse_kernel_file(path) + ".data"):
+            if os.path.exists(old):
+                os.remove(old)
     proto.metadata_props.add(key=META_SPARSE_KERNEL, value=os.path.basename(kernel_path) if kernel_path else "")
     stored = []
     if sparse_storage:
         proto, stored = to_sparse_storage(proto)
     _save(proto, path, external_data)
     del cp
-    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if external_data else 0)
+    # onnx writes no .data when no initializer reaches the size threshold (or all went to sparse_initializer)
+    size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
     return ExportResult(path, kernel_path, rewritten, pmap, stored, size, time.perf_counter() - t0)
 
 

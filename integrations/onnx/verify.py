@@ -161,6 +161,8 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         sparse_kernel_path = sparse_kernel_of(onnx_path)
     if runs < 1 or warmup < 0 or threads < 1:
         raise PruningInputError("runs/warmup/threads: need runs >= 1, warmup >= 0, threads >= 1")
+    if batch_sizes is not None and not isinstance(batch_sizes, (list, tuple)):
+        raise PruningInputError(f"batch_sizes: a list of batch sizes, got {batch_sizes!r}")
     if batch_sizes is not None and not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
                                            for b in batch_sizes):
         raise PruningInputError(f"batch_sizes: positive whole numbers, got {list(batch_sizes)!r}")

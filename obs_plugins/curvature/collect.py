@@ -215,6 +215,33 @@ def chain_inputs(model: nn.Module, blocks: nn.ModuleList, batch, forward_fn: Cal
     return torch.is_tensor(seen[0][1]), shared
 
 
+def chain_inputs_over(model: nn.Module, blocks: nn.ModuleList, batches, forward_fn: Callable) -> tuple[bool, bool]:
+    """:func:`chain_inputs` on one batch of every distinct input shape in ``batches``: whether blocks get inputs
+    of their own can depend on the length (a sliding-window mask equals the full one while the sequence fits
+    the window), so one short first batch must not decide for longer ones."""
+    seen, chain, shared = set(), True, True
+    for b in batches:
+        sig = _shapes(b)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        c, sh = chain_inputs(model, blocks, b, forward_fn)
+        chain, shared = chain and c, shared and sh
+        if not chain:
+            break
+    return chain, shared
+
+
+def _shapes(x):
+    if torch.is_tensor(x):
+        return tuple(x.shape)
+    if isinstance(x, dict):
+        return tuple((k, _shapes(v)) for k, v in x.items())
+    if isinstance(x, (tuple, list)):
+        return tuple(_shapes(v) for v in x)
+    return None
+
+
 def _same(a, b) -> bool:
     """Equal values (tensors by shape, dtype and content; containers element by element)."""
     if a is b:
@@ -431,7 +458,7 @@ def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=No
     if block_stack(model, targets) is None:
         raise PruningInputError("on_block: a target layer is shared by two blocks of the stack; block-by-block "
                                 "calibration needs each in one block")
-    chain, shared = chain_inputs(model, blocks, batches[0], forward_fn)
+    chain, shared = chain_inputs_over(model, blocks, batches, forward_fn)
     if not chain:
         raise PruningInputError("on_block: the blocks of the stack are not a chain (a forward pass does not feed "
                                 "each block exactly the previous block's output, e.g. a residual added outside "

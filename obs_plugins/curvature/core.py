@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, batch_loss, default_forward, move
-from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs,
+from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs_over,
                       collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
                       run_block_until)
 
@@ -169,8 +169,9 @@ class Curvature:
                                     "by two blocks is not); use sequential=False")
         if sequential is not False and stack is not None:
             with curv._eval_mode():
-                chain, curv._shared_inputs = chain_inputs(model, stack, move(curv.batches[0], curv.device),
-                                                          curv.forward_fn)
+                chain, curv._shared_inputs = chain_inputs_over(model, stack, [move(b, curv.device)
+                                                                              for b in curv.batches],
+                                                               curv.forward_fn)
             if not chain and sequential == "auto":
                 stack = None     # e.g. a residual added around the blocks: calibrate in one pass
             elif not chain:
