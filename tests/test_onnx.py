@@ -376,22 +376,28 @@ def test_sequence_of_one_token_keeps_sequence_dynamic(tmp_path):
     assert ox.verify(res, model, _tokens(3, 7), bench=False).ok
 
 
+class _EmbedLinear(nn.Module):
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 64, padding_idx=padding_idx), nn.Linear(64, 64)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def _embed_linear_report(tmp_path, amount, padding_idx=None):
+    torch.manual_seed(0)
+    m = _EmbedLinear(padding_idx).eval()
+    prune.l1_unstructured(m.fc, "weight", amount=amount)
+    ids = torch.randint(0, 50, (2, 8))
+    res = ox.export(m, (ids,), tmp_path / "m.onnx", sparse_kernel="off")
+    return ox.verify(res, m, (ids,), batch_sizes=(1,), runs=3)
+
+
 def test_the_verdict_counts_only_the_pruned_weights(tmp_path):
     """An unpruned embedding beside a 90%-pruned Linear: the report's mean over the pruned weights (90%) is what
     the verdict and info use (the unpruned 2-D weight pulled it to 45%)."""
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(50, 64), nn.Linear(64, 64)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids))
-    torch.manual_seed(0)
-    m = M().eval()
-    prune.l1_unstructured(m.fc, "weight", amount=0.9)
-    ids = torch.randint(0, 50, (2, 8))
-    res = ox.export(m, (ids,), tmp_path / "m.onnx", sparse_kernel="off")
-    rep = ox.verify(res, m, (ids,), batch_sizes=(1,), runs=3)
+    rep = _embed_linear_report(tmp_path, 0.9)
     assert rep.info["mean_pruned_sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
@@ -480,19 +486,7 @@ def test_external_data_auto_follows_the_model_size(tmp_path, monkeypatch):
 
 
 def test_an_embedding_padding_row_is_not_a_pruned_weight(tmp_path):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(50, 64, padding_idx=0), nn.Linear(64, 64)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids))
-    torch.manual_seed(0)
-    m = M().eval()
-    prune.l1_unstructured(m.fc, "weight", amount=0.5)
-    ids = torch.randint(0, 50, (2, 8))
-    rep = ox.verify(ox.export(m, (ids,), tmp_path / "m.onnx", sparse_kernel="off"), m, (ids,), batch_sizes=(1,),
-                    runs=3)
+    rep = _embed_linear_report(tmp_path, 0.5, padding_idx=0)
     assert {s["param"]: s["layer"] for s in rep.sparsity} == {"emb.weight": False, "fc.weight": True}
     assert rep.info["mean_pruned_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert "Sparsity of 1 pruned layer weights" in rep.to_markdown()
