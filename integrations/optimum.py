@@ -741,6 +741,9 @@ class PruningCallback(TrainerCallback):
             check_tied(model, self.targets)
         self.params = [(t.module, t.name) for t in self.targets]
         self.weights = sum(t.orig().numel() for t in self.targets)
+        if self.config.pattern == "unstructured" and count_to_reach(self.config.sparsity, self.targets) < 0:
+            raise PruningInputError(f"sparsity: the selected weights already carry torch.nn.utils.prune masks "
+                                    f"removing more than sparsity={self.config.sparsity} of them")   # as Pruner
         self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                                   * max(1, getattr(args, "world_size", 1)))
         self._cycle = 0

@@ -64,6 +64,8 @@ def check_prune_args(args) -> None:
                                     "holding one")
         if args.calibration is not None and not os.path.isfile(args.calibration):
             raise PruningInputError(f"--calibration: no such file {args.calibration!r}")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise PruningInputError(f"--out: {args.out!r} is a file; give a folder (created if missing)")
         return
     for name, default in MODEL_ONLY.items():
         if getattr(args, name) != default:

@@ -752,6 +752,11 @@ def test_callback_counts_masks_the_model_already_carried(method, tmp_path):
     model, cb, _, _ = _train(tmp_path, cfg, steps=8, prepare=mask_30)
     targets = hf.select_targets(model, cfg)
     assert sum(int((t.current() == 0).sum()) for t in targets) == round(0.6 * cb.weights)
+    # masks already beyond the target: refused at the start, as Pruner refuses it (magnitude stopped silently
+    # above it, CS / BiP failed at the cut with "cannot prune -N")
+    low = PruningConfig(method=method, sparsity=0.2, end_step=6, **kw)
+    with pytest.raises(PruningInputError, match="^sparsity: the selected weights already carry"):
+        _train(tmp_path, low, steps=8, prepare=mask_30)
 
 
 # ---------------------------------------------------------------- twelfth-session review: what the adapter lost
@@ -907,8 +912,10 @@ def test_cli_refuses_flags_of_the_other_route_and_missing_files(tmp_path, capsys
                         (["--calibration", str(tmp_path / "x.txt")], "--calibration")):
         assert cli.main(["prune", *extra]) == 2
         assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}:")
+    (tmp_path / "afile").write_text("x")
     for args, flag in ((["--config", str(tmp_path / "missing.json")], "--config"),
                        (["--config", str(src)], "--config"),     # a folder without pruning_config.json
+                       (["--out", str(tmp_path / "afile")], "--out"),   # was found only after the model load
                        (["--model", str(tmp_path / "nope")], "--model"),
                        (["--calibration", str(tmp_path / "none.txt")], "--calibration")):
         argv = list(base)
