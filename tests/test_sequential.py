@@ -521,6 +521,8 @@ def test_a_layer_shared_by_two_blocks_is_calibrated_in_one_pass():
     assert curv.counts["model.layers.0.mlp.down_proj.weight"] == 2 * 12 * 16  # both calls, every token
     with pytest.raises(PruningInputError, match="shared by two blocks"):
         Curvature.layerwise(model, params, batches, sequential=True, progress=False)
+    with pytest.raises(PruningInputError, match="^allocation='owl' .*shared by two blocks"):
+        api.plan(OBSIHTConfig(iterations=1, allocation="owl", progress=False), curvature=curv, amount=0.5)
 
 
 def test_on_block_refuses_blocks_that_are_not_a_chain():

@@ -107,7 +107,8 @@ def owl_counts(curvature, targets, W0, prior, counts_total, lam: float, m: float
     blocks = block_stack(curvature.model, targets)
     if blocks is None:
         raise PruningInputError("allocation='owl' needs every target inside one stack of blocks (an nn.ModuleList "
-                                "such as model.layers); use 'global' or 'uniform'")
+                                "such as model.layers), each in one block (a layer shared by two blocks has no "
+                                "single block sparsity); use 'global' or 'uniform'")
     owner = {}
     for i, blk in enumerate(blocks):
         for mod in blk.modules():
