@@ -501,3 +501,23 @@ def test_verify_and_export_refuse_bad_batch_sizes_and_a_folder_path(tmp_path):
             ox.verify(res, model, x, batch_sizes=bad)
     with pytest.raises(PruningInputError, match="^path: .* is a folder"):
         ox.export(model, x, tmp_path)
+
+
+def test_left_padded_causal_lm_is_compared_at_the_real_tokens(tmp_path):
+    """A padded query row of a causal LM attends to nothing; what ORT and PyTorch write there differs. verify
+    compares per-token outputs at the real tokens (it failed on exactly the padded rows); a wrong model still
+    fails there."""
+    model = _llama()
+    ids = torch.randint(1, 100, (2, 6))
+    res = ox.export(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "l.onnx",
+                    sparse_kernel="off")
+    ids = torch.randint(1, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0   # left padding
+    rep = ox.verify(res, model, {"input_ids": ids, "attention_mask": mask}, bench=False)
+    assert rep.ok and rep.outputs[0]["padded_positions_ignored"] == 2
+    other = _llama()
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    with pytest.raises(ox.VerificationError, match="differs from PyTorch"):
+        ox.verify(res, other, {"input_ids": ids, "attention_mask": mask}, bench=False)

@@ -51,7 +51,10 @@ def onnx_weight_sparsity(model) -> dict[str, dict]:
     return out
 
 
-def check_outputs(route, got, ref, atol, rtol) -> list[dict]:
+def check_outputs(route, got, ref, atol, rtol, token_mask=None) -> list[dict]:
+    """Each output of ``got`` (ONNX) against ``ref`` (PyTorch), elementwise ``|g - r| <= atol + rtol·|r|``.
+    ``token_mask`` (batch, tokens) bool: an output whose leading dims are those is compared at the real tokens
+    only (a padded query row attends to nothing, and what a kernel writes there differs between runtimes)."""
     rows = []
     if len(got) < len(ref):
         raise VerificationError(f"{route}: the ONNX model returns {len(got)} outputs, PyTorch {len(ref)}; "
@@ -62,12 +65,19 @@ def check_outputs(route, got, ref, atol, rtol) -> list[dict]:
         if g.shape != r.shape:
             raise VerificationError(f"{route}: output {k} has shape {g.shape} in ONNX but {r.shape} in PyTorch; "
                                     "the file was exported from a different model (or with other sizes)")
+        sel = None
+        if token_mask is not None and r.ndim >= 2 and tuple(r.shape[:2]) == token_mask.shape \
+                and not token_mask.all():
+            sel = np.broadcast_to(token_mask.reshape(token_mask.shape + (1,) * (r.ndim - 2)), r.shape)
+            g, r = np.where(sel, g, 0.0), np.where(sel, r, 0.0)
         err = np.abs(g - r)
         rel = err / np.maximum(np.abs(r), 1e-6)
         bad = err > atol + rtol * np.abs(r)
         ok = bool(not bad.any() and np.isfinite(g).all())
         row = {"route": route, "index": k, "shape": list(r.shape), "max_abs": float(err.max(initial=0)),
                "max_rel": float(np.where(np.abs(r) > atol, rel, 0).max(initial=0)), "ok": ok}
+        if sel is not None:
+            row["padded_positions_ignored"] = int(np.count_nonzero(~token_mask))
         if not ok:
             j = np.unravel_index(int(np.argmax(np.where(np.isfinite(err), err, np.inf))), err.shape)
             row["worst"] = {"index": [int(x) for x in j], "onnx": float(g[j]), "torch": float(r[j]),
@@ -140,7 +150,8 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
     """Check an exported file against ``model`` and time ONNX Runtime routes.
 
     * outputs: ORT vs PyTorch on ``inputs`` (every route), max abs/rel error; ``|onnx - torch| <= atol +
-      rtol·|torch|`` elementwise or :class:`VerificationError` (when ``raise_on_fail``);
+      rtol·|torch|`` elementwise or :class:`VerificationError` (when ``raise_on_fail``); with a 2-D
+      ``attention_mask`` among ``inputs``, per-token outputs are compared at the real tokens only;
     * sparsity: zeros of every pruned model weight vs its ONNX initializer (must not drop);
     * latency at each of ``batch_sizes`` (default: the batch of ``inputs``; rows repeated to size): routes
       ``dense`` (``baseline``: the unpruned nn.Module or its ONNX file, if given), ``pruned`` (the file, dense
@@ -189,8 +200,10 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         if was_cache is not None:
             cfg.use_cache = was_cache
     outputs, failures = [], []
+    am = kwargs.get("attention_mask") if isinstance(kwargs, dict) else None
+    token_mask = am.detach().cpu().numpy().astype(bool) if torch.is_tensor(am) and am.dim() == 2 else None
     for name, rn in runners.items():
-        rows = check_outputs(name, rn.run(rn.feeds(inputs)), ref, atol, rtol)
+        rows = check_outputs(name, rn.run(rn.feeds(inputs)), ref, atol, rtol, token_mask)
         outputs += rows
         for r in rows:
             if not r["ok"]:
