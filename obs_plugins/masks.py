@@ -221,8 +221,10 @@ class PrunePlan:
 
         from torch.nn.utils import parametrize
         for e in self.entries.values():  # validate everything before the first write
-            if e.new_weight is not None and e.new_weight.shape != e.target.orig().shape:
-                raise ValueError(f"plan for {e.target.key}: stale shape")
+            shape = e.target.orig().shape
+            if (e.new_weight is not None and e.new_weight.shape != shape) or tuple(e.mask.shape) != tuple(shape):
+                raise PruningInputError(f"plan for {e.target.key}: stale shape (the tensor is "
+                                        f"{tuple(shape)} now); plan again")
             if reparametrize and parametrize.is_parametrized(e.target.module, e.target.name):
                 raise PruningInputError(f"reparametrize: {e.target.key} is parametrized (a torch.ao sparsifier's "
                                         "FakeSparsity?), which torch.nn.utils.prune masks cannot wrap; prune it "
@@ -237,6 +239,13 @@ class PrunePlan:
                 else:
                     w = t.orig()
                     w.mul_(e.mask.to(w.device, w.dtype))
+                    buf = getattr(t.module, t.name + "_mask", None)
+                    if buf is not None and hasattr(t.module, t.name + "_orig"):
+                        # a torch.nn.utils.prune mask from before: it records the new zeros too (a later plan
+                        # honours them), and the plain tensor its hook keeps shows them now, not at the next forward
+                        buf.mul_(e.mask.to(buf.device, buf.dtype))
+                        with torch.enable_grad():
+                            t.module.__dict__[t.name] = w * buf
 
 
 def count_to_reach(sparsity: float, targets: Sequence[Target]) -> int:

@@ -59,7 +59,10 @@ def test_config_round_trip_is_versioned_and_allow_listed():
     ({"method": "bip", "config": {"sparsity": 7}}, "sparsity"),
     ({"method": "continuous_sparsification", "config": {"penalty": -1.0}}, "penalty"),
     ({"method": "magnitude", "config": {"allocation": "per-row"}}, "allocation"),
-    ({"method": "wanda", "config": {"nm": "2-4"}}, "nm")])
+    ({"method": "wanda", "config": {"nm": "2-4"}}, "nm"),
+    ({"config": {"progress": "no"}}, "progress"),   # accepted before: a truthy string turned the bars on
+    ({"method": "bip", "config": {"progress": 3}}, "progress"),
+    ({"method": "continuous_sparsification", "config": {"progress": "false"}}, "progress")])
 def test_config_from_dict_validates_values_and_names_the_field(change, field):
     good = config_to_dict(OBSIHTConfig())
     with pytest.raises(PruningInputError, match=f"^{field}: "):
@@ -202,3 +205,43 @@ def test_count_to_reach_counts_prior_masks_and_bake_leaves_plain_weights():
     assert net[0].weight.tolist() == [[0.0, 2.0, 3.0, 0.0, 5.0, 6.0, 7.0, 8.0]]
     bake(targets)   # nothing left to bake: a no-op
     assert net[0].weight.tolist() == [[0.0, 2.0, 3.0, 0.0, 5.0, 6.0, 7.0, 8.0]]
+
+
+def _two_linears():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 4))
+
+
+def test_baked_apply_on_a_torch_pruned_tensor_records_the_new_zeros():
+    """apply(reparametrize=False) on a tensor with a torch.nn.utils.prune mask wrote the zeros into weight_orig only:
+    the mask (so the next plan's prior) and the weight torch keeps missed them. Two baked rounds of 0.5 now give
+    what two reparametrized rounds give: 24 + 36 = 60, then 60 + 18 = 78 (torch's amount: of the survivors)."""
+    from obs_plugins import api
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    from obs_plugins.targets import resolve_targets
+    zeros = []
+    for reparam in (False, True):
+        m = _two_linears()
+        prune.l1_unstructured(m[0], "weight", amount=0.25)              # 24 of 96 masked before
+        for _ in range(2):
+            targets = resolve_targets(m, [(m[0], "weight")])
+            api.plan(MagnitudeConfig(), targets=targets, amount=0.5).apply(reparametrize=reparam)
+            zeros.append(int((m[0].weight == 0).sum()))                 # no forward in between
+    assert zeros == [60, 78, 60, 78]
+    assert int((m[0].weight_mask == 0).sum()) == 78
+
+
+def test_apply_refuses_a_stale_plan_before_any_write():
+    from obs_plugins import api
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    from obs_plugins.targets import resolve_targets
+    for reparam in (True, False):
+        m = _two_linears()
+        plan = api.plan(MagnitudeConfig(), targets=resolve_targets(m, [(m[0], "weight"), (m[1], "weight")]),
+                        amount=0.5)
+        m[1].weight = torch.nn.Parameter(torch.randn(4, 6))             # the second layer changed since
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(PruningInputError, match="^plan for 1.weight: stale shape"):
+            plan.apply(reparametrize=reparam)
+        assert list(m.state_dict()) == list(before)
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -48,6 +48,8 @@ class BiPConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        if not isinstance(self.progress, bool):   # "no" / "false" would turn the bars on
+            raise PruningInputError(f"progress: must be True or False, got {self.progress!r}")
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

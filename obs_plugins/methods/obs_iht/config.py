@@ -82,6 +82,8 @@ class OBSIHTConfig:
     def validate(self) -> None:
         from ...errors import PruningInputError
         from ...masks import parse_nm
+        if not isinstance(self.progress, bool):   # "no" / "false" would turn the bars on
+            raise PruningInputError(f"progress: must be True or False, got {self.progress!r}")
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
