@@ -179,19 +179,15 @@ def block_stack(model: nn.Module, targets: list[Target]) -> nn.ModuleList | None
     return blocks if all(homes.get(id(t.module)) == 1 for t in targets) else None
 
 
-def blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch, forward_fn: Callable) -> bool:
-    """Does one forward pass on ``batch`` call every block once, in order, each fed (as its first positional input)
-    exactly the previous block's output?  What sequential calibration assumes when it feeds block i's outputs to
-    block i+1; a residual added outside the blocks (``x = x + blk(x)``) or parallel branches break it."""
-    return chain_inputs(model, blocks, batch, forward_fn)[0]
-
-
 def chain_inputs(model: nn.Module, blocks: nn.ModuleList, batch, forward_fn: Callable) -> tuple[bool, bool]:
-    """``(chain, shared)``: :func:`blocks_chain`'s answer, and whether every block gets block 0's other inputs
-    (positional after the first, and keyword) -- equal values, caches aside.  Not shared where the model hands
-    each block its own: per-layer attention masks (sliding / full layers: Qwen2/3, Gemma 2/3), per-layer rotary
-    tables (Gemma 3), a position bias that block 0 computes for the others (T5).  Sequential calibration must
-    then replay each block's own inputs (:func:`capture_block_inputs` with ``blocks``)."""
+    """``(chain, shared)`` from one forward pass on ``batch``.  ``chain``: every block is called once, in order,
+    each fed (as its first positional input) exactly the previous block's output -- what sequential calibration
+    assumes when it feeds block i's outputs to block i+1; a residual added outside the blocks (``x = x + blk(x)``)
+    or parallel branches break it.  ``shared``: every block gets block 0's other inputs (positional after the
+    first, and keyword) -- equal values, caches aside.  Not shared where the model hands each block its own:
+    per-layer attention masks (sliding / full layers: Qwen2/3, Gemma 2/3), per-layer rotary tables (Gemma 3), a
+    position bias that block 0 computes for the others (T5).  Sequential calibration must then replay each
+    block's own inputs (:func:`capture_block_inputs` with ``blocks``)."""
     seen = []
 
     def hook(_m, args, kwargs, out, i):
