@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 import obs_plugins
 from obs_plugins import api
 from obs_plugins.curvature import Curvature
-from obs_plugins.errors import PruningInputError
+from obs_plugins.errors import PruningInputError, check_writable
 from obs_plugins.lm import save_plain  # noqa: F401  (re-exported: it lived here)
 from obs_plugins.masks import bake, count_to_reach, parse_nm
 from obs_plugins.registry import CONFIG_FORMAT_VERSION, config_from_dict, config_to_dict, get_method, list_methods
@@ -260,6 +260,18 @@ class PruningConfig(BaseConfig):
         arguments go through ``__init__``'s checks with the rest (transformers would ``setattr`` them unchecked).
         A new ``method`` without a ``method_config`` starts from that method's defaults."""
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.FIELDS}
+        if not kwargs.get("return_unused_kwargs", False):
+            # transformers drops a keyword it cannot place; a misspelt pruning field would then be lost silently
+            known = set(cls.HF_INTERNAL) | set(cls.STAMPS) | {
+                "num_labels", "attn_implementation", "experts_implementation", "output_attentions", "torch_dtype",
+                "dtype", "name_or_path", "return_unused_kwargs"}
+            unknown = sorted(k for k in kwargs if k not in known)
+            if unknown:
+                import difflib
+                near = difflib.get_close_matches(unknown[0], cls.FIELDS, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise PruningInputError(f"{unknown[0]}: not a PruningConfig field{hint}; the fields are "
+                                        f"{', '.join(cls.FIELDS)}")
         if fields:
             stored = config_dict
             config_dict = {**config_dict, **fields}
@@ -446,15 +458,7 @@ def _is_causal_lm(model) -> bool:
 # ---------------------------------------------------------------- one-shot
 def _check_writable_dir(save_dir) -> None:
     """``save_dir`` is, or can become, a writable folder (checked before anything is pruned)."""
-    p = Path(str(save_dir)).absolute()
-    if p.exists() and not p.is_dir():
-        raise PruningInputError(f"save_dir: {str(save_dir)!r} exists and is not a folder")
-    q = p
-    while not q.exists():
-        q = q.parent
-    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
-        raise PruningInputError(f"save_dir: cannot create or write {str(save_dir)!r} ({str(q)!r} is not a "
-                                "writable folder)")
+    check_writable(save_dir, "save_dir", folder=True)
 
 
 @dataclass

@@ -9,20 +9,41 @@ from .curvature import Curvature
 from .errors import PruningInputError
 from .masks import PrunePlan, count_to_prune, parse_nm
 from .registry import get_method, method_of_config
-from .targets import check_targets
+from .targets import Target, check_targets, resolve_targets
+
+
+def _as_targets(targets) -> list[Target]:
+    """``Target``s, or torch's ``(module, name)`` pairs (as ``prune.global_unstructured`` takes them)."""
+    if isinstance(targets, (str, bytes, Target)) or not hasattr(targets, "__iter__"):
+        raise PruningInputError(f"targets: a list of Target or (module, name) pairs, got {type(targets).__name__}")
+    targets = list(targets)
+    if not targets:
+        raise PruningInputError("targets: empty")
+    if all(isinstance(t, Target) for t in targets):
+        return targets
+    for i, t in enumerate(targets):
+        if isinstance(t, Target):
+            raise PruningInputError(f"targets[{i}]: mixes a Target with (module, name) pairs; give one kind")
+    try:
+        return resolve_targets(None, targets)
+    except PruningInputError as e:
+        msg = str(e)
+        raise PruningInputError("targets" + msg.removeprefix("params") if msg.startswith("params") else msg) from None
 
 
 def plan(config, *, curvature: Curvature | None = None, targets=None, amount=0.5) -> PrunePlan:
-    """Compute (not apply) the plan of a registered one-shot method for ``amount`` of the targets."""
+    """Compute (not apply) the plan of a registered one-shot method for ``amount`` of the targets.
+
+    ``targets``: ``Target``s or ``(module, name)`` pairs; with ``curvature`` they must be the curvature's tensors
+    (the plan then uses the curvature's targets and keys)."""
     spec = method_of_config(config)
     if spec.kind != "one-shot":
         raise PruningInputError(f"config: {spec.name} is a learned method; train it with its own trainer")
     if targets is not None:
-        targets = list(targets)
-        if not targets:
-            raise PruningInputError("targets: empty")
+        targets = _as_targets(targets)
     if curvature is not None:
-        if targets is not None and {t.key for t in targets} != {t.key for t in curvature.targets}:
+        same = (lambda ts: {(id(t.module), t.name) for t in ts})
+        if targets is not None and same(targets) != same(curvature.targets):
             raise PruningInputError(
                 f"targets: {sorted(t.key for t in targets)[:4]}... differ from the curvature's targets "
                 f"{sorted(curvature.keys)[:4]}...; a plan covers exactly the curvature's targets, so collect the "

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .errors import PruningInputError
+from .errors import PruningInputError, check_writable
 
 MAIN_DEFAULTS = dict(sparsity="0.5", iterations=2, calib=32, eval=32, seq_len=256)
 # the flags of each ``prune`` route, with their defaults: a flag of the other route is refused, not ignored
@@ -64,8 +64,7 @@ def check_prune_args(args) -> None:
                                     "holding one")
         if args.calibration is not None and not os.path.isfile(args.calibration):
             raise PruningInputError(f"--calibration: no such file {args.calibration!r}")
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise PruningInputError(f"--out: {args.out!r} is a file; give a folder (created if missing)")
+        check_writable(args.out, "--out", folder=True)
         return
     for name, default in MODEL_ONLY.items():
         if getattr(args, name) != default:
@@ -82,11 +81,9 @@ def check_prune_args(args) -> None:
         raise PruningInputError(f"--blocks: must be in 1..{SMOLLM2_BLOCKS} (SmolLM2-135M's decoder blocks; or left "
                                 f"out for all), got {args.blocks}")
     if args.json is not None:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or not os.path.isdir(folder):
-            raise PruningInputError(f"--json: {args.json!r} must be a file in an existing folder")
-    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise PruningInputError(f"--save: {args.save!r} is a file; give a folder (created if missing)")
+        check_writable(args.json, "--json", folder=False)
+    if args.save is not None:
+        check_writable(args.save, "--save", folder=True)
 
 
 def prune_for_save(setup, method: str, sparsity: str, curvature, *, iterations: int, grad_subsets: int,
@@ -112,6 +109,8 @@ def cmd_prune(args) -> int:
     check_prune_args(args)
     if args.model is not None or args.config is not None:  # the Hugging Face route (issue 15)
         return cmd_prune_model(args)
+    import os
+
     import torch
 
     from .experiment import dense_row, run_rows, setup_smollm2
@@ -153,6 +152,7 @@ def cmd_prune(args) -> int:
             print(f"  OBS-IHT iteration {h['iteration']}: held-out calibration loss {h['holdout_loss']:.4f}"
                   + (f" (step {h['step_size']}, accepted={h.get('accepted')})" if h["iteration"] > 1 else ""))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "setup": setup.info}, f, indent=2, default=str)
     if args.save:
@@ -250,6 +250,10 @@ def check_limit_args(args) -> None:
         raise PruningInputError(f"--epsilon: must be a finite number > 0 (or left out), got {args.epsilon}")
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise PruningInputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
+    if args.save_model:
+        check_writable(args.save_model, "--save-model", folder=False)
+    if args.report:
+        check_writable(args.report, "--report", folder=False)
 
 
 def cmd_limit(args) -> int:
@@ -296,6 +300,8 @@ def cmd_limit(args) -> int:
                 opt.step()
         model.eval()
         if args.save_model:
+            import os
+            os.makedirs(os.path.dirname(os.path.abspath(args.save_model)), exist_ok=True)
             torch.save(model, args.save_model)
     g = torch.Generator().manual_seed(args.seed + 1)
     pick = torch.randperm(LIMIT_TRAIN_ROWS, generator=g)

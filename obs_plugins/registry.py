@@ -75,8 +75,8 @@ def config_to_dict(config: Any) -> dict:
 def config_from_dict(data: dict) -> Any:
     """The config ``config_to_dict`` wrote: ``{"format_version": 1, "method": <registered name>, "config": {field:
     value}}``.  Only the method's own fields are accepted, and their values pass the config's ``validate()`` (where
-    it has one); bad input raises :class:`PruningInputError` naming the key or field (``KeyError`` for a method
-    name that is not registered)."""
+    it has one); bad input, an unknown top-level key included, raises :class:`PruningInputError` naming the key or
+    field (``KeyError`` for a method name that is not registered)."""
     from .errors import PruningInputError
     if not isinstance(data, dict):
         raise TypeError(f"config_from_dict: expected a dict, got {type(data).__name__}")
@@ -84,6 +84,10 @@ def config_from_dict(data: dict) -> Any:
         if key not in data:
             raise PruningInputError(f"{key}: missing; config_from_dict reads {{'format_version': "
                                     f"{CONFIG_FORMAT_VERSION}, 'method': <name>, 'config': {{field: value}}}}")
+    extra = sorted(map(str, set(data) - {"format_version", "method", "config"}))
+    if extra:
+        raise PruningInputError(f"{extra[0]}: unknown top-level key(s) {extra}; config_from_dict reads only "
+                                f"'format_version', 'method' and 'config'")
     version = data["format_version"]
     if type(version) is not int or version != CONFIG_FORMAT_VERSION:  # not True, not 1.0
         raise PruningInputError(f"format_version: unsupported {version!r} (this obs-plugins reads the int "

@@ -371,3 +371,28 @@ def test_a_bad_batch_names_the_module_that_fails_inside_a_custom_model():
     model = TwoLayers()
     with pytest.raises(PruningInputError, match=r"failed in module 'b' \(Linear\)"):
         Curvature.layerwise(model, [(model.a, "weight")], [torch.randn(3, 4)], progress=False)
+
+
+def test_api_plan_takes_torch_module_name_pairs_as_targets():
+    """prune.global_unstructured's (module, name) pairs: an AttributeError before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    pairs = [(model[0], "weight"), (model[2], "weight")]
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    curv = Curvature.layerwise(model, pairs, batches, progress=False)
+    cfg = OBSIHTConfig(progress=False)
+    by_pairs = api.plan(cfg, curvature=curv, targets=pairs, amount=0.5)
+    by_curv = api.plan(cfg, curvature=curv, amount=0.5)
+    assert list(by_pairs.entries) == list(by_curv.entries) == ["0.weight", "2.weight"]
+    for key, entry in by_curv.entries.items():
+        assert torch.equal(by_pairs.entries[key].mask, entry.mask)
+        assert torch.equal(by_pairs.entries[key].new_weight, entry.new_weight)
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    api.prune(MagnitudeConfig(), targets=[(model[0], "weight")], amount=0.25)
+    assert int((model[0].weight == 0).sum()) == 16
+    for bad, msg in (([(model[0], "weight")], "^targets: .* differ from the curvature's"),
+                     ("weight", "^targets: a list of Target or"),
+                     ([(model[0], "weight"), curv.targets[1]], r"^targets\[1\]: mixes"),
+                     ([(model[0],)], r"^targets\[0\]: expected \(module, name\)")):
+        with pytest.raises(PruningInputError, match=msg):
+            api.plan(cfg, curvature=curv, targets=bad, amount=0.5)

@@ -136,8 +136,8 @@ def _no_load(monkeypatch):
     (["--sparsity", "1.5"], "--sparsity"), (["--sparsity", "abc"], "--sparsity"), (["--sparsity", "4:2"], "--sparsity"),
     (["--sparsity", "-0.2"], "--sparsity"), (["--sparsity", "nan"], "--sparsity"), (["--sparsity", "2:x"], "--sparsity"),
     (["--calib", "0"], "--calib"), (["--eval", "0"], "--eval"), (["--seq-len", "0"], "--seq-len"),
-    (["--blocks", "0"], "--blocks"), (["--blocks", "31"], "--blocks"), (["--json", "/nonexistent/r.json"], "--json"),
-    (["--json", "."], "--json"), (["--save", __file__], "--save"),
+    (["--blocks", "0"], "--blocks"), (["--blocks", "31"], "--blocks"), (["--json", __file__ + "/r.json"], "--json"),
+    (["--json", "."], "--json"), (["--save", __file__], "--save"), (["--save", __file__ + "/m"], "--save"),
     (["--method", "wanda", "--iterations", "0"], "--iterations"),
     (["--method", "magnitude", "--grad-subsets", "0"], "--grad-subsets"), (["--threads", "-1"], "--threads")])
 def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsys, monkeypatch):
@@ -150,7 +150,8 @@ def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsy
     (["--batches", "430"], "--batches"), (["--batches", "1"], "--batches"), (["--hvp-samples", "60000"], "--hvp-samples"),
     (["--threads", "-1"], "--threads"), (["--hidden", "64", "0"], "--hidden"), (["--epsilon", "-1"], "--epsilon"),
     (["--l1", "-0.1"], "--l1"), (["--tolerance", "-0.01"], "--tolerance"), (["--step", "0"], "--step"),
-    (["--step", "1e-9"], "--step")])
+    (["--step", "1e-9"], "--step"), (["--report", __file__ + "/r"], "--report"),
+    (["--report", "."], "--report"), (["--save-model", __file__ + "/m.pt"], "--save-model")])
 def test_limit_refuses_every_bad_flag_before_loading_or_training(args, flag, capsys, monkeypatch):
     _no_load(monkeypatch)
     assert main(["limit", "--quiet"] + args) == 2

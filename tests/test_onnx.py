@@ -294,12 +294,17 @@ def test_cli_export_minilm(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, flag", [(["--runs", "0"], "--runs"), (["--threads", "0"], "--threads"),
-                                        (["--budget", "0"], "--budget"), (["--atol", "-1"], "--atol")])
-def test_cli_export_refuses_bad_timing_flags_before_loading(args, flag, tmp_path, monkeypatch, capsys):
+                                        (["--budget", "0"], "--budget"), (["--atol", "-1"], "--atol"),
+                                        (["--report", "{tmp}"], "--report"), (["--report", "{file}/r"], "--report"),
+                                        (["{file}/m.onnx"], "output"), (["{tmp}"], "output")])
+def test_cli_export_refuses_bad_flags_before_loading(args, flag, tmp_path, monkeypatch, capsys):
     from obs_plugins import data
     from obs_plugins.cli import main
     monkeypatch.setattr(data, "load_minilm", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert main(["export", str(tmp_path / "m.onnx")] + args) == 2
+    (tmp_path / "f").write_text("x")
+    args = [a.format(tmp=tmp_path, file=tmp_path / "f") for a in args]
+    out = [] if args[0] in (str(tmp_path), str(tmp_path / "f" / "m.onnx")) else [str(tmp_path / "m.onnx")]
+    assert main(["export"] + out + args) == 2
     assert flag in capsys.readouterr().err
 
 

@@ -186,6 +186,18 @@ def test_from_pretrained_keyword_overrides_are_validated_and_a_new_method_gets_i
     assert mag.method == "magnitude" and mag.method_config_object() == obs_plugins.MagnitudeConfig()
 
 
+def test_a_misspelt_from_pretrained_override_is_refused_not_dropped(tmp_path):
+    """transformers drops a keyword that is no attribute; a misspelt pruning field was lost that way."""
+    PruningConfig(sparsity=0.5).save_pretrained(tmp_path)
+    with pytest.raises(PruningInputError, match="^spasity: not a PruningConfig field .did you mean 'sparsity'"):
+        PruningConfig.from_pretrained(tmp_path, spasity=0.7)
+    with pytest.raises(PruningInputError, match="^spasity"):
+        PruningConfig.from_dict(PruningConfig().to_dict(), spasity=0.7)
+    cfg, unused = PruningConfig.from_pretrained(tmp_path, spasity=0.7, return_unused_kwargs=True)
+    assert unused == {"spasity": 0.7} and cfg.sparsity == 0.5          # transformers' contract when asked
+    assert PruningConfig.from_pretrained(tmp_path, local_files_only=True, revision="main").sparsity == 0.5
+
+
 def test_default_selection_skips_embeddings_norms_heads():
     keys = [t.key for t in hf.select_targets(tiny_llama(), PruningConfig())]
     assert len(keys) == 14 and all(k.startswith("model.layers.") for k in keys)
@@ -916,6 +928,8 @@ def test_cli_refuses_flags_of_the_other_route_and_missing_files(tmp_path, capsys
     for args, flag in ((["--config", str(tmp_path / "missing.json")], "--config"),
                        (["--config", str(src)], "--config"),     # a folder without pruning_config.json
                        (["--out", str(tmp_path / "afile")], "--out"),   # was found only after the model load
+                       (["--out", str(tmp_path / "afile" / "o")], "--out"),   # not creatable: was found
+                       # after the model load, named save_dir
                        (["--model", str(tmp_path / "nope")], "--model"),
                        (["--calibration", str(tmp_path / "none.txt")], "--calibration")):
         argv = list(base)

@@ -69,6 +69,12 @@ def test_config_from_dict_validates_values_and_names_the_field(change, field):
         config_from_dict({**good, **change})
 
 
+def test_config_from_dict_refuses_an_unknown_top_level_key():
+    d = config_to_dict(OBSIHTConfig())
+    with pytest.raises(PruningInputError, match="^iterations: unknown top-level key"):
+        config_from_dict({**d, "iterations": 3})     # a field put beside "config" instead of inside it
+
+
 @pytest.mark.parametrize("missing", ["format_version", "method", "config"])
 def test_config_from_dict_names_a_missing_key(missing):
     d = config_to_dict(OBSIHTConfig())

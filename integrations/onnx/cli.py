@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from obs_plugins.errors import PruningInputError
+from obs_plugins.errors import PruningInputError, check_writable
 
 from .export import export
 from .verify import verify
@@ -58,6 +58,9 @@ def run_export_cli(args) -> int:
                 raise PruningInputError(f"{flag}: must be >= {low}, got {value}")
         if not args.budget > 0 or not args.atol > 0:
             raise PruningInputError(f"--budget / --atol: must be > 0, got {args.budget} / {args.atol}")
+        check_writable(args.output, "output", folder=False)
+        if args.report:
+            check_writable(args.report, "--report", folder=False)
         torch.manual_seed(0)
         model, tok = load_minilm() if args.model == "minilm" else load_smollm2()
         model.eval()
