@@ -133,7 +133,7 @@ class OBSImportance(tp.importance.Importance):
             the step warns and uses the dense-point ranking.  Default ``1``: one model at the dense point (one
             curvature pass instead of up to ``relinearize``).  ``8`` was chosen on the Fashion-MNIST CNN's
             validation splits (``benchmarks/structured_relinearize.py``: within 0.13 points of the best mean, 32
-            rounds, at a third of its time) and gains there, but lost on MiniLM, the model no setting saw (README,
+            rounds, at a third of its time) and gains there, but lost on MiniLM, the model no setting saw (docs/results/structured.md,
             issue 14), so it is an option, not the default.
     """
 

@@ -40,9 +40,9 @@ data; one HVP per count), and gives the first sparsity where it exceeds ``eps`` 
 gradient-free ``1/2 d^T H d`` (the paper's model at a minimum) alongside.  It predicts the one-shot limit
 itself, which s* does not do for networks trained without strong l1: on Fashion-MNIST MLPs and CNNs, plain and
 l1-trained, within 5 points of the measured loss limit (up to its first failure, the same definition) in 15
-of 16 runs (s*: 3 of 16 against the largest passing sparsity; README).  It is a check
+of 16 runs (s*: 3 of 16 against the largest passing sparsity; docs/results/limit.md).  It is a check
 of the quadratic model, not a cheaper way to that limit: evaluating the loss at ``w_s`` on the same data costs a
-forward pass per count against an HVP, and is exact (README: 5-11x cheaper on those networks).
+forward pass per count against an HVP, and is exact (docs/results/limit.md: 5-11x cheaper on those networks).
 
 What enters and how
 ~~~~~~~~~~~~~~~~~~~
@@ -75,7 +75,7 @@ What moves the estimate (measured on Fashion-MNIST MLPs, ``benchmarks/limit_slq.
   below 1e-3) it sat 2.4-5.2 points above its accuracy limit on the MLP and the CNN (3 seeds each).  With the
   kept weights re-fit (the same masks, one epoch of masked training; ``benchmarks/limit.py --refit-epochs 1``)
   the MLP's limit lands within 1.5 points of s*, the CNN's 3-19 points above it: read s* as lying between what
-  one-shot magnitude pruning reaches and what pruning plus re-fitting reaches (README).
+  one-shot magnitude pruning reaches and what pruning plus re-fitting reaches (docs/results/limit.md).
 * The sample Hessian of ``n`` examples with ``C`` outputs has rank at most about ``n (C - 1)``: with fewer
   HVP examples than ``D / (C - 1)`` at least ``1 - n (C - 1) / D`` of the spectrum is exactly zero, every
   such direction counts fully in ``G``, and ``s*`` cannot fall below that floor.  Average the HVPs over more

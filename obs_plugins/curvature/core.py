@@ -137,7 +137,7 @@ class Curvature:
         order); ``"sublayer"`` goes stage by stage -- layers fed the very same input tensor form a stage (q/k/v,
         then o_proj, then gate/up, then down_proj), and a stage's Grams are collected with the stages before it
         already planned (GPTQ's "true sequential").  ``True`` and ``"auto"`` mean ``"block"`` (measured better on
-        balance, README).  ``curv.stages`` records the order used (``None`` for one pass).
+        balance, docs/results/llm-compressor.md).  ``curv.stages`` records the order used (``None`` for one pass).
         ``on_block(i, block_targets) -> bool`` (implies sequential) is the older eager hook: it may change the
         block's weights before its outputs feed the next block, and the Grams are collected now.
         ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
