@@ -669,6 +669,7 @@ class PruningCallback(TrainerCallback):
         self.bip = None
         self.history: list[dict] = []
         self._batches = None
+        self._given = None
         self._warned_save = False
 
     # ---- schedule
@@ -698,14 +699,25 @@ class PruningCallback(TrainerCallback):
             first = [self.begin] if c.initial_sparsity > 0 and self.begin > 0 else []
             self.prune_steps = sorted(set(first + list(range(self.begin + f, self.end, f)) + [self.end]))
 
+    def _given_batches(self) -> list:
+        """``calibration_batches`` read once and kept (a DataLoader, even a shuffling one, is iterated once:
+        every pruning step sees the same batches); the curvature routes keep only the ``curvature_batches``
+        first ones, BiP's upper level all of them."""
+        if self._given is None:
+            import itertools
+            n = self.config.curvature_batches
+            whole = self.config.route.gradual == "bip" or not n
+            self._given = list(self.calibration) if whole else list(itertools.islice(self.calibration, n))
+        return self._given
+
     def _next_calibration(self, n):
         if self.calibration is not None:
+            batches = self._given_batches()
             if self.config.route.gradual == "bip":  # the upper level: a fresh batch each time, cycling
-                batches = list(self.calibration)
                 out = [batches[(self._cycle + i) % len(batches)] for i in range(n)]
                 self._cycle += n
                 return out
-            return list(self.calibration)[:n] if n else list(self.calibration)
+            return batches[:n] if n else list(batches)
         out = []
         for _ in range(n):
             try:
@@ -729,6 +741,11 @@ class PruningCallback(TrainerCallback):
                 "parametrizations (<name>_orig, <name>_mask) and the search state is not saved, so the resumed "
                 "model would not be the one that was pruned. Train from the start (save_strategy='no'), or prune "
                 "the saved final model again")
+        if getattr(args, "load_best_model_at_end", False):
+            raise PruningInputError(
+                "load_best_model_at_end: not with PruningCallback; the best checkpoint may predate the pruning, and "
+                "Trainer would load it over the pruned layers' <name>_orig/<name>_mask parametrizations, leaving "
+                "a mix of the two models. Set load_best_model_at_end=False (evaluate the final, pruned model)")
         if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not self._warned_save:
             import warnings
             warnings.warn("PruningCallback: checkpoints saved during training hold torch.nn.utils.prune "
@@ -751,14 +768,17 @@ class PruningCallback(TrainerCallback):
         self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                                   * max(1, getattr(args, "world_size", 1)))
         self._cycle = 0
-        if self.calibration is not None and self.config.route.gradual == "bip" and not list(self.calibration):
+        if self.calibration is not None and self.config.route.gradual == "bip" and not self._given_batches():
             raise PruningInputError("calibration_batches: empty; BiP's upper level needs batches")
         if (self.config.route.curvature or self.config.route.gradual == "bip") and self.calibration is None:
             if train_dataloader is None:
                 raise PruningInputError("calibration_batches: no training dataloader to draw curvature batches "
                                         "from; give calibration_batches=")
             g = torch.Generator().manual_seed(self.seed)
-            self._loader = torch.utils.data.DataLoader(train_dataloader.dataset, shuffle=True, generator=g,
+            # a streamed (iterable) dataset cannot be shuffled by a DataLoader: its batches come in stream order
+            order = ({} if isinstance(train_dataloader.dataset, torch.utils.data.IterableDataset)
+                     else {"shuffle": True, "generator": g})
+            self._loader = torch.utils.data.DataLoader(train_dataloader.dataset, **order,
                                                        batch_size=args.per_device_train_batch_size,
                                                        collate_fn=train_dataloader.collate_fn)
             self._batches = iter(self._loader)
@@ -782,6 +802,8 @@ class PruningCallback(TrainerCallback):
             if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # the scores follow the same schedule
                 sched.base_lrs.append(lr)
                 sched.lr_lambdas.append(sched.lr_lambdas[0])
+                # from the first score step on (begin_step > 0: the schedule is already under way)
+                self.optimizer.param_groups[-1]["lr"] = lr * sched.lr_lambdas[0](sched.last_epoch)
             self._cs_epoch = 0
         elif self.config.route.gradual == "bip":
             from obs_plugins.methods.bip import BiPTrainer

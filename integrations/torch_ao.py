@@ -43,6 +43,9 @@ class OBSIHTSparsifier(BaseSparsifier):
         super().__init__(defaults={"sparsity_level": float(sparsity_level)})
 
     def _targets_of_groups(self):
+        if self.curvature is None:   # a copy or an unpickled sparsifier: the curvature is not part of its state
+            raise PruningInputError("curvature: this sparsifier holds none (a copied or reloaded sparsifier drops "
+                                    "it); set sparsifier.curvature = Curvature.layerwise(...) on the dense model")
         out = []
         for g in self.groups:
             try:

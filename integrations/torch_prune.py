@@ -14,6 +14,7 @@ keeps as ``<name>_orig``; heavy references (curvature, sparsifier) are dropped a
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 from torch.nn.utils import prune
@@ -29,8 +30,10 @@ class _PlanPruningMethod(prune.BasePruningMethod):
     PRUNING_TYPE = "unstructured"
 
     def __init__(self, amount, *, _target=None):
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
             raise PruningInputError(f"amount: expected a float in [0, 1] or a non-negative int, got {amount!r}")
+        # numpy scalars as torch.nn.utils.prune takes them: np.int64 is a count, np.float32 a fraction
+        amount = int(amount) if isinstance(amount, numbers.Integral) else float(amount)
         if isinstance(amount, float) and not 0.0 <= amount <= 1.0:
             raise PruningInputError(f"amount={amount} is outside [0, 1]")
         if isinstance(amount, int) and amount < 0:
@@ -47,6 +50,9 @@ class _PlanPruningMethod(prune.BasePruningMethod):
 
     def _release(self) -> None:
         pass
+
+    def _check_ready(self) -> None:
+        """Refuse a source that cannot plan yet (a search still running), before any other check."""
 
     _scores_from = "its own scores"
 
@@ -96,6 +102,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
         # t: the whole tensor (first .apply) or the flat still-unpruned entries (global_unstructured, or a
         # PruningContainer on a second round); our mask comes back in the same shape
         try:
+            self._check_ready()   # a running CS / BiP search holds gates: say "call finish()", not "parametrized"
             targets = self._targets()
             check_targets(targets)  # NaN/Inf weights are named here, not mistaken for a different parameter list
             from torch.nn.utils import parametrize
@@ -204,6 +211,11 @@ class ContinuousSparsification(_PlanPruningMethod):
     def _make_plan(self, targets, k):
         return self.sparsifier.make_plan(targets, k)
 
+    def _check_ready(self):
+        if not self.sparsifier.finished:
+            raise PruningInputError("sparsifier: the search is still running; call cs.finish() (or fit) before "
+                                    "pruning")
+
     def _release(self):
         self.sparsifier = None
 
@@ -229,6 +241,11 @@ class BiP(_PlanPruningMethod):
 
     def _make_plan(self, targets, k):
         return self.trainer.make_plan(targets, k)
+
+    def _check_ready(self):
+        if not self.trainer.finished:
+            raise PruningInputError("trainer: the search is still running; call bip.finish() (or fit) before "
+                                    "pruning")
 
     def _release(self):
         self.trainer = None

@@ -963,13 +963,17 @@ def load_pruned(path, model_class=None, **config_kwargs) -> nn.Module:
     state = {}
     for f in files:
         state.update(load_file(os.path.join(path, f)))
-    dtype = config_kwargs.get("dtype", config_kwargs.get("torch_dtype"))
-    if dtype is None:   # the saved weights' own floating dtype (from_pretrained keeps it too)
+    asked = config_kwargs.get("dtype", config_kwargs.get("torch_dtype"))
+    dtype = asked
+    if dtype is None or dtype == "auto":   # the saved weights' own floating dtype (as from_pretrained's "auto")
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+        if dtype is None:
+            dtype = torch.get_default_dtype()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        dtype = torch.get_default_dtype()
+        raise PruningInputError(f"dtype: a floating torch dtype, its name or 'auto', got {asked!r}")
+    cfg.dtype = dtype   # what from_pretrained records (a later save_pretrained writes it)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)   # built in that dtype, as from_pretrained does (fp32 buffers stay fp32)
     try:

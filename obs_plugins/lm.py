@@ -15,14 +15,20 @@ def causal_lm_batches(windows: torch.Tensor, batch_size: int = 4) -> list[dict]:
 
 
 def causal_lm_loss(output, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy; uses the model's own ``loss`` when labels were passed."""
+    """Mean next-token cross-entropy over the real (not padded: ``attention_mask``) targets; uses the model's own
+    ``loss`` when labels were passed."""
     loss = getattr(output, "loss", None)
     if loss is not None:
         return loss
     logits = output.logits if hasattr(output, "logits") else output[0]
     ids = batch["input_ids"]
+    targets = ids[:, 1:]
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    if torch.is_tensor(mask) and mask.shape == ids.shape and not bool(mask.bool().all()):
+        # a padded position is no target (as labels=-100 makes it); a pad id would otherwise be predicted
+        targets = targets.masked_fill(~mask[:, 1:].bool(), -100)
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             ids[:, 1:].reshape(-1))
+                                             targets.reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()

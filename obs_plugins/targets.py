@@ -148,6 +148,7 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
         if not torch.is_tensor(t) or not t.is_floating_point():
             raise PruningInputError(f"params[{i}]: {name!r} must be a floating-point tensor, got "
                                     f"{getattr(t, 'dtype', type(t))}")
+        _check_stored(module, name, i)
         if name == "weight":
             layer_kind(module)
         if (id(module), name) in seen:
@@ -157,11 +158,12 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
             # the stored tensor: under a parametrization (torch.ao prepare) ``module.<name>`` is a fresh product
             # on every access, and freed temporaries reuse memory, so two tensors could share an address
             t = Target("", module, name).orig()
-            ptr = (t.data_ptr(), tuple(t.shape))
-            if ptr in storages:
-                raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is the same tensor as "
-                                        f"params[{storages[ptr]}] (a shared parameter); list it once")
-            storages[ptr] = i
+            span = _span(t)
+            for j, other in storages.get(span[0], ()):
+                if _overlap(span, other):   # also a transposed view of the same memory (a tied autoencoder)
+                    raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is the same tensor "
+                                            f"as params[{j}] (a shared parameter); list it once")
+            storages.setdefault(span[0], []).append((i, span))
         if model is not None and id(module) not in names:
             raise PruningInputError(f"params[{i}]: module is not part of the model")
         prefix = names.get(id(module), str(i))
@@ -169,6 +171,46 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
     if not out:
         raise PruningInputError("params: empty")
     return out
+
+
+def _span(t: torch.Tensor) -> tuple:
+    """``(storage address, first byte, end byte)`` of the memory ``t`` covers: two tensors that overlap share
+    values, whatever their shapes or strides (``dec.weight = nn.Parameter(enc.weight.t())``)."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return (t.untyped_storage().data_ptr(), start, start)
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return (t.untyped_storage().data_ptr(), start, start + extent * size)
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def _check_stored(module: nn.Module, name: str, i: int) -> None:
+    """``module.<name>`` must be a tensor a plan can write: a parameter, torch.nn.utils.prune's ``<name>_orig``, or
+    one under torch.ao's FakeSparsity (or this library's own gates).  A weight *computed* from other tensors --
+    ``parametrizations.weight_norm`` / ``spectral_norm``, any other parametrization, the old hook-based
+    ``torch.nn.utils.weight_norm`` -- would take the plan's values into a temporary and drop them."""
+    from torch.nn.utils import parametrize
+    kind = type(module).__name__
+    if name in module._parameters or name + "_orig" in module._parameters:
+        return
+    if parametrize.is_parametrized(module, name):
+        from torch.ao.pruning.sparsifier.utils import FakeSparsity
+        other = [type(p).__name__ for p in module.parametrizations[name]
+                 if not isinstance(p, FakeSparsity) and not getattr(p, "_obs_plugins_gate", False)]
+        if not other:
+            return
+        raise PruningInputError(
+            f"params[{i}]: {kind}.{name} is computed by a parametrization ({', '.join(other)}), so a pruned value "
+            f"written to it would be lost; remove it first (torch.nn.utils.parametrize.remove_parametrizations("
+            f"module, {name!r})) and re-apply it after pruning if needed")
+    raise PruningInputError(
+        f"params[{i}]: {kind}.{name} is not a parameter of the module (it is computed, e.g. by the old "
+        f"torch.nn.utils.weight_norm hook), so a pruned value written to it would be lost; remove that "
+        f"reparametrization first (torch.nn.utils.remove_weight_norm)")
 
 
 def check_targets(targets: list[Target]) -> None:
@@ -202,17 +244,19 @@ def check_tied(model: nn.Module | None, targets: list[Target]) -> list[tuple[str
             if "parametrizations" in t.module._modules else None
         if plist is not None:
             listed.add((id(plist), "original"))
-    by_ptr = {}
+    by_storage = {}
     for t in targets:
         o = t.orig()
         if o.device.type != "meta":
-            by_ptr.setdefault((o.data_ptr(), tuple(o.shape)), t.key)
+            span = _span(o)
+            by_storage.setdefault(span[0], []).append((t.key, span))
     pairs = []
     for mname, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
             if (id(mod), pname) in listed or p.device.type == "meta":
                 continue
-            key = by_ptr.get((p.data_ptr(), tuple(p.shape)))
+            span = _span(p)
+            key = next((k for k, other in by_storage.get(span[0], ()) if _overlap(span, other)), None)
             other = f"{mname}.{pname}" if mname else pname
             if key is not None and (key, other) not in pairs:
                 pairs.append((key, other))

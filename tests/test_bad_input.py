@@ -396,3 +396,80 @@ def test_api_plan_takes_torch_module_name_pairs_as_targets():
                      ([(model[0],)], r"^targets\[0\]: expected \(module, name\)")):
         with pytest.raises(PruningInputError, match=msg):
             api.plan(cfg, curvature=curv, targets=bad, amount=0.5)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "custom", "old_weight_norm"])
+def test_a_computed_weight_is_refused_not_silently_left_dense(wrap):
+    """api.prune wrote the plan into the temporary a parametrization computes and reported 50% sparsity."""
+    from torch.nn.utils import parametrizations, parametrize
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    if wrap == "weight_norm":
+        parametrizations.weight_norm(lin)
+    elif wrap == "spectral_norm":
+        parametrizations.spectral_norm(lin)
+    elif wrap == "custom":
+        class Twice(nn.Module):
+            def forward(self, w):
+                return 2 * w
+        parametrize.register_parametrization(lin, "weight", Twice())
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.nn.utils.weight_norm(lin)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(6, 3)).eval()
+    before = copy.deepcopy(model.state_dict())
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    with pytest.raises(PruningInputError, match=r"^params\[0\]: .*weight is (computed by a parametrization|not a "
+                                                r"parameter).*would be lost"):
+        Curvature.layerwise(model, [(lin, "weight")], batches, progress=False)
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    with pytest.raises(PruningInputError, match=r"^targets\[0\]: .*would be lost"):
+        api.prune(MagnitudeConfig(), targets=[(lin, "weight")], amount=0.5)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_weight_tied_through_a_transpose_is_one_tensor():
+    """dec.weight = Parameter(enc.weight.t()) shares enc's memory with another shape: both entries of a plan
+    wrote that memory (the second won) and listing one side gave no TiedWeightWarning."""
+    from obs_plugins.errors import TiedWeightWarning
+    from obs_plugins.targets import check_tied, resolve_targets
+    enc, dec = nn.Linear(8, 4, bias=False), nn.Linear(4, 8, bias=False)
+    dec.weight = nn.Parameter(enc.weight.t())
+    model = nn.Sequential(enc, dec)
+    with pytest.raises(PruningInputError, match=r"^params\[1\]: .* is the same tensor as params\[0\]"):
+        resolve_targets(model, [(enc, "weight"), (dec, "weight")])
+    with pytest.warns(TiedWeightWarning, match="0.weight is tied to 1.weight"):
+        check_tied(model, resolve_targets(model, [(enc, "weight")]))
+    # two views of one storage that do not overlap are two tensors
+    fused = nn.Parameter(torch.randn(8, 4))
+    a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    a.weight, b.weight = nn.Parameter(fused[:4]), nn.Parameter(fused[4:])
+    assert len(resolve_targets(nn.Sequential(a, b), [(a, "weight"), (b, "weight")])) == 2
+
+
+def test_numpy_amounts_prune_as_torch_reads_them():
+    np = pytest.importorskip("numpy")
+    for amount, zeros in ((np.int64(5), 5), (np.float32(0.5), 24)):
+        torch.manual_seed(0)
+        lin = nn.Linear(8, 6)
+        model = nn.Sequential(lin)
+        curv = Curvature.layerwise(model, [(lin, "weight")], [torch.randn(16, 8) for _ in range(2)], progress=False)
+        OBSIHT.apply(lin, "weight", amount=amount, curvature=curv)
+        assert int((lin.weight == 0).sum()) == zeros
+
+
+@pytest.mark.parametrize("method", ["cs", "bip"])
+def test_pruning_with_a_running_search_says_call_finish(method):
+    """The 'parametrized (a torch.ao sparsifier's FakeSparsity?)' refusal came first and misled."""
+    from obs_plugins import BiP, BiPTrainer, ContinuousSparsification, ContinuousSparsifier
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    params = [(model[0], "weight"), (model[2], "weight")]
+    if method == "cs":
+        src, how, kw = ContinuousSparsifier(model, params), ContinuousSparsification, "sparsifier"
+    else:
+        src, how, kw = BiPTrainer(model, params, sparsity=0.5), BiP, "trainer"
+    with pytest.raises(PruningInputError, match=f"^{kw}: the search is still running; call .*finish"):
+        prune.global_unstructured(params, pruning_method=how, amount=0.5, **{kw: src})

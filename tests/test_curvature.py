@@ -572,3 +572,81 @@ def test_fisher_micro_batches_keep_a_shared_batch_tensor_shared(engine):
     assert rel(blocks[2], blocks[None]) < 1e-5
     with pytest.raises(PruningInputError, match="^micro_batch"):
         collect_fisher(curv, block_size=6, micro_batch=1.5, progress=False)
+
+
+def test_padded_rows_stay_out_of_a_gram_fed_the_flattened_tokens():
+    """A Linear fed (batch * tokens, features), as a MoE router takes the hidden states, counted padded rows."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.router = nn.Embedding(20, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.a(self.emb(input_ids))
+            return self.router(h.view(-1, h.shape[-1]))
+
+    net = Net()
+    ids = torch.randint(0, 20, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    curv = Curvature.layerwise(net, [(net.a, "weight"), (net.router, "weight")],
+                               [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    with torch.no_grad():
+        x = net.a(net.emb(ids))[mask.bool()].double()
+    assert curv.counts["router.weight"] == curv.counts["a.weight"] == 7
+    torch.testing.assert_close(curv.hessians["router.weight"].double(), 2 * x.T @ x / 7, rtol=1e-5, atol=1e-6)
+
+
+def _per_sample_reference(net, batches, layers):
+    """s_r = 1/N sum_i sum_positions (d loss_i / d y_{i,r})^2 with loss_i each sample's own cross-entropy."""
+    ref = {k: 0.0 for k in layers}
+    n = 0
+    for x, y in batches:
+        for i in range(y.shape[0]):
+            outs = {}
+
+            def keep(_m, _a, o, k):
+                o.retain_grad()
+                outs[k] = o
+            hooks = [m.register_forward_hook(lambda _m, _a, o, k=k: keep(_m, _a, o, k)) for k, m in layers.items()]
+            nn.functional.cross_entropy(net(x)[i:i + 1], y[i:i + 1]).backward()
+            for h in hooks:
+                h.remove()
+            net.zero_grad()
+            for k, o in outs.items():
+                ref[k] = ref[k] + (o.grad.double().reshape(-1, o.shape[-1]) ** 2).sum(0)
+            n += 1
+    return {k: v / n for k, v in ref.items()}
+
+
+def test_per_sample_output_sensitivity_of_a_sequence_first_layer():
+    """The per-sample scale is the batch size, not the layer output's leading dimension (time, here)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):                              # x: (T, B, 4)
+            return self.head(torch.tanh(self.a(x)).mean(0))
+
+    net = Net()
+    batches = [(torch.randn(7, 2, 4), torch.randint(0, 3, (2,))) for _ in range(3)]
+    curv = Curvature.layerwise(net, [(net.a, "weight"), (net.head, "weight")], batches, progress=False,
+                               loss_fn=nn.functional.cross_entropy)
+    got = curv.output_sensitivity(per_sample=True)
+    ref = _per_sample_reference(net, batches, {"a.weight": net.a, "head.weight": net.head})
+    for k in ref:
+        torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-5, atol=1e-12)
+
+
+def test_output_sensitivity_of_an_unbatched_conv2d_equals_the_batched_one():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(3, 6, 4)     # C_out = 4 = W: a wrong channel axis gave per-column sums of the same shape
+    sq = lambda out, _t: (out ** 2).sum()   # noqa: E731
+    get = lambda b: Curvature.layerwise(nn.Sequential(conv), [(conv, "weight")], [(b, torch.zeros(1))],  # noqa
+                                        loss_fn=sq, progress=False).output_sensitivity()["0.weight"]
+    torch.testing.assert_close(get(x), get(x.unsqueeze(0)), rtol=1e-6, atol=1e-9)

@@ -941,3 +941,126 @@ def test_cli_refuses_flags_of_the_other_route_and_missing_files(tmp_path, capsys
         assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}:")
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
     assert cli.main(base + ["--quiet"]) == 0 and (tmp_path / "o" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- fifteenth session's review
+def test_callback_refuses_load_best_model_at_end_before_pruning(tmp_path):
+    """The best checkpoint may predate the pruning; Trainer loaded it over the pruned layers' parametrizations
+    and the callback baked the mix."""
+    model = tiny_bert(labels=3)
+    before = state(model)
+    cb = PruningCallback(PruningConfig(method="magnitude", sparsity=0.5, end_step=4))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, save_strategy="steps",
+                                          save_steps=2, eval_strategy="steps", eval_steps=2,
+                                          load_best_model_at_end=True, report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Seq(), eval_dataset=_Seq(n=8),
+                                   callbacks=[cb])
+    with pytest.raises(PruningInputError, match="^load_best_model_at_end: "):
+        trainer.train()
+    assert same_state(before, state(model))
+
+
+def test_callback_reads_a_calibration_dataloader_once(tmp_path):
+    """A shuffling DataLoader was iterated whole at every pruning step, each step seeing other batches."""
+    seen = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.ds = _Seq(n=64)
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            seen.append(i)
+            return self.ds[i]
+
+    loader = torch.utils.data.DataLoader(Counting(), batch_size=4, shuffle=True)
+    cfg = PruningConfig(method="obs_iht", sparsity=0.5, end_step=8, frequency=2, curvature_batches=2)
+    first = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.pruning._given is not None:
+                first.append(self.pruning._given[0]["input_ids"][0].clone())
+
+    _, cb, _, _ = _train(tmp_path, cfg, after_cb=(Spy(),), calibration_batches=loader)
+    assert len(seen) == 8                                   # 2 batches of 4 read, once
+    assert len(first) >= 4 and all(torch.equal(f, first[0]) for f in first)
+    assert cb.history[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_callback_draws_curvature_batches_from_a_streamed_dataset(tmp_path):
+    """An IterableDataset cannot be shuffled by a DataLoader: the curvature routes failed with torch's error."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            ds = _Seq(n=64)
+            return (ds[i] for i in range(len(ds)))
+
+    model = tiny_bert(labels=3).train()
+    cb = PruningCallback(PruningConfig(method="obs_iht", sparsity=0.5, end_step=6, frequency=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, save_strategy="no",
+                                          per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=Stream(), callbacks=[cb]).train()
+    assert cb.history[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_callback_cs_scores_follow_the_schedule_from_their_first_step(tmp_path):
+    lrs = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if len(optimizer.param_groups) > 2:
+                lrs.append([g["lr"] for g in optimizer.param_groups])
+
+    cfg = PruningConfig(method="cs", sparsity=0.5, begin_step=3, end_step=11,
+                        method_config=obs_plugins.CSConfig(rounds=1, epochs=2))
+    model = tiny_bert(labels=3).train()
+    cb = PruningCallback(cfg)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, warmup_steps=10,
+                                          per_device_train_batch_size=8, learning_rate=1e-3, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=_Seq(), callbacks=[cb, Spy()]).train()
+    assert lrs and all(row[-1] == pytest.approx(row[0]) for row in lrs)   # the first score step too
+
+
+def test_bip_refuses_frozen_weights_before_gating_them(tmp_path):
+    model = tiny_llama()
+    for name, p in model.named_parameters():
+        if "gate_proj" in name:
+            p.requires_grad_(False)
+    before = state(model)
+    cb = PruningCallback(PruningConfig(method="bip", sparsity=0.5, end_step=6))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, save_strategy="no",
+                                          per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+
+    class LM(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            x = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": x, "labels": x}
+
+    with pytest.raises(PruningInputError, match=r"^params: .*gate_proj.weight does not require grad"):
+        transformers.Trainer(model=model, args=args, train_dataset=LM(), callbacks=[cb]).train()
+    assert same_state(before, state(model))
+
+
+def test_causal_lm_loss_leaves_padded_targets_out():
+    """Without labels, a padded position was a target: the result depended on the pad id."""
+    from obs_plugins.lm import causal_lm_loss
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    losses = []
+    for pad in (0, 7):
+        ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, pad, pad]])
+        losses.append(causal_lm_loss(type("O", (), {"logits": logits})(), {"input_ids": ids,
+                                                                          "attention_mask": mask}))
+    real = torch.cat([logits[0, :4], logits[1, :2]])
+    want = torch.nn.functional.cross_entropy(real, torch.tensor([2, 3, 4, 5, 7, 8]))
+    assert torch.allclose(losses[0], want) and torch.allclose(losses[1], want)

@@ -69,6 +69,11 @@ def test_config_from_dict_validates_values_and_names_the_field(change, field):
         config_from_dict({**good, **change})
 
 
+def test_a_list_of_step_sizes_round_trips_equal():
+    cfg = OBSIHTConfig(step_sizes=[0.01, 0.02])
+    assert cfg.step_sizes == (0.01, 0.02) and config_from_dict(config_to_dict(cfg)) == cfg
+
+
 def test_config_from_dict_refuses_an_unknown_top_level_key():
     d = config_to_dict(OBSIHTConfig())
     with pytest.raises(PruningInputError, match="^iterations: unknown top-level key"):

@@ -120,3 +120,13 @@ def test_curvature_after_prepare_and_torch_prune_on_prepared_tensors():
         prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, progress=False)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_copied_sparsifier_says_its_curvature_is_gone():
+    model, batches = problem()
+    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches, progress=False)
+    sp = OBSIHTSparsifier(curv, sparsity_level=0.5, progress=False)
+    sp.prepare(model, CONFIG)
+    twin = copy.deepcopy(sp)
+    with pytest.raises(PruningInputError, match="^curvature: this sparsifier holds none"):
+        twin.step()

@@ -1375,3 +1375,19 @@ def test_network_scope_on_bert_heads_and_ffn_with_a_classifier_head():
     with pytest.raises(PruningInputError, match="^logits_fn"):
         prune_transformer(fresh, {"input_ids": ids[:2], "attention_mask": am[:2]}, bad, 0.5)
     assert state_equal(before, fresh.state_dict())
+
+
+def test_load_pruned_auto_dtype_keeps_the_saved_dtype(tmp_path):
+    """dtype="auto" loaded float32 (getattr(torch, "auto") is None); the config now records the dtype too."""
+    ids, _, _ = token_batches(padded=False)
+    model = tiny_llama()
+    from obs_plugins.lm import causal_lm_loss
+    curv = Curvature.layerwise(model, all_layers(model), [{"input_ids": ids[:4]}], loss_fn=causal_lm_loss,
+                               progress=False)
+    prune_transformer(model, {"input_ids": ids[:2]}, OBSImportance(curv), 0.5)
+    model.half().save_pretrained(tmp_path)
+    for kw in ({"dtype": "auto"}, {"torch_dtype": "auto"}, {}, {"dtype": torch.float16}):
+        back = load_pruned(tmp_path, **kw)
+        assert back.model.layers[0].mlp.gate_proj.weight.dtype == torch.float16 and back.config.dtype == torch.float16
+    with pytest.raises(PruningInputError, match="^dtype: "):
+        load_pruned(tmp_path, dtype="float17")

@@ -62,9 +62,15 @@ def masking_rows(mask: torch.Tensor | None):
 
 
 def _real_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` of a Linear / Conv1D input ``x`` without the padded positions of the running batch (if any)."""
+    """``rows`` of a Linear / Conv1D input ``x`` without the padded positions of the running batch (if any): for
+    inputs shaped (batch, tokens, features) like the mask, or flattened to (batch * tokens, features)."""
     m = _ROW_MASK.get()
-    if m is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(m.shape):
+    if m is None:
+        return rows
+    tokens = x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape)
+    # the tokens flattened to (batch * tokens, features) in the mask's order, as a MoE router takes them
+    flat = x.dim() == 2 and m.shape[1] > 1 and x.shape[0] == m.numel()
+    if not (tokens or flat):
         return rows
     return rows[m.to(rows.device).reshape(-1)]
 

@@ -532,9 +532,12 @@ class Curvature:
         def hook(module, _args, out, _key, _kind):
             if not (torch.is_tensor(out) and out.requires_grad):
                 return
-            scale = float(out.shape[0]) if per_sample else 1.0
             def on_grad(g):
-                g = g.detach().double() * scale
+                # per sample: the batch size is the model output's leading dimension (as n_samples counts it),
+                # not this layer's (a sequence-first layer's leading dimension is time)
+                g = g.detach().double() * (batch_rows[0] if per_sample else 1.0)
+                if _kind == "conv2d" and g.dim() == 3:   # an unbatched (C, H, W) output
+                    g = g.unsqueeze(0)
                 g = g.transpose(1, -1).reshape(-1, g.shape[1]) if _kind == "conv2d" else g.reshape(-1, g.shape[-1])
                 acc[_key].add_((g * g).sum(0))
                 seen[_key] = True
@@ -543,6 +546,7 @@ class Curvature:
         handles = [t.module.register_forward_hook(lambda m, a, o, _k=t.key, _c=layer_kind(t.module): hook(m, a, o, _k, _c))
                    for t in targets]
         n_samples = 0
+        batch_rows = [1.0]
         try:
             with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
                     self._only_targets_require_grad(), torch.enable_grad():
@@ -550,6 +554,7 @@ class Curvature:
                 for b in tqdm(use, desc="output sensitivity", disable=not progress, leave=False):
                     b = move(b, self.device)
                     out = self.forward_fn(self.model, b)
+                    batch_rows[0] = float(_leading_dim(out))
                     n_samples += _leading_dim(out)
                     torch.autograd.grad(batch_loss(self.loss_fn, out, b), params, allow_unused=True)
         finally:

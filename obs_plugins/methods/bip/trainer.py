@@ -97,6 +97,8 @@ class _Straight(torch.autograd.Function):
 class _Gate(nn.Module):
     """The parametrization ``theta -> m * theta``; holds no parameters (masks and scores stay in the trainer)."""
 
+    _obs_plugins_gate = True   # resolve_targets accepts a tensor under this parametrization
+
     def __init__(self, trainer: "BiPTrainer", key: str, part: str):
         super().__init__()
         self._bip = trainer  # a plain object: not registered as a submodule or parameter
@@ -128,6 +130,10 @@ class BiPTrainer:
             overrides["sparsity"] = sparsity
         config = resolve_config(config, BiPConfig, overrides, owner="BiPTrainer")
         targets = resolve_targets(model, params)
+        frozen = [t.key for t in targets if not t.orig().requires_grad]
+        if frozen:   # checked here, before any gate is installed (the first upper step found it too late)
+            raise PruningInputError(f"params: {frozen[0]} does not require grad; BiP trains the weights it prunes, "
+                                    f"so leave frozen tensors ({len(frozen)} of them) out of params")
         channel = config.granularity == "channel"
         parts: dict[str, list[str]] = {}
         targets_by_key = {t.key: t for t in targets}

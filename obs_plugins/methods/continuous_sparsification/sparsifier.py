@@ -66,6 +66,8 @@ def _score_dtype(w: torch.Tensor) -> torch.dtype:
 class _Gate(nn.Module):
     """The parametrization ``w -> w * gate``; holds no parameters (the scores stay out of the model)."""
 
+    _obs_plugins_gate = True   # resolve_targets accepts a tensor under this parametrization
+
     def __init__(self, sparsifier: "ContinuousSparsifier", key: str):
         super().__init__()
         self._cs = sparsifier  # a plain object: not registered as a submodule or parameter

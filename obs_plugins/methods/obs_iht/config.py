@@ -79,6 +79,10 @@ class OBSIHTConfig:
     grad_dtype: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.step_sizes, list):   # a list equals its JSON round trip only as the tuple it becomes
+            self.step_sizes = tuple(self.step_sizes)
+
     def validate(self) -> None:
         from ...errors import PruningInputError
         from ...masks import parse_nm
