@@ -494,8 +494,8 @@ class Pruner(OptimumQuantizer):
     @classmethod
     def from_pretrained(cls, model_or_path, file_name: str | None = None, *, tokenizer=None, auto_class=None,
                         **load_kwargs) -> "Pruner":
-        """A Pruner for an ``nn.Module`` or a saved model folder (the class its ``config.architectures`` names,
-        else ``auto_class`` or ``AutoModel``; the tokenizer from the same folder when it has one)."""
+        """A Pruner for an ``nn.Module`` or a saved model folder (``auto_class`` if given, else the class its
+        ``config.architectures`` names, else ``AutoModel``; the tokenizer from the same folder when it has one)."""
         if file_name is not None:
             raise PruningInputError("file_name: Transformers folders are loaded whole; pass the folder")
         if isinstance(model_or_path, nn.Module):

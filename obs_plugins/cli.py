@@ -335,6 +335,9 @@ def cmd_bench(args) -> int:
     import os
     import runpy
     path = BENCHES[args.name]
+    if not os.path.exists(path):   # run from elsewhere (scripts/run.sh keeps the caller's folder): the checkout's
+        in_checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        path = in_checkout if os.path.exists(in_checkout) else path
     if not os.path.exists(path):
         print(f"obs-prune bench: {path} not found; run it from a checkout of the obs-plugins repository",
               file=sys.stderr)
@@ -426,10 +429,11 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["prune"] + argv
     args = parser.parse_args(argv)
+    from .data import AssetMissing
     from .errors import CurvatureError, PruningInputError
     try:
         return args.func(args)
-    except (PruningInputError, CurvatureError, ValueError, OSError) as e:
+    except (PruningInputError, CurvatureError, AssetMissing, ValueError, OSError) as e:
         print(f"obs-prune: error: {e}", file=sys.stderr)
         return 2
 

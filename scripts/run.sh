@@ -2,6 +2,8 @@
 # The main job: set up (idempotent), then prune a real pretrained model and print the report.
 # Extra arguments go to `obs-prune` (e.g. --sparsity 2:4, --iterations 3, --method wanda).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/obs-prune "$@"
+caller="$PWD"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bash "$root/scripts/setup.sh"
+cd "$caller"   # the user's relative paths (--json, --save, --model, --config) stay theirs
+exec "$root/.venv/bin/obs-prune" "$@"

@@ -9,8 +9,12 @@ log() { echo "[setup] $*"; }
 if [ ! -x .venv/bin/python ]; then
   if "$PY" -c "import torch" >/dev/null 2>&1; then
     # the Python we were given already has a torch build (e.g. CUDA): the venv sees it instead of pinning another
-    log "creating .venv (with the system site-packages: keeping $("$PY" -c 'import torch; print("torch", torch.__version__)'))"
     "$PY" -m venv --system-site-packages .venv
+    if .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+      log "created .venv with the system site-packages: keeping $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
+    else   # a torch inside another virtual environment is not visible from a venv made from it
+      log "created .venv; the torch of $PY is not visible from it (a virtual environment's own?), so one is installed"
+    fi
   else
     log "creating .venv"
     "$PY" -m venv .venv

@@ -212,3 +212,12 @@ def test_asset_hints_name_the_folder_and_a_failing_producer(tmp_path, monkeypatc
     assert "~/.cache" not in str(e.value)
     with pytest.raises(data.AssetMissing, match="apt-get install r-cran-x"):
         data._cached_text("x.txt", ["false"], "apt-get install r-cran-x")
+
+
+def test_a_missing_asset_is_a_clean_cli_error(monkeypatch, capsys):
+    """A pip user without the Debian data got a traceback (exit 1) instead of obs-prune's error line."""
+    from pathlib import Path
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", Path("/nonexistent/fashion-mnist"))
+    assert main(["limit", "--quiet", "--no-sweep"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("obs-prune: error: ") and "Traceback" not in err
