@@ -74,7 +74,7 @@ ALIASES = {"cs": "continuous_sparsification", "continuous-sparsification": "cont
            "obs-iht": "obs_iht", "obsiht": "obs_iht"}
 
 DEFAULT_EXCLUDE = (r"embed", r"(^|\.)lm_head$", r"pooler", r"classifier", r"(^|\.)score$", r"qa_outputs",
-                   r"norm", r"(^|\.)wpe$", r"(^|\.)wte$")
+                   r"norm", r"(^|\.)wpe$", r"(^|\.)wte$", r"(^|\.)lora_")   # PEFT adapters: low rank, B starts at 0
 PATTERNS_STRUCTURED = ("heads", "channels")
 
 
@@ -112,7 +112,8 @@ class PruningConfig(BaseConfig):
     pattern:       "unstructured" or "N:M" (e.g. "2:4").  "heads"/"channels" go through the Torch-Pruning adapter.
     include, exclude: regular expressions (``re.search``) on qualified module names; a Linear/Conv1D/Conv2d is
                    pruned when it matches some ``include`` (None: every one) and no ``exclude``.  The default
-                   ``exclude`` keeps embeddings, norms, the LM head, poolers and classifier/score heads dense.
+                   ``exclude`` keeps embeddings, norms, the LM head, poolers, classifier/score heads and PEFT
+                   LoRA adapters (``lora_A`` / ``lora_B``) dense.
     num_samples, seq_len, batch_size: calibration (windows of ``seq_len`` tokens; ``num_samples`` in total).
     method_config: the method's own dataclass config (an instance, or the dict of
                    ``obs_plugins.config_to_dict``); stored versioned and allow-listed.  None: its defaults.

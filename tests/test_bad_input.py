@@ -473,3 +473,20 @@ def test_pruning_with_a_running_search_says_call_finish(method):
         src, how, kw = BiPTrainer(model, params, sparsity=0.5), BiP, "trainer"
     with pytest.raises(PruningInputError, match=f"^{kw}: the search is still running; call .*finish"):
         prune.global_unstructured(params, pruning_method=how, amount=0.5, **{kw: src})
+
+
+def test_multihead_attention_out_proj_is_explained():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    net = Net()
+    with pytest.raises(PruningInputError, match=r"^params: layer mha.out_proj.weight saw no input .*"
+                                                r"F.multi_head_attention_forward"):
+        Curvature.layerwise(net, [(mha.out_proj, "weight")], [torch.randn(2, 3, 8)], progress=False)

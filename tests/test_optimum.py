@@ -1064,3 +1064,12 @@ def test_causal_lm_loss_leaves_padded_targets_out():
     real = torch.cat([logits[0, :4], logits[1, :2]])
     want = torch.nn.functional.cross_entropy(real, torch.tensor([2, 3, 4, 5, 7, 8]))
     assert torch.allclose(losses[0], want) and torch.allclose(losses[1], want)
+
+
+def test_default_selection_leaves_peft_lora_adapters_dense():
+    model = tiny_llama()
+    q = model.model.layers[0].self_attn.q_proj
+    q.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(32, 4, bias=False)})
+    q.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(4, 32, bias=False)})
+    keys = [t.key for t in hf.select_targets(model, PruningConfig())]
+    assert len(keys) == 14 and not any("lora_" in k for k in keys)

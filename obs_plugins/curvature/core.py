@@ -193,8 +193,12 @@ class Curvature:
     def _store(self, accs: dict[str, GramAccumulator]) -> None:
         for k, a in accs.items():
             if a.n == 0:
-                raise PruningInputError(f"params: layer {k} saw no input during calibration (is it used by "
-                                        "the forward pass?)")
+                why = "is it used by the forward pass?"
+                module = next(t.module for t in self.targets if t.key == k)
+                if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+                    why = ("nn.MultiheadAttention reads out_proj's weight inside F.multi_head_attention_forward "
+                           "without calling the layer, so no input reaches it; leave it out of params")
+                raise PruningInputError(f"params: layer {k} saw no input during calibration ({why})")
             if not bool(torch.isfinite(a.H).all()):
                 raise PruningInputError(f"batches: the calibration inputs of layer {k} hold NaN/Inf values (a batch "
                                         "with NaN/Inf, or an earlier layer overflowing); fix the data")
