@@ -471,6 +471,11 @@ class OBSImportance(tp.importance.Importance):
                 m.weight.copy_(from_2d(m, apply_removal(W, P, C), m.weight))
         removed = 0
         for g in groups:
+            # the groups were all built before any was pruned; Torch-Pruning computes a concatenation's offsets
+            # when it builds a group, so a branch pruned before this one left them stale: rebuild it from its
+            # root, as pruner.step() does between groups
+            root = g[0].dep
+            g = pruner.DG.get_pruning_group(root.target.module, root.handler, list(g[0].idxs))
             drops = self._drops(g)
             g.prune()
             self._follow(drops)

@@ -182,3 +182,20 @@ def test_greedy_obs_total_is_the_measured_loss_and_matches_joint_solve():
     # greedy k=2 is never better than the exhaustive optimum
     opt = min(float(obs_solve(w, hinv, torch.tensor(list(p)))[1]) for p in itertools.combinations(range(8), 2))
     assert float(greedy_obs(w, hinv, 2)[2]) >= opt - 1e-12
+
+
+def test_a_non_symmetric_or_bad_curvature_is_refused_not_read_by_one_triangle():
+    """[[1, 5], [0, 1]] factorised as if its coupling were absent (Cholesky reads one triangle)."""
+    from obs_plugins.errors import CurvatureError, PruningInputError
+    from obs_plugins.methods.obs_iht.structured import column_saliency
+    H = torch.tensor([[1.0, 5.0], [0.0, 1.0]], dtype=f64)
+    with pytest.raises(CurvatureError, match="not symmetric"):
+        inverse_factor(H)
+    with pytest.raises(CurvatureError, match="not symmetric"):
+        column_saliency(torch.ones(3, 2, dtype=f64), H, [[0], [1]], compensate=False)
+    with pytest.raises(CurvatureError, match="square"):
+        inverse_factor(torch.ones(2, 3, dtype=f64))
+    for bad in (-1e-3, float("nan"), True):
+        with pytest.raises(PruningInputError, match="^rel_damp"):
+            inverse_factor(spd(3), rel_damp=bad)
+    inverse_factor(spd(3) + 1e-9 * torch.randn(3, 3, dtype=f64))   # rounding-level asymmetry is fine

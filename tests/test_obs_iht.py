@@ -684,3 +684,18 @@ def test_wanda_on_an_already_pruned_model_prunes_the_new_count():
         assert curv.sequential
         api.prune(WandaConfig(), curvature=curv, amount=k, reparametrize=True)
         assert sum(int((m.weight == 0).sum()) for m, _ in params) == step * k
+
+
+def test_obs_sweep_refuses_a_partial_nm_group_and_works_in_fp32_for_a_half_factor():
+    from obs_plugins.errors import PruningInputError
+    torch.manual_seed(0)
+    X = torch.randn(64, 6)
+    U = inverse_factor(2 * X.T @ X / 64, 0.01).hinv_chol_upper
+    with pytest.raises(PruningInputError, match="^nm: 2:4 needs the input width to be a multiple of 4, got 6"):
+        obs_sweep(torch.randn(3, 6), U, nm=(2, 4))
+    W = torch.randn(3, 6)
+    for batched in (True, False):
+        Wh, keep, loss = obs_sweep(W.half(), U.half(), k=9, batched=batched)
+        ref, keep32, _ = obs_sweep(W.half().float(), U.half().float(), k=9, batched=batched)
+        assert Wh.dtype == torch.float32 and loss.dtype == torch.float32 and torch.equal(keep, keep32)
+        torch.testing.assert_close(Wh, ref)

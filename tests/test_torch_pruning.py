@@ -1391,3 +1391,40 @@ def test_load_pruned_auto_dtype_keeps_the_saved_dtype(tmp_path):
         assert back.model.layers[0].mlp.gate_proj.weight.dtype == torch.float16 and back.config.dtype == torch.float16
     with pytest.raises(PruningInputError, match="^dtype: "):
         load_pruned(tmp_path, dtype="float17")
+
+
+class _CatSkip(nn.Module):
+    """Two branches concatenated into c, branch a also read by e (so Torch-Pruning yields a's group first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c, self.e = nn.Conv2d(14, 8, 3, padding=1), nn.Conv2d(6, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        ya, yb = F.relu(self.a(x)), F.relu(self.b(x))
+        y = F.relu(self.c(torch.cat([ya, yb], 1))) + self.e(ya)
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_concatenated_branches_lose_the_consumer_columns_native_torch_pruning_removes():
+    """All groups were built before any was pruned: a concatenation's offsets went stale once the offset-0
+    branch was pruned first (a crash, or c silently reading the wrong columns)."""
+    X = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    batches = [(X[i:i + 16], torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(i)))
+               for i in range(0, 64, 16)]
+    out = {}
+    for how in ("native", "obs"):
+        torch.manual_seed(0)
+        model = _CatSkip().eval()
+        with torch.no_grad():
+            model.b.weight[:4] *= 0.01
+            model.c.weight[:, 6:10] *= 0.01
+        curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+        pr = tp.pruner.MetaPruner(model, X[:2], importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.5,
+                                  ignored_layers=[model.head])
+        pr.step() if how == "native" else OBSImportance(curv).step(pr, update=False)
+        with torch.no_grad():
+            out[how] = (model(X), model.c.weight.clone())
+    assert torch.equal(out["obs"][1], out["native"][1]) and torch.equal(out["obs"][0], out["native"][0])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CurvatureError
+from ..errors import CurvatureError, PruningInputError
 
 DEFAULT_LADDER = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
@@ -20,6 +20,20 @@ def check_finite(H: torch.Tensor, what: str = "H") -> None:
         bad = int((~torch.isfinite(H)).sum())
         raise CurvatureError(f"{what} has {bad} non-finite entries (NaN/inf): the calibration activations "
                              "overflowed or contain NaN; check the inputs and the model's dtype")
+
+
+def check_curvature(H: torch.Tensor, what: str = "H") -> None:
+    """``H`` is a finite, square, symmetric matrix (a Gram or a Fisher block): a non-symmetric one would be
+    read through one triangle only (Cholesky), silently dropping the other's coupling."""
+    check_finite(H, what)
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise CurvatureError(f"{what} must be a square matrix, got shape {tuple(H.shape)}")
+    if H.numel():
+        scale = float(H.abs().max())
+        asym = float((H - H.transpose(0, 1)).abs().max())
+        if asym > 1e-4 * scale:
+            raise CurvatureError(f"{what} is not symmetric (largest |H - H^T| is {asym:.3g} against entries up to "
+                                 f"{scale:.3g}); a curvature matrix must be, e.g. 2 X X^T / n")
 
 
 def dead_columns(H: torch.Tensor) -> torch.Tensor:
@@ -55,7 +69,9 @@ def inverse_factor(H: torch.Tensor, rel_damp: float = 1e-2, *, ladder=DEFAULT_LA
 
     Tries ``rel_damp`` then every larger step of ``ladder``; raises :class:`CurvatureError` if all fail.
     """
-    check_finite(H, what)
+    check_curvature(H, what)
+    if isinstance(rel_damp, bool) or not isinstance(rel_damp, (int, float)) or not 0 <= rel_damp < float("inf"):
+        raise PruningInputError(f"rel_damp: a finite relative damping >= 0, got {rel_damp!r}")
     work = H.to(dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32))
     tried = []
     for lam in [rel_damp] + [x for x in ladder if x > rel_damp]:

@@ -73,7 +73,8 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     reference).  Timings on SmolLM2 shapes: benchmarks/sweep_speed.py.
     """
     rows, d = W.shape
-    work = torch.promote_types(W.dtype, hinv_chol_upper.dtype)  # fp32 Grams of an fp64 model: fp64 weights kept
+    # at least fp32 (an fp16/bf16 factor is promoted, as the weights are); fp32 Grams of an fp64 model: fp64 kept
+    work = torch.promote_types(torch.promote_types(W.dtype, hinv_chol_upper.dtype), torch.float32)
     U = hinv_chol_upper.to(work)
     W = W.clone().to(work)
     prior = torch.ones_like(W, dtype=torch.bool) if keep_prior is None else keep_prior.bool()
@@ -81,6 +82,9 @@ def obs_sweep(W: torch.Tensor, hinv_chol_upper: torch.Tensor, *, k: int | None =
     keep = prior.clone() if choose else (keep.bool() & prior)
     if choose and nm is None and k is None:
         raise ValueError("obs_sweep: give k, keep or nm")
+    if choose and nm is not None and d % nm[1]:
+        raise PruningInputError(f"nm: {nm[0]}:{nm[1]} needs the input width to be a multiple of {nm[1]}, got {d} "
+                                "(the partial last group would lose more than N of its weights)")
     if choose and nm is None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= int(prior.sum())):
         raise PruningInputError(f"k: new prunes must be an int in [0, {int(prior.sum())}] (the unpruned entries), "
                                 f"got {k!r}")

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ...curvature.linalg import check_finite, inverse_factor
+from ...curvature.linalg import check_curvature, check_finite, inverse_factor
 from ...errors import PruningInputError
 
 
@@ -41,6 +41,8 @@ def _check_sets(d: int, sets: Sequence[torch.Tensor], what: str = "column_sets")
         if int(s.min()) < 0 or int(s.max()) >= d:
             raise PruningInputError(f"{what}[{i}]: column indices must lie in [0, {d}), got "
                                     f"[{int(s.min())}, {int(s.max())}]")
+        if torch.unique(s).numel() != s.numel():
+            raise PruningInputError(f"{what}[{i}]: a column is listed twice in one set")
         out.append(s)
     return out
 
@@ -61,11 +63,13 @@ def column_saliency(W: torch.Tensor, H: torch.Tensor, column_sets: Sequence[torc
         row_weights.to(device=W.device, dtype=torch.float64).reshape(-1)
     if s.numel() != W.shape[0]:
         raise PruningInputError(f"row_weights: expected {W.shape[0]} entries (one per row of W), got {s.numel()}")
+    if bool((s < 0).any()):
+        raise PruningInputError("row_weights: must be non-negative (loss sensitivities)")
     Wd = W.detach().to(torch.float64)
     if compensate:
         M = (hinv if hinv is not None else inverse_factor(H, rel_damp).hinv).to(torch.float64)
     else:
-        check_finite(H)
+        check_curvature(H)
         M = H.to(torch.float64)
     out = torch.empty(len(sets), dtype=torch.float64, device=W.device)
     by_size: dict[int, list[int]] = {}
@@ -150,6 +154,15 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
             if c.numel() and (int(c.min()) < 0 or int(c.max()) >= W.shape[1]):
                 raise PruningInputError(f"layers[{i}]: column set {j} must lie in [0, {W.shape[1]}), got "
                                         f"[{int(c.min())}, {int(c.max())}]")
+            if torch.unique(c).numel() != c.numel():
+                raise PruningInputError(f"layers[{i}]: column set {j} lists a column twice")
+        if s is not None:
+            s = torch.as_tensor(s).reshape(-1)
+            if s.numel() != W.shape[0] or bool((s < 0).any()):
+                raise PruningInputError(f"layers[{i}]: row weights must be {W.shape[0]} non-negative values "
+                                        f"(one per row of W), got {s.numel()}")
+    if n_units == 0:
+        return [], torch.zeros(0, dtype=torch.float64)
     if not compensate:
         return _greedy_uncompensated(layers, n_units, progress)
     state = []
@@ -317,7 +330,7 @@ def _greedy_uncompensated(layers, n_units, progress):
 
     state = []
     for W, H, sets, s in layers:
-        check_finite(H)
+        check_curvature(H)
         Wd = W.detach().to(torch.float64)
         Hd = H.to(torch.float64)
         w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
