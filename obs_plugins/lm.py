@@ -25,8 +25,12 @@ def causal_lm_loss(output, batch) -> torch.Tensor:
     targets = ids[:, 1:]
     mask = batch.get("attention_mask") if hasattr(batch, "get") else None
     if torch.is_tensor(mask) and mask.shape == ids.shape and not bool(mask.bool().all()):
-        # a padded position is no target (as labels=-100 makes it); a pad id would otherwise be predicted
-        targets = targets.masked_fill(~mask[:, 1:].bool(), -100)
+        # a target counts when it is a real token predicted from a real one (right padding: pads are no targets;
+        # left padding: the first real token has only a pad before it)
+        real = mask[:, 1:].bool() & mask[:, :-1].bool()
+        if not bool(real.any()):
+            return logits.sum() * 0.0   # nothing to predict in this batch (not NaN)
+        targets = targets.masked_fill(~real, -100)
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                              targets.reshape(-1), ignore_index=-100)
 

@@ -120,7 +120,7 @@ def allocate_global(saliency: dict[str, torch.Tensor], prior: dict[str, torch.Te
     rest = k_total - sum(lo.values())
     if rest:
         order = torch.sort(torch.cat(free_vals), stable=True).indices[:rest]
-        owner = torch.cat(free_owner)[order]
+        owner = torch.cat(free_owner)[order.cpu()]   # saliencies on a CUDA model: indices back to the CPU
         for i, c in zip(*torch.unique(owner, return_counts=True)):
             counts[keys[int(i)]] += int(c)
     return counts
@@ -220,11 +220,18 @@ class PrunePlan:
         from torch.nn.utils import prune  # part of torch
 
         from torch.nn.utils import parametrize
+
+        from .targets import gated
         for e in self.entries.values():  # validate everything before the first write
             shape = e.target.orig().shape
             if (e.new_weight is not None and e.new_weight.shape != shape) or tuple(e.mask.shape) != tuple(shape):
                 raise PruningInputError(f"plan for {e.target.key}: stale shape (the tensor is "
                                         f"{tuple(shape)} now); plan again")
+            if gated(e.target.module, e.target.name):   # reading is fine (a plan of w x gate); writing is lost
+                raise PruningInputError(
+                    f"params: {e.target.key} is gated by a running Continuous Sparsification / BiP search (its "
+                    "value is weight x gate, recomputed on every read, so the plan written to it would be lost); "
+                    "call the search's finish() first")
             if reparametrize and parametrize.is_parametrized(e.target.module, e.target.name):
                 raise PruningInputError(f"reparametrize: {e.target.key} is parametrized (a torch.ao sparsifier's "
                                         "FakeSparsity?), which torch.nn.utils.prune masks cannot wrap; prune it "

@@ -158,6 +158,8 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
             # the stored tensor: under a parametrization (torch.ao prepare) ``module.<name>`` is a fresh product
             # on every access, and freed temporaries reuse memory, so two tensors could share an address
             t = Target("", module, name).orig()
+            if gated(module, name):   # a CS / BiP gate computes w x gate afresh on every read: the stored tensor
+                t = module.parametrizations[name].original
             span = _span(t)
             for j, other in storages.get(span[0], ()):
                 if _overlap(span, other):   # also a transposed view of the same memory (a tied autoencoder)
@@ -174,32 +176,48 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
 
 
 def _span(t: torch.Tensor) -> tuple:
-    """``(storage address, first byte, end byte)`` of the memory ``t`` covers: two tensors that overlap share
-    values, whatever their shapes or strides (``dec.weight = nn.Parameter(enc.weight.t())``)."""
+    """``(storage address, first byte, end byte, layout)`` of the memory ``t`` covers: two tensors that share an
+    element share values, whatever their shapes or strides (``dec.weight = nn.Parameter(enc.weight.t())``)."""
     size = t.element_size()
     start = t.storage_offset() * size
+    layout = (tuple(t.shape), tuple(t.stride()), t.storage_offset(), size)
     if t.numel() == 0:
-        return (t.untyped_storage().data_ptr(), start, start)
+        return (t.untyped_storage().data_ptr(), start, start, layout)
     extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
-    return (t.untyped_storage().data_ptr(), start, start + extent * size)
+    return (t.untyped_storage().data_ptr(), start, start + extent * size, layout)
+
+
+def _offsets(layout) -> torch.Tensor:
+    """Every element's byte offset in the storage (for views whose byte ranges interleave)."""
+    shape, stride, offset, size = layout
+    idx = torch.zeros((), dtype=torch.long)
+    for n, st in zip(shape, stride):
+        idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.long) * st
+    return ((idx.reshape(-1) + offset) * size).unique()
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+    if not (a[0] == b[0] and a[1] < b[2] and b[1] < a[2]):
+        return False
+    if a[3] == b[3]:
+        return True
+    # the byte ranges interleave: disjoint column blocks of one fused tensor share no element
+    return bool(torch.isin(_offsets(a[3]), _offsets(b[3])).any())
 
 
 def _check_stored(module: nn.Module, name: str, i: int) -> None:
-    """``module.<name>`` must be a tensor a plan can write: a parameter, torch.nn.utils.prune's ``<name>_orig``, or
-    one under torch.ao's FakeSparsity (or this library's own gates).  A weight *computed* from other tensors --
+    """``module.<name>`` must be a tensor a plan can write: a parameter (or buffer), torch.nn.utils.prune's
+    ``<name>_orig``, or one under torch.ao's FakeSparsity (not while a CS / BiP search gates it).  A weight *computed* from other tensors --
     ``parametrizations.weight_norm`` / ``spectral_norm``, any other parametrization, the old hook-based
     ``torch.nn.utils.weight_norm`` -- would take the plan's values into a temporary and drop them."""
     from torch.nn.utils import parametrize
     kind = type(module).__name__
-    if name in module._parameters or name + "_orig" in module._parameters:
+    if name in module._parameters or name + "_orig" in module._parameters or name in module._buffers:
         return
     if parametrize.is_parametrized(module, name):
         from torch.ao.pruning.sparsifier.utils import FakeSparsity
-        other = [type(p).__name__ for p in module.parametrizations[name]
+        plist = module.parametrizations[name]
+        other = [type(p).__name__ for p in plist
                  if not isinstance(p, FakeSparsity) and not getattr(p, "_obs_plugins_gate", False)]
         if not other:
             return
@@ -207,10 +225,19 @@ def _check_stored(module: nn.Module, name: str, i: int) -> None:
             f"params[{i}]: {kind}.{name} is computed by a parametrization ({', '.join(other)}), so a pruned value "
             f"written to it would be lost; remove it first (torch.nn.utils.parametrize.remove_parametrizations("
             f"module, {name!r})) and re-apply it after pruning if needed")
-    raise PruningInputError(
-        f"params[{i}]: {kind}.{name} is not a parameter of the module (it is computed, e.g. by the old "
-        f"torch.nn.utils.weight_norm hook), so a pruned value written to it would be lost; remove that "
-        f"reparametrization first (torch.nn.utils.remove_weight_norm)")
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == name]
+    if hooks:   # the old hook-based weight_norm / spectral_norm recompute it before every forward
+        raise PruningInputError(
+            f"params[{i}]: {kind}.{name} is recomputed before every forward by a {hooks[0]} hook (the old "
+            f"torch.nn.utils.weight_norm / spectral_norm), so a pruned value written to it would be lost; remove "
+            f"that reparametrization first (torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+
+
+def gated(module: nn.Module, name: str) -> bool:
+    """A running Continuous Sparsification / BiP search gates ``module.<name>`` (its value is weight x gate)."""
+    if "parametrizations" not in module._modules or not hasattr(module.parametrizations, name):
+        return False
+    return any(getattr(p, "_obs_plugins_gate", False) for p in module.parametrizations[name])
 
 
 def check_targets(targets: list[Target]) -> None:

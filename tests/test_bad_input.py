@@ -420,8 +420,8 @@ def test_a_computed_weight_is_refused_not_silently_left_dense(wrap):
     model = nn.Sequential(lin, nn.ReLU(), nn.Linear(6, 3)).eval()
     before = copy.deepcopy(model.state_dict())
     batches = [torch.randn(16, 8) for _ in range(2)]
-    with pytest.raises(PruningInputError, match=r"^params\[0\]: .*weight is (computed by a parametrization|not a "
-                                                r"parameter).*would be lost"):
+    with pytest.raises(PruningInputError, match=r"^params\[0\]: .*weight is (computed by a parametrization|"
+                                                r"recomputed before every forward).*would be lost"):
         Curvature.layerwise(model, [(lin, "weight")], batches, progress=False)
     from obs_plugins.methods.magnitude import MagnitudeConfig
     with pytest.raises(PruningInputError, match=r"^targets\[0\]: .*would be lost"):
@@ -490,3 +490,45 @@ def test_multihead_attention_out_proj_is_explained():
     with pytest.raises(PruningInputError, match=r"^params: layer mha.out_proj.weight saw no input .*"
                                                 r"F.multi_head_attention_forward"):
         Curvature.layerwise(net, [(mha.out_proj, "weight")], [torch.randn(2, 3, 8)], progress=False)
+
+
+def test_views_of_one_fused_tensor_that_share_no_element_are_two_tensors():
+    """Disjoint column blocks of one weight interleave in memory without sharing an element."""
+    from obs_plugins.targets import resolve_targets
+    fused = torch.randn(4, 8)
+    a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    a.weight, b.weight = nn.Parameter(fused[:, :4]), nn.Parameter(fused[:, 4:])
+    assert len(resolve_targets(nn.Sequential(a, b), [(a, "weight"), (b, "weight")])) == 2
+    c = nn.Linear(4, 4, bias=False)
+    c.weight = nn.Parameter(fused[:, 2:6])    # overlaps both
+    with pytest.raises(PruningInputError, match="same tensor"):
+        resolve_targets(nn.Sequential(a, c), [(a, "weight"), (c, "weight")])
+
+
+def test_a_weight_held_as_a_buffer_or_plain_tensor_is_pruned():
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    for how in ("buffer", "attribute"):
+        lin = nn.Linear(8, 8)
+        w = lin.weight.detach().clone()
+        del lin.weight
+        if how == "buffer":
+            lin.register_buffer("weight", w)
+        else:
+            lin.weight = w
+        api.prune(MagnitudeConfig(), targets=[(lin, "weight")], amount=0.5)
+        assert int((lin.weight == 0).sum()) == 32
+
+
+def test_a_running_search_cannot_be_planned_over():
+    """api.prune on a gated weight wrote into weight x gate (a temporary) and reported 50%."""
+    from obs_plugins import ContinuousSparsifier
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    from obs_plugins.targets import resolve_targets
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    params = [(model[0], "weight"), (model[2], "weight")]
+    cs = ContinuousSparsifier(model, params)
+    targets = resolve_targets(model, params)      # reading is fine
+    assert [t.current().shape for t in targets] == [torch.Size([8, 8]), torch.Size([4, 8])]
+    with pytest.raises(PruningInputError, match="gated by a running Continuous Sparsification / BiP search"):
+        api.prune(MagnitudeConfig(), targets=targets, amount=0.5)
+    cs.finish()

@@ -650,3 +650,14 @@ def test_output_sensitivity_of_an_unbatched_conv2d_equals_the_batched_one():
     get = lambda b: Curvature.layerwise(nn.Sequential(conv), [(conv, "weight")], [(b, torch.zeros(1))],  # noqa
                                         loss_fn=sq, progress=False).output_sensitivity()["0.weight"]
     torch.testing.assert_close(get(x), get(x.unsqueeze(0)), rtol=1e-6, atol=1e-9)
+
+
+def test_batch_size_of_outputs_without_logits():
+    """A dict / ModelOutput without logits (BertModel's) counted as batch 1, mis-scaling per-sample sensitivity."""
+    from collections import OrderedDict
+
+    from obs_plugins.curvature.core import _leading_dim
+    h = torch.zeros(4, 3, 2)
+    assert _leading_dim({"last_hidden_state": h, "pooler_output": torch.zeros(4, 2)}) == 4
+    assert _leading_dim(OrderedDict(logits=torch.zeros(5, 2), hidden=h)) == 5
+    assert _leading_dim((h,)) == 4 and _leading_dim(h) == 4 and _leading_dim(torch.tensor(1.0)) == 1

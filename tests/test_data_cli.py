@@ -151,7 +151,7 @@ def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsy
     (["--threads", "-1"], "--threads"), (["--hidden", "64", "0"], "--hidden"), (["--epsilon", "-1"], "--epsilon"),
     (["--l1", "-0.1"], "--l1"), (["--tolerance", "-0.01"], "--tolerance"), (["--step", "0"], "--step"),
     (["--step", "1e-9"], "--step"), (["--report", __file__ + "/r"], "--report"),
-    (["--report", "."], "--report"), (["--save-model", __file__ + "/m.pt"], "--save-model")])
+    (["--report", "runs/"], "--report"), (["--save-model", __file__ + "/m.pt"], "--save-model")])
 def test_limit_refuses_every_bad_flag_before_loading_or_training(args, flag, capsys, monkeypatch):
     _no_load(monkeypatch)
     assert main(["limit", "--quiet"] + args) == 2
@@ -221,3 +221,22 @@ def test_a_missing_asset_is_a_clean_cli_error(monkeypatch, capsys):
     assert main(["limit", "--quiet", "--no-sweep"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("obs-prune: error: ") and "Traceback" not in err
+
+
+def test_check_writable_known_answers(tmp_path):
+    from obs_plugins.errors import PruningInputError, check_writable
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "f.json").write_text("{}")
+    check_writable(tmp_path / "runs", "--report", folder=False, stem=True)     # writes runs.json beside it
+    check_writable(tmp_path / "f.json", "--json", folder=False)               # an existing file is overwritten
+    check_writable(tmp_path / "new" / "deeper", "--save", folder=True)
+    for path, kw in ((str(tmp_path / "new") + "/", {"folder": False}), (tmp_path / "runs", {"folder": False}),
+                     (tmp_path / "f.json", {"folder": True}), (tmp_path / "f.json" / "x", {"folder": False})):
+        with pytest.raises(PruningInputError, match="^--x: "):
+            check_writable(path, "--x", **kw)
+
+
+def test_a_tilde_in_a_flag_value_is_the_home_folder(monkeypatch, tmp_path):
+    from obs_plugins.cli import user_path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert user_path("~/r.json") == str(tmp_path / "r.json") and user_path("a/~b") == "a/~b"

@@ -115,3 +115,88 @@ def test_two_process_gloo_equals_single_process(tmp_path):
             assert err < (1e-4 if k.startswith("Finvdiag") else 1e-6), (rank, k, err)
     assert int(single["n/conv.weight"]) == 12 * 4  # 4 batches x 3 images x 2x2 output positions
     assert int(single["Fn-woodbury/proj.weight"]) == 12
+
+
+# ---- loss, gradient, HVP, output sensitivity and plans over uneven splits (fifteenth session: they were
+# computed per process, so a global-allocation plan differed from rank to rank)
+SIZES = (3, 5, 2, 4)          # batch sizes; rank 0 gets the first three batches, rank 1 the last
+SPLITS = ((0, 1, 2), (3,))
+
+
+def stats_problem():
+    torch.manual_seed(0)
+    model = Net()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in SIZES]
+    return model, batches
+
+
+def stats(model, batches) -> dict:
+    from obs_plugins import OBSIHTConfig, api
+    params = [(model.conv, "weight"), (model.proj, "weight"), (model.head, "weight")]
+    curv = Curvature.layerwise(model, params, batches, loss_fn=loss_fn, sequential=False, progress=False)
+    out = {"loss": torch.tensor(curv.loss(), dtype=torch.float64)}
+    loss, grads = curv.loss_and_grad()
+    out["loss2"] = torch.tensor(loss, dtype=torch.float64)
+    out.update({f"g/{k}": v for k, v in grads.items()})
+    g = torch.Generator().manual_seed(5)
+    vec = {t.key: torch.randn(t.current().shape, generator=g) for t in curv.targets}
+    out.update({f"hvp/{k}": v for k, v in curv.hvp(vec).items()})
+    for per_sample in (False, True):
+        out.update({f"s{int(per_sample)}/{k}": v for k, v in curv.output_sensitivity(per_sample=per_sample).items()})
+    plan = api.plan(OBSIHTConfig(allocation="global", progress=False), curvature=curv, amount=0.6)
+    out.update({f"mask/{k}": e.mask for k, e in plan.entries.items()})
+    out.update({f"w/{k}": e.new_weight for k, e in plan.entries.items()})
+    return out
+
+
+def _stats_worker(rank: int, port: int, outdir: str, splits):
+    torch.set_num_threads(1)
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    model, batches = stats_problem()
+    mine = [batches[i] for i in splits[rank]]
+    try:
+        res = stats(model, mine)
+    except Exception as e:   # noqa: BLE001 -- the parent checks which error each rank got
+        res = {"error": f"{type(e).__name__}: {e}"}
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(worker, tmp_path, *args):
+    import torch.multiprocessing as mp
+    ctx = mp.spawn(worker, args=(_free_port(), str(tmp_path), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail("distributed workers did not finish in 120 s")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_loss_gradient_hvp_sensitivity_and_a_global_plan_over_uneven_splits(tmp_path):
+    got = _spawn(_stats_worker, tmp_path, SPLITS)
+    single = stats(*stats_problem())
+    for res in got:
+        assert "error" not in res, res.get("error")
+        for k, ref in single.items():
+            v = res[k]
+            if k.startswith("mask/"):
+                assert torch.equal(v, ref), k
+            else:
+                err = float((v.double() - ref.double()).norm() / max(float(ref.double().norm()), 1e-30))
+                assert err < 2e-5, (k, err)
+    for k in single:   # the same plan on every process, bit for bit
+        assert torch.equal(got[0][k], got[1][k]), k
+
+
+def test_a_process_without_batches_stops_every_process(tmp_path):
+    got = _spawn(_stats_worker, tmp_path, ((0, 1, 2, 3), ()))
+    assert got[1]["error"] == "PruningInputError: batches: no calibration batches given"
+    assert got[0]["error"].startswith("PruningInputError: batches: 1 other process(es) refused their input")

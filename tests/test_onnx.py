@@ -295,7 +295,7 @@ def test_cli_export_minilm(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, flag", [(["--runs", "0"], "--runs"), (["--threads", "0"], "--threads"),
                                         (["--budget", "0"], "--budget"), (["--atol", "-1"], "--atol"),
-                                        (["--report", "{tmp}"], "--report"), (["--report", "{file}/r"], "--report"),
+                                        (["--report", "{tmp}/"], "--report"), (["--report", "{file}/r"], "--report"),
                                         (["{file}/m.onnx"], "output"), (["{tmp}"], "output")])
 def test_cli_export_refuses_bad_flags_before_loading(args, flag, tmp_path, monkeypatch, capsys):
     from obs_plugins import data

@@ -1073,3 +1073,17 @@ def test_default_selection_leaves_peft_lora_adapters_dense():
     q.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(4, 32, bias=False)})
     keys = [t.key for t in hf.select_targets(model, PruningConfig())]
     assert len(keys) == 14 and not any("lora_" in k for k in keys)
+
+
+def test_causal_lm_loss_with_left_padding_scores_only_real_to_real_predictions():
+    from obs_plugins.lm import causal_lm_loss
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    out = type("O", (), {"logits": logits})()
+    got = causal_lm_loss(out, {"input_ids": ids, "attention_mask": mask})
+    real = torch.cat([logits[0, :4], logits[1, 2:4]])
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(real, torch.tensor([2, 3, 4, 5, 7, 8])))
+    none = causal_lm_loss(out, {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 0, 0, 0]] * 2)})
+    assert float(none) == 0.0 and none.requires_grad

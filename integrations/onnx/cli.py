@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from obs_plugins.cli import user_path
 from obs_plugins.errors import PruningInputError, check_writable
 
 from .export import export
@@ -14,7 +15,7 @@ from .verify import verify
 
 def add_export_arguments(p) -> None:
     """The `obs-prune export` options, added to the argparse parser ``p``."""
-    p.add_argument("output", nargs="?", default="obs_export/model.onnx", help="ONNX file to write")
+    p.add_argument("output", nargs="?", default="obs_export/model.onnx", type=user_path, help="ONNX file to write")
     p.add_argument("--model", default="minilm", choices=["minilm", "smollm2"], help="packaged model (default minilm)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of Linear weights to prune (default 0.5)")
     p.add_argument("--method", default="magnitude", choices=["magnitude", "wanda", "obs_iht"],
@@ -31,7 +32,7 @@ def add_export_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     p.add_argument("--atol", type=float, default=5e-3,
                    help="output tolerance, abs (default 5e-3: fp32 through 30 SmolLM2 blocks drifts ~2e-3)")
-    p.add_argument("--report", help="write the report here (.md and .json beside it)")
+    p.add_argument("--report", type=user_path, help="write the report here (.md and .json beside it)")
 
 
 def _calib_batches(tok, n=8, seq_len=128):
@@ -60,7 +61,7 @@ def run_export_cli(args) -> int:
             raise PruningInputError(f"--budget / --atol: must be > 0, got {args.budget} / {args.atol}")
         check_writable(args.output, "output", folder=False)
         if args.report:
-            check_writable(args.report, "--report", folder=False)
+            check_writable(args.report, "--report", folder=False, stem=True)
         torch.manual_seed(0)
         model, tok = load_minilm() if args.model == "minilm" else load_smollm2()
         model.eval()

@@ -63,7 +63,8 @@ def masking_rows(mask: torch.Tensor | None):
 
 def _real_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``rows`` of a Linear / Conv1D input ``x`` without the padded positions of the running batch (if any): for
-    inputs shaped (batch, tokens, features) like the mask, or flattened to (batch * tokens, features)."""
+    inputs shaped (batch, tokens, features) like the mask, or flattened batch-major to (batch * tokens, features)
+    (``h.view(-1, d)`` of a (batch, tokens, d) tensor, as Hugging Face MoE routers take it)."""
     m = _ROW_MASK.get()
     if m is None:
         return rows

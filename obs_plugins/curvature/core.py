@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, batch_loss, default_forward, move
+from .distributed import all_reduce_sums, process_group, raise_together
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs_over,
                       collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
                       run_block_until)
@@ -22,8 +23,11 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _leading_dim(out) -> int:
-    """Batch size of a model output (a tensor, a tuple, or a Hugging Face ``ModelOutput`` with ``logits``)."""
+    """Batch size of a model output (a tensor, a tuple, a dict, or a Hugging Face ``ModelOutput``: its ``logits``,
+    else its first tensor)."""
     t = out if torch.is_tensor(out) else getattr(out, "logits", None)
+    if t is None and isinstance(out, Mapping):   # a dict / ModelOutput without logits: its first tensor
+        t = next((v for v in out.values() if torch.is_tensor(v)), None)   # (BertModel: last_hidden_state)
     if t is None and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
         t = out[0]
     return int(t.shape[0]) if torch.is_tensor(t) and t.dim() else 1
@@ -52,6 +56,15 @@ def _pruned_attributes(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
                 name = pname[:-5]
                 out.append((module, name, module.__dict__.get(name, _ABSENT)))
     return out
+
+
+def _rows(batches) -> list[float]:
+    """Each batch's sample count (1 per batch where it cannot be read): the weights of a mean over samples."""
+    from .fisher import batch_rows
+    try:
+        return [float(batch_rows(b)) for b in batches]
+    except PruningInputError:
+        return [1.0] * len(batches)
 
 
 def _batch_weights(batches) -> list[float] | None:
@@ -154,8 +167,7 @@ class Curvature:
             if t.name != "weight":
                 raise PruningInputError(f"params[{i}]: {t.key} is not a layer weight; layer curvature (the input Gram) "
                                         "is for the weights of Linear / Conv2d / Conv1D layers (leave biases out)")
-        if not curv.batches:
-            raise PruningInputError("batches: no calibration batches given")
+        raise_together(PruningInputError("batches: no calibration batches given") if not curv.batches else None)
         check_targets(curv.targets)
         check_tied(model, curv.targets)
         curv.dtype, curv.progress = dtype, progress
@@ -425,12 +437,17 @@ class Curvature:
         self._need_loss("loss")
         batches = self.batches if batches is None else list(batches)
         total = 0.0
+        group = process_group()   # several processes: the mean over every process's samples
+        rows = _rows(batches) if group is not None else None
         w = _batch_weights(batches)
         with self._eval_mode(), self._weights(overrides), self._mid_apply_attributes(), torch.no_grad():
             for i, b in enumerate(tqdm(batches, desc="loss", disable=not progress, leave=False)):
                 b = move(b, self.device)
                 v = float(batch_loss(self.loss_fn, self.forward_fn(self.model, b), b))
-                total += v if w is None else v * w[i]
+                total += v * rows[i] if rows is not None else (v if w is None else v * w[i])
+        if rows is not None:
+            total, count = all_reduce_sums([torch.tensor([total, sum(rows)], dtype=torch.float64)])[0].tolist()
+            return total / count if count else 0.0
         return total / max(len(batches), 1)
 
     def _grad_params(self):
@@ -467,7 +484,9 @@ class Curvature:
         batches = self.batches if batches is None else list(batches)
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
-        w = _batch_weights(batches)
+        group = process_group()   # several processes: the mean over every process's samples
+        rows = _rows(batches) if group is not None else None
+        w = rows if rows is not None else _batch_weights(batches)
         def cast():
             return (torch.autocast(self.device.type, dtype=compute_dtype) if compute_dtype is not None
                     else contextlib.nullcontext())
@@ -488,6 +507,15 @@ class Curvature:
                         grads[t.key].add_(g)
                     else:
                         grads[t.key] = g
+        if rows is not None:
+            for t in self.targets:   # a process without batches still takes part in the sum
+                grads.setdefault(t.key, torch.zeros_like(t.current(), dtype=torch.float32))
+            keys = [t.key for t in self.targets]
+            *summed, tot = all_reduce_sums([grads[k] for k in keys]
+                                           + [torch.tensor([total, sum(rows)], dtype=torch.float64)])
+            total, count = tot.tolist()
+            count = count or 1.0
+            return total / count, {k: g.div_(count) for k, g in zip(keys, summed)}
         n = max(len(batches), 1)
         if not grads:
             return 0.0, {t.key: torch.zeros_like(t.current(), dtype=torch.float32) for t in self.targets}
@@ -564,11 +592,19 @@ class Curvature:
         finally:
             for h in handles:
                 h.remove()
+        n = n_samples if per_sample else len(use)
+        if process_group() is not None:   # several processes: sums and counts over all of them
+            keys = list(acc)
+            *summed, extra = all_reduce_sums([acc[k] for k in keys] + [torch.tensor(
+                [float(n)] + [1.0 if seen[k] else 0.0 for k in keys], dtype=torch.float64)])
+            acc = dict(zip(keys, summed))
+            n = int(extra[0])
+            seen = {k: bool(extra[1 + j] > 0) for j, k in enumerate(keys)}
         missing = [k for k, v in seen.items() if not v]
         if missing:
             raise PruningInputError(f"curvature: layer {missing[0]} got no gradient from the loss (is it used by the "
                                     "forward pass and the loss?)")
-        n = max(n_samples if per_sample else len(use), 1)
+        n = max(n, 1)
         return {k: (v / n).float() for k, v in acc.items()}
 
     def hvp(self, vec: Mapping[str, torch.Tensor], batches: Iterable | None = None) -> dict[str, torch.Tensor]:
@@ -583,8 +619,9 @@ class Curvature:
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
                 self._only_targets_require_grad(), _double_backward_attention():
             params = self._grad_params()
-            vs = [vec[t.key].to(p.dtype) for t, p in zip(self.targets, params)]
-            w = _batch_weights(batches)
+            vs = [vec[t.key].to(device=p.device, dtype=p.dtype) for t, p in zip(self.targets, params)]
+            rows = _rows(batches) if process_group() is not None else None
+            w = rows if rows is not None else _batch_weights(batches)
             for i, b in enumerate(batches):
                 b = move(b, self.device)
                 loss = batch_loss(self.loss_fn, self.forward_fn(self.model, b), b)
@@ -593,6 +630,11 @@ class Curvature:
                 hv = torch.autograd.grad(dot, params)
                 for t, h in zip(self.targets, hv):
                     out[t.key].add_(h.float() if w is None else h.float() * w[i])
+        if rows is not None:   # several processes: the mean over every process's samples
+            keys = [t.key for t in self.targets]
+            *summed, cnt = all_reduce_sums([out[k] for k in keys] + [torch.tensor([sum(rows)], dtype=torch.float64)])
+            count = float(cnt) or 1.0
+            return {k: v / count for k, v in zip(keys, summed)}
         n = max(len(batches), 1)
         return {k: v / n for k, v in out.items()}
 

@@ -532,8 +532,8 @@ def collect_fisher(curv, *, block_size: int = 128, mode: str = "blocks", memory_
     total = sum(batch_rows(b) for b in batches)
     if num_samples is not None:
         total = min(total, num_samples)
-    if total == 0:
-        raise PruningInputError("batches: no samples for the Fisher")
+    from .distributed import raise_together
+    raise_together(PruningInputError("batches: no samples for the Fisher") if total == 0 else None)
     dist = _dist()
     if dist is not None and mode == "woodbury":  # stored gradients are those of all processes
         t = torch.tensor([total], dtype=torch.int64, device=curv.device)

@@ -119,8 +119,8 @@ def gate_quadratic(model: nn.Module, sites: dict, batches, *, n_gates: int | Non
     forward_fn = forward_fn or default_forward
     logits_fn = logits_fn or (lambda out, _b: _output_tensor(out))
     batches = list(batches)
-    if not batches:
-        raise PruningInputError("batches: empty")
+    from .distributed import raise_together
+    raise_together(PruningInputError("batches: empty") if not batches else None)
     if reference is not None and len(reference) != len(batches):
         raise PruningInputError(f"reference: one prediction tensor per batch ({len(batches)}), got {len(reference)}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

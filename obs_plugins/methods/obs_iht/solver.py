@@ -202,16 +202,19 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                                     "Curvature.layerwise(...)")
     if config.iterations > 1:
         curvature._need_loss("OBS-IHT iterations > 1")
-        if len(curvature.batches) < 2:
-            raise PruningInputError("curvature: iterations > 1 need at least 2 calibration batches "
-                                    "(gradient and held-out splits)")
+        from ...curvature.distributed import raise_together
+        error = None   # each process splits its own batches: all refuse together (or a collective would hang)
         n_grad = len(curvature.batches) - _n_holdout(len(curvature.batches), config)
-        if n_grad < 1:
-            raise PruningInputError(f"holdout_fraction: {config.holdout_fraction} of {len(curvature.batches)} "
-                                    "calibration batches leaves none for the gradient; lower it or add batches")
-        if config.grad_subsets > max(n_grad, 1):
-            raise PruningInputError(f"grad_subsets: {config.grad_subsets} subsets of {n_grad} gradient batches "
-                                    "would leave one empty; use at most that many")
+        if len(curvature.batches) < 2:
+            error = PruningInputError("curvature: iterations > 1 need at least 2 calibration batches "
+                                      "(gradient and held-out splits)")
+        elif n_grad < 1:
+            error = PruningInputError(f"holdout_fraction: {config.holdout_fraction} of {len(curvature.batches)} "
+                                      "calibration batches leaves none for the gradient; lower it or add batches")
+        elif config.grad_subsets > max(n_grad, 1):
+            error = PruningInputError(f"grad_subsets: {config.grad_subsets} subsets of {n_grad} gradient batches "
+                                      "would leave one empty; use at most that many")
+        raise_together(error)
     W0, prior = {}, {}
     for t in targets:
         W0[t.key] = _work(to_2d(t.module, t.current()))

@@ -167,9 +167,12 @@ def greedy_removal(layers: Sequence[tuple], n_units: int, *, rel_damp: float = 1
         return _greedy_uncompensated(layers, n_units, progress)
     state = []
     for W, H, sets, s in layers:
-        M = inverse_factor(H, rel_damp).hinv.to(torch.float64)
-        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
-        state.append([W.detach().to(torch.float64).clone(), M, [torch.as_tensor(c, dtype=torch.long) for c in sets],
+        # the greedy bookkeeping runs on the CPU in float64 (its score vectors are small): a CUDA layer mixed
+        # CPU totals with device saliencies
+        M = inverse_factor(H, rel_damp).hinv.to(device="cpu", dtype=torch.float64)
+        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to("cpu", torch.float64).reshape(-1)
+        state.append([W.detach().to("cpu", torch.float64).clone(), M,
+                      [torch.as_tensor(c, dtype=torch.long).cpu() for c in sets],
                       w])
     if all(len(c) == 1 for _, _, sets, _ in state for c in sets):
         return _greedy_single_columns(state, n_units, progress)
@@ -331,9 +334,9 @@ def _greedy_uncompensated(layers, n_units, progress):
     state = []
     for W, H, sets, s in layers:
         check_curvature(H)
-        Wd = W.detach().to(torch.float64)
-        Hd = H.to(torch.float64)
-        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to(torch.float64).reshape(-1)
+        Wd = W.detach().to("cpu", torch.float64)   # CPU bookkeeping, as in greedy_removal
+        Hd = H.to("cpu", torch.float64)
+        w = torch.ones(W.shape[0], dtype=torch.float64) if s is None else s.to("cpu", torch.float64).reshape(-1)
         sets = [torch.as_tensor(c, dtype=torch.long) for c in sets]
         own = torch.zeros(n_units, dtype=torch.float64)  # each unit's own term, fixed
         for u, P in enumerate(sets):
