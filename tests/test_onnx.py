@@ -526,3 +526,63 @@ def test_left_padded_causal_lm_is_compared_at_the_real_tokens(tmp_path):
         other.lm_head.weight.mul_(1.5)
     with pytest.raises(ox.VerificationError, match="differs from PyTorch"):
         ox.verify(res, other, {"input_ids": ids, "attention_mask": mask}, bench=False)
+
+
+# ---- fifteenth session's review
+def test_a_pruned_weight_shared_with_a_dense_module_stays_dense_there():
+    """prune.remove wrote orig * mask into the shared Parameter: the copy's other module computed with the zeros
+    (a tied lm_head pruned, the embedding masked too)."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b).eval()
+    prune.l1_unstructured(a, "weight", amount=0.5)
+    x = torch.randn(4, 8)
+    cp = ox.baked_copy(model)
+    with torch.no_grad():
+        assert torch.equal(cp(x), model(x))
+    assert int((cp[2].weight == 0).sum()) == 0 and int((cp[0].weight == 0).sum()) == 32
+    assert not hasattr(cp[0], "weight_orig") and not cp[0]._forward_pre_hooks
+
+
+def test_parametrizations_are_baked_in_eval_mode():
+    """spectral_norm's power iteration ran when the copy was baked in train mode: the file differed by 2.6."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():   # a training step moved W: the stored power-iteration vectors are stale
+        model[0].parametrizations.weight.original.mul_(torch.randn(8, 8))
+    model.train()
+    x = torch.randn(4, 8)
+    cp = ox.baked_copy(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(cp(x), model(x), atol=1e-6)
+
+
+def test_verify_takes_an_export_result_as_the_baseline_and_counts_every_masked_tensor(tmp_path):
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean(-1))
+
+    model = Net().eval()
+    x = torch.randn(2, 4, 16)
+    dense = ox.export(model, (x,), tmp_path / "dense.onnx", sparse_kernel="off")
+    prune.l1_unstructured(model.conv, "weight", amount=0.9)
+    res = ox.export(model, (x,), tmp_path / "m.onnx", sparse_kernel="off")
+    rep = ox.verify(res, model, (x,), batch_sizes=[2], runs=3, warmup=0, baseline=dense, raise_on_fail=False)
+    assert rep.ok
+    row = next(s for s in rep.sparsity if s["param"] == "conv.weight")
+    assert row["layer"] and row["model_sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_sparse_storage_with_external_data_is_refused(tmp_path):
+    with pytest.raises(PruningInputError, match="^sparse_storage: "):
+        ox.export(_mlp(), torch.randn(2, 30), tmp_path / "m.onnx", sparse_storage=True, external_data=True)

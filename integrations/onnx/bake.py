@@ -24,7 +24,7 @@ def baked_copy(model: nn.Module) -> nn.Module:
 
     After a forward pass in grad mode a pruned module's ``weight`` is a non-leaf tensor that ``deepcopy``
     refuses; we hand ``deepcopy`` detached stand-ins for those attributes through its memo (they are
-    recomputed from ``<name>_orig * <name>_mask`` by ``prune.remove`` anyway).
+    recomputed from ``<name>_orig * <name>_mask`` anyway).
     """
     memo = {}
     for m in model.modules():
@@ -36,11 +36,21 @@ def baked_copy(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         cp = copy.deepcopy(model, memo)
     for m in cp.modules():
-        for h in _prune_hooks(m):
+        for hid, h in list(m._forward_pre_hooks.items()):
+            if not isinstance(h, prune.BasePruningMethod):
+                continue
             for name in _hook_names(h):
-                prune.remove(m, name)
+                # not prune.remove: it writes orig * mask into the <name>_orig Parameter object itself, which
+                # another module may share (a tied embedding): that one would then compute with the zeros too
+                with torch.no_grad():
+                    value = (m._parameters[name + "_orig"] * m._buffers[name + "_mask"]).detach().clone()
+                del m._parameters[name + "_orig"]
+                del m._buffers[name + "_mask"]
+                m.__dict__.pop(name, None)
+                m.register_parameter(name, nn.Parameter(value))
+            del m._forward_pre_hooks[hid]
+    cp.eval()   # before the parametrizations are evaluated (spectral_norm's power iteration runs in train mode)
     _bake_parametrizations(cp)
-    cp.eval()
     for p in cp.parameters():
         p.requires_grad_(False)
     return cp

@@ -77,6 +77,10 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
     if external_data == "auto":
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         external_data = size > EXTERNAL_DATA_BYTES
+    if external_data and sparse_storage:   # onnx keeps sparse_initializer values inside the .onnx file
+        raise PruningInputError("sparse_storage: COO weights stay inside the .onnx file, so with external data "
+                                "(a model over 2 GiB, or external_data=True) they would still hit the 2 GiB limit; "
+                                "use one or the other")
     t0 = time.perf_counter()
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -204,7 +208,9 @@ def _hash(a: np.ndarray) -> str:
 def load_proto(model):
     """An ``onnx.ModelProto`` as given, or loaded from a path."""
     import onnx
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(os.fspath(getattr(model, "path", model)))   # a path, or an ExportResult
 
 
 def sparse_kernel_of(path) -> str | None:

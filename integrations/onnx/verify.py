@@ -89,9 +89,17 @@ def check_outputs(route, got, ref, atol, rtol, token_mask=None) -> list[dict]:
 def layer_weight_names(model: nn.Module) -> set[str]:
     """State-dict names of the weights pruning acts on (Linear, Conv2d, Hugging Face Conv1D): what the report
     calls the pruned weights (an embedding's zero padding row is not pruning)."""
+    from torch.nn.utils import parametrize, prune
+
     from obs_plugins.targets import is_hf_conv1d
-    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)}
+    names = {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(m)}
+    for n, m in model.named_modules():   # whatever else carries a pruning mask (MultiheadAttention.in_proj_weight)
+        p = f"{n}." if n else ""
+        names |= {p + h._tensor_name for h in m._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)}
+        if parametrize.is_parametrized(m):
+            names |= {p + k for k in m.parametrizations.keys()}
+    return names
 
 
 def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tuple[list[dict], list[str]]:
@@ -103,14 +111,18 @@ def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tupl
     proto = load_proto(onnx_path)            # read once for the sparsity and the parameter map
     onnx_sp, pmap = onnx_weight_sparsity(proto), param_map_of(proto)
     del proto
+    csr = {}
     if sparse_kernel_path:
         for k, v in onnx_weight_sparsity(sparse_kernel_path).items():
             if v["storage"] == "csr":
-                onnx_sp.setdefault(sparse_input_stem(k), v)
+                csr[sparse_input_stem(k)] = v
     by_param = {}
     for oname, (pname, _tr) in pmap.items():
         if oname in onnx_sp:
             by_param.setdefault(pname, []).append((oname, onnx_sp[oname]["sparsity"]))
+        if oname in csr:   # the sparse-kernel file's CSR arrays must keep the zeros too
+            by_param.setdefault(pname, []).append((f"{oname} (CSR, {os.path.basename(str(sparse_kernel_path))})",
+                                                   csr[oname]["sparsity"]))
     # the parameter map keeps one name per value: a weight shared by two modules (or equal to another) is held
     # by the initializer its twin maps to
     value = {pname: _hash(w.detach().cpu().float().numpy()) for pname, w in eff.items() if w.dim() >= 2}
@@ -138,8 +150,10 @@ def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tupl
         if not ok:
             failures.append(
                 f"sparsity did not survive for {pname!r}: {ms:.1%} zeros in the model, " +
-                ("no ONNX initializer holds this weight (the file was exported from a different model, or the "
-                 "model changed after export)" if osp is None else f"{osp:.1%} in ONNX initializer {hits[0][0]!r}"))
+                ("no ONNX initializer holds this weight as it is, so its zeros cannot be checked (the exporter may "
+                 "have folded it into another constant, e.g. W * scale; or the file comes from a different model, "
+                 "or the model changed after export)" if osp is None
+                 else f"{osp:.1%} in ONNX initializer {min(hits, key=lambda h: h[1])[0]!r}"))
     return sparsity, failures
 
 
@@ -225,7 +239,7 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
             bpath = os.path.join(tmp.name, "dense.onnx")
             export(baseline, repeat_to_batch(inputs, max(b0, 2)), bpath, sparse_kernel="off")
         else:
-            bpath = str(baseline)
+            bpath = os.fspath(getattr(baseline, "path", baseline))   # a path, or an ExportResult
         routes = {"dense": OrtRunner(bpath, threads), **runners}
         base_name = "dense"
     latency, best = {}, {}
