@@ -237,9 +237,13 @@ class OBSImportance(tp.importance.Importance):
             cols = {r: c for r, c in _columns_by_root(module, item.idxs, item.root_idxs).items() if r in pos}
             consumers.append((key, module, W, H, cols))
         if not consumers:
+            grouped = [type(it.dep.target.module).__name__ for it in group
+                       if isinstance(it.dep.target.module, nn.Conv2d) and it.dep.target.module.groups > 1]
+            why = (f" (its consumer is a grouped convolution, groups > 1, which the curvature never covers: "
+                   "add the producing layer to ignored_layers)" if grouped else "")
             raise PruningInputError(f"curvature: no layer consuming the channels of group {_group_name(group)} is "
                                     "among the curvature's targets; collect the curvature over every Linear/Conv2d "
-                                    "(prunable_linear_targets(model, exclude=())) or ignore that layer")
+                                    f"(prunable_linear_targets(model, exclude=())) or ignore that layer{why}")
         units = self._unit_roots(group, pos, [m for _, m, _, _, _ in consumers])
         scores = torch.zeros(len(pos), dtype=torch.float32)
         if self.mode == "greedy":

@@ -1428,3 +1428,27 @@ def test_concatenated_branches_lose_the_consumer_columns_native_torch_pruning_re
         with torch.no_grad():
             out[how] = (model(X), model.c.weight.clone())
     assert torch.equal(out["obs"][1], out["native"][1]) and torch.equal(out["obs"][0], out["native"][0])
+
+
+def test_a_grouped_convolution_consumer_is_named_in_the_refusal():
+    class G2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(F.adaptive_avg_pool2d(F.relu(self.g(F.relu(self.a(x)))), 1).flatten(1))
+
+    torch.manual_seed(0)
+    model = G2().eval()
+    X = torch.randn(16, 3, 8, 8)
+    batches = [(X[i:i + 8], torch.randint(0, 5, (8,))) for i in (0, 8)]
+    curv = Curvature.layerwise(model, all_layers(model), batches, loss_fn=F.cross_entropy, progress=False)
+    pr = tp.pruner.MetaPruner(model, X[:2], importance=OBSImportance(curv), pruning_ratio=0.5,
+                              ignored_layers=[model.head])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="grouped convolution, groups > 1"):
+        OBSImportance(curv).step(pr)
+    assert state_equal(before, model.state_dict())
