@@ -586,3 +586,19 @@ def test_verify_takes_an_export_result_as_the_baseline_and_counts_every_masked_t
 def test_sparse_storage_with_external_data_is_refused(tmp_path):
     with pytest.raises(PruningInputError, match="^sparse_storage: "):
         ox.export(_mlp(), torch.randn(2, 30), tmp_path / "m.onnx", sparse_storage=True, external_data=True)
+
+
+def test_only_per_token_outputs_are_compared_at_the_real_tokens(tmp_path):
+    """hidden size == token count: the pooler output (batch, hidden) was masked like a per-token output."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    m = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 120, (2, 16))
+    am = torch.ones_like(ids)
+    am[0, 10:] = 0
+    res = ox.export(m, {"input_ids": ids, "attention_mask": am}, tmp_path / "b.onnx", sparse_kernel="off")
+    rep = ox.verify(res, m, {"input_ids": ids, "attention_mask": am}, bench=False)
+    ignored = {o["index"]: o.get("padded_positions_ignored") for o in rep.outputs}
+    assert ignored == {0: 6, 1: None}
