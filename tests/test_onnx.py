@@ -602,3 +602,22 @@ def test_only_per_token_outputs_are_compared_at_the_real_tokens(tmp_path):
     rep = ox.verify(res, m, {"input_ids": ids, "attention_mask": am}, bench=False)
     ignored = {o["index"]: o.get("padded_positions_ignored") for o in rep.outputs}
     assert ignored == {0: 6, 1: None}
+
+
+def test_a_batch_by_one_integer_input_that_is_no_sequence_exports_and_verifies(tmp_path):
+    """(batch, 1) class ids were widened to (batch, 2) like token ids: the widened forward failed."""
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(4, 16), nn.Linear(16, 8)
+
+        def forward(self, x, cls):
+            return self.fc(x + self.emb(cls.view(-1)))
+
+    torch.manual_seed(0)
+    m = Cond().eval()
+    x, cls = torch.randn(3, 16), torch.tensor([[1], [2], [0]])
+    res = ox.export(m, (x, cls), tmp_path / "c.onnx", sparse_kernel="off")
+    assert ox.verify(res, m, (x, cls), bench=False).ok
+    x5, cls5 = torch.randn(5, 16), torch.tensor([[3], [1], [0], [2], [1]])   # another batch size
+    assert ox.verify(res, m, (x5, cls5), bench=False).ok

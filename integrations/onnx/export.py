@@ -88,14 +88,21 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
     first = first_tensor(args, kwargs)
     if first is None:
         raise PruningInputError("example_inputs: no tensor given")
+    cp = baked_copy(model)
+    if hasattr(getattr(cp, "config", None), "use_cache"):
+        cp.config.use_cache = False
     if dynamic_shapes == "auto":
         # torch.export specialises size-1 dims: trace with 2 rows (and 2 tokens) so those dims stay dynamic
         if first.dim() > 0 and first.shape[0] == 1:
             args, kwargs = as_args(repeat_to_batch(kwargs or args, 2))
-        args, kwargs = as_args(widen_seq(kwargs or args))
-    cp = baked_copy(model)
-    if hasattr(getattr(cp, "config", None), "use_cache"):
-        cp.config.use_cache = False
+        wargs, wkwargs = as_args(widen_seq(kwargs or args))
+        if any(a is not b for a, b in zip([*args, *kwargs.values()], [*wargs, *wkwargs.values()])):
+            try:   # a (batch, 1) integer input that is no token sequence (a class id) cannot be widened
+                with torch.no_grad():
+                    cp(*wargs, **wkwargs)
+                args, kwargs = wargs, wkwargs
+            except Exception:   # noqa: BLE001 -- then its dim 1 stays static (auto_dynamic_shapes: size > 1 only)
+                pass
     ds = auto_dynamic_shapes(args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
     kw = {} if opset is None else {"opset_version": opset}
     import warnings

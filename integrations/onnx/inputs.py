@@ -20,12 +20,13 @@ def as_args(inputs) -> tuple[tuple, dict]:
 
 
 def auto_dynamic_shapes(args, kwargs):
-    """Dim 0 of every tensor input dynamic (``batch``), and dim 1 of integer 2-D inputs (``seq``: token ids)."""
+    """Dim 0 of every tensor input dynamic (``batch``), and dim 1 of integer 2-D inputs (``seq``: token ids) when it
+    is longer than 1 (a (batch, 1) integer input that could not be widened is no sequence)."""
     def spec(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return None
         d = {0: "batch"}
-        if t.dim() == 2 and not t.is_floating_point():  # token ids / masks: (batch, seq)
+        if t.dim() == 2 and not t.is_floating_point() and t.shape[1] > 1:  # token ids / masks: (batch, seq)
             d[1] = "seq"
         return d
     if kwargs:
