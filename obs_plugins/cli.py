@@ -344,12 +344,12 @@ def cmd_bench(args) -> int:
     import os
     import runpy
     path = BENCHES[args.name]
-    if not os.path.exists(path):   # run from elsewhere (scripts/run.sh keeps the caller's folder): the checkout's
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if os.path.exists(os.path.join(root, path)):
-            os.chdir(root)   # the benchmarks read and write benchmarks/... relative to the checkout
-            print(f"obs-prune bench: running {path} in {root}", file=sys.stderr)
     if not os.path.exists(path):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.exists(os.path.join(root, path)):   # the benchmarks read and write benchmarks/... from the root
+            print(f"obs-prune bench: run it from the checkout's root (cd {root}), where {path} and its "
+                  "benchmarks/results live", file=sys.stderr)
+            return 2
         print(f"obs-prune bench: {path} not found; run it from a checkout of the obs-plugins repository",
               file=sys.stderr)
         return 2

@@ -232,6 +232,12 @@ class PrunePlan:
                     f"params: {e.target.key} is gated by a running Continuous Sparsification / BiP search (its "
                     "value is weight x gate, recomputed on every read, so the plan written to it would be lost); "
                     "call the search's finish() first")
+            if reparametrize and e.target.name not in e.target.module._parameters \
+                    and e.target.name + "_orig" not in e.target.module._parameters \
+                    and not parametrize.is_parametrized(e.target.module, e.target.name):
+                raise PruningInputError(f"reparametrize: {e.target.key} is not a parameter (a buffer or a plain "
+                                        "tensor), which torch.nn.utils.prune masks cannot wrap; apply with "
+                                        "reparametrize=False")
             if reparametrize and parametrize.is_parametrized(e.target.module, e.target.name):
                 raise PruningInputError(f"reparametrize: {e.target.key} is parametrized (a torch.ao sparsifier's "
                                         "FakeSparsity?), which torch.nn.utils.prune masks cannot wrap; prune it "

@@ -158,8 +158,9 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
             # the stored tensor: under a parametrization (torch.ao prepare) ``module.<name>`` is a fresh product
             # on every access, and freed temporaries reuse memory, so two tensors could share an address
             t = Target("", module, name).orig()
-            if gated(module, name):   # a CS / BiP gate computes w x gate afresh on every read: the stored tensor
-                t = module.parametrizations[name].original
+            g = _gate_of(module, name)
+            if g is not None:   # a CS / BiP gate computes w x gate afresh on every read: the stored tensor
+                t = module.parametrizations[g].original
             span = _span(t)
             for j, other in storages.get(span[0], ()):
                 if _overlap(span, other):   # also a transposed view of the same memory (a tied autoencoder)
@@ -196,13 +197,57 @@ def _offsets(layout) -> torch.Tensor:
     return ((idx.reshape(-1) + offset) * size).unique()
 
 
+def _dense(span: tuple) -> bool:
+    """The tensor fills its byte range (contiguous, or a transpose of a contiguous tensor)."""
+    shape, _stride, _offset, size = span[3]
+    n = 1
+    for d in shape:
+        n *= d
+    return n * size == span[2] - span[1]
+
+
+EXACT_OVERLAP_ELEMENTS = 1 << 22   # above this, two interleaved strided views are taken to share elements
+
+
 def _overlap(a: tuple, b: tuple) -> bool:
     if not (a[0] == b[0] and a[1] < b[2] and b[1] < a[2]):
         return False
     if a[3] == b[3]:
         return True
-    # the byte ranges interleave: disjoint column blocks of one fused tensor share no element
+    if _dense(a) and _dense(b):   # both fill their ranges, and the ranges overlap
+        return True
+    for full, other in ((a, b), (b, a)):   # one fills its range: does any element of the other fall in it?
+        if _dense(full):
+            offs = _offsets(other[3]) if _numel(other) <= EXACT_OVERLAP_ELEMENTS else None
+            return True if offs is None else bool(((offs >= full[1]) & (offs < full[2])).any())
+    # both strided, ranges interleaved (disjoint column blocks of one fused tensor share no element)
+    rows = _row_blocks_overlap(a[3], b[3])
+    if rows is not None:
+        return rows
+    if max(_numel(a), _numel(b)) > EXACT_OVERLAP_ELEMENTS:
+        return True   # conservative: refused as one tensor rather than an element-by-element comparison
     return bool(torch.isin(_offsets(a[3]), _offsets(b[3])).any())
+
+
+def _row_blocks_overlap(la, lb) -> bool | None:
+    """Exact answer for two 2-D views with the same strides ``(s, 1)`` (column blocks of one fused matrix):
+    elements ``o + i*s + c`` (``i < h``, ``c < w``) meet iff some ``k = i_a - i_b`` has ``k*s`` within
+    ``[d - w_a + 1, d + w_b - 1]``, ``d`` the offset difference; ``None`` for other layouts."""
+    (sha, sta, oa, za), (shb, stb, ob, zb) = la, lb
+    if len(sha) != 2 or len(shb) != 2 or sta != stb or sta[1] != 1 or za != zb or sta[0] < max(sha[1], shb[1]):
+        return None
+    s, d = sta[0], ob - oa
+    lo, hi = d - sha[1] + 1, d + shb[1] - 1
+    k_lo = max(-(shb[0] - 1), -((-lo) // s))   # ceil(lo / s)
+    k_hi = min(sha[0] - 1, hi // s)
+    return k_lo <= k_hi
+
+
+def _numel(span: tuple) -> int:
+    n = 1
+    for d in span[3][0]:
+        n *= d
+    return n
 
 
 def _check_stored(module: nn.Module, name: str, i: int) -> None:
@@ -233,11 +278,21 @@ def _check_stored(module: nn.Module, name: str, i: int) -> None:
             f"that reparametrization first (torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
 
 
+def _gate_of(module: nn.Module, name: str) -> str | None:
+    """The tensor name a running Continuous Sparsification / BiP search gates for ``module.<name>``: ``<name>``,
+    or ``<name>_orig`` when a torch.nn.utils.prune mask was there first; ``None`` when none is gated."""
+    if "parametrizations" not in module._modules:
+        return None
+    for n in (name, name + "_orig"):
+        if hasattr(module.parametrizations, n) and any(
+                getattr(p, "_obs_plugins_gate", False) for p in module.parametrizations[n]):
+            return n
+    return None
+
+
 def gated(module: nn.Module, name: str) -> bool:
     """A running Continuous Sparsification / BiP search gates ``module.<name>`` (its value is weight x gate)."""
-    if "parametrizations" not in module._modules or not hasattr(module.parametrizations, name):
-        return False
-    return any(getattr(p, "_obs_plugins_gate", False) for p in module.parametrizations[name])
+    return _gate_of(module, name) is not None
 
 
 def check_targets(targets: list[Target]) -> None:

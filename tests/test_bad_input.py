@@ -532,3 +532,58 @@ def test_a_running_search_cannot_be_planned_over():
     with pytest.raises(PruningInputError, match="gated by a running Continuous Sparsification / BiP search"):
         api.prune(MagnitudeConfig(), targets=targets, amount=0.5)
     cs.finish()
+
+
+def test_memory_overlap_equals_a_brute_force_over_random_views():
+    import random
+
+    from obs_plugins.targets import _overlap, _span
+    random.seed(0)
+    buf = torch.zeros(20, 30)
+
+    def view():
+        r0, c0 = random.randrange(20), random.randrange(30)
+        v = buf[r0:r0 + random.randint(1, 20 - r0), c0:c0 + random.randint(1, 30 - c0)]
+        return v.t() if random.random() < 0.2 else v
+
+    def offsets(t):
+        idx = torch.zeros((), dtype=torch.long)
+        for n, st in zip(t.shape, t.stride()):
+            idx = idx.unsqueeze(-1) + torch.arange(n) * st
+        return set((idx.reshape(-1) + t.storage_offset()).tolist())
+
+    for _ in range(500):
+        a, b = view(), view()
+        assert _overlap(_span(a), _span(b)) == bool(offsets(a) & offsets(b)), (a.shape, a.stride(), b.shape)
+
+
+def test_a_buffer_weight_with_reparametrize_is_refused_before_any_write():
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    a, lin = nn.Linear(8, 8), nn.Linear(8, 8)
+    w = lin.weight.detach().clone()
+    del lin.weight
+    lin.register_buffer("weight", w)
+    before = copy.deepcopy(a.state_dict())
+    with pytest.raises(PruningInputError, match="^reparametrize: 1.weight is not a parameter"):
+        api.prune(MagnitudeConfig(), targets=[(a, "weight"), (lin, "weight")], amount=0.5, reparametrize=True)
+    assert torch.equal(before["weight"], a.weight) and not hasattr(a, "weight_orig")
+
+
+@pytest.mark.parametrize("method", ["cs", "bip"])
+def test_a_search_gating_a_pruned_weight_refuses_plans_and_losses(method):
+    """With a torch prune mask first, the search gates weight_orig: the plan and the loss went into w x gate."""
+    from obs_plugins import BiPTrainer, ContinuousSparsifier
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    params = [(model[0], "weight"), (model[2], "weight")]
+    prune.l1_unstructured(model[0], "weight", amount=0.25)
+    src = ContinuousSparsifier(model, params) if method == "cs" else BiPTrainer(model, params, sparsity=0.5)
+    curv = Curvature(model, params, [(torch.randn(4, 8), torch.randint(0, 4, (4,)))],
+                     loss_fn=nn.functional.cross_entropy)
+    with pytest.raises(PruningInputError, match="gated by a running Continuous Sparsification / BiP search"):
+        curv.loss()
+    plan = api.plan(MagnitudeConfig(), targets=curv.targets, amount=0.5)
+    with pytest.raises(PruningInputError, match="gated by a running Continuous Sparsification / BiP search"):
+        plan.apply(reparametrize=False)
+    src.finish()

@@ -200,3 +200,28 @@ def test_a_process_without_batches_stops_every_process(tmp_path):
     got = _spawn(_stats_worker, tmp_path, ((0, 1, 2, 3), ()))
     assert got[1]["error"] == "PruningInputError: batches: no calibration batches given"
     assert got[0]["error"].startswith("PruningInputError: batches: 1 other process(es) refused their input")
+
+
+def _fisher_worker(rank: int, port: int, outdir: str):
+    torch.set_num_threads(1)
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    model, batches = stats_problem()
+    params = [(model.proj, "weight")]
+    try:   # rank 1 holds no batches: its refusal (before, a local raise) must reach rank 0 too
+        curv = Curvature(model, params, batches if rank == 0 else [], loss_fn=loss_fn)
+        collect_fisher(curv, block_size=16, progress=False)
+        res = {"ok": True}
+    except Exception as e:   # noqa: BLE001
+        res = {"error": f"{type(e).__name__}: {e}"}
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_fisher_on_a_process_without_batches_stops_every_process(tmp_path):
+    got = _spawn(_fisher_worker, tmp_path)
+    assert got[1]["error"] == "PruningInputError: curvature: Fisher collection needs calibration batches"
+    assert got[0]["error"].startswith("PruningInputError: batches: 1 other process(es) refused their input")

@@ -79,8 +79,8 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
         external_data = size > EXTERNAL_DATA_BYTES
     if external_data and sparse_storage:   # onnx keeps sparse_initializer values inside the .onnx file
         raise PruningInputError("sparse_storage: COO weights stay inside the .onnx file, so with external data "
-                                "(a model over 2 GiB, or external_data=True) they would still hit the 2 GiB limit; "
-                                "use one or the other")
+                                f"(external_data=True, or 'auto' for a model over {EXTERNAL_DATA_BYTES / 2**30:.1f} "
+                                "GiB) they could still hit ONNX's 2 GiB limit; use one or the other")
     t0 = time.perf_counter()
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningInputError
-from ..targets import Target, check_targets, check_tied, layer_kind, out_dim, resolve_targets, to_2d
+from ..targets import Target, check_targets, check_tied, gated, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, batch_loss, default_forward, move
 from .distributed import all_reduce_sums, process_group, raise_together
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs_over,
@@ -357,10 +357,12 @@ class Curvature:
 
     # ------------------------------------------------------------------ losses and gradients
     def _need_loss(self, what: str):
+        error = None   # every process checks, and all refuse together (one alone would leave the others waiting)
         if self.loss_fn is None:
-            raise PruningInputError(f"curvature: {what} needs a loss; collect the curvature with loss_fn=...")
-        if not self.batches:
-            raise PruningInputError(f"curvature: {what} needs calibration batches")
+            error = PruningInputError(f"curvature: {what} needs a loss; collect the curvature with loss_fn=...")
+        elif not self.batches:
+            error = PruningInputError(f"curvature: {what} needs calibration batches")
+        raise_together(error)
 
     @contextlib.contextmanager
     def _weights(self, overrides: Mapping[str, torch.Tensor] | None):
@@ -373,6 +375,10 @@ class Curvature:
         forward pre-hook keeps on every pruned module of the model (each pass inside rebinds it to that pass's
         weights and autograd graph; the very tensor object the caller had is put back).
         """
+        for t in self.targets:   # a CS / BiP gate recomputes w x gate on every read: a write there is lost
+            if gated(t.module, t.name) and (t.pruned_before or (overrides is not None and t.key in overrides)):
+                raise PruningInputError(f"params: {t.key} is gated by a running Continuous Sparsification / BiP "
+                                        "search; call the search's finish() first")
         saved = []
         effective = _pruned_attributes(self.model)
         try:
@@ -534,8 +540,8 @@ class Curvature:
         the gate-space Gauss-Newton factor at gates ``at`` and the gradient of the KL divergence from
         ``reference`` (the ``probs`` of an earlier call)."""
         from .gates import gate_quadratic
-        if not self.batches:
-            raise PruningInputError("batches: the gate Gauss-Newton needs the curvature's calibration batches")
+        raise_together(PruningInputError("batches: the gate Gauss-Newton needs the curvature's calibration "
+                                          "batches") if not self.batches else None)
         with self._eval_mode():
             return gate_quadratic(self.model, sites, self.batches, n_gates=n_gates, at=at, reference=reference,
                                   forward_fn=self.forward_fn, logits_fn=logits_fn, progress=progress)

@@ -528,12 +528,18 @@ def collect_fisher(curv, *, block_size: int = 128, mode: str = "blocks", memory_
     if not rel_damp > 0:
         raise PruningInputError(f"rel_damp: must be > 0, got {rel_damp}")
     curv._need_loss("Fisher collection")
+    from .distributed import raise_together
     batches = curv.batches if batches is None else list(batches)
-    total = sum(batch_rows(b) for b in batches)
+    error, total = None, 0
+    try:
+        total = sum(batch_rows(b) for b in batches)
+    except PruningInputError as e:   # refused on every process together
+        error = e
     if num_samples is not None:
         total = min(total, num_samples)
-    from .distributed import raise_together
-    raise_together(PruningInputError("batches: no samples for the Fisher") if total == 0 else None)
+    if error is None and total == 0:
+        error = PruningInputError("batches: no samples for the Fisher")
+    raise_together(error)
     dist = _dist()
     if dist is not None and mode == "woodbury":  # stored gradients are those of all processes
         t = torch.tensor([total], dtype=torch.int64, device=curv.device)
