@@ -143,8 +143,10 @@ def cmd_prune(args) -> int:
         cols += [(f"ppl_{h}", f"ppl {h}", ".2f"), (f"x_{h}", "x dense", ".3f")]
     print(_table(rows, cols + [("prune_seconds", "prune s", ".1f")]))
     if curv is not None:
-        how = (f"sequential ({'stage by stage' if curv.stages == 'sublayer' else 'block by block'}), inside each plan"
-               if curv.sequential else f"one pass, {curv.info['seconds']:.1f} s")
+        setup_s = (getattr(curv, "info", None) or {}).get("seconds", 0.0)
+        how = (f"sequential ({'stage by stage' if curv.stages == 'sublayer' else 'block by block'}), inside each plan "
+               f"(set-up check pass {setup_s:.1f} s, not in the rows' prune times)"
+               if curv.sequential else f"one pass, {setup_s:.1f} s (not in the rows' prune times)")
         print(f"layer curvature ({len(setup.targets)} layers): {how}; "
               f"model load {setup.load_seconds:.1f} s; total {time.perf_counter() - t_all:.1f} s")
     for r in rows:

@@ -44,7 +44,8 @@ class OBSIHTConfig:
                  Without it the preconditioner can put almost the whole step into one tensor: on SmolLM2 at 50%,
                  98% of the projected direction's norm sat in layer 0's o_proj (its input Gram has near-null
                  directions that H^-1 amplifies), which a step of rho = 0.02 then moved by ~100% of its norm.
-    holdout_fraction: share of the calibration batches held out for choosing eta and the best iteration.
+    holdout_fraction: share of the calibration batches held out from the gradient for choosing eta and the best
+                 iteration (they still enter the layer Grams of the T=1 sweep, which favours T=1 there).
     grad_subsets: m >= 1.  The gradient split is dealt into m interleaved subsets (gradient batch i goes to subset
                  i mod m) and iteration t takes its gradient on subset (t - 2) mod m alone, so each gradient pass
                  costs 1/m of the full one and every batch is used once in m iterations.  The held-out split and
