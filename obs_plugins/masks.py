@@ -67,7 +67,13 @@ def lowest_k_mask(scores: torch.Tensor, k: int, prior_mask: torch.Tensor | None 
         return keep.reshape(scores.shape)
     idx = keep.nonzero().squeeze(1)           # only the entries still kept compete (a NaN / +inf score tied
     s = torch.nan_to_num(flat[idx], nan=float("inf"))   # with the prior zeros' +inf and could pick one of them)
-    keep[idx[torch.sort(s, stable=True).indices[:k]]] = False
+    # the k lowest, ties by position -- what a stable sort's first k are, in linear time: everything below the
+    # k-th smallest value, then the earliest entries equal to it
+    kth = torch.kthvalue(s, k).values
+    below = s < kth
+    tied = (s == kth).nonzero().squeeze(1)[: k - int(below.sum())]
+    below[tied] = True
+    keep[idx[below]] = False
     return keep.reshape(scores.shape)
 
 

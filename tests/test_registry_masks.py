@@ -256,3 +256,25 @@ def test_apply_refuses_a_stale_plan_before_any_write():
             plan.apply(reparametrize=reparam)
         assert list(m.state_dict()) == list(before)
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_lowest_k_mask_equals_a_stable_sort_with_ties_nans_and_prior_masks():
+    """The linear-time selection (k-th value, then the earliest ties) picks what a stable sort's first k pick."""
+    import random
+
+    from obs_plugins.masks import lowest_k_mask
+    random.seed(0)
+    g = torch.Generator().manual_seed(0)
+    for t in range(400):
+        n = random.randint(1, 40)
+        sc = torch.randint(0, 4, (n,), generator=g).float() if t % 2 else torch.randn(n, generator=g)
+        if t % 7 == 0:
+            sc[random.randrange(n)] = float("nan")
+        if t % 5 == 0:
+            sc[random.randrange(n)] = float("inf")
+        prior = torch.rand(n, generator=g) > 0.3 if t % 3 == 0 else None
+        keep = torch.ones(n, dtype=torch.bool) if prior is None else prior.clone()
+        k = random.randint(0, int(keep.sum()))
+        idx = keep.nonzero().squeeze(1)
+        keep[idx[torch.sort(torch.nan_to_num(sc[idx], nan=float("inf")), stable=True).indices[:k]]] = False
+        assert torch.equal(lowest_k_mask(sc, k, prior), keep), (t, sc, k, prior)
