@@ -144,7 +144,9 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
         if not hasattr(module, name) and not hasattr(module, name + "_orig"):
             raise PruningInputError(f"params[{i}]: module {type(module).__name__} has no parameter {name!r}")
         t = getattr(module, name, None)
-        t = getattr(module, name + "_orig") if t is None else t
+        t = getattr(module, name + "_orig", None) if t is None else t
+        if t is None:   # e.g. the bias of a Linear(bias=False)
+            raise PruningInputError(f"params[{i}]: {type(module).__name__}.{name} is None (no tensor to prune)")
         if not torch.is_tensor(t) or not t.is_floating_point():
             raise PruningInputError(f"params[{i}]: {name!r} must be a floating-point tensor, got "
                                     f"{getattr(t, 'dtype', type(t))}")
@@ -335,8 +337,8 @@ def check_tied(model: nn.Module | None, targets: list[Target]) -> list[tuple[str
     pairs = []
     for mname, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            if (id(mod), pname) in listed or p.device.type == "meta":
-                continue
+            if (id(mod), pname) in listed or p.device.type == "meta" or p.layout != torch.strided:
+                continue   # a sparse parameter has no strided storage to share
             span = _span(p)
             key = next((k for k, other in by_storage.get(span[0], ()) if _overlap(span, other)), None)
             other = f"{mname}.{pname}" if mname else pname

@@ -587,3 +587,13 @@ def test_a_search_gating_a_pruned_weight_refuses_plans_and_losses(method):
     with pytest.raises(PruningInputError, match="gated by a running Continuous Sparsification / BiP search"):
         plan.apply(reparametrize=False)
     src.finish()
+
+
+def test_a_missing_bias_and_a_sparse_parameter_elsewhere():
+    from obs_plugins.targets import check_tied, resolve_targets
+    lin = nn.Linear(4, 4, bias=False)
+    with pytest.raises(PruningInputError, match=r"^params\[0\]: Linear.bias is None"):
+        resolve_targets(None, [(lin, "bias")])
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].register_parameter("extra", nn.Parameter(torch.eye(4).to_sparse()))   # crashed the tie check
+    assert check_tied(model, resolve_targets(model, [(model[0], "weight")])) == []

@@ -661,3 +661,23 @@ def test_batch_size_of_outputs_without_logits():
     assert _leading_dim({"last_hidden_state": h, "pooler_output": torch.zeros(4, 2)}) == 4
     assert _leading_dim(OrderedDict(logits=torch.zeros(5, 2), hidden=h)) == 5
     assert _leading_dim((h,)) == 4 and _leading_dim(h) == 4 and _leading_dim(torch.tensor(1.0)) == 1
+
+
+def test_per_sample_fisher_refuses_sequence_first_inputs():
+    """(time, batch, features) inputs with (batch,) targets were split along time: 21 "samples" for 6."""
+    from obs_plugins.curvature.fisher import collect_fisher
+    from obs_plugins.errors import PruningInputError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x).mean(0)
+
+    net = Net()
+    batches = [(torch.randn(7, 2, 4), torch.randint(0, 3, (2,))) for _ in range(3)]
+    curv = Curvature(net, [(net.a, "weight")], batches, loss_fn=nn.functional.cross_entropy)
+    with pytest.raises(PruningInputError, match="inputs have 7 rows and the targets 2"):
+        collect_fisher(curv, block_size=4, progress=False)

@@ -84,7 +84,14 @@ def batch_rows(batch) -> int:
 def _rowwise(batch, n: int) -> list[bool]:
     """Which tensors of ``batch`` hold one row per sample (leading size ``n``, the batch size); the others are
     shared by every sample.  Decided once on the whole batch: a chunk of it must not re-decide (a shared tensor
-    whose leading size happens to equal the chunk's would be sliced per sample)."""
+    whose leading size happens to equal the chunk's would be sliced per sample).  An ``(inputs, target)`` pair
+    whose target has rows but not ``n`` of them is refused: the inputs are not batch-first (e.g. (time, batch,
+    features)), and slicing them per "sample" would pair time steps with every target."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[1]) \
+            and batch[1].dim() >= 1 and batch[1].shape[0] != n:
+        raise PruningInputError(f"batches: the per-sample Fisher splits a batch along its leading dimension, but "
+                                f"the inputs have {n} rows and the targets {batch[1].shape[0]}; put the batch "
+                                "dimension first (sequence-first inputs cannot be split per sample)")
     return [t.dim() >= 1 and t.shape[0] == n for t in _tensors(batch, [])]
 
 
