@@ -6,13 +6,15 @@
     sparsifier.squash_mask()   # bake: plain weights again
 
 Each group gets its own ``sparsity_level`` (the fraction of the tensor that is zero after the step, as in
-torch.ao's WeightNormSparsifier).  ``step`` computes the whole plan before it writes anything, writes the new
+torch.ao's WeightNormSparsifier -- except that zeros from an earlier step stay: a lower level later keeps them,
+since the OBS update already moved their weight onto the others).  ``step`` computes the whole plan before it writes anything, writes the new
 masks into the FakeSparsity parametrizations and the OBS-updated weights into ``parametrizations.<name>.original``.
 The curvature must be collected for exactly the prepared tensors (before or after ``prepare``).
 """
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 from torch.ao.pruning import BaseSparsifier
@@ -21,6 +23,12 @@ from obs_plugins.errors import PruningInputError
 from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm
 from obs_plugins.methods.obs_iht import OBSIHTConfig
 from obs_plugins.methods.obs_iht import solve as obs_iht_solve
+
+
+def _check_level(level) -> None:
+    if isinstance(level, bool) or not isinstance(level, numbers.Real):
+        raise PruningInputError(f"sparsity_level: a fraction in [0, 1], got {level!r}")
+    count_to_prune(float(level), 1, arg="sparsity_level")
 
 
 class OBSIHTSparsifier(BaseSparsifier):
@@ -35,12 +43,34 @@ class OBSIHTSparsifier(BaseSparsifier):
                                     f"sparsity_level, {sorted(fields - {'allocation'})}")
         if "allocation" in config:
             raise PruningInputError("allocation: each group's sparsity_level sets its own count here")
-        count_to_prune(float(sparsity_level), 1, arg="sparsity_level")
+        _check_level(sparsity_level)
         self.obs_config = OBSIHTConfig(**config)
         self.obs_config.validate()
         self.curvature = curvature
         self._plan: PrunePlan | None = None
         super().__init__(defaults={"sparsity_level": float(sparsity_level)})
+
+    def prepare(self, model, config):
+        """As torch.ao's, with every config entry checked first (a tensor_fqn that does not resolve, a tensor listed
+        twice, a bad level), so a refused call leaves the model unprepared."""
+        seen = set()
+        for i, entry in enumerate(config or []):
+            fqn = entry.get("tensor_fqn") if isinstance(entry, dict) else None
+            if not isinstance(fqn, str) or "." not in fqn and not hasattr(model, fqn):
+                raise PruningInputError(f"config[{i}]: a dict with 'tensor_fqn' ('layer.weight'), got {entry!r}")
+            path, _, name = fqn.rpartition(".")
+            try:
+                module = model.get_submodule(path) if path else model
+            except AttributeError:
+                raise PruningInputError(f"config[{i}]: the model has no module {path!r} ({fqn!r})") from None
+            if not hasattr(module, name):
+                raise PruningInputError(f"config[{i}]: {type(module).__name__} {path!r} has no tensor {name!r}")
+            if fqn in seen:
+                raise PruningInputError(f"config[{i}]: {fqn!r} is listed twice")
+            seen.add(fqn)
+            if "sparsity_level" in entry:
+                _check_level(entry["sparsity_level"])
+        return super().prepare(model, config)
 
     def _targets_of_groups(self):
         if self.curvature is None:   # a copy or an unpickled sparsifier: the curvature is not part of its state
@@ -64,9 +94,14 @@ class OBSIHTSparsifier(BaseSparsifier):
                                     "config listing them ({'tensor_fqn': 'layer.weight'} each)")
         nm = parse_nm(self.obs_config.nm)
         counts = {}
-        for g, t in pairs:
+        for g, t in pairs:   # every group checked before the solve, so nothing is written half-way
+            if t._fake_sparsity() is None:
+                raise PruningInputError(f"sparsifier: {g['tensor_fqn']} holds no FakeSparsity mask (not prepared, or "
+                                        "squash_mask() removed it); prepare the model again")
+            if t.key in counts:
+                raise PruningInputError(f"sparsifier: {g['tensor_fqn']} is in two groups; list it once")
             level = g["sparsity_level"]
-            count_to_prune(float(level), 1, arg="sparsity_level")
+            _check_level(level)
             if nm is not None and abs(level - nm[0] / nm[1]) > 1e-9:
                 raise PruningInputError(f"sparsity_level={level} does not match nm={self.obs_config.nm}")
             prior = t.prior_mask()  # zeros from an earlier step stay and count towards the level

@@ -699,3 +699,20 @@ def test_obs_sweep_refuses_a_partial_nm_group_and_works_in_fp32_for_a_half_facto
         ref, keep32, _ = obs_sweep(W.half().float(), U.half().float(), k=9, batched=batched)
         assert Wh.dtype == torch.float32 and loss.dtype == torch.float32 and torch.equal(keep, keep32)
         torch.testing.assert_close(Wh, ref)
+
+
+def test_iterations_of_a_float64_model_stay_float64_and_tried_steps_keep_small_sizes():
+    """The direction and its projection were cast to fp32 for an fp64 model; tiny steps collapsed to 0.0 keys."""
+    from tiny import mse
+    from tiny import regression_problem as problem
+    from obs_plugins import api
+    model, batches = problem()
+    model = model.double()
+    batches = [(x.double(), y.double()) for x, y in batches]
+    params = [(model[0], "weight"), (model[2], "weight")]
+    curv = Curvature.layerwise(model, params, batches, loss_fn=mse, dtype=torch.float64, progress=False)
+    plan = api.plan(OBSIHTConfig(iterations=3, step_sizes=(1e-7, 2e-7, 4e-7), progress=False), curvature=curv,
+                    amount=0.5)
+    assert all(e.new_weight.dtype == torch.float64 for e in plan.entries.values())
+    tried = plan.report["history"][1]["tried"]
+    assert len(tried) >= 2 and all(r > 0 for r in tried)

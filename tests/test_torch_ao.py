@@ -130,3 +130,27 @@ def test_a_copied_sparsifier_says_its_curvature_is_gone():
     twin = copy.deepcopy(sp)
     with pytest.raises(PruningInputError, match="^curvature: this sparsifier holds none"):
         twin.step()
+
+
+def test_bad_groups_are_refused_before_anything_is_written():
+    model, batches = problem()
+    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches, progress=False)
+    for config, msg in (([{"tensor_fqn": "5.weight"}], r"^config\[0\]: the model has no module '5'"),
+                        ([{"tensor_fqn": "0.wieght"}], r"^config\[0\]: Linear '0' has no tensor 'wieght'"),
+                        (CONFIG + [{"tensor_fqn": "0.weight"}], r"^config\[2\]: '0.weight' is listed twice"),
+                        ([{"tensor_fqn": "0.weight", "sparsity_level": True}], "^sparsity_level: "),
+                        ([{"tensor_fqn": "0.weight", "sparsity_level": "0.5"}], "^sparsity_level: ")):
+        sp = OBSIHTSparsifier(curv, sparsity_level=0.5, progress=False)
+        with pytest.raises(PruningInputError, match=msg):
+            sp.prepare(model, config)
+        assert not hasattr(model[0], "parametrizations") and not sp.groups
+    with pytest.raises(PruningInputError, match="^sparsity_level: "):
+        OBSIHTSparsifier(curv, sparsity_level=True)
+    sp = OBSIHTSparsifier(curv, sparsity_level=0.5, progress=False)
+    sp.prepare(model, CONFIG)
+    sp.step()
+    sp.squash_mask()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningInputError, match="holds no FakeSparsity mask"):
+        sp.step()                                    # after squash_mask: wrote 0.weight, then crashed
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -32,13 +32,15 @@ class OBSIHTConfig:
                  cannot be met under it, e.g. ``s`` near 1 on tiny layers; ``report["layer_sparsity_bounds"]``).
     rel_damp:    relative damping ``lambda = rel_damp * mean(diag H)``; the ladder climbs from here on failure.
     blocksize:   columns per lazy-update block of the sweep (mask chosen adaptively per block).
-    step_sizes:  candidate relative step sizes rho (eta = rho * ||theta|| / ||projected direction||) for the
+    step_sizes:  candidate relative step sizes rho (eta = rho * ||theta_1|| / ||projected direction||, theta_1 the
+                 T=1 weights, the same scale at every iteration) for the
                  search on the held-out calibration split: it starts at the middle value, moves through the
                  others (then by doubling / halving) until the best step is bracketed, and ends at the vertex of
                  the parabola through the bracket (evaluated only when it is > 20% from the bracket's best
                  point); later steps re-centre the grid on the last accepted step times ``step_decay``.
-    max_step:    trust region: no step moves the weights by more than ``max_step * ||theta||``; a step that does
-                 not lower the held-out loss is never accepted (the iterations stop there).
+    max_step:    trust region: no step moves the weights by more than ``max_step * ||theta_1||`` (with
+                 ``layer_trust``, no tensor by more than ``rho`` times its current norm); a step that does not lower
+                 the held-out loss is never accepted (the iterations stop there).
     layer_trust: the trust region holds for every tensor too: a step of relative size ``rho`` moves no tensor by
                  more than ``rho * ||theta_l||`` (the direction within the tensor is kept, only its length is cut).
                  Without it the preconditioner can put almost the whole step into one tensor: on SmolLM2 at 50%,

@@ -284,7 +284,8 @@ def _project(curvature, targets, Z, keep, factors, config, nm):
     out = {}
     for t in targets:
         k = t.key
-        out[k] = obs_sweep(Z[k], factors[k].hinv_chol_upper, keep=keep[k], blocksize=config.blocksize)[0].float()
+        p = obs_sweep(Z[k], factors[k].hinv_chol_upper, keep=keep[k], blocksize=config.blocksize)[0]
+        out[k] = p.to(torch.promote_types(p.dtype, torch.float32))   # fp32 at least; an fp64 model keeps fp64
     return out
 
 
@@ -403,6 +404,8 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
     history = [{"iteration": 1, "holdout_loss": hold_loss, "step_size": 0.0}]
     best = (1, W1, hold_loss)
     W = W1
+    # the step's scale: rho * ||theta_1|| (the T=1 weights' norm, kept for every iteration -- the published runs
+    # used it; the per-tensor trust region below bounds each tensor by its *current* norm)
     wnorm = math.sqrt(sum(float((W[t.key] ** 2).sum()) for t in targets))
     scale = 1.0  # the grid is re-centred on the last accepted step, times step_decay
     for it in tqdm(range(2, config.iterations + 1), desc="OBS-IHT iterations", disable=not config.progress,
@@ -415,7 +418,8 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
         D = {}
         for t in targets:
             g = to_2d(t.module, G[t.key]).to(factors[t.key].hinv.dtype)
-            D[t.key] = (g @ factors[t.key].hinv).float()
+            d = g @ factors[t.key].hinv
+            D[t.key] = d.to(torch.promote_types(d.dtype, torch.float32))   # fp64 stays fp64
         # with the support fixed the sweep is linear and leaves W (already on the support) unchanged, so
         # project(W - eta D) = W - eta project(D): one projection serves every candidate step size
         PD = _project(curvature, targets, D, keep, factors, config, nm)
@@ -440,7 +444,7 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
                         "layers_clipped": clipped, "grad_batches": len(use),
                         "seconds": {"gradient": t1 - t0, "direction_and_projection": t2 - t1,
                                     "step_search": time.perf_counter() - t2, "trials": len(trials)},
-                        "tried": {round(r, 6): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
+                        "tried": {float(f"{r:.6g}"): l for l, r, _ in sorted(trials, key=lambda x: x[1])}})
         if not (math.isfinite(loss_b) and loss_b < best[2]):
             history[-1]["accepted"] = False
             break  # no step size improves the held-out loss: later iterations would only repeat this
