@@ -20,7 +20,7 @@ import torch
 from torch.ao.pruning import BaseSparsifier
 
 from obs_plugins.errors import PruningInputError
-from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm
+from obs_plugins.masks import PrunePlan, normalize_amount, parse_nm
 from obs_plugins.methods.obs_iht import OBSIHTConfig
 from obs_plugins.methods.obs_iht import solve as obs_iht_solve
 
@@ -28,7 +28,7 @@ from obs_plugins.methods.obs_iht import solve as obs_iht_solve
 def _check_level(level) -> None:
     if isinstance(level, bool) or not isinstance(level, numbers.Real):
         raise PruningInputError(f"sparsity_level: a fraction in [0, 1], got {level!r}")
-    count_to_prune(float(level), 1, arg="sparsity_level")
+    normalize_amount(float(level), arg="sparsity_level")
 
 
 class OBSIHTSparsifier(BaseSparsifier):

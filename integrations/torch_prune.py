@@ -14,13 +14,12 @@ keeps as ``<name>_orig``; heavy references (curvature, sparsifier) are dropped a
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import torch
 from torch.nn.utils import prune
 
 from obs_plugins.errors import PruningInputError
-from obs_plugins.masks import PrunePlan, count_to_prune, parse_nm
+from obs_plugins.masks import PrunePlan, count_to_prune, normalize_amount, parse_nm
 from obs_plugins.targets import check_targets
 from obs_plugins.methods.obs_iht import OBSIHTConfig
 from obs_plugins.methods.obs_iht import solve as obs_iht_solve
@@ -30,15 +29,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
     PRUNING_TYPE = "unstructured"
 
     def __init__(self, amount, *, _target=None):
-        if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
-            raise PruningInputError(f"amount: expected a float in [0, 1] or a non-negative int, got {amount!r}")
-        # numpy scalars as torch.nn.utils.prune takes them: np.int64 is a count, np.float32 a fraction
-        amount = int(amount) if isinstance(amount, numbers.Integral) else float(amount)
-        if isinstance(amount, float) and not 0.0 <= amount <= 1.0:
-            raise PruningInputError(f"amount={amount} is outside [0, 1]")
-        if isinstance(amount, int) and amount < 0:
-            raise PruningInputError(f"amount={amount} must be non-negative")
-        self.amount = amount
+        self.amount = normalize_amount(amount)
         self._target = _target  # (module, name) when used through .apply
 
     # subclasses: the ordered targets and the plan for k new prunes among them

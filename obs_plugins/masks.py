@@ -16,18 +16,24 @@ from .errors import PruningInputError
 from .targets import Target
 
 
-def count_to_prune(amount, n_available: int, *, arg: str = "amount") -> int:
-    """Number of entries to prune, exactly as torch.nn.utils.prune computes it (round half to even)."""
+def normalize_amount(amount, *, arg: str = "amount") -> int | float:
+    """torch.nn.utils.prune's ``amount``: a fraction in [0, 1] (float) or a non-negative count (int); numpy
+    scalars as torch takes them (np.int64 is a count, np.float32 a fraction)."""
     if isinstance(amount, bool) or not isinstance(amount, (numbers.Integral, numbers.Real)):
         raise PruningInputError(f"{arg}: expected a float in [0, 1] or a non-negative int, got {amount!r}")
-    # numpy scalars as torch.nn.utils.prune takes them: np.int64 is a count, np.float32 a fraction
     amount = int(amount) if isinstance(amount, numbers.Integral) else float(amount)
-    if isinstance(amount, float):
-        if not (0.0 <= amount <= 1.0) or math.isnan(amount):
-            raise PruningInputError(f"{arg}={amount} is outside [0, 1]")
-        return round(amount * n_available)
-    if amount < 0:
+    if isinstance(amount, float) and (not (0.0 <= amount <= 1.0) or math.isnan(amount)):
+        raise PruningInputError(f"{arg}={amount} is outside [0, 1]")
+    if isinstance(amount, int) and amount < 0:
         raise PruningInputError(f"{arg}={amount} must be non-negative")
+    return amount
+
+
+def count_to_prune(amount, n_available: int, *, arg: str = "amount") -> int:
+    """Number of entries to prune, exactly as torch.nn.utils.prune computes it (round half to even)."""
+    amount = normalize_amount(amount, arg=arg)
+    if isinstance(amount, float):
+        return round(amount * n_available)
     if amount > n_available:
         raise PruningInputError(f"{arg}={amount} is larger than the number of unpruned entries ({n_available})")
     return int(amount)

@@ -159,11 +159,7 @@ def resolve_targets(model: nn.Module | None, params) -> list[Target]:
         if t.device.type != "meta":   # one tensor under two names: each plan entry would overwrite the other
             # the stored tensor: under a parametrization (torch.ao prepare) ``module.<name>`` is a fresh product
             # on every access, and freed temporaries reuse memory, so two tensors could share an address
-            t = Target("", module, name).orig()
-            g = _gate_of(module, name)
-            if g is not None:   # a CS / BiP gate computes w x gate afresh on every read: the stored tensor
-                t = module.parametrizations[g].original
-            span = _span(t)
+            span = _span(_stored(module, name))
             for j, other in storages.get(span[0], ()):
                 if _overlap(span, other):   # also a transposed view of the same memory (a tied autoencoder)
                     raise PruningInputError(f"params[{i}]: ({type(module).__name__}, {name!r}) is the same tensor "
@@ -196,16 +192,12 @@ def _offsets(layout) -> torch.Tensor:
     idx = torch.zeros((), dtype=torch.long)
     for n, st in zip(shape, stride):
         idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.long) * st
-    return ((idx.reshape(-1) + offset) * size).unique()
+    return (idx.reshape(-1) + offset) * size
 
 
 def _dense(span: tuple) -> bool:
     """The tensor fills its byte range (contiguous, or a transpose of a contiguous tensor)."""
-    shape, _stride, _offset, size = span[3]
-    n = 1
-    for d in shape:
-        n *= d
-    return n * size == span[2] - span[1]
+    return _numel(span) * span[3][3] == span[2] - span[1]
 
 
 EXACT_OVERLAP_ELEMENTS = 1 << 22   # above this, two interleaved strided views are taken to share elements
@@ -253,8 +245,9 @@ def _numel(span: tuple) -> int:
 
 
 def _check_stored(module: nn.Module, name: str, i: int) -> None:
-    """``module.<name>`` must be a tensor a plan can write: a parameter (or buffer), torch.nn.utils.prune's
-    ``<name>_orig``, or one under torch.ao's FakeSparsity (not while a CS / BiP search gates it).  A weight *computed* from other tensors --
+    """``module.<name>`` must be a tensor a plan can write: a parameter (or buffer, or plain tensor),
+    torch.nn.utils.prune's ``<name>_orig``, or one under torch.ao's FakeSparsity or a CS / BiP gate (those refuse
+    writes while the search runs: ``PrunePlan.apply``).  A weight *computed* from other tensors --
     ``parametrizations.weight_norm`` / ``spectral_norm``, any other parametrization, the old hook-based
     ``torch.nn.utils.weight_norm`` -- would take the plan's values into a temporary and drop them."""
     from torch.nn.utils import parametrize
@@ -292,6 +285,13 @@ def _gate_of(module: nn.Module, name: str) -> str | None:
     return None
 
 
+def _stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor that holds ``module.<name>``'s values: ``Target.orig()``, or under a CS / BiP gate (which computes
+    w x gate afresh on every read) the gate's ``original``."""
+    g = _gate_of(module, name)
+    return module.parametrizations[g].original if g is not None else Target("", module, name).orig()
+
+
 def gated(module: nn.Module, name: str) -> bool:
     """A running Continuous Sparsification / BiP search gates ``module.<name>`` (its value is weight x gate)."""
     return _gate_of(module, name) is not None
@@ -324,13 +324,14 @@ def check_tied(model: nn.Module | None, targets: list[Target]) -> list[tuple[str
     listed = {(id(t.module), t.name) for t in targets}
     listed |= {(id(t.module), t.name + "_orig") for t in targets}
     for t in targets:   # a torch.ao / BiP / CS parametrization holds the listed tensor itself as `original`
-        plist = getattr(getattr(t.module, "parametrizations", None), t.name, None) \
-            if "parametrizations" in t.module._modules else None
-        if plist is not None:
-            listed.add((id(plist), "original"))
+        for n in (t.name, t.name + "_orig"):
+            plist = getattr(getattr(t.module, "parametrizations", None), n, None) \
+                if "parametrizations" in t.module._modules else None
+            if plist is not None:
+                listed.add((id(plist), "original"))
     by_storage = {}
     for t in targets:
-        o = t.orig()
+        o = _stored(t.module, t.name)
         if o.device.type != "meta":
             span = _span(o)
             by_storage.setdefault(span[0], []).append((t.key, span))

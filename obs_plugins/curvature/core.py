@@ -67,6 +67,13 @@ def _rows(batches) -> list[float]:
         return [1.0] * len(batches)
 
 
+def _mean_over_processes(sums: list[torch.Tensor], rows: list[float]) -> list[torch.Tensor]:
+    """``sums`` (this process's row-weighted sums) summed over every process and divided by all processes' rows."""
+    *summed, count = all_reduce_sums(list(sums) + [torch.tensor([sum(rows)], dtype=torch.float64)])
+    count = float(count) or 1.0
+    return [t / count for t in summed]
+
+
 def _batch_weights(batches) -> list[float] | None:
     """Per-batch weights that make a mean of per-batch mean losses the mean over samples (``rows_i * n / sum
     rows``), or ``None`` when every batch has as many rows (the plain mean over batches is then that already)."""
@@ -452,8 +459,7 @@ class Curvature:
                 v = float(batch_loss(self.loss_fn, self.forward_fn(self.model, b), b))
                 total += v * rows[i] if rows is not None else (v if w is None else v * w[i])
         if rows is not None:
-            total, count = all_reduce_sums([torch.tensor([total, sum(rows)], dtype=torch.float64)])[0].tolist()
-            return total / count if count else 0.0
+            return float(_mean_over_processes([torch.tensor(total, dtype=torch.float64)], rows)[0])
         return total / max(len(batches), 1)
 
     def _grad_params(self):
@@ -517,11 +523,9 @@ class Curvature:
             for t in self.targets:   # a process without batches still takes part in the sum
                 grads.setdefault(t.key, torch.zeros_like(t.current(), dtype=torch.float32))
             keys = [t.key for t in self.targets]
-            *summed, tot = all_reduce_sums([grads[k] for k in keys]
-                                           + [torch.tensor([total, sum(rows)], dtype=torch.float64)])
-            total, count = tot.tolist()
-            count = count or 1.0
-            return total / count, {k: g.div_(count) for k, g in zip(keys, summed)}
+            *means, loss = _mean_over_processes([grads[k] for k in keys] + [torch.tensor(total, dtype=torch.float64)],
+                                                rows)
+            return float(loss), dict(zip(keys, means))
         n = max(len(batches), 1)
         if not grads:
             return 0.0, {t.key: torch.zeros_like(t.current(), dtype=torch.float32) for t in self.targets}
@@ -573,7 +577,7 @@ class Curvature:
             def on_grad(g):
                 # per sample: the batch size is the model output's leading dimension (as n_samples counts it),
                 # not this layer's (a sequence-first layer's leading dimension is time)
-                g = g.detach().double() * (batch_rows[0] if per_sample else 1.0)
+                g = g.detach().double() * (rows_now[0] if per_sample else 1.0)
                 if _kind == "conv2d" and g.dim() == 3:   # an unbatched (C, H, W) output
                     g = g.unsqueeze(0)
                 g = g.transpose(1, -1).reshape(-1, g.shape[1]) if _kind == "conv2d" else g.reshape(-1, g.shape[-1])
@@ -584,7 +588,7 @@ class Curvature:
         handles = [t.module.register_forward_hook(lambda m, a, o, _k=t.key, _c=layer_kind(t.module): hook(m, a, o, _k, _c))
                    for t in targets]
         n_samples = 0
-        batch_rows = [1.0]
+        rows_now = [1.0]   # the running batch's size, read by the gradient hooks
         try:
             with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
                     self._only_targets_require_grad(), torch.enable_grad():
@@ -592,7 +596,7 @@ class Curvature:
                 for b in tqdm(use, desc="output sensitivity", disable=not progress, leave=False):
                     b = move(b, self.device)
                     out = self.forward_fn(self.model, b)
-                    batch_rows[0] = float(_leading_dim(out))
+                    rows_now[0] = float(_leading_dim(out))
                     n_samples += _leading_dim(out)
                     torch.autograd.grad(batch_loss(self.loss_fn, out, b), params, allow_unused=True)
         finally:
@@ -638,9 +642,7 @@ class Curvature:
                     out[t.key].add_(h.float() if w is None else h.float() * w[i])
         if rows is not None:   # several processes: the mean over every process's samples
             keys = [t.key for t in self.targets]
-            *summed, cnt = all_reduce_sums([out[k] for k in keys] + [torch.tensor([sum(rows)], dtype=torch.float64)])
-            count = float(cnt) or 1.0
-            return {k: v / count for k, v in zip(keys, summed)}
+            return dict(zip(keys, _mean_over_processes([out[k] for k in keys], rows)))
         n = max(len(batches), 1)
         return {k: v / n for k, v in out.items()}
 
