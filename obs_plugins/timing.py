@@ -14,7 +14,7 @@ from typing import Callable
 
 MIN_SPEEDUP = 1.05     # below this a median ratio is run-to-run noise on a shared machine
 MIN_RUNS = 10          # fewer timed runs give no IQR worth comparing: at 3, two identical routes were called
-                       # different (one 1.13x faster) in 4 of 60 runs
+                       # different (one 1.13x faster) in 4 of 60 runs (a review's scratch measurement)
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], runs: int, warmup: int = 0,
