@@ -681,3 +681,207 @@ def test_per_sample_fisher_refuses_sequence_first_inputs():
     curv = Curvature(net, [(net.a, "weight")], batches, loss_fn=nn.functional.cross_entropy)
     with pytest.raises(PruningInputError, match="inputs have 7 rows and the targets 2"):
         collect_fisher(curv, block_size=4, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ pinned by mutation testing
+class _Reused(nn.Module):
+    """l1 runs twice (on x, then on a = l1(x)); l2 reads the very tensor of l1's first call."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        a = self.l1(x)
+        return self.l1(a) + self.l2(a)
+
+
+class _ChangedInPlace(nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x.clone()
+        a = self.l1(x)
+        x.mul_(3.0)            # the same tensor object, a new version
+        return a + self.l2(x)
+
+
+def test_a_layer_sharing_an_input_with_a_reused_layer_gets_only_its_own_rows():
+    m = _Reused()
+    xs = [torch.randn(5, 4) for _ in range(2)]
+    curv = Curvature.layerwise(m, [(m.l1, "weight"), (m.l2, "weight")], xs, sequential=False, progress=False)
+    with torch.no_grad():
+        a = torch.cat([m.l1(x) for x in xs])
+    assert curv.counts["l2.weight"] == 10
+    assert rel(curv.hessians["l2.weight"], gram64(a)) < 1e-5
+
+
+def test_a_layer_reading_an_input_changed_in_place_gets_the_new_values():
+    m = _ChangedInPlace()
+    xs = [torch.randn(5, 4) for _ in range(2)]
+    curv = Curvature.layerwise(m, [(m.l1, "weight"), (m.l2, "weight")], xs, sequential=False, progress=False)
+    assert rel(curv.hessians["l1.weight"], gram64(torch.cat(xs))) < 1e-5
+    assert rel(curv.hessians["l2.weight"], gram64(torch.cat(xs) * 3)) < 1e-5
+
+
+def test_a_float64_accumulation_is_float64_and_exact():
+    lin = nn.Linear(6, 3)
+    xs = [torch.randn(4, 6) * 1e3 + 1e4 for _ in range(3)]
+    curv = Curvature.layerwise(nn.Sequential(lin), [(lin, "weight")], xs, dtype=torch.float64, progress=False)
+    H = curv.hessians["0.weight"]
+    assert H.dtype == torch.float64
+    assert rel(H, gram64(torch.cat(xs))) < 1e-12
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_layerwise_refuses_a_half_precision_accumulation(dt):
+    lin = nn.Linear(3, 2)
+    with pytest.raises(PruningInputError, match="dtype"):
+        Curvature.layerwise(nn.Sequential(lin), [(lin, "weight")], [torch.randn(4, 3)], dtype=dt, progress=False)
+
+
+def test_a_stage_fed_a_tensor_changed_in_place_by_an_earlier_layer_comes_after_it():
+    from obs_plugins.curvature.collect import input_stages
+    from obs_plugins.targets import resolve_targets
+
+    class InPlaceBlock(nn.Module):
+        def __init__(self, d=4):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, x):
+            x = x.clone()
+            x.add_(self.l1(x))     # l2 reads the same tensor object, changed by l1's output
+            return self.l2(x)
+
+    blk = InPlaceBlock()
+    ts = resolve_targets(blk, [(blk.l1, "weight"), (blk.l2, "weight")])
+    stages = input_stages(blk, ts, ((torch.randn(3, 4),), {}))
+    assert [[t.key for t in st] for st, _ in stages] == [["l1.weight"], ["l2.weight"]]
+
+
+def test_a_three_tuple_batch_passes_the_whole_batch_to_the_loss():
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y, wt = torch.randn(4, 3), torch.randn(4, 2), torch.rand(4, 1)
+    curv = Curvature(model, [(model[0], "weight")], [(x, y, wt)],
+                     loss_fn=lambda out, b: (((out - b[1]) ** 2) * b[2]).mean())
+    with torch.no_grad():
+        ref = float((((model(x) - y) ** 2) * wt).mean())
+    assert curv.loss() == pytest.approx(ref, rel=1e-6)
+
+
+def test_a_fisher_target_with_zero_gradients_gets_an_absolute_damping():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    curv = Curvature(model, [(model[0], "weight")], [(torch.randn(5, 3), torch.randint(0, 2, (5,)))],
+                     loss_fn=ce_loss)
+    collect_fisher(curv, block_size=4, rel_damp=0.1, progress=False)
+    f = curv.fisher["0.weight"]
+    assert torch.all(f.blocks == 0)
+    assert torch.allclose(f.damp.float(), torch.full_like(f.damp.float(), 0.1))
+    assert torch.allclose(f.inverse, torch.eye(4).expand(3, 4, 4) / 0.1)
+
+
+def test_a_fisher_block_that_fails_climbs_the_ladder_alone():
+    from obs_plugins.curvature.fisher import _factor_blocks
+    from obs_plugins.curvature.linalg import DEFAULT_LADDER
+    Fb = torch.tensor([[[1.0, 1.2], [1.2, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    inv, used, _ = _factor_blocks("k", Fb, 4, 1e-2, DEFAULT_LADDER)
+    assert used.tolist() == [0.3, 0.01]
+    assert torch.allclose(inv[0], torch.linalg.inv(Fb[0] + 0.3 * torch.eye(2, dtype=torch.float64)))
+    assert torch.allclose(inv[1], torch.eye(2, dtype=torch.float64) / 1.01)
+
+
+@pytest.mark.parametrize("rd", [0.0, -0.1])
+def test_fisher_rel_damp_must_be_positive(rd):
+    model = nn.Sequential(nn.Linear(3, 2))
+    curv = Curvature(model, [(model[0], "weight")], [(torch.randn(4, 3), torch.randint(0, 2, (4,)))],
+                     loss_fn=ce_loss)
+    with pytest.raises(PruningInputError, match="rel_damp"):
+        collect_fisher(curv, rel_damp=rd, progress=False)
+
+
+def test_the_woodbury_memory_budget_counts_only_the_samples_used():
+    model = nn.Sequential(nn.Linear(5, 3))
+    batches = [(torch.randn(6, 5), torch.randint(0, 3, (6,))) for _ in range(2)]
+    curv = Curvature(model, [(model[0], "weight")], batches, loss_fn=ce_loss)
+    need = fisher_bytes(15, 8, mode="woodbury", samples=2)
+    rep = collect_fisher(curv, block_size=8, mode="woodbury", num_samples=2, memory_budget_mb=need / 2**20,
+                         progress=False)
+    assert rep["bytes"] == need
+
+
+def test_engine_vmap_raises_where_auto_falls_back_to_the_loop_and_says_so():
+    model = nn.Sequential(nn.Linear(3, 2))
+
+    def data_dependent(m, b):                      # float() of a traced tensor: not vmappable
+        return m(b[0]) if float(b[0].sum()) > -1e30 else -m(b[0])
+
+    curv = Curvature(model, [(model[0], "weight")], [(torch.randn(4, 3), torch.randint(0, 2, (4,)))],
+                     loss_fn=ce_loss, forward_fn=data_dependent)
+    with pytest.raises(Exception):
+        collect_fisher(curv, engine="vmap", progress=False)
+    rep = collect_fisher(curv, engine="auto", progress=False)
+    assert rep["engine"] == "loop" and rep["vmap_error"]
+
+
+def test_hutchinson_standard_error_is_the_unbiased_one():
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)) + 0.5
+    seen = []
+
+    def mv(v):
+        seen.append(v.clone())
+        return A @ v
+
+    est, se = hutchinson_trace(mv, 5, probes=3, distribution="gaussian")
+    vals = torch.tensor([float(z @ A @ z) for z in seen], dtype=torch.float64)
+    assert est == pytest.approx(float(vals.mean()), rel=1e-12)
+    assert se == pytest.approx(float(vals.std(unbiased=True)) / math.sqrt(3), rel=1e-12)
+
+
+def test_largest_magnitude_finds_a_dominant_negative_eigenvalue():
+    A = torch.diag(torch.tensor([-5.0, 1.0, 2.0, 3.0], dtype=torch.float64))
+    assert top_eigenvalue(lambda v: A @ v, 4, steps=4, which="LM") == pytest.approx(-5.0)
+    assert top_eigenvalue(lambda v: A @ v, 4, steps=4, which="LA") == pytest.approx(3.0)
+
+
+def test_slq_probes_are_independent_draws():
+    D = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
+    _, w = slq_density(lambda v: D @ v, 6, steps=6, probes=2, distribution="gaussian")
+    assert not torch.allclose(w[:6], w[6:])
+
+
+def test_hessian_trace_uses_the_batches_it_is_given():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    b0, b1 = [(torch.randn(5, 3), torch.randn(5, 2)) for _ in range(2)]
+    params = [(model[0], "weight"), (model[2], "weight")]
+
+    def mse(o, y):
+        return ((o - y) ** 2).mean()
+
+    both = Curvature(model, params, [b0, b1], loss_fn=mse)
+    only0 = Curvature(model, params, [b0], loss_fn=mse)
+    on_b0 = hessian_trace(both, probes=8, batches=[b0])[0]
+    assert on_b0 == pytest.approx(hessian_trace(only0, probes=8)[0], rel=1e-9)
+    assert on_b0 != pytest.approx(hessian_trace(both, probes=8)[0], rel=1e-6)
+
+
+def test_the_gate_factor_runs_the_model_in_eval_mode_and_restores_train_mode():
+    from obs_plugins.curvature.gates import gate_ggn_factor
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3))
+    X = torch.randn(8, 4)
+    sites = {model[3]: torch.tensor([0, 0, 1, 1, 2, 2])}
+    model.train()
+    B_train = gate_ggn_factor(model, sites, [(X, None)])
+    assert model.training and model[2].training
+    assert torch.allclose(B_train, gate_ggn_factor(model.eval(), sites, [(X, None)]))
+
+
+def test_gate_ids_at_or_above_n_gates_are_refused_by_name():
+    from obs_plugins.curvature.gates import gate_ggn_factor
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(PruningInputError, match="gate ids"):
+        gate_ggn_factor(model, {model[1]: torch.tensor([0, 1, 2])}, [(torch.randn(4, 4), None)], n_gates=2)

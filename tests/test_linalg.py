@@ -199,3 +199,30 @@ def test_a_non_symmetric_or_bad_curvature_is_refused_not_read_by_one_triangle():
         with pytest.raises(PruningInputError, match="^rel_damp"):
             inverse_factor(spd(3), rel_damp=bad)
     inverse_factor(spd(3) + 1e-9 * torch.randn(3, 3, dtype=f64))   # rounding-level asymmetry is fine
+
+
+def test_the_inverse_factor_always_reproduces_the_inverse_it_is_returned_with():
+    """fp32, rank 6 of 8, no damping: the first Cholesky can "succeed" while the factor of the inverse is garbage
+    (off by ~1e6); the ladder must then climb, so that hinv_chol_upperᵀ·hinv_chol_upper = hinv whatever it used."""
+    g = torch.Generator().manual_seed(4)
+    torch.randint(2, 8, (1,), generator=g)      # (the draw that found this case; keeps the generator's state)
+    A = torch.randn(8, 6, generator=g)
+    H = 2 * A @ A.T / 6
+    H = (H + H.T) / 2
+    f = inverse_factor(H, rel_damp=0.0)
+    U = f.hinv_chol_upper.double()
+    assert torch.isfinite(U).all()
+    ref = f.hinv.double()
+    assert float(torch.linalg.vector_norm(U.T @ U - ref) / torch.linalg.vector_norm(ref)) < 1e-3
+    assert f.rel_damp in (0.0, *DEFAULT_LADDER)
+
+
+def test_a_gram_one_percent_off_symmetric_is_refused_and_rounding_is_not():
+    H = spd(4)
+    off = H.clone()
+    off[0, 1] += 1e-2 * float(H.abs().max())
+    with pytest.raises(CurvatureError, match="not symmetric"):
+        inverse_factor(off)
+    near = H.clone()
+    near[0, 1] += 1e-7 * float(H.abs().max())
+    inverse_factor(near)
