@@ -58,13 +58,20 @@ def parse_nm(pattern) -> tuple[int, int] | None:
     return n, m
 
 
+def as_scores(x: torch.Tensor) -> torch.Tensor:
+    """Scores compared in at least float32, and in float64 for a float64 model: ranking an fp64 model's weights
+    in float32 would make weights that differ below float32's resolution tie and break by position, where
+    torch's own pruning compares them in float64."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int, prior_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask pruning exactly ``k`` of the currently kept entries, those with the lowest score.
 
     Entries already pruned in ``prior_mask`` stay pruned and are not counted in ``k``.  Ties are broken by
     position (stable sort), so the result is deterministic.
     """
-    flat = scores.detach().reshape(-1).float()
+    flat = as_scores(scores).reshape(-1)
     keep = torch.ones_like(flat, dtype=torch.bool) if prior_mask is None else prior_mask.reshape(-1).bool().clone()
     avail = int(keep.sum())
     if not 0 <= k <= avail:
@@ -90,7 +97,7 @@ def nm_mask(scores_2d: torch.Tensor, n: int, m: int, prior_mask: torch.Tensor | 
     if cols % m:
         raise PruningInputError(f"nm: {n}:{m} needs every layer's input width to be a multiple of {m}; {what} has "
                                 f"{cols} (leave it out of the pruned tensors: params, or a PruningConfig's exclude)")
-    s = scores_2d.detach().float().reshape(rows, cols // m, m)
+    s = as_scores(scores_2d).reshape(rows, cols // m, m)
     if prior_mask is not None:  # prior zeros count towards the N pruned of their group
         s = s.masked_fill(~prior_mask.reshape(rows, cols // m, m).bool(), float("-inf"))
     idx = torch.sort(s, dim=-1, stable=True).indices[..., :n]
@@ -123,7 +130,7 @@ def allocate_global(saliency: dict[str, torch.Tensor], prior: dict[str, torch.Te
                                 f"({sum(lo.values())}..{sum(hi.values())})")
     free_vals, free_owner = [], []
     for i, k in enumerate(keys):
-        s = torch.nan_to_num(saliency[k].reshape(-1).float().masked_fill(~prior[k].reshape(-1), float("inf")),
+        s = torch.nan_to_num(as_scores(saliency[k]).reshape(-1).masked_fill(~prior[k].reshape(-1), float("inf")),
                              nan=float("inf"))
         ranked = torch.sort(s, stable=True).values
         free_vals.append(ranked[lo[k]:hi[k]])

@@ -1,4 +1,5 @@
 """Registry behaviour and exact mask arithmetic (tiny known answers)."""
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -278,3 +279,29 @@ def test_lowest_k_mask_equals_a_stable_sort_with_ties_nans_and_prior_masks():
         idx = keep.nonzero().squeeze(1)
         keep[idx[torch.sort(torch.nan_to_num(sc[idx], nan=float("inf")), stable=True).indices[:k]]] = False
         assert torch.equal(lowest_k_mask(sc, k, prior), keep), (t, sc, k, prior)
+
+
+def test_a_float64_model_is_ranked_in_float64_like_torch():
+    """Weights that differ below float32's resolution: torch's L1 pruning removes the smaller one; ranking in
+    float32 made them tie and removed the first one instead (magnitude, exact-count, N:M and global ranking)."""
+    from torch.nn.utils import prune as tprune
+    from obs_plugins.api import plan
+    from obs_plugins.masks import allocate_global, lowest_k_mask, nm_mask
+    from obs_plugins.methods.magnitude import MagnitudeConfig
+    w = torch.tensor([[1.0 + 2e-9, 1.0 + 1e-9, 1.0 + 3e-9, 1.0 + 4e-9]], dtype=torch.float64)
+    lin = torch.nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    ref = copy.deepcopy(lin)
+    tprune.global_unstructured([(ref, "weight")], pruning_method=tprune.L1Unstructured, amount=1)
+    assert ref.weight_mask.bool().tolist() == [[True, False, True, True]]
+    p = plan(MagnitudeConfig(), targets=[(lin, "weight")], amount=1)
+    assert next(iter(p.entries.values())).mask.tolist() == [[True, False, True, True]]
+    assert lowest_k_mask(w, 2).tolist() == [[False, False, True, True]]
+    assert nm_mask(w, 2, 4).tolist() == [[False, False, True, True]]
+    counts = allocate_global({"a": w[:, :2], "b": w[:, 2:]}, {"a": torch.ones(1, 2, dtype=torch.bool),
+                                                              "b": torch.ones(1, 2, dtype=torch.bool)}, 1)
+    assert counts == {"a": 1, "b": 0}
+    counts = allocate_global({"a": w[:, 2:], "b": w[:, :2]}, {"a": torch.ones(1, 2, dtype=torch.bool),
+                                                              "b": torch.ones(1, 2, dtype=torch.bool)}, 1)
+    assert counts == {"a": 0, "b": 1}

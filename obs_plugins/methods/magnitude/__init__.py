@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import PruningInputError
-from ...masks import PrunePlan, allocate_global, allocate_uniform, lowest_k_mask, nm_mask, parse_nm
+from ...masks import PrunePlan, allocate_global, allocate_uniform, as_scores, lowest_k_mask, nm_mask, parse_nm
 from ...registry import register_method
 from ...targets import Target, check_targets, from_2d, to_2d
 
@@ -46,7 +46,7 @@ def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, 
     counts = allocate_uniform(prior, k_total) if allocation == "uniform" else allocate_global(scores, prior, k_total)
     for t in targets:
         if per_row:  # same number of prunes in every output row (Wanda's comparison group), vectorised
-            s2, p2 = to_2d(t.module, scores[t.key]).float(), to_2d(t.module, prior[t.key])
+            s2, p2 = as_scores(to_2d(t.module, scores[t.key])), to_2d(t.module, prior[t.key])
             row_counts = allocate_uniform({i: p2[i] for i in range(p2.shape[0])}, counts[t.key])
             n_row = torch.tensor([row_counts[i] for i in range(p2.shape[0])]) + (~p2).sum(1)
             order = torch.sort(s2.masked_fill(~p2, float("-inf")), dim=1, stable=True).indices
@@ -62,7 +62,7 @@ def magnitude_solve(targets: list[Target], k_total: int | None, config: Magnitud
     if config.allocation not in ("uniform", "global"):
         raise PruningInputError(f"allocation: 'uniform' or 'global', got {config.allocation!r}")
     check_targets(targets)  # NaN/Inf weights, meta tensors, several devices (the curvature routes check in Curvature)
-    scores = {t.key: t.current().abs().float() for t in targets}
+    scores = {t.key: as_scores(t.current().abs()) for t in targets}
     return _plan_from_scores(targets, scores, k_total, config.allocation, parse_nm(config.nm), False, "magnitude")
 
 
@@ -79,7 +79,7 @@ def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePla
         out = {}
         for t in block_targets:
             col_norm = torch.diagonal(grams[t.key]).clamp_min(0).sqrt()  # ∝ ||X_j||
-            s2 = to_2d(t.module, t.current()).abs().float() * col_norm.unsqueeze(0).float()
+            s2 = as_scores(to_2d(t.module, t.current()).abs()) * as_scores(col_norm).unsqueeze(0)
             scores = from_2d(t.module, s2, t.current())
             # the prior masks read before blockwise: inside it a pruned tensor runs with a unit mask
             # (Curvature._weights), so t.prior_mask() here said nothing was pruned: the earlier zeros were re-pruned

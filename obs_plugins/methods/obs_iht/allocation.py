@@ -15,7 +15,7 @@ import torch
 
 from ...curvature.linalg import inverse_factor
 from ...errors import PruningInputError
-from ...masks import allocate_global, allocate_proportional, allocate_uniform
+from ...masks import allocate_global, allocate_proportional, allocate_uniform, as_scores
 from ...targets import to_2d
 
 
@@ -56,8 +56,8 @@ def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]
     out = {}
     for t in targets:
         k = t.key
-        d = torch.diagonal(inverse_factor(curvature.hessians[k], rel_damp, what=f"H of {k}").hinv).float()
-        out[k] = sens[k].float().unsqueeze(1) * W0[k] ** 2 / d.unsqueeze(0)
+        d = as_scores(torch.diagonal(inverse_factor(curvature.hessians[k], rel_damp, what=f"H of {k}").hinv))
+        out[k] = as_scores(sens[k]).unsqueeze(1) * as_scores(W0[k]) ** 2 / d.unsqueeze(0)
     return out
 
 
@@ -96,7 +96,7 @@ def _fisher_saliency(curvature, key):
         raise PruningInputError(f"allocation='fisher' needs Fisher curvature for {key} (collect it with "
                                 "curv.collect_fisher(...)); or use allocation='global' or 'uniform'")
     from ...curvature.fisher import obs_saliency
-    return to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)).float()
+    return as_scores(to_2d(curvature.target_by_key(key).module, obs_saliency(curvature, key)))
 
 
 def owl_counts(curvature, targets, W0, prior, counts_total, lam: float, m: float):
