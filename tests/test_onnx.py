@@ -332,6 +332,17 @@ def test_verdict_rules_known_answers():
     few = ox.route_verdict(1, with_speed({"dense": st(10, 9.8, 10.2, 2), "pruned": st(5, 4.9, 5.1, 2)}), "dense",
                            1.05, 0.5, False, True)
     assert few["route"] == "dense" and "too few timed runs (2)" in few["verdict"]
+    # one route timed (no baseline, no sparse-kernel file): nothing was compared, and no comparison is explained
+    alone = {"pruned": {**st(5, 4.9, 5.1), "speedup": 1.0}}
+    one = ox.route_verdict(1, alone, "pruned", 1.05, 0.95, False, False)
+    assert one["route"] == "pruned" and "only pruned was timed" in one["verdict"]
+    assert "baseline=" in one["verdict"] and "sparse_kernel='auto' or 'on'" in one["verdict"]
+    assert "costs the same" not in one["verdict"] and "threshold" not in one["verdict"]
+    # two routes, no sparse-kernel file: the verdict does not claim the weights were below the threshold
+    nok = ox.route_verdict(1, with_speed({"dense": st(10, 9.8, 10.2), "pruned": st(10, 9.8, 10.2)}), "dense", 1.05,
+                           0.95, False, True)
+    assert "so that route was not tried" not in nok["verdict"]
+    assert "sparse_kernel='off' or no weight reached" in nok["verdict"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

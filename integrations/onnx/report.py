@@ -72,6 +72,11 @@ def route_verdict(b, st, base, min_speedup, mean_sp, has_kernel, has_baseline) -
     ``base`` and a sentence saying why nothing beat it (``mean_sp``: mean sparsity of the pruned weights;
     ``has_kernel`` / ``has_baseline``: whether a sparse-kernel route / a dense baseline was timed)."""
     bs = st[base]
+    if len(st) == 1:   # nothing was compared: say so instead of explaining a comparison never made
+        how = "pass baseline= (the dense model) to time it beside " + base
+        if not has_kernel:
+            how += ", and export with sparse_kernel='auto' or 'on' to time the sparse-kernel route"
+        return {"route": base, "speedup": 1.0, "verdict": f"only {base} was timed, so no route was compared: {how}."}
     if min(s["runs"] for s in st.values()) < MIN_RUNS:
         return {"route": base, "speedup": 1.0,
                 "verdict": f"too few timed runs ({min(s['runs'] for s in st.values())}) to call any route faster "
@@ -88,13 +93,14 @@ def route_verdict(b, st, base, min_speedup, mean_sp, has_kernel, has_baseline) -
                "for it (a dense MatMul holding zeros costs the same; SparseToDenseMatMul is a single-threaded CSR "
                "kernel that pays only for few input rows and very high sparsity); use structured pruning"
                + (" or batch 1" if b > 1 else ""))
-        if not has_kernel:
-            why += " (no weight reached the sparse-kernel threshold, so that route was not tried)"
+        if not has_kernel:   # off, or no weight reached the threshold: verify sees only that no file exists
+            why += (" (the sparse-kernel route was not timed: the export wrote no sparse-kernel file, because "
+                    "sparse_kernel='off' or no weight reached its threshold)")
     elif has_baseline:
         why = "the pruned model does no less work in ORT than the dense one (too little was removed, or the " \
               "removed part is not on the critical path)"
     else:
-        why = "no dense baseline given and no sparse-kernel route: nothing to compare (pass baseline=)"
+        why = "no dense baseline was timed, so this compares the pruned file's routes only (pass baseline=)"
     extra = "" if fastest == base else (f" ({fastest} measured {st[fastest]['speedup']:.2f}×, within noise: "
                                         f"IQRs overlap or < {min_speedup:.2f}×)")
     return {"route": base, "speedup": 1.0, "verdict": f"no route is faster than {base}{extra}: {why}."}
