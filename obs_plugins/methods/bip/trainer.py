@@ -113,7 +113,7 @@ class BiPTrainer:
     """Learns a top-k mask over ``params`` by bi-level optimization while the model trains.
 
     Args:
-        model: the model (scores and masks get each tensor's device and dtype).
+        model: the model (scores and masks get each tensor's device, and its dtype but never below float32).
         params: ``(module, name)`` pairs (torch.nn.utils.prune's convention) or module names.
         sparsity: fraction of the units (weights or channels) the training mask removes (a :class:`BiPConfig`
             field, like every keyword in ``overrides``: ``gamma=``, ``implicit_gradient=``, ``granularity=`` ...).
@@ -161,6 +161,7 @@ class BiPTrainer:
         self._parts = parts
         for t in targets:
             w = t.orig().detach()
+            w = w.to(torch.promote_types(w.dtype, torch.float32))  # scores in at least float32 (below)
             prior = t.prior_mask().to(w.device)
             if channel:
                 d = out_dim(t.module) if t.name == "weight" else 0
@@ -171,7 +172,8 @@ class BiPTrainer:
             else:
                 score = w.abs()
                 avail = prior
-            # a copy with its own storage: the scores never alias the weights
+            # a copy with its own storage (the scores never alias the weights), in at least float32: a bf16/fp16
+            # score rounds a typical step (~2e-4 of it) away, so the masks stopped learning
             self.scores[t.key] = nn.Parameter(score.detach().clone(memory_format=torch.contiguous_format))
             self._avail[t.key] = avail.bool()
             self._prior[t.key] = prior
