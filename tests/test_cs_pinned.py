@@ -64,7 +64,7 @@ def test_channel_magnitude_init_ranks_by_mean_across_tensors():
         a.weight.fill_(1.0); b.weight.fill_(0.5)      # sums 2 vs 4, means 1 vs 0.5
     cs = ContinuousSparsifier(nn.Sequential(a, b), ["0", "1"], score_init="magnitude", granularity="channel",
                               progress=False)
-    assert float(cs.scores["1.weight"]) < float(cs.scores["0.weight"])
+    assert float(cs.scores["1.weight"].detach()) < float(cs.scores["0.weight"].detach())
 
 def test_channel_magnitude_init_ignores_prior_pruned_weights():
     lin = nn.Linear(3, 2, bias=False)
