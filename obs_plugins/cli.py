@@ -84,6 +84,11 @@ def check_prune_args(args) -> None:
         check_writable(args.json, "--json", folder=False)
     if args.save is not None:
         check_writable(args.save, "--save", folder=True)
+    from .experiment import check_windows, load_texts
+    try:   # the texts take seconds, the model load much longer
+        check_windows(*load_texts(), args.calib, args.eval, args.seq_len)
+    except PruningInputError as e:
+        raise PruningInputError(f"--{e}") from None
 
 
 def prune_for_save(setup, method: str, sparsity: str, curvature, *, iterations: int, grad_subsets: int,

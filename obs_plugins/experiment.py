@@ -21,17 +21,9 @@ CALIB_PLAYS = ("as_you_like_it", "coriolanus", "cymbeline", "julius_caesar", "le
                "twelfth_night", "winters_tale")
 
 
-def spread_windows(ids: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
-    """``n`` non-overlapping windows spread evenly over a 1-D token stream."""
-    if ids.numel() < n * seq_len:
-        raise ValueError(f"n/seq_len: {ids.numel()} tokens available, {n * seq_len} needed")
-    stride = (ids.numel() - seq_len) // max(n - 1, 1)
-    stride = max(stride, seq_len)
-    return torch.stack([ids[i * stride:i * stride + seq_len] for i in range(n)])
-
-
 CALIB_SOURCES = ("shakespeare", "kjv", "bbc")  # the mixed calibration set: drama, scripture, journalism
 HELDOUT_TEXTS = ("shakespeare", "austen")     # held-out plays of the calibration author, and another author
+WINDOW_CHARS = 12   # characters cut per window token (English BPE: ~4-5 a token; a chunk always has enough)
 
 
 def text_windows(tokenizer, text: str, n: int, seq_len: int, draw: int = 0) -> torch.Tensor:
@@ -39,7 +31,7 @@ def text_windows(tokenizer, text: str, n: int, seq_len: int, draw: int = 0) -> t
     a character chunk (only the chunks are tokenised, not the whole corpus).  ``draw`` > 0 shifts every window by
     the fractional part of ``draw`` times the golden ratio of the stride: another evenly spread set of windows
     from the same text (``draw=0``: the first window starts the text, the last one ends it)."""
-    chars = seq_len * 12  # English BPE: ~4-5 characters a token; generous so a chunk always has enough tokens
+    chars = seq_len * WINDOW_CHARS
     if len(text) < n * chars:
         raise ValueError(f"n/seq_len: the text has {len(text)} characters, {n * chars} are needed")
     if not (isinstance(draw, int) and draw >= 0):
@@ -83,6 +75,37 @@ def _source_text(name: str, calib_plays, heldout_plays) -> str:
     raise ValueError(f"calib: unknown source {name!r}; choose from {', '.join(CALIB_SOURCES)}")
 
 
+def _per_source(n_calib: int, n_sources: int) -> list[int]:
+    return [n_calib // n_sources + (i < n_calib % n_sources) for i in range(n_sources)]
+
+
+def load_texts(calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_plays=CALIB_PLAYS,
+               heldout_plays=HELDOUT_PLAYS) -> tuple[dict, dict]:
+    """The calibration sources' and held-out texts' raw text (seconds; no model)."""
+    from .data import load_austen, load_shakespeare
+    srcs = list(calib_sources)
+    if not srcs:
+        raise ValueError("calib_sources: give at least one source")
+    held_text = {"shakespeare": lambda: load_shakespeare(list(heldout_plays)), "austen": load_austen}
+    unknown = [h for h in heldout_texts if h not in held_text]
+    if unknown:
+        raise ValueError(f"heldout_texts: unknown {unknown}; choose from {', '.join(held_text)}")
+    return ({s: _source_text(s, calib_plays, heldout_plays) for s in srcs},
+            {h: held_text[h]() for h in heldout_texts})
+
+
+def check_windows(calib_text: dict, held_text: dict, n_calib: int, n_eval: int, seq_len: int) -> None:
+    """Refuse, naming ``calib`` / ``eval``, a window count a text cannot hold -- before any model loads."""
+    chars = seq_len * WINDOW_CHARS
+    need = [("calib", s, n, t) for (s, t), n in zip(calib_text.items(), _per_source(n_calib, len(calib_text)))]
+    need += [("eval", h, n_eval, t) for h, t in held_text.items()]
+    for arg, name, n, text in need:
+        if len(text) < n * chars:
+            raise PruningInputError(
+                f"{arg}: {n} windows of {seq_len} tokens from {name!r} need {n * chars:,} characters ({chars} a "
+                f"window), it has {len(text):,}: at most {len(text) // chars} windows there at this seq_len")
+
+
 def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch_size: int = 4,
                   calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS, blocks: int | None = None,
                   calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_draw: int = 0) -> LLMSetup:
@@ -91,24 +114,18 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
     set.  ``calib_draw``: another set of calibration windows from the same sources (``text_windows``' ``draw``;
     the held-out windows never change).  ``heldout_texts``: perplexity sets, never used for any choice.
     ``blocks``: prune only the Linear weights of the first ``blocks`` decoder layers (default: all 30)."""
-    from .data import load_austen, load_shakespeare, load_smollm2
+    from .data import load_smollm2
+    calib_text, held_text = load_texts(calib_sources, heldout_texts, calib_plays, heldout_plays)
+    check_windows(calib_text, held_text, n_calib, n_eval, seq_len)   # before the model load
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
-    srcs = list(calib_sources)
-    if not srcs:
-        raise ValueError("calib_sources: give at least one source")
-    per = [n_calib // len(srcs) + (i < n_calib % len(srcs)) for i in range(len(srcs))]
-    wins = [text_windows(tok, _source_text(s, calib_plays, heldout_plays), n, seq_len, draw=calib_draw)
-            for s, n in zip(srcs, per)]
+    srcs = list(calib_text)
+    per = _per_source(n_calib, len(srcs))
+    wins = [text_windows(tok, calib_text[s], n, seq_len, draw=calib_draw) for s, n in zip(srcs, per)]
     order = [w[i] for i in range(max(per)) for w in wins if i < len(w)]  # interleaved: s0, s1, s2, s0, ...
     calib = causal_lm_batches(torch.stack(order), batch_size)
-    held_text = {"shakespeare": lambda: load_shakespeare(list(heldout_plays)), "austen": load_austen}
-    unknown = [h for h in heldout_texts if h not in held_text]
-    if unknown:
-        raise ValueError(f"heldout_texts: unknown {unknown}; choose from {', '.join(held_text)}")
-    held = {h: causal_lm_batches(text_windows(tok, held_text[h](), n_eval, seq_len), batch_size)
-            for h in heldout_texts}
+    held = {h: causal_lm_batches(text_windows(tok, t, n_eval, seq_len), batch_size) for h, t in held_text.items()}
     targets = prunable_linear_targets(model, exclude=("lm_head",))
     if blocks is not None:
         if not 1 <= blocks <= len(model.model.layers):

@@ -139,9 +139,13 @@ def _no_load(monkeypatch):
     (["--blocks", "0"], "--blocks"), (["--blocks", "31"], "--blocks"), (["--json", __file__ + "/r.json"], "--json"),
     (["--json", "."], "--json"), (["--save", __file__], "--save"), (["--save", __file__ + "/m"], "--save"),
     (["--method", "wanda", "--iterations", "0"], "--iterations"),
-    (["--method", "magnitude", "--grad-subsets", "0"], "--grad-subsets"), (["--threads", "-1"], "--threads")])
+    (["--method", "magnitude", "--grad-subsets", "0"], "--grad-subsets"), (["--threads", "-1"], "--threads"),
+    # more windows than a text holds (the held-out plays hold 172 at --seq-len 256): refused before the model load,
+    # naming the flag (it was a ValueError from the window cutter after the model had loaded)
+    (["--eval", "200"], "--eval"), (["--calib", "3000"], "--calib"), (["--seq-len", "8192"], "--eval")])
 def test_prune_refuses_every_bad_flag_before_loading_the_model(args, flag, capsys, monkeypatch):
     _no_load(monkeypatch)
+    monkeypatch.setattr(data, "load_smollm2", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["prune", "--quiet"] + args) == 2
     assert capsys.readouterr().err.startswith(f"obs-prune: error: {flag}: ")
 
