@@ -44,10 +44,11 @@ def check_sparsity_spec(spec: str) -> None:
         raise PruningInputError(f"--{e}") from None
 
 
-def check_prune_args(args) -> None:
+def check_prune_args(args) -> tuple | None:
     """Every ``prune`` flag checked before anything is loaded (the model load takes minutes).  The parser leaves
     a main-job flag that was not given at ``None``, so a flag given with its default value is still seen (and
-    refused on the other route); the defaults are filled in here."""
+    refused on the other route); the defaults are filled in here.  Returns the main job's texts (read to check
+    the window counts; ``setup_smollm2`` takes them instead of reading them again), ``None`` on the other route."""
     import os
     _check_threads(args)
     if args.model is not None or args.config is not None:   # the Hugging Face route: settings from --config
@@ -65,7 +66,7 @@ def check_prune_args(args) -> None:
         if args.calibration is not None and not os.path.isfile(args.calibration):
             raise PruningInputError(f"--calibration: no such file {args.calibration!r}")
         check_writable(args.out, "--out", folder=True)
-        return
+        return None
     for name, default in MODEL_ONLY.items():
         if getattr(args, name) != default:
             raise PruningInputError(f"{_flag(name)}: goes with --model and --config (pruning a saved Transformers "
@@ -85,10 +86,12 @@ def check_prune_args(args) -> None:
     if args.save is not None:
         check_writable(args.save, "--save", folder=True)
     from .experiment import check_windows, load_texts
-    try:   # the texts take seconds, the model load much longer
-        check_windows(*load_texts(), args.calib, args.eval, args.seq_len)
+    texts = load_texts()   # seconds; the model load takes much longer
+    try:
+        check_windows(*texts, args.calib, args.eval, args.seq_len)
     except PruningInputError as e:
         raise PruningInputError(f"--{e}") from None
+    return texts
 
 
 def prune_for_save(setup, method: str, sparsity: str, curvature, *, iterations: int, grad_subsets: int,
@@ -111,7 +114,7 @@ def prune_for_save(setup, method: str, sparsity: str, curvature, *, iterations: 
 
 
 def cmd_prune(args) -> int:
-    check_prune_args(args)
+    texts = check_prune_args(args)
     if args.model is not None or args.config is not None:  # the Hugging Face route (issue 15)
         return cmd_prune_model(args)
     import os
@@ -127,7 +130,8 @@ def cmd_prune(args) -> int:
     progress = not args.quiet
     print(f"obs-prune: loading SmolLM2-135M-Instruct (packaged GGUF, dequantized to fp32) and the calibration and held-out texts ...",
           flush=True)
-    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, blocks=args.blocks)
+    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, blocks=args.blocks,
+                          texts=texts)
     dense = dense_row(setup, progress)
     rows = [dense]
     methods = ["magnitude"] + ([args.method] if args.method != "magnitude" else [])

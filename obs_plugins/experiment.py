@@ -108,14 +108,16 @@ def check_windows(calib_text: dict, held_text: dict, n_calib: int, n_eval: int, 
 
 def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch_size: int = 4,
                   calib_plays=CALIB_PLAYS, heldout_plays=HELDOUT_PLAYS, blocks: int | None = None,
-                  calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_draw: int = 0) -> LLMSetup:
+                  calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_draw: int = 0,
+                  texts: tuple[dict, dict] | None = None) -> LLMSetup:
     """``calib_sources``: the calibration windows are spread over each source and interleaved (so the held-out
     calibration batches OBS-IHT chooses its steps on are mixed too); ``("shakespeare",)`` is the single-author
     set.  ``calib_draw``: another set of calibration windows from the same sources (``text_windows``' ``draw``;
     the held-out windows never change).  ``heldout_texts``: perplexity sets, never used for any choice.
-    ``blocks``: prune only the Linear weights of the first ``blocks`` decoder layers (default: all 30)."""
+    ``blocks``: prune only the Linear weights of the first ``blocks`` decoder layers (default: all 30).
+    ``texts``: :func:`load_texts`' result for these sources when the caller has read them already."""
     from .data import load_smollm2
-    calib_text, held_text = load_texts(calib_sources, heldout_texts, calib_plays, heldout_plays)
+    calib_text, held_text = texts or load_texts(calib_sources, heldout_texts, calib_plays, heldout_plays)
     check_windows(calib_text, held_text, n_calib, n_eval, seq_len)   # before the model load
     t0 = time.perf_counter()
     model, tok = load_smollm2()
