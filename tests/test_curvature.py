@@ -684,23 +684,23 @@ def test_per_sample_fisher_refuses_sequence_first_inputs():
 
 
 # ------------------------------------------------------------------------------------------ pinned by mutation testing
-class _Reused(nn.Module):
-    """l1 runs twice (on x, then on a = l1(x)); l2 reads the very tensor of l1's first call."""
+class _TwoLinear(nn.Module):
+    """Two 4x4 Linear layers; each subclass wires them differently."""
 
     def __init__(self, d=4):
         super().__init__()
         self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
+
+
+class _Reused(_TwoLinear):
+    """l1 runs twice (on x, then on a = l1(x)); l2 reads the very tensor of l1's first call."""
 
     def forward(self, x):
         a = self.l1(x)
         return self.l1(a) + self.l2(a)
 
 
-class _ChangedInPlace(nn.Module):
-    def __init__(self, d=4):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
-
+class _ChangedInPlace(_TwoLinear):
     def forward(self, x):
         x = x.clone()
         a = self.l1(x)
@@ -746,11 +746,7 @@ def test_a_stage_fed_a_tensor_changed_in_place_by_an_earlier_layer_comes_after_i
     from obs_plugins.curvature.collect import input_stages
     from obs_plugins.targets import resolve_targets
 
-    class InPlaceBlock(nn.Module):
-        def __init__(self, d=4):
-            super().__init__()
-            self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d)
-
+    class InPlaceBlock(_TwoLinear):
         def forward(self, x):
             x = x.clone()
             x.add_(self.l1(x))     # l2 reads the same tensor object, changed by l1's output
