@@ -532,3 +532,113 @@ def test_on_block_refuses_blocks_that_are_not_a_chain():
     batches = [torch.randn(4, 8)]
     with pytest.raises(PruningInputError, match="not a chain"):
         Curvature.layerwise(model, params, batches, on_block=lambda i, bt: False, progress=False)
+
+
+def _cast(x, dtype):
+    if torch.is_tensor(x):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+def _floats(x):
+    if torch.is_tensor(x):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _floats(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _floats(v)]
+    return []
+
+
+@pytest.fixture
+def offload_as_float64(monkeypatch):
+    """Offload with a second 'device' a CPU-only test can see: the cache keeps activations in float64 and a block
+    runs on float32.  A path that hands a block cached inputs without ``use`` feeds float64 into a float32 layer
+    (an error); one that caches without ``keep`` is caught by ``use``'s check.  float32 -> float64 -> float32
+    is exact, so the plan must be bit-identical to the one without offload."""
+    from obs_plugins.curvature import collect
+    calls = {"keep": 0, "use": 0}
+
+    def keep(self, x):
+        if self.store is None:
+            return x
+        calls["keep"] += 1
+        return _cast(x, torch.float64)
+
+    def use(self, x):
+        if self.store is None:
+            return x
+        bad = [t.dtype for t in _floats(x) if t.dtype != torch.float64]
+        assert not bad, f"an input reached use() without keep(): {bad}"
+        calls["use"] += 1
+        return _cast(x, torch.float32)
+
+    monkeypatch.setattr(collect._Cached, "keep", keep)
+    monkeypatch.setattr(collect._Cached, "use", use)
+    return calls
+
+
+def _plan_tensors(plan):
+    return {k: (e.mask.clone(), e.new_weight.clone()) for k, e in plan.entries.items()}
+
+
+@pytest.mark.parametrize("stages", ["block", "sublayer"])
+def test_offloaded_activations_give_the_same_plan(stages, offload_as_float64):
+    model, params, batches = llama_problem()
+    cfg = OBSIHTConfig(iterations=1, progress=False)
+    ref = api.plan(cfg, curvature=Curvature.layerwise(model, params, batches, sequential=stages, offload=False,
+                                                      progress=False), amount=0.5)
+    assert offload_as_float64["keep"] == 0
+    curv = Curvature.layerwise(model, params, batches, sequential=stages, offload=True, progress=False)
+    assert curv.offload == torch.device("cpu")
+    plan = api.plan(cfg, curvature=curv, amount=0.5)
+    assert offload_as_float64["keep"] > 0 and offload_as_float64["use"] > 0
+    got, want = _plan_tensors(plan), _plan_tensors(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k][0], want[k][0]) and torch.equal(got[k][1], want[k][1]), k
+    for k in ref.report["predicted_layer_loss"]:
+        assert plan.report["predicted_layer_loss"][k] == ref.report["predicted_layer_loss"][k]
+
+
+def test_offloaded_blocks_with_inputs_of_their_own_and_the_eager_hook(offload_as_float64):
+    """Block-own inputs (Qwen2's sliding/full masks) are offloaded too, and the older eager ``on_block`` path
+    collects the same Grams with and without offload."""
+    import transformers
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(3))
+    batches = [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}]
+    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_sliding_window=True, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention", "full_attention"])
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    params = [(m, "weight") for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    plans = []
+    for off in (False, True):
+        curv = Curvature.layerwise(model, params, batches, offload=off, progress=False)
+        assert not curv._shared_inputs
+        plans.append(_plan_tensors(api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv,
+                                            amount=0.5)))
+    for k in plans[0]:
+        assert torch.equal(plans[0][k][0], plans[1][k][0]) and torch.equal(plans[0][k][1], plans[1][k][1]), k
+    grams = []
+    for off in (False, True):
+        offload_as_float64["keep"] = 0
+        c = Curvature.layerwise(model, params, batches, offload=off, on_block=lambda i, bt: False, progress=False)
+        grams.append({k: h.clone() for k, h in c.hessians.items()})
+        assert (offload_as_float64["keep"] > 0) == off
+    assert all(torch.equal(grams[0][k], grams[1][k]) for k in grams[0])
+
+
+def test_offload_values_and_what_auto_means():
+    model, params, batches = llama_problem()
+    assert Curvature.layerwise(model, params, batches, progress=False).offload is None  # auto on a CPU model
+    assert Curvature.layerwise(model, params, batches, offload=False, progress=False).offload is None
+    assert Curvature.layerwise(model, params, batches, offload=True, progress=False).offload == torch.device("cpu")
+    with pytest.raises(PruningInputError, match="offload"):
+        Curvature.layerwise(model, params, batches, offload="cpu", progress=False)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import PruningInputError
 from ..targets import Target, layer_kind
+from .batching import move
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -312,22 +313,27 @@ def no_kv_cache(model):
             cfg.use_cache = old
 
 
-def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None) -> list[tuple[list, dict]]:
+def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None, store=None,
+                         compute=None) -> list[tuple[list, dict]]:
     """The positional and keyword inputs of ``first_block`` for every batch (the forward stops there), without
     key/value caches (:func:`stateless_kwargs`).  With ``blocks`` (the stack, ``blocks[0] is first_block``) the
     dense forward runs on to the last block and keeps every block's own other inputs too (all but the hidden
-    states, which the calibration feeds itself); ``cached.at(i)`` gives block i's inputs."""
+    states, which the calibration feeds itself); ``cached.at(i)`` gives block i's inputs.  ``store`` (offload):
+    the device the inputs are kept on between block runs, each moved there as soon as it is caught; the blocks
+    run on ``compute`` (the model's device; see :class:`_Cached`)."""
     if blocks is not None and blocks[0] is not first_block:
         raise ValueError("capture_block_inputs: blocks[0] must be first_block")
     n = 1 if blocks is None else len(blocks)
-    cached = []
+    out = _Cached()
+    out.store, out.compute = store, compute
+    cached = out
     others: list[list] = [[] for _ in range(n)]
 
     def catch(_m, args, kwargs, i):
         if i == 0:
-            cached.append((list(args), stateless_kwargs(dict(kwargs))))
+            cached.append(out.keep((list(args), stateless_kwargs(dict(kwargs)))))
         else:
-            others[i].append((list(args[1:]), stateless_kwargs(dict(kwargs))))
+            others[i].append(out.keep((list(args[1:]), stateless_kwargs(dict(kwargs)))))
         if i == n - 1:
             raise _Stop
 
@@ -346,7 +352,6 @@ def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None
             h.remove()
     if len(cached) != len(batches) or any(len(o) != len(batches) for o in others[1:]):
         raise ValueError("sequential calibration: the forward pass did not reach every block for every batch")
-    out = _Cached(cached)
     out.row_masks = [row_mask(b) for b in batches]
     out.per_block = None if blocks is None else others
     return out
@@ -355,9 +360,24 @@ def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None
 class _Cached(list):
     """Cached block inputs, one per batch, with each batch's token mask (``row_masks``) for the Gram hooks, and,
     where blocks get inputs of their own (``per_block[i][b]``: block i's other positional and keyword inputs
-    for batch b), :meth:`at` to put them beside the current hidden states."""
+    for batch b), :meth:`at` to put them beside the current hidden states.
+
+    Offload: with ``store`` set (CPU, for a model on an accelerator) every cached input and block output is
+    kept there (:meth:`keep`) and moved to ``compute``, the model's device, only for the one batch a block is
+    running on (:meth:`use`); so the accelerator holds one batch's activations, not the calibration set's.
+    Without ``store`` both are the identity (nothing is copied)."""
     row_masks: list = []
     per_block: list | None = None
+    store: torch.device | None = None
+    compute: torch.device | None = None
+
+    def keep(self, x):
+        """``x`` (tensors, nested in tuples/lists/dicts) where the cache keeps it between block runs."""
+        return x if self.store is None else move(x, self.store)
+
+    def use(self, x):
+        """``x`` on the device the blocks run on."""
+        return x if self.store is None else move(x, self.compute)
 
     def at(self, i: int) -> "_Cached":
         """The inputs of block ``i``: the cached hidden states with block i's own other inputs (``self`` where
@@ -365,7 +385,7 @@ class _Cached(list):
         if not self.per_block or i == 0:
             return self
         view = _Cached(([a[0]] + list(extra), kw) for (a, _), (extra, kw) in zip(self, self.per_block[i]))
-        view.row_masks = self.row_masks
+        view.row_masks, view.store, view.compute = self.row_masks, self.store, self.compute
         return view
 
 
@@ -373,13 +393,23 @@ def _masks_of(cached) -> list:
     return getattr(cached, "row_masks", None) or [None] * len(cached)
 
 
+def _use(cached, one):
+    """One cached ``(args, kwargs)`` on the blocks' device (:meth:`_Cached.use`; a plain list needs no move)."""
+    return cached.use(one) if isinstance(cached, _Cached) else one
+
+
+def _keep(cached, x):
+    return cached.keep(x) if isinstance(cached, _Cached) else x
+
+
 def run_block(block, cached) -> list:
-    """``block``'s outputs for every cached input."""
+    """``block``'s outputs for every cached input (kept where the cache keeps its inputs)."""
     out = []
     with torch.no_grad():
-        for (a, k), m in zip(cached, _masks_of(cached)):
+        for one, m in zip(cached, _masks_of(cached)):
+            a, k = _use(cached, one)
             with masking_rows(m):
-                out.append(block(*a, **k))
+                out.append(_keep(cached, block(*a, **k)))
     return out
 
 
@@ -431,7 +461,8 @@ def run_block_until(block, cached, modules) -> None:
     handles = [m.register_forward_hook(stop) for m in modules]
     try:
         with torch.no_grad():
-            for (a, k), m in zip(cached, _masks_of(cached)):
+            for one, m in zip(cached, _masks_of(cached)):
+                a, k = _use(cached, one)
                 fired.clear()
                 try:
                     with masking_rows(m):
@@ -449,9 +480,11 @@ def feed(cached, outs) -> None:
         a[0] = o[0] if isinstance(o, (tuple, list)) else o
 
 
-def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=None, progress=True):
+def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=None, progress=True, store=None,
+                       compute=None):
     """Eager block-by-block calibration: each block sees the outputs of the already-processed (possibly
-    pruned by ``on_block``) blocks before it; peak memory is one block's activations for the calibration set."""
+    pruned by ``on_block``) blocks before it; peak memory is one block's activations for the calibration set
+    (kept on ``store`` when given, see :class:`_Cached`)."""
     from tqdm.auto import tqdm
     _, blocks = find_block_list(model, targets)
     in_blocks = {id(m) for blk in blocks for m in blk.modules()}
@@ -466,7 +499,8 @@ def collect_sequential(model, targets, batches, forward_fn, accs, *, on_block=No
         raise PruningInputError("on_block: the blocks of the stack are not a chain (a forward pass does not feed "
                                 "each block exactly the previous block's output, e.g. a residual added outside "
                                 "the blocks); block-by-block calibration would see other inputs than the model")
-    cached = capture_block_inputs(model, blocks[0], batches, forward_fn, blocks=None if shared else blocks)
+    cached = capture_block_inputs(model, blocks[0], batches, forward_fn, blocks=None if shared else blocks,
+                                  store=store, compute=compute)
     by_block = [[t for t in targets if any(t.module is m for m in blk.modules())] for blk in blocks]
     for i, blk in enumerate(tqdm(blocks, desc="calibrating blocks", disable=not progress, leave=False)):
         handles = add_gram_hooks(by_block[i], accs)

@@ -113,6 +113,7 @@ class Curvature:
         self.dtype = torch.float32
         self.progress = True
         self._grams_pending = False    # sequential: the one-pass Grams are only collected if someone asks
+        self.offload: torch.device | None = None   # sequential: where block activations wait (None: model device)
 
     @property
     def hessians(self) -> dict[str, torch.Tensor]:
@@ -144,7 +145,7 @@ class Curvature:
     def layerwise(cls, model: nn.Module, params, batches: Iterable, *, loss_fn: Callable | None = None,
                   forward_fn: Callable | None = None, sequential: bool | str = "auto",
                   on_block: Callable | None = None, dtype: torch.dtype = torch.float32,
-                  progress: bool = True) -> "Curvature":
+                  progress: bool = True, offload: bool | str = "auto") -> "Curvature":
         """Per-layer input Gram ``H = 2 X X^T / n`` of every target, from forward hooks.
 
         ``sequential``: ``"auto"`` (default) calibrates block by block whenever every target lives in one stack
@@ -160,6 +161,11 @@ class Curvature:
         balance, docs/results/llm-compressor.md).  ``curv.stages`` records the order used (``None`` for one pass).
         ``on_block(i, block_targets) -> bool`` (implies sequential) is the older eager hook: it may change the
         block's weights before its outputs feed the next block, and the Grams are collected now.
+        ``offload``: where sequential calibration keeps the calibration set's block activations between block
+        runs.  ``"auto"`` (default) keeps them in CPU memory when the model is on an accelerator (CUDA) and moves
+        one batch at a time to it, as SparseGPT and llm-compressor do, so the accelerator holds one batch's
+        activations; ``True`` always (for a model on the CPU every move is a no-op); ``False`` keeps them on
+        the model's device (faster where they fit).  ``curv.offload`` is the device used (``None``: no offload).
         ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
         ``loss_fn(output, batch)`` for dicts) is kept for methods that need gradients (OBS-IHT iterations,
         global allocation, HVPs).
@@ -169,7 +175,11 @@ class Curvature:
         if not isinstance(sequential, bool) and sequential not in ("auto", "block", "sublayer"):
             raise PruningInputError("sequential: True, False, 'auto', 'block' or 'sublayer', got "
                                     f"{sequential!r}")
+        if not isinstance(offload, bool) and offload != "auto":
+            raise PruningInputError(f"offload: True, False or 'auto', got {offload!r}")
         curv = cls(model, params, batches, loss_fn=loss_fn, forward_fn=forward_fn)
+        curv.offload = (torch.device("cpu") if offload is True or (offload == "auto" and curv.device.type != "cpu")
+                        else None)
         for i, t in enumerate(curv.targets):
             if t.name != "weight":
                 raise PruningInputError(f"params[{i}]: {t.key} is not a layer weight; layer curvature (the input Gram) "
@@ -256,7 +266,7 @@ class Curvature:
         batches = [move(b, self.device) for b in self.batches]
         with self._eval_mode():
             collect_sequential(self.model, self.targets, batches, self.forward_fn, accs, on_block=on_block,
-                               progress=self.progress)
+                               progress=self.progress, store=self.offload, compute=self.device)
         self._store(accs)
 
     def blockwise(self, targets: list[Target], solve_layers: Callable) -> dict[str, torch.Tensor]:
@@ -268,10 +278,11 @@ class Curvature:
         planned* (temporarily swapped in, always restored), then the block is re-run with its own planned
         weights to feed block i+1 (with ``sublayer``, the block's stages are collected and solved one after
         another, each with the stages before it planned; each such run stops once the stage's layers have
-        seen their inputs).  Peak extra memory: one block's activations for the calibration set.  The
-        model is left exactly as it was (also when ``solve_layers`` raises); ``hessians`` ends up holding the
-        Grams the plan was solved on.  Inside ``solve_layers`` a pruned tensor runs with a unit mask
-        (:meth:`_weights`), so read prior masks (``t.prior_mask()``) before calling this, as the solvers do.
+        seen their inputs).  Peak extra memory: one block's activations for the calibration set (in CPU memory
+        under ``offload``).  The model is left exactly as it was (also when ``solve_layers`` raises);
+        ``hessians`` ends up holding the Grams the plan was solved on.  Inside ``solve_layers`` a pruned tensor
+        runs with a unit mask (:meth:`_weights`), so read prior masks (``t.prior_mask()``) before calling this,
+        as the solvers do.
         """
         if not self.sequential:
             hs = self.hessians
@@ -289,7 +300,8 @@ class Curvature:
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
             # every block's own other inputs (masks, rotary tables, position bias) where they are not block 0's
             cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
-                                          blocks=None if self._shared_inputs else blocks)
+                                          blocks=None if self._shared_inputs else blocks,
+                                          store=self.offload, compute=self.device)
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
                 bt, blk = by_block[i], blocks[i]
@@ -297,7 +309,7 @@ class Curvature:
                 if not bt:
                     stages = []
                 elif self.stages == "sublayer":
-                    stages = input_stages(blk, bt, cached.at(i)[0])
+                    stages = input_stages(blk, bt, cached.use(cached.at(i)[0]))
                 else:
                     stages = [(bt, True)]
                 for st, whole in stages:  # (targets, needs the whole block run)
