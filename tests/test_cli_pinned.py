@@ -388,3 +388,53 @@ def test_benchmarks_common_stem_and_stopwatch(tmp_path, monkeypatch):
     a = live.seconds
     time.sleep(0.02)
     assert live.seconds >= a + 0.02
+
+
+@pytest.mark.real_model
+def test_limit_trains_saves_and_reloads_the_same_model(tmp_path, capsys):
+    """The ``limit`` training route end to end (only its refusals and the --model route were tested): the MLP has
+    the --hidden sizes, is trained (far above chance), --l1 drives weights to zero, --save-model writes the model
+    the estimate ran on (re-running on it with --model gives the same prediction, bit for bit)."""
+    from torch import nn
+    from obs_plugins.limit import LimitReport
+    xt, yt = _need(lambda: data.load_fashion_mnist("test"))
+    common = ["--hidden", "8", "--epochs", "1", "--steps", "4", "--probes", "1", "--hvp-samples", "300",
+              "--batches", "3", "--no-sweep", "--quiet", "--threads", "1", "--seed", "3"]
+    small, acc = {}, {}
+    for l1 in ("0", "0.003"):
+        out = tmp_path / f"l1_{l1}"
+        assert main(["limit", *common, "--l1", l1, "--save-model", str(out / "m.pt"), "--report",
+                     str(out / "r")]) == 0
+        model = torch.load(out / "m.pt", weights_only=False)
+        lin = [m for m in model if isinstance(m, nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in lin] == [(784, 8), (8, 10)]
+        assert not model.training
+        with torch.no_grad():
+            acc[l1] = float((model(xt.float().div(255).reshape(-1, 784)).argmax(1) == yt).float().mean())
+        w = torch.cat([m.weight.detach().reshape(-1) for m in lin])
+        small[l1] = float((w.abs() < 1e-3).float().mean())
+        assert LimitReport.load(out / "r.json").num_weights == 784 * 8 + 8 * 10
+    assert acc["0"] > 0.7 and acc["0.003"] > 0.5, acc            # trained: chance is 0.1
+    assert small["0.003"] > small["0"] + 0.2, small               # l1 reached the loss (plain: ~1% below 1e-3)
+    capsys.readouterr()
+    first = LimitReport.load(tmp_path / "l1_0" / "r.json").predicted
+    assert main(["limit", "--model", str(tmp_path / "l1_0" / "m.pt"), *common[4:], "--report",
+                 str(tmp_path / "again")]) == 0
+    assert LimitReport.load(tmp_path / "again.json").predicted == first
+
+
+def test_save_writes_the_best_t_model_the_report_scored(tmp_path, monkeypatch, cached_texts):
+    """--save re-plans the chosen method after the report (run_rows restored the dense weights): the saved model
+    must be the one the report's best-T row scored -- its held-out perplexity equals that row's, bit for bit, and
+    differs from T=1's (seed 0: best T=4)."""
+    _tiny_job()   # the flags are checked against the installed texts
+    model = _tiny_llama(layers=2)
+    ids = torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(experiment, "setup_smollm2", _tiny_setup_factory(model, ids))
+    out, js = tmp_path / "saved", tmp_path / "r.json"
+    assert main(["prune", "--quiet", "--iterations", "4", "--json", str(js), "--save", str(out)]) == 0
+    rows = {r["method"]: r["ppl"]["x"] for r in json.loads(js.read_text())["rows"]}
+    best = next(k for k in rows if k.startswith("OBS-IHT best T="))
+    assert best != "OBS-IHT best T=1" and rows[best] != rows["OBS-IHT T=1"]
+    saved = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert perplexity(saved, causal_lm_batches(ids, 4), progress=False) == rows[best]
