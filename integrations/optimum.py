@@ -39,7 +39,7 @@ from obs_plugins.errors import PruningInputError, check_writable
 from obs_plugins.lm import save_plain  # noqa: F401  (re-exported: it lived here)
 from obs_plugins.masks import bake, count_to_reach, parse_nm
 from obs_plugins.registry import CONFIG_FORMAT_VERSION, config_from_dict, config_to_dict, get_method, list_methods
-from obs_plugins.targets import check_tied, is_hf_conv1d, resolve_targets
+from obs_plugins.targets import check_tied, is_hf_conv1d, resolve_targets, warn_unpruned
 
 PRUNING_CONFIG_VERSION = 1
 
@@ -349,7 +349,10 @@ def select_targets(model: nn.Module, config: PruningConfig):
     if not names:
         raise PruningInputError(f"include: no Linear/Conv1D/Conv2d module matches include={config.include} "
                                 f"minus exclude={config.exclude}")
-    return resolve_targets(model, names)
+    targets = resolve_targets(model, names)
+    if inc is None:   # the default selection: say what it cannot take (MoE experts held as 3-D tensors)
+        warn_unpruned(model, targets, skip=lambda n: any(r.search(n) for r in exc), stacklevel=3)
+    return targets
 
 
 def _model_device(model):

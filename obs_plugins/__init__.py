@@ -5,7 +5,7 @@ torch.nn.utils.prune methods are re-exported here lazily for convenience (``from
 """
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .curvature import Curvature
-from .errors import CurvatureError, PruningInputError, TiedWeightWarning
+from .errors import CurvatureError, PruningInputError, TiedWeightWarning, UnprunedWeightsWarning
 from .masks import PrunePlan
 from .methods.magnitude import MagnitudeConfig, WandaConfig
 from .methods.obs_iht import OBSIHTConfig
@@ -33,6 +33,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'obs_plugins' has no attribute {name!r}")
 
 
-__all__ = ["Curvature", "CurvatureError", "PruningInputError", "TiedWeightWarning", "PrunePlan", "MagnitudeConfig", "WandaConfig",
+__all__ = ["Curvature", "CurvatureError", "PruningInputError", "TiedWeightWarning", "UnprunedWeightsWarning", "PrunePlan", "MagnitudeConfig", "WandaConfig",
            "OBSIHTConfig", "config_from_dict", "config_to_dict", "get_method", "list_methods", "register_method",
            "unregister_method", "Target", "prunable_linear_targets", "resolve_targets", *_LAZY]

@@ -10,6 +10,11 @@ class TiedWeightWarning(UserWarning):
     """A pruned tensor is shared with a module that was not listed (tied embeddings): both will change."""
 
 
+class UnprunedWeightsWarning(UserWarning):
+    """A default selection of Linear/Conv layers left out weight tensors no such layer holds (Mixture-of-Experts
+    experts stored as 3-D tensors, non-Linear routers, ``nn.MultiheadAttention.in_proj_weight``): they stay dense."""
+
+
 def check_writable(path, name: str, *, folder: bool, stem: bool = False) -> None:
     """Refuse, naming ``name``, a ``path`` that cannot be written: checked before any model loads or prunes.
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import PruningInputError
+from .errors import PruningInputError, UnprunedWeightsWarning
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -354,7 +354,8 @@ def check_tied(model: nn.Module | None, targets: list[Target]) -> list[tuple[str
 
 def prunable_linear_targets(model: nn.Module, *, exclude: tuple[str, ...] = ("lm_head",),
                             types=(nn.Linear, nn.Conv2d)) -> list[Target]:
-    """Every Linear/Conv2d/Conv1D weight in the model, minus names containing an ``exclude`` entry."""
+    """Every Linear/Conv2d/Conv1D weight in the model, minus names containing an ``exclude`` entry.  Weight
+    tensors outside such layers stay out and an :class:`UnprunedWeightsWarning` says so (:func:`warn_unpruned`)."""
     pairs = []
     for qn, m in model.named_modules():
         if any(e in qn for e in exclude):
@@ -363,4 +364,47 @@ def prunable_linear_targets(model: nn.Module, *, exclude: tuple[str, ...] = ("lm
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 continue
             pairs.append(qn)
-    return resolve_targets(model, pairs)
+    targets = resolve_targets(model, pairs)
+    warn_unpruned(model, targets, skip=lambda name: any(e in name for e in exclude), stacklevel=3)
+    return targets
+
+
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+
+
+def weights_outside_layers(model: nn.Module, skip=None) -> list[tuple[str, int]]:
+    """``(name, numel)`` of the floating tensors of two or more dimensions held by modules that are not layers
+    the layer-wise methods take (Linear, Conv, Hugging Face Conv1D) nor embeddings (and not named ``*embed*``,
+    e.g. ViT's position table): Mixture-of-Experts experts stored as 3-D tensors (transformers 5's
+    ``experts.gate_up_proj`` / ``down_proj``), routers that are not Linear, ``nn.MultiheadAttention``'s
+    ``in_proj_weight``.  ``skip(name)``: names the caller left out on purpose."""
+    out = []
+    for mn, m in model.named_modules():
+        if isinstance(m, _LAYER_TYPES) or is_hf_conv1d(m):
+            continue
+        for pn, p in m.named_parameters(recurse=False):
+            name = f"{mn}.{pn}" if mn else pn
+            if p.dim() >= 2 and p.is_floating_point() and "embed" not in name.lower() \
+                    and not (skip is not None and skip(name)):
+                out.append((name, p.numel()))
+    return out
+
+
+def warn_unpruned(model: nn.Module, targets: list[Target], *, skip=None, share: float = 0.01,
+                  stacklevel: int = 2) -> list[tuple[str, int]]:
+    """Warn (:class:`UnprunedWeightsWarning`) when a default Linear/Conv selection leaves dense weight tensors
+    that hold at least ``share`` of these and the selected weights together (:func:`weights_outside_layers`);
+    returns them.  A model of Linear/Conv layers only is silent."""
+    import warnings
+    left = weights_outside_layers(model, skip)
+    n_left = sum(n for _, n in left)
+    n_sel = sum(t.current().numel() for t in targets)
+    if left and n_left >= share * (n_left + n_sel):
+        names = ", ".join(n for n, _ in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        warnings.warn(
+            f"{n_left} weights ({100 * n_left / (n_left + n_sel):.0f}% of these and the {n_sel} selected) are held "
+            f"outside Linear/Conv layers and stay dense: {names}. The layer-wise methods (OBS-IHT, Wanda, their "
+            "input Grams) need a Linear/Conv layer; Mixture-of-Experts experts stored as one 3-D tensor (transformers "
+            "5) are such tensors. Magnitude pruning takes them when named: api.prune(MagnitudeConfig(), "
+            "targets=[(module, 'gate_up_proj'), ...])", UnprunedWeightsWarning, stacklevel=stacklevel)
+    return left

@@ -597,3 +597,85 @@ def test_a_missing_bias_and_a_sparse_parameter_elsewhere():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].register_parameter("extra", nn.Parameter(torch.eye(4).to_sparse()))   # crashed the tie check
     assert check_tied(model, resolve_targets(model, [(model[0], "weight")])) == []
+
+
+# ---- weights no Linear/Conv layer holds: said, not silently left dense ------------------------------------------
+
+def tiny_mixtral():
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def _unpruned(fn):
+    from obs_plugins import UnprunedWeightsWarning
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in ws if issubclass(w.category, UnprunedWeightsWarning)]
+
+
+def test_moe_experts_held_as_3d_tensors_are_named_not_silently_left_dense():
+    """transformers 5 stores a Mixtral block's experts as two 3-D parameters and its router outside nn.Linear: a
+    default Linear selection cannot take them (89% of this block stack's weights) and now says so, with the count."""
+    from obs_plugins import MagnitudeConfig, prunable_linear_targets
+    model = tiny_mixtral()
+    left = {n: p.numel() for n, p in model.named_parameters()
+            if ".experts." in n or n.endswith("mlp.gate.weight")}
+    assert len(left) == 6 and any(p.dim() == 3 for n, p in model.named_parameters() if n in left)
+    targets, msgs = _unpruned(lambda: prunable_linear_targets(model))
+    n_sel = sum(t.current().numel() for t in targets)
+    assert len(msgs) == 1
+    n_left = sum(left.values())
+    assert msgs[0].startswith(f"{n_left} weights ({round(100 * n_left / (n_left + n_sel))}% of these and the "
+                              f"{n_sel} selected)")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in msgs[0] and "MagnitudeConfig" in msgs[0]
+    # what the message offers works: magnitude pruning takes a 3-D expert tensor named explicitly
+    ex = model.model.layers[0].mlp.experts
+    api.prune(MagnitudeConfig(), targets=[(ex, "gate_up_proj")], amount=0.5)
+    assert int((ex.gate_up_proj == 0).sum()) == ex.gate_up_proj.numel() // 2
+
+
+def test_the_optimum_default_selection_warns_and_an_explicit_include_does_not():
+    from obs_plugins.integrations.optimum import PruningConfig, select_targets
+    model = tiny_mixtral()
+    _, msgs = _unpruned(lambda: select_targets(model, PruningConfig(sparsity=0.5)))
+    assert len(msgs) == 1 and "experts.down_proj" in msgs[0]
+    _, msgs = _unpruned(lambda: select_targets(model, PruningConfig(sparsity=0.5, include=[r"self_attn"])))
+    assert msgs == []   # the user chose the layers
+    _, msgs = _unpruned(lambda: select_targets(model, PruningConfig(sparsity=0.5, exclude=[r"mlp\.", "lm_head"])))
+    assert msgs == []   # what the user excluded on purpose is not reported
+
+
+def test_models_of_linear_layers_and_embeddings_do_not_warn():
+    import transformers
+    from obs_plugins import prunable_linear_targets
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                       intermediate_size=64, image_size=16, patch_size=8))
+    assert any(p.dim() >= 2 and "embeddings" in n and not isinstance(m, nn.Embedding)
+               for mn, m in vit.named_modules() for n, p in m.named_parameters(recurse=False))  # cls/position tables
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4))
+    for model in (llama, vit, gpt2, problem()[0]):   # GPT-2's layers are Hugging Face Conv1D
+        _, msgs = _unpruned(lambda: prunable_linear_targets(model))
+        assert msgs == [], type(model).__name__
+    enc = nn.TransformerEncoderLayer(32, 4, 64)   # in_proj_weight is a parameter of MultiheadAttention itself
+    _, msgs = _unpruned(lambda: prunable_linear_targets(enc))
+    assert len(msgs) == 1 and "self_attn.in_proj_weight" in msgs[0]
+
+
+def test_a_3d_expert_tensor_given_to_the_layer_curvature_is_refused_naming_it():
+    model = tiny_mixtral()
+    ex = model.model.layers[0].mlp.experts
+    before = state(model)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 8))}]
+    with pytest.raises(PruningInputError, match=r"params\[1\]: model\.layers\.0\.mlp\.experts\.gate_up_proj is not "
+                                                r"a layer weight.*3-D"):
+        Curvature.layerwise(model, [(model.model.layers[0].self_attn.q_proj, "weight"), (ex, "gate_up_proj")],
+                            batches, progress=False)
+    assert same(state(model), before)

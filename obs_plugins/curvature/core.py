@@ -183,7 +183,9 @@ class Curvature:
         for i, t in enumerate(curv.targets):
             if t.name != "weight":
                 raise PruningInputError(f"params[{i}]: {t.key} is not a layer weight; layer curvature (the input Gram) "
-                                        "is for the weights of Linear / Conv2d / Conv1D layers (leave biases out)")
+                                        "is for the weights of Linear / Conv2d / Conv1D layers (leave biases out; a "
+                                        "tensor of another module, such as Mixture-of-Experts experts held as one 3-D "
+                                        "tensor, has no layer input to collect: magnitude pruning takes it)")
         raise_together(PruningInputError("batches: no calibration batches given") if not curv.batches else None)
         check_targets(curv.targets)
         check_tied(model, curv.targets)
