@@ -191,6 +191,8 @@ def test_exporting_a_parametrized_model_leaves_it_working(kind, tmp_path):
     zeros = sum(rows[k]["model_sparsity"] * model.get_submodule(k[0]).weight.numel() for k in ("0.weight", "2.weight"))
     total = sum(model.get_submodule(k[0]).weight.numel() for k in ("0.weight", "2.weight"))
     assert zeros / total == pytest.approx(0.9, abs=0.01)      # the gated zeros, found under the plain names
+    md = rep.to_markdown()   # bench=False: the report says nothing was timed (it printed the run count and an
+    assert "not timed (bench=False)" in md and "interleaved" not in md and "median ms" not in md  # empty table)
 
 
 def test_cnn_export_verify_and_sparse_storage(tmp_path):

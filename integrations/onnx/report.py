@@ -31,7 +31,8 @@ class Report:
         lines = [f"## ONNX verification: {i.get('path')}", "",
                  f"Outputs {'match' if all(o['ok'] for o in self.outputs) else 'DO NOT match'} PyTorch "
                  f"(atol {i['atol']:g}, rtol {i['rtol']:g}); ORT {i['ort_version']}, "
-                 f"{i['threads']} intra-op thread(s), up to {i['runs']} interleaved runs after {i['warmup']} warm-up.", "",
+                 + (f"{i['threads']} intra-op thread(s), up to {i['runs']} interleaved runs after {i['warmup']} "
+                    "warm-up." if self.latency else "not timed (bench=False)."), "",
                  "| route | output | max abs err | max rel err | ok |", "|---|---|---|---|---|"]
         for o in self.outputs:
             lines.append(f"| {o['route']} | {o['index']} {tuple(o['shape'])} | {o['max_abs']:.2e} | "
@@ -43,8 +44,9 @@ class Report:
                       f"{np.mean([s['model_sparsity'] for s in sp] or [0]):.1%} → "
                       f"{np.mean([s['onnx_sparsity'] for s in sp if s['onnx_sparsity'] is not None] or [0]):.1%}; "
                       f"survived (every weight holding zeros): {'yes' if all(s['ok'] for s in zeros) else 'NO'}."]
-        lines += ["", "| batch | route | median ms | IQR ms | speedup vs " + i["baseline_route"] + " |",
-                  "|---|---|---|---|---|"]
+        if self.latency:
+            lines += ["", "| batch | route | median ms | IQR ms | speedup vs " + i["baseline_route"] + " |",
+                      "|---|---|---|---|---|"]
         for b, routes in self.latency.items():
             for r, s in routes.items():
                 lines.append(f"| {b} | {r} | {s['median_ms']:.2f} | {s['q25_ms']:.2f}–{s['q75_ms']:.2f} | "
