@@ -195,6 +195,38 @@ def test_exporting_a_parametrized_model_leaves_it_working(kind, tmp_path):
     assert "not timed (bench=False)" in md and "interleaved" not in md and "median ms" not in md  # empty table)
 
 
+@pytest.mark.parametrize("search", ["cs", "bip"])
+def test_exporting_a_search_on_an_already_pruned_model(search, tmp_path):
+    """A second round (README: a second call prunes among the survivors): a CS / BiP search started on a model
+    holding torch.nn.utils.prune masks gates ``weight_orig`` itself, and export's bake read ``_parameters
+    ['weight_orig']`` (KeyError).  The file now holds what the model computes with: gate x orig x mask."""
+    model = _prune_all(_mlp(), 0.5).eval()
+    x = torch.randn(4, 64)
+    params = [(model[0], "weight"), (model[2], "weight")]
+    if search == "cs":
+        from obs_plugins import ContinuousSparsifier
+        ContinuousSparsifier(model, params, rounds=1, epochs=2, progress=False)
+    else:
+        from obs_plugins import BiPTrainer
+        BiPTrainer(model, params, sparsity=0.9, progress=False)
+    assert "weight_orig" not in model[0]._parameters     # the gate wraps weight_orig
+    snap = _snapshot(model)
+    ref = model(x).detach()
+    want = {f"{i}.weight": (getattr(model[i], "weight_orig") * model[i].weight_mask).detach() for i in (0, 2)}
+    res = ox.export(model, x, tmp_path / "p.onnx", sparse_kernel="off")
+    _assert_untouched(model, snap)
+    assert torch.equal(model(x).detach(), ref)
+    got = ox.effective_weights(model)
+    for k, w in want.items():
+        assert torch.equal(got[k], w), k
+    rep = ox.verify(res, model, x, bench=False)
+    assert rep.ok
+    rows = {r["param"]: r for r in rep.sparsity}
+    for k, w in want.items():   # the masks' zeros (and the gates' where they close) survived into the file
+        assert rows[k]["ok"] and rows[k]["model_sparsity"] == pytest.approx(float((w == 0).float().mean()))
+        assert rows[k]["model_sparsity"] >= 0.5
+
+
 def test_cnn_export_verify_and_sparse_storage(tmp_path):
     model = _prune_all(_cnn(), 0.8)
     x = torch.randn(3, 3, 12, 12)

@@ -35,6 +35,10 @@ def baked_copy(model: nn.Module) -> nn.Module:
                     memo[id(t)] = t.detach().clone()
     with torch.no_grad():
         cp = copy.deepcopy(model, memo)
+    cp.eval()   # before the parametrizations are evaluated (spectral_norm's power iteration runs in train mode)
+    # parametrizations first: a CS / BiP search started on an already-pruned model gates ``<name>_orig`` itself,
+    # which is then a plain parameter holding the gated value for the mask to multiply
+    _bake_parametrizations(cp)
     for m in cp.modules():
         for hid, h in list(m._forward_pre_hooks.items()):
             if not isinstance(h, prune.BasePruningMethod):
@@ -49,8 +53,6 @@ def baked_copy(model: nn.Module) -> nn.Module:
                 m.__dict__.pop(name, None)
                 m.register_parameter(name, nn.Parameter(value))
             del m._forward_pre_hooks[hid]
-    cp.eval()   # before the parametrizations are evaluated (spectral_norm's power iteration runs in train mode)
-    _bake_parametrizations(cp)
     for p in cp.parameters():
         p.requires_grad_(False)
     return cp
