@@ -442,6 +442,7 @@ class OBSImportance(tp.importance.Importance):
             if not (isinstance(value, bool) or (value is None and arg == "update")):
                 raise PruningInputError(f"{arg}: True or False, got {value!r}")
         update = self.compensate if update is None else update
+        _refuse_computed_weights(pruner.model, "pruner")
         expected = _expected_global_removals(pruner)
         if pruner.current_step >= pruner.iterative_steps:   # Torch-Pruning would only warn and prune nothing
             raise PruningInputError(f"pruner: its {pruner.iterative_steps} iterative step(s) are used up (a "
@@ -741,6 +742,23 @@ def transformer_channel_blocks(model: nn.Module) -> dict:
     return blocks
 
 
+def _refuse_computed_weights(model: nn.Module, arg: str) -> None:
+    """Torch-Pruning resizes ``module.weight`` in place of the module's own tensors: where the weight is computed
+    (torch.nn.utils.prune's ``weight_orig * weight_mask`` hook, a torch.ao sparsifier's or a CS / BiP search's
+    parametrization) it put a new ``weight`` beside them, returned without a word, and the model's next forward
+    failed.  Refused before anything changes."""
+    from torch.nn.utils import prune
+    found = [name or type(m).__name__ for name, m in model.named_modules()
+             if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values())
+             or parametrize.is_parametrized(m)]
+    if found:
+        raise PruningInputError(
+            f"{arg}: {len(found)} module(s) still carry unstructured masks or gates (torch.nn.utils.prune, a "
+            f"torch.ao sparsifier, a CS / BiP search), e.g. {found[:3]}; structured pruning resizes their weights "
+            "and would break them. Bake them first: prune.remove(module, 'weight') (sparsifier.squash_mask(), "
+            "search.finish()); nothing was changed")
+
+
 def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float, *, heads: bool = True,
                       ffn: bool = True, head_ratio: float | None = None, global_pruning: bool = False,
                       forward_fn: Callable | None = None, compensation: "OBSImportance | None" = None,
@@ -778,6 +796,7 @@ def prune_transformer(model: nn.Module, example_inputs, importance, ratio: float
     do_heads = bool(heads and bert and head_ratio > 0)
     do_ffn = bool(ffn and ffns and ratio > 0)
     # everything that can refuse is checked before the first pass changes the model
+    _refuse_computed_weights(model, "model")
     if not global_pruning:   # Torch-Pruning skips, without a word, a layer its rounding would empty
         for sa in (bert if do_heads else []):
             n = int(sa.num_attention_heads)

@@ -1452,3 +1452,32 @@ def test_a_grouped_convolution_consumer_is_named_in_the_refusal():
     with pytest.raises(PruningInputError, match="grouped convolution, groups > 1"):
         OBSImportance(curv).step(pr)
     assert state_equal(before, model.state_dict())
+
+
+@pytest.mark.parametrize("route", ["prune_transformer", "step"])
+def test_structured_pruning_refuses_a_model_still_carrying_unstructured_masks(route):
+    """Torch-Pruning resizes ``weight``: on a module whose weight is ``weight_orig * weight_mask`` (masks still
+    attached) it made a new (32, 32) ``weight`` beside the (64, 32) ``weight_orig``, returned without a word, and
+    the next forward raised.  Now refused naming the argument, the model bit-identical."""
+    from torch.nn.utils import prune
+    ids, _, _ = token_batches(padded=False)
+    model = tiny_llama()
+    lin = [(m, "weight") for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
+    prune.global_unstructured(lin, pruning_method=prune.L1Unstructured, amount=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with pytest.raises(PruningInputError, match=r"^(model|pruner): 14 module\(s\) still carry unstructured masks.*"
+                                                r"prune\.remove"):
+        if route == "prune_transformer":
+            prune_transformer(model, {"input_ids": ids[:2]}, tp.importance.GroupMagnitudeImportance(), 0.5)
+        else:
+            ffn = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "mlp" not in n]
+            pr = tp.pruner.MetaPruner(model, {"input_ids": ids[:2]}, importance=tp.importance.GroupMagnitudeImportance(),
+                                      pruning_ratio=0.5, ignored_layers=ffn, forward_fn=lambda m, x: m(**x).logits)
+            from obs_plugins.lm import causal_lm_loss
+            OBSImportance(Curvature.layerwise(model, all_layers(model), [{"input_ids": ids[:4]}],
+                                              loss_fn=causal_lm_loss, progress=False)).step(pr)
+    assert state_equal(model.state_dict(), before)
+    assert shapes == {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        model(input_ids=ids)
