@@ -438,3 +438,19 @@ def test_save_writes_the_best_t_model_the_report_scored(tmp_path, monkeypatch, c
     assert best != "OBS-IHT best T=1" and rows[best] != rows["OBS-IHT T=1"]
     saved = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     assert perplexity(saved, causal_lm_batches(ids, 4), progress=False) == rows[best]
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                                          if f.endswith(".py") and not f.startswith("_")))
+def test_every_benchmark_script_imports_and_answers_help(script, monkeypatch, capsys):
+    """Benchmarks are not collected by pytest and most are not run in CI: their imports and flags must at least
+    load (an API change broke none unseen).  In-process, stopped by argparse's --help."""
+    import runpy
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "benchmarks", script), run_name="__main__")
+    assert e.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads
