@@ -666,3 +666,19 @@ def test_a_batch_by_one_integer_input_that_is_no_sequence_exports_and_verifies(t
     assert ox.verify(res, m, (x, cls), bench=False).ok
     x5, cls5 = torch.randn(5, 16), torch.tensor([[3], [1], [0], [2], [1]])   # another batch size
     assert ox.verify(res, m, (x5, cls5), bench=False).ok
+
+
+def test_report_gives_the_overall_sparsity_by_weights_beside_the_per_layer_mean(tmp_path):
+    """Global pruning gives layers different sparsities: the per-layer mean (what the report printed alone) is not
+    the fraction of weights removed; the report now gives both (a user read 81.9% for an exact 90%)."""
+    model = _mlp().eval()
+    params = [(m, "weight") for m in model if isinstance(m, nn.Linear)]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.9)
+    x = torch.randn(4, 64)
+    rep = ox.verify(ox.export(model, x, tmp_path / "g.onnx", sparse_kernel="off"), model, x, bench=False)
+    per_layer = [float((m.weight == 0).float().mean()) for m, _ in params]
+    overall = sum(int((m.weight == 0).sum()) for m, _ in params) / sum(m.weight.numel() for m, _ in params)
+    assert overall == pytest.approx(0.9, abs=1e-4) and f"{sum(per_layer) / 3:.1%}" != f"{overall:.1%}"
+    md = rep.to_markdown()
+    assert f"mean over layers {sum(per_layer) / 3:.1%} → {sum(per_layer) / 3:.1%}" in md
+    assert f"(overall, by weights: {overall:.1%} → {overall:.1%})" in md

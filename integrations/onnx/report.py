@@ -40,10 +40,16 @@ class Report:
         zeros = [s for s in self.sparsity if s["model_sparsity"] > 0.001]
         sp = [s for s in zeros if s.get("layer", True)]   # layer weights; an embedding's padding row is not pruning
         if zeros:
-            lines += ["", f"Sparsity of {len(sp)} pruned layer weights (model → ONNX): mean "
+            overall = ""
+            if sp and all("numel" in s for s in sp):   # by weights, beside the per-layer mean (they differ
+                n = sum(s["numel"] for s in sp)         # wherever layers got different sparsities)
+                onnx_z = sum((s["onnx_sparsity"] or 0.0) * s["numel"] for s in sp)
+                overall = (f" (overall, by weights: {sum(s['model_sparsity'] * s['numel'] for s in sp) / n:.1%} → "
+                           f"{onnx_z / n:.1%})")
+            lines += ["", f"Sparsity of {len(sp)} pruned layer weights (model → ONNX): mean over layers "
                       f"{np.mean([s['model_sparsity'] for s in sp] or [0]):.1%} → "
-                      f"{np.mean([s['onnx_sparsity'] for s in sp if s['onnx_sparsity'] is not None] or [0]):.1%}; "
-                      f"survived (every weight holding zeros): {'yes' if all(s['ok'] for s in zeros) else 'NO'}."]
+                      f"{np.mean([s['onnx_sparsity'] for s in sp if s['onnx_sparsity'] is not None] or [0]):.1%}"
+                      f"{overall}; survived (every weight holding zeros): {'yes' if all(s['ok'] for s in zeros) else 'NO'}."]
         if self.latency:
             lines += ["", "| batch | route | median ms | IQR ms | speedup vs " + i["baseline_route"] + " |",
                       "|---|---|---|---|---|"]

@@ -148,7 +148,7 @@ def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tupl
         osp = min((h[1] for h in hits), default=None)
         ok = osp is not None and osp >= ms - 1e-6
         sparsity.append({"param": pname, "onnx": [h[0] for h in hits], "model_sparsity": ms, "onnx_sparsity": osp,
-                         "ok": ok, "layer": pname in layers})
+                         "ok": ok, "layer": pname in layers, "numel": w.numel()})
         if not ok:
             failures.append(
                 f"sparsity did not survive for {pname!r}: {ms:.1%} zeros in the model, " +
