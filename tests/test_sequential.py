@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from obs_plugins import Curvature, OBSIHTConfig, api
+from obs_plugins import OBSIHT, Curvature, OBSIHTConfig, api
 from obs_plugins.errors import CurvatureError, PruningInputError
 from obs_plugins.lm import causal_lm_batches, causal_lm_loss
 from obs_plugins.methods.obs_iht import solver
@@ -642,3 +642,30 @@ def test_offload_values_and_what_auto_means():
     assert Curvature.layerwise(model, params, batches, offload=True, progress=False).offload == torch.device("cpu")
     with pytest.raises(PruningInputError, match="offload"):
         Curvature.layerwise(model, params, batches, offload="cpu", progress=False)
+
+
+def test_a_plan_does_not_depend_on_what_ran_on_the_curvature_before():
+    """Global allocation ranked on ``curv.hessians``, which after a sequential plan holds that plan's Grams: the
+    README's preview (``api.plan(...).report["layer_sparsity"]``) then differed from the prune that followed it on
+    the same curvature (4 of 14 tensors' counts), and any second plan moved.  Allocation now ranks on the
+    one-pass Grams of the model as it is, whatever ran before; ``hessians`` keeps the last plan's."""
+    model, params, batches = llama_problem()
+    cfg = OBSIHTConfig(iterations=1, allocation="global", progress=False)
+    curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+    first, second = (_plan_tensors(api.plan(cfg, curvature=curv, amount=0.5)) for _ in range(2))
+    fresh = _plan_tensors(api.plan(cfg, curvature=Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss,
+                                                                      progress=False), amount=0.5))
+    for k in first:
+        assert torch.equal(first[k][0], second[k][0]) and torch.equal(first[k][0], fresh[k][0]), k
+        assert torch.equal(first[k][1], second[k][1]), k
+    one = Curvature.layerwise(model, params, batches, sequential=False, progress=False).hessians
+    again = curv.onepass_hessians(list(one))
+    for k, h in one.items():   # collected again, equal to a one-pass curvature's; hessians keeps the plan's
+        assert torch.allclose(again[k], h, rtol=1e-5, atol=1e-6 * float(h.abs().max())), k
+    assert any(not torch.allclose(curv.hessians[k], h, rtol=1e-3) for k, h in one.items())
+    # the preview the README offers is what global_unstructured then does on the same curvature
+    preview = api.plan(cfg, curvature=curv, amount=0.5).report["layer_sparsity"]
+    prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, iterations=1)
+    for m, n in params:
+        key = next(t.key for t in curv.targets if t.module is m)
+        assert float((getattr(m, n + "_mask") == 0).float().mean()) == pytest.approx(preview[key], abs=1e-9), key

@@ -114,6 +114,7 @@ class Curvature:
         self.progress = True
         self._grams_pending = False    # sequential: the one-pass Grams are only collected if someone asks
         self.offload: torch.device | None = None   # sequential: where block activations wait (None: model device)
+        self._onepass_keys: set[str] = set()   # keys whose stored Gram is a one-pass one (not a sequential plan's)
 
     @property
     def hessians(self) -> dict[str, torch.Tensor]:
@@ -138,7 +139,28 @@ class Curvature:
     @hessians.setter
     def hessians(self, value) -> None:
         self._hessians = dict(value)
+        self._onepass_keys = set(self._hessians)
         self._grams_pending = False
+
+    def onepass_hessians(self, keys) -> dict[str, torch.Tensor]:
+        """key -> the one-pass Gram of the model as it is, for ``keys``: what global allocation ranks on, so a
+        plan does not depend on what ran on this curvature before.  Without sequential calibration these are
+        :attr:`hessians`.  Under it, :attr:`hessians` holds the last plan's Grams after a plan; those keys are
+        collected again in one pass (into a dict that is not stored: :attr:`hessians` keeps its meaning)."""
+        hs = self.hessians
+        keys = list(keys)
+        if not self.sequential:
+            return {k: hs[k] for k in keys}
+        stale = [t for t in self.targets if t.key in keys and t.key not in self._onepass_keys]
+        out = {k: hs[k] for k in keys if k in self._onepass_keys}
+        if stale:
+            batches = [move(b, self.device) for b in self.batches]
+            with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
+                grams, _ = self._collect(stale, lambda: run_batches(
+                    self.model, batches, self.forward_fn, desc="collecting one-pass layer curvature",
+                    progress=self.progress), store=False)
+            out.update(grams)
+        return out
 
     # ------------------------------------------------------------------ collection
     @classmethod
@@ -222,6 +244,13 @@ class Curvature:
                 for t in targets}
 
     def _store(self, accs: dict[str, GramAccumulator]) -> None:
+        grams, counts = self._checked(accs)
+        self._hessians.update(grams)
+        self._counts.update(counts)
+
+    def _checked(self, accs: dict[str, GramAccumulator]) -> tuple[dict, dict]:
+        """The accumulators' Grams and row counts, refused if a layer saw no input or non-finite values."""
+        grams, counts = {}, {}
         for k, a in accs.items():
             if a.n == 0:
                 why = "is it used by the forward pass?"
@@ -233,8 +262,8 @@ class Curvature:
             if not bool(torch.isfinite(a.H).all()):
                 raise PruningInputError(f"batches: the calibration inputs of layer {k} hold NaN/Inf values (a batch "
                                         "with NaN/Inf, or an earlier layer overflowing); fix the data")
-            self._hessians[k] = a.H
-            self._counts[k] = a.n
+            grams[k], counts[k] = a.H, a.n
+        return grams, counts
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -243,8 +272,9 @@ class Curvature:
         with eval_mode(self.model), no_kv_cache(self.model):
             yield
 
-    def _collect(self, targets, run: Callable[[], object]) -> None:
-        """Grams of ``targets`` from hooks while ``run()`` feeds the model (all-reduced, then stored)."""
+    def _collect(self, targets, run: Callable[[], object], store: bool = True):
+        """Grams of ``targets`` from hooks while ``run()`` feeds the model (all-reduced, then stored; with
+        ``store=False`` returned as ``(grams, counts)`` instead)."""
         accs = self._new_accumulators(targets)
         handles = add_gram_hooks(targets, accs)
         try:
@@ -254,6 +284,8 @@ class Curvature:
                 h.remove()
         for a in accs.values():
             a.all_reduce()
+        if not store:
+            return self._checked(accs)
         self._store(accs)
 
     def _collect_onepass(self, targets: list[Target] | None = None) -> None:
@@ -261,6 +293,7 @@ class Curvature:
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
             self._collect(self.targets if targets is None else targets, lambda: run_batches(self.model, batches, self.forward_fn,
                                                             desc="collecting layer curvature", progress=self.progress))
+        self._onepass_keys |= {t.key for t in (self.targets if targets is None else targets)}
         self._grams_pending = False
 
     def _collect_eager_sequential(self, on_block) -> None:
@@ -318,6 +351,7 @@ class Curvature:
                     with self._weights(ours()):
                         self._collect(st, (lambda: run_block(blk, cached.at(i))) if whole else
                                       (lambda: run_block_until(blk, cached.at(i), [t.module for t in st])))
+                    self._onepass_keys -= {t.key for t in st}   # hessians now holds this plan's Grams for them
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
                     with self._weights(ours()):

@@ -53,10 +53,11 @@ def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]
     into loss, the Kronecker-factored empirical Fisher ``F_i ~ sigma_i * H / 2`` of row ``i``.  Layer Grams
     alone are not comparable across layers; the empirical-Fisher diagonal alone sent whole layers to 100%."""
     sens = curvature.output_sensitivity()
+    hs = curvature.onepass_hessians([t.key for t in targets])   # not the last sequential plan's (history-free)
     out = {}
     for t in targets:
         k = t.key
-        d = as_scores(torch.diagonal(inverse_factor(curvature.hessians[k], rel_damp, what=f"H of {k}").hinv))
+        d = as_scores(torch.diagonal(inverse_factor(hs[k], rel_damp, what=f"H of {k}").hinv))
         out[k] = as_scores(sens[k]).unsqueeze(1) * as_scores(W0[k]) ** 2 / d.unsqueeze(0)
     return out
 
@@ -117,8 +118,9 @@ def owl_counts(curvature, targets, W0, prior, counts_total, lam: float, m: float
     for t in targets:
         by_block.setdefault(owner[id(t.module)], []).append(t)
     ratio = {}
+    hs = curvature.onepass_hessians([t.key for t in targets])
     for i, ts in by_block.items():
-        scores = torch.cat([(W0[t.key].abs() * torch.diagonal(curvature.hessians[t.key]).clamp_min(0).sqrt()
+        scores = torch.cat([(W0[t.key].abs() * torch.diagonal(hs[t.key]).clamp_min(0).sqrt()
                              .unsqueeze(0))[prior[t.key]].flatten() for t in ts])
         ratio[i] = float((scores > m * scores.mean()).float().mean()) if scores.numel() else 0.0
     lo, hi = min(ratio.values()), max(ratio.values())
