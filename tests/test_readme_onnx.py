@@ -38,3 +38,15 @@ def test_readme_onnx_snippet_runs(tmp_path, monkeypatch):
     assert rep.ok and set(rep.latency) == {1, 32} and set(rep.latency[1]) == {"dense", "pruned", "sparse-kernel"}
     for f in ("out/model.onnx", "out/model.sparse.onnx", "out/report.md", "out/report.json", "out/latency.png"):
         assert (tmp_path / f).stat().st_size > 0, f
+
+
+def test_every_readme_python_block_is_valid_python():
+    """A user copies these: one (the curvature engine's ``curv.hvp({key: v, ...})``) did not even parse."""
+    import ast
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) == README.read_text().count("```python\n")
+    for i, code in enumerate(blocks):
+        try:
+            ast.parse(code)
+        except SyntaxError as e:
+            pytest.fail(f"README python block {i} does not parse: {e}\n{code}")
