@@ -747,10 +747,16 @@ def _refuse_computed_weights(model: nn.Module, arg: str) -> None:
     (torch.nn.utils.prune's ``weight_orig * weight_mask`` hook, a torch.ao sparsifier's or a CS / BiP search's
     parametrization) it put a new ``weight`` beside them, returned without a word, and the model's next forward
     failed.  Refused before anything changes."""
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
     from torch.nn.utils import prune
-    found = [name or type(m).__name__ for name, m in model.named_modules()
-             if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values())
-             or parametrize.is_parametrized(m)]
+
+    def masked(m):   # a mask or gate, not any parametrization (weight_norm elsewhere is Torch-Pruning's own business)
+        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            return True
+        return parametrize.is_parametrized(m) and any(
+            isinstance(p, FakeSparsity) or getattr(p, "_obs_plugins_gate", False)
+            for plist in m.parametrizations.values() for p in plist)
+    found = [name or type(m).__name__ for name, m in model.named_modules() if masked(m)]
     if found:
         raise PruningInputError(
             f"{arg}: {len(found)} module(s) still carry unstructured masks or gates (torch.nn.utils.prune, a "

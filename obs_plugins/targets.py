@@ -379,9 +379,15 @@ def weights_outside_layers(model: nn.Module, skip=None) -> list[tuple[str, int]]
     ``experts.gate_up_proj`` / ``down_proj``), routers that are not Linear, ``nn.MultiheadAttention``'s
     ``in_proj_weight``.  ``skip(name)``: names the caller left out on purpose."""
     out = []
-    for mn, m in model.named_modules():
+    modules = dict(model.named_modules())
+    for mn, m in modules.items():
         if isinstance(m, _LAYER_TYPES) or is_hf_conv1d(m):
             continue
+        head, sep, _ = f".{mn}".rpartition(".parametrizations.")
+        if sep:   # a parametrized layer's stored tensor (torch.ao mask, CS / BiP gate, weight_norm): the layer's own
+            owner = modules.get(head[1:])
+            if owner is not None and (isinstance(owner, _LAYER_TYPES) or is_hf_conv1d(owner)):
+                continue
         for pn, p in m.named_parameters(recurse=False):
             name = f"{mn}.{pn}" if mn else pn
             if p.dim() >= 2 and p.is_floating_point() and "embed" not in name.lower() \

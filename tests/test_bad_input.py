@@ -664,6 +664,18 @@ def test_models_of_linear_layers_and_embeddings_do_not_warn():
     for model in (llama, vit, gpt2, problem()[0]):   # GPT-2's layers are Hugging Face Conv1D
         _, msgs = _unpruned(lambda: prunable_linear_targets(model))
         assert msgs == [], type(model).__name__
+    from torch.ao.pruning import WeightNormSparsifier
+    from obs_plugins import ContinuousSparsifier
+    prepared = problem()[0]   # a selected layer's own parametrized storage is not "outside" it (it warned 50%)
+    WeightNormSparsifier(sparsity_level=0.5).prepare(prepared, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    gated = problem()[0]
+    ContinuousSparsifier(gated, [(gated[0], "weight"), (gated[2], "weight")], rounds=1, epochs=2, progress=False)
+    for model in (prepared, gated):
+        _, msgs = _unpruned(lambda: prunable_linear_targets(model))
+        assert msgs == [], msgs
+    from obs_plugins.targets import weights_outside_layers
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(30, 8))   # the model itself parametrized
+    assert weights_outside_layers(normed) == []
     enc = nn.TransformerEncoderLayer(32, 4, 64)   # in_proj_weight is a parameter of MultiheadAttention itself
     _, msgs = _unpruned(lambda: prunable_linear_targets(enc))
     assert len(msgs) == 1 and "self_attn.in_proj_weight" in msgs[0]

@@ -669,3 +669,105 @@ def test_a_plan_does_not_depend_on_what_ran_on_the_curvature_before():
     for m, n in params:
         key = next(t.key for t in curv.targets if t.module is m)
         assert float((getattr(m, n + "_mask") == 0).float().mean()) == pytest.approx(preview[key], abs=1e-9), key
+
+
+def _tensors_in(x):
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors_in(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors_in(v)]
+    return []
+
+
+def test_offload_copies_a_tensor_every_block_shares_once():
+    """Qwen2 hands every block the same mask and rotary tables: the cache held one of each per batch, and the
+    offloaded cache held a copy per block (6 blocks: 80 tensors instead of 20).  'meta' stands in for the CPU store
+    of a model on an accelerator (a CPU -> CPU .to() copies nothing, a move to another device does)."""
+    import transformers
+    from obs_plugins.curvature.collect import capture_block_inputs
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (8, 32), generator=torch.Generator().manual_seed(3))
+    batches = [{"input_ids": ids[i:i + 2]} for i in range(0, 8, 2)]
+    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_sliding_window=True, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"] * 3)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    blocks = model.model.layers
+    counts = []
+    for store in (None, torch.device("meta")):
+        c = capture_block_inputs(model, blocks[0], batches, lambda m, b: m(**b), blocks=blocks, store=store,
+                                 compute=torch.device("cpu"))
+        ts = [t for i in range(1, len(blocks)) for b in c.per_block[i] for t in _tensors_in(b)]
+        assert all(t.device.type == ("meta" if store else "cpu") for t in ts)
+        counts.append((len(ts), len({id(t) for t in ts})))
+    assert counts[0] == counts[1] and counts[0][1] < counts[0][0]
+
+
+def test_move_rebuilds_namedtuples_and_moves_a_shared_tensor_once():
+    """A block returning a namedtuple crashed the offloaded plan (``type(nt)(generator)`` is not how a namedtuple is
+    built); with a memo, one tensor met twice is moved once and a freed one is not kept alive."""
+    import collections
+    import gc
+    import weakref
+    from obs_plugins.curvature.batching import move
+    Out = collections.namedtuple("Out", "hidden aux")
+    a, b = torch.randn(3), torch.randn(2)
+    got = move(Out(a, [a, {"b": b}]), torch.device("meta"), memo := {})
+    assert type(got) is Out and got.hidden.device.type == "meta" and got.aux[0] is got.hidden
+    assert got.aux[1]["b"] is not got.hidden and len(memo) == 2
+    ref = weakref.ref(b)
+    del b, got
+    gc.collect()
+    assert ref() is None   # the memo did not keep the source alive
+
+
+def test_an_offloaded_plan_of_blocks_returning_a_namedtuple():
+    import collections
+    from torch import nn
+    Out = collections.namedtuple("Out", "hidden aux")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            return Out(h, h.mean())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for blk in self.layers:
+                x = blk(x).hidden
+            return x
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    params = [(blk.fc, "weight") for blk in model.layers]
+    plans = [_plan_tensors(api.plan(OBSIHTConfig(iterations=1, progress=False), amount=0.5, curvature=Curvature.layerwise(
+        model, params, batches, offload=off, progress=False))) for off in (False, True)]
+    assert all(torch.equal(plans[0][k][1], plans[1][k][1]) for k in plans[0])
+
+
+def test_a_plan_after_another_plan_was_applied_equals_one_on_a_fresh_curvature():
+    """One-pass Grams read before a plan (``curv.counts``) were reused by a later global allocation even after that
+    plan was applied and changed the layers' inputs (2 of 21 tensors' counts moved): a sequential plan now marks
+    every stored one-pass Gram stale."""
+    def run(fresh):
+        model, params, batches = llama_problem()
+        curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+        curv.counts  # noqa: B018  (collects the one-pass Grams)
+        OBSIHT.apply(model.model.layers[0].self_attn.q_proj, "weight", amount=0.5, curvature=curv, iterations=1)
+        if fresh:
+            curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, progress=False)
+        prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, iterations=1)
+        return [int((m.weight_mask == 0).sum()) for m, _ in params]
+    assert run(False) == run(True)

@@ -1481,3 +1481,26 @@ def test_structured_pruning_refuses_a_model_still_carrying_unstructured_masks(ro
     assert shapes == {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     with torch.no_grad():
         model(input_ids=ids)
+
+
+def test_the_refusal_is_for_masks_and_gates_not_any_parametrization():
+    """The refusal above must not catch an ordinary parametrization on a layer Torch-Pruning does not resize (a
+    weight-normed classifier head: refused for a while in the seventeenth session), while a torch.ao sparsifier's
+    FakeSparsity is still refused."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=3)
+    x = {"input_ids": torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(1))}
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    weight_norm(model.classifier)
+    prune_transformer(model, x, tp.importance.GroupMagnitudeImportance(), 0.5)
+    assert model.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    with torch.no_grad():
+        assert model(**x).logits.shape == (2, 3)
+    from torch.ao.pruning import WeightNormSparsifier
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    sp = WeightNormSparsifier(sparsity_level=0.5)
+    sp.prepare(model, [{"tensor_fqn": "bert.encoder.layer.0.intermediate.dense.weight"}])
+    with pytest.raises(PruningInputError, match=r"^model: 1 module\(s\) still carry .*intermediate\.dense"):
+        prune_transformer(model, x, tp.importance.GroupMagnitudeImportance(), 0.5)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Mapping
 
 import torch
@@ -63,14 +64,22 @@ def _output_tensor(output):
     return getattr(output, "logits", None) if getattr(output, "logits", None) is not None else output
 
 
-def move(batch, device):
-    """``batch`` (tensor, dict, tuple/list, nested) with every tensor on ``device``."""
+def move(batch, device, memo: dict | None = None):
+    """``batch`` (tensor, dict, tuple/list/namedtuple, nested) with every tensor on ``device``.  ``memo`` (a dict
+    the caller keeps): a tensor met again (the same object, e.g. one mask handed to every block) is moved once."""
     if torch.is_tensor(batch):
-        return batch.to(device)
+        if memo is None:
+            return batch.to(device)
+        hit = memo.get(id(batch))
+        if hit is None or hit[0]() is not batch:   # a weak reference: the source is not kept alive (an id is
+            hit = memo[id(batch)] = (weakref.ref(batch), batch.to(device))   # reused only once it is freed)
+        return hit[1]
     if isinstance(batch, Mapping):
-        return {k: move(v, device) for k, v in batch.items()}
+        return {k: move(v, device, memo) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):   # a namedtuple takes its fields as arguments
+        return type(batch)(*(move(v, device, memo) for v in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move(v, device) for v in batch)
+        return type(batch)(move(v, device, memo) for v in batch)
     return batch
 
 

@@ -325,7 +325,7 @@ def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None
         raise ValueError("capture_block_inputs: blocks[0] must be first_block")
     n = 1 if blocks is None else len(blocks)
     out = _Cached()
-    out.store, out.compute = store, compute
+    out.store, out.compute, out._memo = store, compute, {}
     cached = out
     others: list[list] = [[] for _ in range(n)]
 
@@ -350,6 +350,7 @@ def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None
     finally:
         for h in hs:
             h.remove()
+    out._memo = None   # the capture's sharing is kept; later outputs are new tensors
     if len(cached) != len(batches) or any(len(o) != len(batches) for o in others[1:]):
         raise ValueError("sequential calibration: the forward pass did not reach every block for every batch")
     out.row_masks = [row_mask(b) for b in batches]
@@ -371,9 +372,12 @@ class _Cached(list):
     store: torch.device | None = None
     compute: torch.device | None = None
 
+    _memo: dict | None = None
+
     def keep(self, x):
-        """``x`` (tensors, nested in tuples/lists/dicts) where the cache keeps it between block runs."""
-        return x if self.store is None else move(x, self.store)
+        """``x`` (tensors, nested in tuples/lists/dicts) where the cache keeps it between block runs; during the
+        capture a tensor every block is handed (a mask, rotary tables) is copied once, not once per block."""
+        return x if self.store is None else move(x, self.store, self._memo)
 
     def use(self, x):
         """``x`` on the device the blocks run on."""

@@ -330,6 +330,9 @@ class Curvature:
                     for blk in blocks]
         last = max(i for i, bt in enumerate(by_block) if bt)
         planned: dict[str, torch.Tensor] = {}
+        # this plan may be applied and change any layer's inputs: allocation collects the one-pass Grams again
+        # (and hessians holds this plan's Grams for its keys)
+        self._onepass_keys.clear()
         batches = [move(b, self.device) for b in self.batches]
         from tqdm.auto import tqdm
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
@@ -351,7 +354,6 @@ class Curvature:
                     with self._weights(ours()):
                         self._collect(st, (lambda: run_block(blk, cached.at(i))) if whole else
                                       (lambda: run_block_until(blk, cached.at(i), [t.module for t in st])))
-                    self._onepass_keys -= {t.key for t in st}   # hessians now holds this plan's Grams for them
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
                     with self._weights(ours()):
