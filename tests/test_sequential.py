@@ -671,21 +671,12 @@ def test_a_plan_does_not_depend_on_what_ran_on_the_curvature_before():
         assert float((getattr(m, n + "_mask") == 0).float().mean()) == pytest.approx(preview[key], abs=1e-9), key
 
 
-def _tensors_in(x):
-    if torch.is_tensor(x):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors_in(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors_in(v)]
-    return []
-
-
 def test_offload_copies_a_tensor_every_block_shares_once():
     """Qwen2 hands every block the same mask and rotary tables: the cache held one of each per batch, and the
     offloaded cache held a copy per block (6 blocks: 80 tensors instead of 20).  'meta' stands in for the CPU store
     of a model on an accelerator (a CPU -> CPU .to() copies nothing, a move to another device does)."""
     import transformers
+    from obs_plugins.curvature.batching import _tensors as _tensors_in
     from obs_plugins.curvature.collect import capture_block_inputs
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (8, 32), generator=torch.Generator().manual_seed(3))
