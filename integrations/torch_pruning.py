@@ -31,7 +31,7 @@ from obs_plugins.errors import PruningInputError
 from obs_plugins.methods.obs_iht.structured import (apply_removal, column_saliency, greedy_gate_removal,
                                                     greedy_removal, output_sensitivity, relinearized_gate_removal,
                                                     removal_operator, ridge_inverse)
-from obs_plugins.targets import from_2d, to_2d
+from obs_plugins.targets import carries_mask, from_2d, to_2d
 
 _IN = (tpf.prune_linear_in_channels, tpf.prune_conv_in_channels)
 _OUT = (tpf.prune_linear_out_channels, tpf.prune_conv_out_channels)
@@ -747,16 +747,7 @@ def _refuse_computed_weights(model: nn.Module, arg: str) -> None:
     (torch.nn.utils.prune's ``weight_orig * weight_mask`` hook, a torch.ao sparsifier's or a CS / BiP search's
     parametrization) it put a new ``weight`` beside them, returned without a word, and the model's next forward
     failed.  Refused before anything changes."""
-    from torch.ao.pruning.sparsifier.utils import FakeSparsity
-    from torch.nn.utils import prune
-
-    def masked(m):   # a mask or gate, not any parametrization (weight_norm elsewhere is Torch-Pruning's own business)
-        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
-            return True
-        return parametrize.is_parametrized(m) and any(
-            isinstance(p, FakeSparsity) or getattr(p, "_obs_plugins_gate", False)
-            for plist in m.parametrizations.values() for p in plist)
-    found = [name or type(m).__name__ for name, m in model.named_modules() if masked(m)]
+    found = [name or type(m).__name__ for name, m in model.named_modules() if carries_mask(m)]
     if found:
         raise PruningInputError(
             f"{arg}: {len(found)} module(s) still carry unstructured masks or gates (torch.nn.utils.prune, a "

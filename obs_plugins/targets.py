@@ -297,6 +297,19 @@ def gated(module: nn.Module, name: str) -> bool:
     return _gate_of(module, name) is not None
 
 
+def carries_mask(module: nn.Module) -> bool:
+    """``module`` holds a mask or gate on one of its tensors: a torch.nn.utils.prune hook, a torch.ao sparsifier's
+    FakeSparsity, or a running Continuous Sparsification / BiP gate (not any parametrization: weight_norm is none)."""
+    from torch.nn.utils import parametrize, prune
+    if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+        return True
+    if not parametrize.is_parametrized(module):
+        return False
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
+    return any(isinstance(p, FakeSparsity) or getattr(p, "_obs_plugins_gate", False)
+               for plist in module.parametrizations.values() for p in plist)
+
+
 def check_targets(targets: list[Target]) -> None:
     """Every target holds finite values on one real device (a meta tensor has no values to prune)."""
     devices = set()
@@ -404,7 +417,7 @@ def warn_unpruned(model: nn.Module, targets: list[Target], *, skip=None, share: 
     import warnings
     left = weights_outside_layers(model, skip)
     n_left = sum(n for _, n in left)
-    n_sel = sum(t.current().numel() for t in targets)
+    n_sel = sum(t.orig().numel() for t in targets)   # a count: no orig x mask product
     if left and n_left >= share * (n_left + n_sel):
         names = ", ".join(n for n, _ in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
         warnings.warn(

@@ -324,16 +324,15 @@ def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None
     if blocks is not None and blocks[0] is not first_block:
         raise ValueError("capture_block_inputs: blocks[0] must be first_block")
     n = 1 if blocks is None else len(blocks)
-    out = _Cached()
-    out.store, out.compute, out._memo = store, compute, {}
-    cached = out
+    cached = _Cached()
+    cached.store, cached.compute, cached._memo = store, compute, {}
     others: list[list] = [[] for _ in range(n)]
 
     def catch(_m, args, kwargs, i):
         if i == 0:
-            cached.append(out.keep((list(args), stateless_kwargs(dict(kwargs)))))
+            cached.append(cached.keep((list(args), stateless_kwargs(dict(kwargs)))))
         else:
-            others[i].append(out.keep((list(args[1:]), stateless_kwargs(dict(kwargs)))))
+            others[i].append(cached.keep((list(args[1:]), stateless_kwargs(dict(kwargs)))))
         if i == n - 1:
             raise _Stop
 
@@ -350,12 +349,12 @@ def capture_block_inputs(model, first_block, batches, forward_fn, *, blocks=None
     finally:
         for h in hs:
             h.remove()
-    out._memo = None   # the capture's sharing is kept; later outputs are new tensors
+    cached._memo = None   # the capture's sharing is kept; later outputs are new tensors
     if len(cached) != len(batches) or any(len(o) != len(batches) for o in others[1:]):
         raise ValueError("sequential calibration: the forward pass did not reach every block for every batch")
-    out.row_masks = [row_mask(b) for b in batches]
-    out.per_block = None if blocks is None else others
-    return out
+    cached.row_masks = [row_mask(b) for b in batches]
+    cached.per_block = None if blocks is None else others
+    return cached
 
 
 class _Cached(list):
@@ -397,23 +396,14 @@ def _masks_of(cached) -> list:
     return getattr(cached, "row_masks", None) or [None] * len(cached)
 
 
-def _use(cached, one):
-    """One cached ``(args, kwargs)`` on the blocks' device (:meth:`_Cached.use`; a plain list needs no move)."""
-    return cached.use(one) if isinstance(cached, _Cached) else one
-
-
-def _keep(cached, x):
-    return cached.keep(x) if isinstance(cached, _Cached) else x
-
-
 def run_block(block, cached) -> list:
     """``block``'s outputs for every cached input (kept where the cache keeps its inputs)."""
     out = []
     with torch.no_grad():
         for one, m in zip(cached, _masks_of(cached)):
-            a, k = _use(cached, one)
+            a, k = cached.use(one)
             with masking_rows(m):
-                out.append(_keep(cached, block(*a, **k)))
+                out.append(cached.keep(block(*a, **k)))
     return out
 
 
@@ -466,7 +456,7 @@ def run_block_until(block, cached, modules) -> None:
     try:
         with torch.no_grad():
             for one, m in zip(cached, _masks_of(cached)):
-                a, k = _use(cached, one)
+                a, k = cached.use(one)
                 fired.clear()
                 try:
                     with masking_rows(m):

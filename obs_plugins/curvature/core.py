@@ -154,12 +154,7 @@ class Curvature:
         stale = [t for t in self.targets if t.key in keys and t.key not in self._onepass_keys]
         out = {k: hs[k] for k in keys if k in self._onepass_keys}
         if stale:
-            batches = [move(b, self.device) for b in self.batches]
-            with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
-                grams, _ = self._collect(stale, lambda: run_batches(
-                    self.model, batches, self.forward_fn, desc="collecting one-pass layer curvature",
-                    progress=self.progress), store=False)
-            out.update(grams)
+            out.update(self._collect_onepass(stale, store=False))
         return out
 
     # ------------------------------------------------------------------ collection
@@ -288,12 +283,18 @@ class Curvature:
             return self._checked(accs)
         self._store(accs)
 
-    def _collect_onepass(self, targets: list[Target] | None = None) -> None:
+    def _collect_onepass(self, targets: list[Target] | None = None, store: bool = True):
+        """One pass over the calibration batches: the Grams of ``targets`` (default: all) stored as one-pass
+        ones, or with ``store=False`` only returned (key -> Gram)."""
+        targets = self.targets if targets is None else targets
         batches = [move(b, self.device) for b in self.batches]
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
-            self._collect(self.targets if targets is None else targets, lambda: run_batches(self.model, batches, self.forward_fn,
-                                                            desc="collecting layer curvature", progress=self.progress))
-        self._onepass_keys |= {t.key for t in (self.targets if targets is None else targets)}
+            got = self._collect(targets, lambda: run_batches(self.model, batches, self.forward_fn,
+                                                             desc="collecting layer curvature",
+                                                             progress=self.progress), store=store)
+        if not store:
+            return got[0]
+        self._onepass_keys |= {t.key for t in targets}
         self._grams_pending = False
 
     def _collect_eager_sequential(self, on_block) -> None:
