@@ -13,11 +13,32 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from _common import add_threads_argument, command_line, pyplot, save_figure, set_threads, write_results
 
 from obs_plugins import Curvature, OBSIHTConfig, api
-from obs_plugins.experiment import dense_row, setup_smollm2
-from obs_plugins.lm import causal_lm_loss, perplexity
+from obs_plugins.experiment import (WINDOW_CHARS, _per_source, dense_row, load_texts, setup_smollm2, window_starts,
+                                    windows_at)
+from obs_plugins.lm import causal_lm_batches, causal_lm_loss, perplexity
+
+SELECT_DRAW = 1000   # the selection windows' draw (fixed, so every calibration draw is judged on the same text)
+
+
+def selection_windows(tokenizer, calib_text: dict, n: int, n_calib: int, calib_draw: int, seq_len: int = 256):
+    """``n`` windows spread over the calibration sources (as the calibration set is), none overlapping a
+    calibration window of ``calib_draw``: candidates of draw ``SELECT_DRAW``, two spare per source."""
+    chars = seq_len * WINDOW_CHARS
+    out = []
+    for (src, text), n_cal, n_sel in zip(calib_text.items(), _per_source(n_calib, len(calib_text)),
+                                         _per_source(n, len(calib_text))):
+        used = window_starts(len(text), n_cal, seq_len, calib_draw)
+        free = [s for s in window_starts(len(text), n_sel + 2, seq_len, SELECT_DRAW)
+                if all(abs(s - u) >= chars for u in used)]
+        if len(free) < n_sel:
+            raise RuntimeError(f"--select: only {len(free)} windows of {src!r} clear of the calibration windows")
+        out.append(windows_at(tokenizer, text, free[:n_sel], seq_len))
+    return torch.cat(out)
 
 
 def block_of(key: str) -> int:
@@ -30,6 +51,12 @@ def main(argv=None) -> int:
     ap.add_argument("--allocations", default="uniform,global,owl")
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--eval", type=int, default=16)
+    ap.add_argument("--calib-draw", type=int, default=0,
+                    help="another set of calibration windows from the same texts (0: the default set); the "
+                         "held-out windows are the same for every draw")
+    ap.add_argument("--select", type=int, default=0,
+                    help="N > 0: perplexity also on N windows of the calibration sources clear of every calibration "
+                         "window (the set to choose an allocation on)")
     ap.add_argument("--out", default="benchmarks/results/llm_allocation")
     ap.add_argument("--blocks", type=int, default=None, help="prune only the first N decoder blocks (smoke test)")
     ap.add_argument("--no-progress", action="store_true")
@@ -38,7 +65,17 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     progress = not args.no_progress
     t_all = time.perf_counter()
-    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, blocks=args.blocks)
+    if args.calib_draw < 0:
+        ap.error(f"--calib-draw: 0 (the default windows) or a positive draw, got {args.calib_draw}")
+    texts = load_texts()
+    setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, blocks=args.blocks, calib_draw=args.calib_draw,
+                          texts=texts)
+    if args.select:
+        setup.heldout = {"select": causal_lm_batches(selection_windows(setup.tokenizer, texts[0], args.select,
+                                                                       args.calib, args.calib_draw)),
+                         **setup.heldout}
+        setup.info["heldout"] = (f"{args.select}x256 tokens of the calibration sources clear of the calibration "
+                                 f"windows (select); " + setup.info["heldout"])
     snap = api.snapshot(setup.targets)
     rows = [dict(dense_row(setup, progress), allocation="-")]
     print(rows[-1], flush=True)

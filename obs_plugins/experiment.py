@@ -26,24 +26,35 @@ HELDOUT_TEXTS = ("shakespeare", "austen")     # held-out plays of the calibratio
 WINDOW_CHARS = 12   # characters cut per window token (English BPE: ~4-5 a token; a chunk always has enough)
 
 
+def window_starts(length: int, n: int, seq_len: int, draw: int = 0) -> list[int]:
+    """Where :func:`text_windows` cuts its ``n`` chunks (``seq_len * WINDOW_CHARS`` characters each) from a text
+    of ``length`` characters: their first characters, in order."""
+    chars = seq_len * WINDOW_CHARS
+    if length < n * chars:
+        raise ValueError(f"n/seq_len: the text has {length} characters, {n * chars} are needed")
+    if not (isinstance(draw, int) and draw >= 0):
+        raise ValueError(f"draw: must be an int >= 0, got {draw!r}")
+    if draw == 0:
+        stride, shift = (length - chars) // max(n - 1, 1), 0
+    else:
+        stride = (length - chars) // n
+        shift = int((draw * 0.6180339887498949) % 1.0 * stride)
+    return [shift + i * stride for i in range(n)]
+
+
 def text_windows(tokenizer, text: str, n: int, seq_len: int, draw: int = 0) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens spread evenly over ``text``: each is the start of the tokenisation of
     a character chunk (only the chunks are tokenised, not the whole corpus).  ``draw`` > 0 shifts every window by
     the fractional part of ``draw`` times the golden ratio of the stride: another evenly spread set of windows
     from the same text (``draw=0``: the first window starts the text, the last one ends it)."""
+    return windows_at(tokenizer, text, window_starts(len(text), n, seq_len, draw), seq_len)
+
+
+def windows_at(tokenizer, text: str, starts, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` tokens of the ``seq_len * WINDOW_CHARS``-character chunk at each of ``starts``."""
     chars = seq_len * WINDOW_CHARS
-    if len(text) < n * chars:
-        raise ValueError(f"n/seq_len: the text has {len(text)} characters, {n * chars} are needed")
-    if not (isinstance(draw, int) and draw >= 0):
-        raise ValueError(f"draw: must be an int >= 0, got {draw!r}")
-    if draw == 0:
-        stride, shift = (len(text) - chars) // max(n - 1, 1), 0
-    else:
-        stride = (len(text) - chars) // n
-        shift = int((draw * 0.6180339887498949) % 1.0 * stride)
     out = []
-    for i in range(n):
-        start = shift + i * stride
+    for start in starts:
         ids = tokenizer(text[start:start + chars], return_tensors="pt").input_ids[0]
         if ids.numel() < seq_len:
             raise ValueError(f"seq_len: a {chars}-character chunk gave only {ids.numel()} tokens")

@@ -60,3 +60,34 @@ def test_mean_over_runs(bench, tmp_path):
     other.write_text(json.dumps({"rows": [{"model": "cnn", "sparsity": 0.9, "method": "m", "test": 1, "val": 1}]}))
     with pytest.raises(SystemExit, match="other rows"):
         bench.main(["--mean", paths[0], str(other), "--out", str(tmp_path / "m2")])
+
+
+class _PositionTokenizer:
+    """One token per character; the text's characters encode their own position, so a window's first token
+    says where it starts."""
+
+    def __call__(self, text, return_tensors="pt"):
+        import types
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) - 0x4E00 for c in text]]))
+
+
+def test_llm_allocation_selection_windows_never_overlap_a_calibration_window():
+    from obs_plugins.experiment import text_windows
+    bench = load_bench("llm_allocation.py")
+    tok, seq, chars = _PositionTokenizer(), 8, 96          # WINDOW_CHARS = 12 characters a token
+    text = "".join(chr(0x4E00 + i) for i in range(19_000))
+    calib_text = {"a": text, "b": text[:9_000], "c": text[:12_000]}
+    overlapped = 0
+    for draw in range(12):
+        sel = bench.selection_windows(tok, calib_text, 7, 10, draw, seq_len=seq)
+        assert sel.shape == (7, seq)
+        # the selection is spread over the sources as the calibration set is: 3 + 2 + 2 windows, a, b, c
+        for rows, (src, n_cal) in zip((sel[:3], sel[3:5], sel[5:]), (("a", 4), ("b", 3), ("c", 3))):
+            cal = text_windows(tok, calib_text[src], n_cal, seq, draw=draw)[:, 0].tolist()
+            starts = rows[:, 0].tolist()
+            assert all(abs(s - u) >= chars for s in starts for u in cal), (draw, src, starts, cal)
+            assert rows[:, -1].tolist() == [s + seq - 1 for s in starts]   # whole windows of the text
+            overlapped += sum(1 for s in text_windows(tok, calib_text[src], len(rows) + 2, seq,
+                                                      draw=bench.SELECT_DRAW)[:, 0].tolist()
+                              if any(abs(s - u) < chars for u in cal))
+    assert overlapped > 0        # some draws do meet a candidate, so the check above is exercised
