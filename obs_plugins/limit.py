@@ -514,13 +514,14 @@ def estimate(model: nn.Module, data: Iterable, loss_fn: Callable, *, params=None
     _, grads = curv.loss_and_grad()
     grad = curv.flatten(grads).double().cpu()
     w64 = flat.detach().double().cpu()
+    order_cpu = order.cpu()   # the magnitude order lives on the model's device; d and w64 on the CPU
     terms: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
 
     def taylor(k: int) -> tuple[float, float]:
         """(g^T d, 1/2 d^T H d) for d = w_k - w, the k smallest weights zeroed."""
         if k not in terms:
             d = torch.zeros(D, dtype=torch.float64)
-            d[order[:k]] = -w64[order[:k]]
+            d[order_cpu[:k]] = -w64[order_cpu[:k]]
             terms[k] = (float(grad @ d), 0.5 * float(d @ mv(d).double().cpu()))
             if not all(map(math.isfinite, terms[k])):
                 raise PruningInputError(f"hvp_data: the gradient or Hessian-vector product along the magnitude path "

@@ -716,3 +716,24 @@ def test_iterations_of_a_float64_model_stay_float64_and_tried_steps_keep_small_s
     assert all(e.new_weight.dtype == torch.float64 for e in plan.entries.values())
     tried = plan.report["history"][1]["tried"]
     assert len(tried) >= 2 and all(r > 0 for r in tried)
+
+
+def test_native_bf16_on_cuda_needs_bf16_tensor_cores(monkeypatch):
+    """"auto" takes bf16 gradients only where bf16 is native: CUDA from compute capability 8 (Ampere) on, asked
+    of the curvature's own device.  torch.cuda.is_bf16_supported() also says True on a V100 / T4, where bf16 is
+    emulated (slower and less precise than fp32 there)."""
+    from obs_plugins.methods.obs_iht import solver
+    asked = []
+
+    def capability(device=None):
+        asked.append(device)
+        return {0: (7, 0), 1: (8, 0)}[torch.device(device).index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert solver.native_bf16(torch.device("cuda", 0)) is False
+    assert solver.native_bf16(torch.device("cuda", 1)) is True
+    assert [torch.device(d).index for d in asked] == [0, 1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert solver.native_bf16(torch.device("cuda", 1)) is False

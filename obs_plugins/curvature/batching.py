@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,6 +81,22 @@ def move(batch, device, memo: dict | None = None):
     if isinstance(batch, (tuple, list)):
         return type(batch)(move(v, device, memo) for v in batch)
     return batch
+
+
+class OnDevice(Sequence):
+    """``batches`` read one at a time on ``device`` (:func:`move` on each access): a pass over the calibration
+    set holds one moved batch at a time, not a device copy of the whole set."""
+
+    def __init__(self, batches, device):
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [move(b, self.device) for b in self.batches[i]]
+        return move(self.batches[i], self.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +174,17 @@ def named_failure(what: str, model: nn.Module, run: Callable[[], object], inputs
                                 f"{shapes}: {type(e).__name__}: {msg[:300]}") from e
 
 
+def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``y`` is ``x``, a view of the same storage, or (on another device) a copy of it moved to the model."""
+    if x is y:
+        return True
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if x.device == y.device:
+        return x.data_ptr() == y.data_ptr()
+    return torch.equal(x.detach().cpu(), y.detach().cpu())   # the error path only: one copy per batch compared
+
+
 class NamedForward:
     """``forward_fn(model, batch)`` whose failures name the calibration batch (``batches[i]``) and module."""
 
@@ -168,9 +195,7 @@ class NamedForward:
         tb = _tensors(batch)
         for i, c in enumerate(self.batches):
             tc = _tensors(c)
-            if tc and len(tc) == len(tb) and all(
-                    x is y or (x.shape == y.shape and x.device == y.device and x.data_ptr() == y.data_ptr())
-                    for x, y in zip(tc, tb)):
+            if tc and len(tc) == len(tb) and all(_same_tensor(x, y) for x, y in zip(tc, tb)):
                 return i
         return None
 

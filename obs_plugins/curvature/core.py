@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, gated, layer_kind, out_dim, resolve_targets, to_2d
-from .batching import NamedForward, batch_loss, default_forward, move
+from .batching import NamedForward, OnDevice, batch_loss, default_forward, move
 from .distributed import all_reduce_sums, process_group, raise_together
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs_over,
                       collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
@@ -217,8 +217,7 @@ class Curvature:
                                     "by two blocks is not); use sequential=False")
         if sequential is not False and stack is not None:
             with curv._eval_mode():
-                chain, curv._shared_inputs = chain_inputs_over(model, stack, [move(b, curv.device)
-                                                                              for b in curv.batches],
+                chain, curv._shared_inputs = chain_inputs_over(model, stack, OnDevice(curv.batches, curv.device),
                                                                curv.forward_fn)
             if not chain and sequential == "auto":
                 stack = None     # e.g. a residual added around the blocks: calibrate in one pass
@@ -287,7 +286,7 @@ class Curvature:
         """One pass over the calibration batches: the Grams of ``targets`` (default: all) stored as one-pass
         ones, or with ``store=False`` only returned (key -> Gram)."""
         targets = self.targets if targets is None else targets
-        batches = [move(b, self.device) for b in self.batches]
+        batches = OnDevice(self.batches, self.device)
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
             got = self._collect(targets, lambda: run_batches(self.model, batches, self.forward_fn,
                                                              desc="collecting layer curvature",
@@ -299,7 +298,7 @@ class Curvature:
 
     def _collect_eager_sequential(self, on_block) -> None:
         accs = self._new_accumulators(self.targets)
-        batches = [move(b, self.device) for b in self.batches]
+        batches = OnDevice(self.batches, self.device)
         with self._eval_mode():
             collect_sequential(self.model, self.targets, batches, self.forward_fn, accs, on_block=on_block,
                                progress=self.progress, store=self.offload, compute=self.device)
@@ -334,7 +333,7 @@ class Curvature:
         # this plan may be applied and change any layer's inputs: allocation collects the one-pass Grams again
         # (and hessians holds this plan's Grams for its keys)
         self._onepass_keys.clear()
-        batches = [move(b, self.device) for b in self.batches]
+        batches = OnDevice(self.batches, self.device)
         from tqdm.auto import tqdm
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
             # every block's own other inputs (masks, rotary tables, position bias) where they are not block 0's

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ...curvature import batching
 from ...curvature.batching import batch_loss as _batch_loss
 from ...curvature.batching import default_forward as _default_forward
 from ...errors import PruningInputError
@@ -532,15 +533,6 @@ class ContinuousSparsifier:
                                         "cs.param_groups(lr, weight_decay)")
         device = next(iter(self.scores.values())).device
 
-        def to_dev(b):
-            if torch.is_tensor(b):
-                return b.to(device)
-            if isinstance(b, (list, tuple)):
-                return type(b)(to_dev(v) for v in b)
-            if isinstance(b, dict):
-                return {k: to_dev(v) for k, v in b.items()}
-            return b
-
         bar = None
         if self.config.progress:
             from tqdm.auto import tqdm
@@ -551,7 +543,7 @@ class ContinuousSparsifier:
             while not self.done:
                 beta, total, n = self.temperature, 0.0, 0
                 for batch in train_loader:
-                    batch = to_dev(batch)
+                    batch = batching.move(batch, device)
                     if batch_loss is not None:
                         loss = batch_loss(self.model, batch)
                     else:   # the library's convention: (inputs, target) pairs, dicts as model(**batch)

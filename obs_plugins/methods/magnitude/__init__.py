@@ -48,9 +48,9 @@ def _plan_from_scores(targets: list[Target], scores: dict, k_total: int | None, 
         if per_row:  # same number of prunes in every output row (Wanda's comparison group), vectorised
             s2, p2 = as_scores(to_2d(t.module, scores[t.key])), to_2d(t.module, prior[t.key])
             row_counts = allocate_uniform({i: p2[i] for i in range(p2.shape[0])}, counts[t.key])
-            n_row = torch.tensor([row_counts[i] for i in range(p2.shape[0])]) + (~p2).sum(1)
+            n_row = torch.tensor([row_counts[i] for i in range(p2.shape[0])], device=p2.device) + (~p2).sum(1)
             order = torch.sort(s2.masked_fill(~p2, float("-inf")), dim=1, stable=True).indices
-            rank = torch.empty_like(order).scatter_(1, order, torch.arange(s2.shape[1]).expand_as(order))
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(s2.shape[1], device=order.device).expand_as(order))
             mask = from_2d(t.module, rank >= n_row.unsqueeze(1), t.current())
         else:
             mask = lowest_k_mask(scores[t.key], counts[t.key], prior[t.key])

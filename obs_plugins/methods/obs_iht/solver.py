@@ -372,7 +372,9 @@ def unit_step(wnorm: float, dnorm: float, w_norm: dict, pd_norm: dict, layer_tru
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 matrix products natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX)."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # bf16 tensor cores from compute capability 8 (Ampere) on; is_bf16_supported() also says True where
+        # bf16 is only emulated (V100, T4), which is slower and less precise than fp32 there
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         try:

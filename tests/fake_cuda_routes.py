@@ -1,0 +1,181 @@
+"""Run the library's routes with the model on the stand-in CUDA device of ``fake_cuda.py`` (or on the CPU with
+``--cpu``) and print one JSON line per route: whether it ran, and a fingerprint of its result.  The stand-in
+computes on the CPU, so a device-agnostic route must give the CPU's result bit for bit.
+
+    python tests/fake_cuda_routes.py [--cpu] [route ...]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+CPU = "--cpu" in sys.argv
+if not CPU:
+    import fake_cuda  # noqa: E402  (renames the spare backend: this process only)
+
+
+def on_device(model):
+    return model if CPU else fake_cuda.to_device(model)
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    return t.inner if not CPU and isinstance(t, fake_cuda.FakeCudaTensor) else t
+
+
+def fingerprint(model) -> list:
+    """Per floating tensor of the state dict: the sum and the sum of squares of its values (float64) and a hash
+    of where its zeros are."""
+    import hashlib
+    out = []
+    for name, p in sorted(model.state_dict().items()):
+        if p.is_floating_point():
+            q = plain(p).detach().double()
+            zeros = hashlib.sha1((q == 0).numpy().tobytes()).hexdigest()
+            out.append([name, float(q.sum()), float((q * q).sum()), zeros])
+    return out
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64)).eval()
+
+
+def llama_batches():
+    from obs_plugins.lm import causal_lm_batches
+    return causal_lm_batches(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)), 2)
+
+
+def llama_params(m):
+    from obs_plugins.targets import prunable_linear_targets
+    return [(t.module, t.name) for t in prunable_linear_targets(m, exclude=("lm_head",))]
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+
+
+def mlp_batches():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+
+
+def mlp_params(m):
+    return [(mm, "weight") for mm in m if isinstance(mm, nn.Linear)]
+
+
+def r_obs_iht_sequential_T2():
+    from obs_plugins import Curvature, OBSIHTConfig, api
+    from obs_plugins.lm import causal_lm_loss
+    m = on_device(llama())
+    c = Curvature.layerwise(m, llama_params(m), llama_batches(), loss_fn=causal_lm_loss, progress=False)
+    # fp32 gradients on both sides ("auto" takes bf16 on a CPU with bf16 units, and the stand-in is no CPU)
+    api.prune(OBSIHTConfig(iterations=2, grad_dtype="float32", progress=False), curvature=c, amount=0.5)
+    return m, {"offload": c.offload is not None}
+
+
+def r_wanda_unstructured():
+    from obs_plugins import Curvature, api
+    from obs_plugins.lm import causal_lm_loss
+    from obs_plugins.methods.magnitude import WandaConfig
+    m = on_device(llama())
+    c = Curvature.layerwise(m, llama_params(m), llama_batches(), loss_fn=causal_lm_loss, progress=False)
+    api.prune(WandaConfig(), curvature=c, amount=0.5)
+    return m, {}
+
+
+def r_global_unstructured():
+    from torch.nn.utils import prune
+
+    from obs_plugins import OBSIHT, Curvature
+    m = on_device(mlp())
+    ps = mlp_params(m)
+    c = Curvature.layerwise(m, ps, mlp_batches(), loss_fn=F.cross_entropy, progress=False)
+    prune.global_unstructured(ps, pruning_method=OBSIHT, amount=0.5, curvature=c, iterations=2)
+    return m, {}
+
+
+def r_limit_estimate():
+    from obs_plugins.limit import estimate
+    m = on_device(mlp())
+    r = estimate(m, mlp_batches(), F.cross_entropy, steps=8, probes=1, sweep=True, sparsities=[0.3, 0.6],
+                 progress=False)
+    return m, {"predicted": r.predicted, "path": r.path["predicted"]}
+
+
+def r_cs_fit_batch_encoding():
+    """Hugging Face collators return a BatchEncoding (a UserDict, not a dict)."""
+    from transformers import BatchEncoding
+
+    from obs_plugins import ContinuousSparsifier
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x, labels=None):
+            return self.b(torch.relu(self.a(x)))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [BatchEncoding({"x": torch.randn(4, 8, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)})
+               for _ in range(4)]
+    torch.manual_seed(0)
+    m = on_device(Net())
+    cs = ContinuousSparsifier(m, [(m.a, "weight"), (m.b, "weight")], rounds=1, epochs=2, rewind_step=1,
+                              progress=False)
+    cs.fit(batches, lambda out, b: F.cross_entropy(out, b["labels"]), lr=0.1)
+    cs.make_plan(amount=0.5).apply()
+    return m, {}
+
+
+def r_bad_batch_named():
+    """A calibration batch the model cannot take is named by its index, also after its move to the device."""
+    from obs_plugins import Curvature
+    from obs_plugins.errors import CurvatureError
+    m = on_device(mlp())
+    batches = mlp_batches()
+    batches[2] = (torch.randn(16, 7), batches[2][1])
+    try:
+        c = Curvature.layerwise(m, mlp_params(m), batches, loss_fn=F.cross_entropy, progress=False)
+        c.hessians
+    except (CurvatureError, ValueError, RuntimeError) as e:
+        return m, {"named": "batches[2]" in str(e), "message": str(e).splitlines()[0][:200]}
+    return m, {"named": False, "message": "no error"}
+
+
+ROUTES = {k[2:]: v for k, v in list(globals().items()) if k.startswith("r_")}
+
+
+def main(names):
+    for name in names or list(ROUTES):
+        try:
+            if CPU:
+                model, extra = ROUTES[name]()
+            else:
+                with fake_cuda.MODE:
+                    model, extra = ROUTES[name]()
+            print(json.dumps({"route": name, "ok": True, "extra": extra, "fingerprint": fingerprint(model)}),
+                  flush=True)
+        except Exception as e:  # the test reads the failure from the JSON line
+            tb = [f"{f.filename.split('/')[-1]}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)[-6:]]
+            print(json.dumps({"route": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400], "where": tb}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main([a for a in sys.argv[1:] if a != "--cpu"])
