@@ -205,3 +205,20 @@ def test_channel_scores_of_a_conv1d_follow_its_output_dimension():
     bip = BiPTrainer(nn.Sequential(layer), [(layer, "weight")], sparsity=0.5, granularity="channel", progress=False)
     assert tuple(bip.scores["0.weight"].shape) == (1, 4)
     assert torch.allclose(bip.scores["0.weight"].detach(), torch.tensor([[5., 6., 7., 8.]]))
+
+
+def test_bip_ranks_a_float64_models_scores_in_float64():
+    """Scores 1 + (8 - i)e-12 are distinct in float64 and tie in float32 (where position would decide); BiP
+    keeps the four largest, as torch's own L1 pruning of the same float64 weights does."""
+    from torch.nn.utils import prune
+
+    from obs_plugins import BiP, BiPTrainer
+    lin = torch.nn.Linear(1, 8, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0 + (8 - i) * 1e-12] for i in range(8)], dtype=torch.float64))
+    model = torch.nn.Sequential(lin)
+    bip = BiPTrainer(model, [(lin, "weight")], sparsity=0.5)
+    assert bip.masks()["0.weight"].view(-1).int().tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    bip.finish()
+    prune.global_unstructured([(lin, "weight")], pruning_method=BiP, amount=0.5, trainer=bip)
+    assert lin.weight_mask.view(-1).int().tolist() == [1, 1, 1, 1, 0, 0, 0, 0]

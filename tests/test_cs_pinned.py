@@ -118,3 +118,18 @@ def test_paper_scale_with_nonzero_mask_init_starts_dense():
     cs = ContinuousSparsifier(model, pairs(model), mask_init=0.5, progress=False)
     assert cs.scale_at(1.0) == pytest.approx(1 + math.exp(-0.5))
     assert torch.allclose(model[0].weight, w, atol=1e-6)
+
+
+def test_cs_ranks_a_float64_models_scores_in_float64():
+    """Learned scores 0.5 + (8 - i)·1e-12 are distinct in float64 and tie in float32 (where position would decide):
+    the plan keeps the four highest."""
+    from torch.nn.utils import prune
+
+    from obs_plugins import ContinuousSparsification, ContinuousSparsifier
+    lin = torch.nn.Linear(1, 8, bias=False).double()
+    cs = ContinuousSparsifier(torch.nn.Sequential(lin), [(lin, "weight")], rounds=1, epochs=2)
+    with torch.no_grad():
+        cs.scores["0.weight"].copy_(torch.tensor([[0.5 + (8 - i) * 1e-12] for i in range(8)], dtype=torch.float64))
+    cs.finish(rewind=False)
+    prune.global_unstructured([(lin, "weight")], pruning_method=ContinuousSparsification, amount=0.5, sparsifier=cs)
+    assert lin.weight_mask.view(-1).int().tolist() == [1, 1, 1, 1, 0, 0, 0, 0]

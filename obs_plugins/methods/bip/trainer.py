@@ -46,7 +46,7 @@ from ...curvature import batching
 from ...curvature.fisher import batch_rows
 from ...errors import PruningInputError
 from .._state import check_saved_state, resolve_config
-from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
+from ...masks import PrunePlan, allocate_global, allocate_uniform, as_scores, count_to_prune, lowest_k_mask
 from ...targets import Target, check_targets, out_dim, resolve_targets
 from .config import BiPConfig
 
@@ -222,7 +222,7 @@ class BiPTrainer:
         for k in keys:
             if not torch.isfinite(self.scores[k]).all():
                 raise FloatingPointError(f"BiP: the scores of {k} are not finite (mask_lr too large?)")
-        ranked = {k: self.scores[k].detach().float().masked_fill(~self._avail[k], float("-inf")).reshape(-1)
+        ranked = {k: as_scores(self.scores[k]).masked_fill(~self._avail[k], float("-inf")).reshape(-1)
                   for k in keys}
         if self.config.allocation == "global":
             flat = torch.cat([ranked[k] for k in keys])
@@ -453,7 +453,7 @@ class BiPTrainer:
                 k = count_to_prune(amount, avail)
             elif isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= avail:
                 raise PruningInputError(f"amount: cannot prune {k!r} of {avail} remaining entries")
-            scores = {t.key: self.scores[t.key].detach().expand(t.orig().shape).float().cpu() for t in targets}
+            scores = {t.key: as_scores(self.scores[t.key].expand(t.orig().shape)).cpu() for t in targets}
             counts = (allocate_uniform(prior, k) if self.config.allocation == "uniform"
                       else allocate_global(scores, prior, k))
             for t in targets:

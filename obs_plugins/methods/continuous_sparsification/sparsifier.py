@@ -40,7 +40,7 @@ from ...curvature.batching import batch_loss as _batch_loss
 from ...curvature.batching import default_forward as _default_forward
 from ...errors import PruningInputError
 from .._state import check_saved_state, resolve_config
-from ...masks import PrunePlan, allocate_global, allocate_uniform, count_to_prune, lowest_k_mask
+from ...masks import PrunePlan, allocate_global, allocate_uniform, as_scores, count_to_prune, lowest_k_mask
 from ...targets import Target, check_targets, out_dim, resolve_targets
 from .config import CSConfig, check_epochs
 
@@ -405,7 +405,7 @@ class ContinuousSparsifier:
             k = count_to_prune(amount, avail)
         elif isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= avail:
             raise PruningInputError(f"amount: cannot prune {k!r} of {avail} remaining entries")
-        scores = {t.key: self._expanded_scores(t).float().cpu() for t in targets}
+        scores = {t.key: as_scores(self._expanded_scores(t)).cpu() for t in targets}
         if self.config.allocation == "uniform":
             counts = allocate_uniform(prior, k)
         else:
