@@ -540,6 +540,9 @@ class Pruner(OptimumQuantizer):
             raise PruningInputError(f"export: None or 'onnx', got {export!r}")
         if export == "onnx" and save_dir is None:
             raise PruningInputError("save_dir: export='onnx' writes model.onnx into save_dir; give one")
+        if export == "onnx":   # before any weight changes: a bf16 file would be written but never run
+            from obs_plugins.integrations.onnx.verify import check_runtime_dtype
+            check_runtime_dtype(self.model, "export")
         if save_dir is not None:
             _check_writable_dir(save_dir)
         if not config.route.one_shot:

@@ -682,3 +682,25 @@ def test_report_gives_the_overall_sparsity_by_weights_beside_the_per_layer_mean(
     md = rep.to_markdown()
     assert f"mean over layers {sum(per_layer) / 3:.1%} → {sum(per_layer) / 3:.1%}" in md
     assert f"(overall, by weights: {overall:.1%} → {overall:.1%})" in md
+
+
+def test_verify_of_float16_and_bfloat16_models(tmp_path):
+    """float16: a correct export differs from PyTorch by about one float16 step (4.9e-4 at 0.5), so the default
+    tolerances follow the outputs' dtype (1e-3 / 1e-2 there, recorded in the report); bfloat16: ONNX Runtime's
+    CPU provider has no kernels for it, refused by name before any session is built."""
+    ex = _tokens()
+    m16 = _llama().half()
+    res = ox.export(m16, ex, tmp_path / "f16.onnx")
+    rep = ox.verify(res, m16, ex, bench=False)
+    assert rep.ok and (rep.info["atol"], rep.info["rtol"]) == (1e-3, 1e-2)
+    assert max(o["max_abs"] for o in rep.outputs) > 1e-4     # the float32 defaults would have failed it
+    with pytest.raises(ox.VerificationError, match="atol 0.0001"):
+        ox.verify(res, m16, ex, bench=False, atol=1e-4, rtol=1e-3)
+    m32 = _llama()
+    rep32 = ox.verify(ox.export(m32, ex, tmp_path / "f32.onnx"), m32, ex, bench=False)
+    assert (rep32.info["atol"], rep32.info["rtol"]) == (1e-4, 1e-3)
+    bf = _llama().to(torch.bfloat16)
+    with pytest.raises(PruningInputError, match="^model: .*bfloat16"):
+        ox.verify(res, bf, ex, bench=False)
+    with pytest.raises(PruningInputError, match="^atol"):
+        ox.verify(res, m16, ex, bench=False, atol=-1.0)

@@ -1087,3 +1087,14 @@ def test_causal_lm_loss_with_left_padding_scores_only_real_to_real_predictions()
     assert torch.allclose(got, torch.nn.functional.cross_entropy(real, torch.tensor([2, 3, 4, 5, 7, 8])))
     none = causal_lm_loss(out, {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 0, 0, 0]] * 2)})
     assert float(none) == 0.0 and none.requires_grad
+
+
+def test_pruner_refuses_an_onnx_export_of_a_bf16_model_before_pruning(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 kernels: the file would be written and never run, so
+    export='onnx' is refused first, naming export, with nothing pruned or written."""
+    model = tiny_bert().to(torch.bfloat16)
+    before = state(model)
+    with pytest.raises(PruningInputError, match="^export: .*bfloat16.*float32 copy"):
+        Pruner(model).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "out",
+                            export="onnx", progress=False)
+    assert same_state(before, state(model)) and not (tmp_path / "out").exists()

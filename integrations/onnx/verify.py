@@ -159,14 +159,30 @@ def check_sparsity(model: nn.Module, onnx_path, sparse_kernel_path=None) -> tupl
     return sparsity, failures
 
 
+def check_runtime_dtype(model: nn.Module, arg: str = "model") -> None:
+    """Refuse, naming ``arg``, a model ONNX Runtime's CPU provider cannot run: with bfloat16 weights it has no
+    kernel for the graph's MatMul / Mul nodes (the file exports, the session fails)."""
+    bf16 = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    if bf16:
+        raise PruningInputError(
+            f"{arg}: {len(bf16)} bfloat16 weights ({bf16[0]!r}, ...): ONNX Runtime's CPU provider has no bfloat16 "
+            "kernels, so the exported file cannot be run, verified or timed there; export and verify a float32 "
+            "copy (copy.deepcopy(model).float()) -- float16 and float32 files run")
+
+
+LOW_PRECISION_TOLERANCES = (1e-3, 1e-2)   # float16 outputs: one float16 step is 4.9e-4 at 0.5 (rel 9.8e-4)
+DEFAULT_TOLERANCES = (1e-4, 1e-3)
+
+
 def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=None, sparse_kernel_path="auto",
-           atol: float = 1e-4, rtol: float = 1e-3, runs: int = 30, warmup: int = 3, threads: int = 1,
+           atol: float | None = None, rtol: float | None = None, runs: int = 30, warmup: int = 3, threads: int = 1,
            min_speedup: float = 1.05, raise_on_fail: bool = True, bench: bool = True,
            budget_s: float | None = None) -> Report:
     """Check an exported file against ``model`` and time ONNX Runtime routes.
 
     * outputs: ORT vs PyTorch on ``inputs`` (every route), max abs/rel error; ``|onnx - torch| <= atol +
-      rtol·|torch|`` elementwise or :class:`VerificationError` (when ``raise_on_fail``); with a 2-D
+      rtol·|torch|`` elementwise or :class:`VerificationError` (when ``raise_on_fail``); ``atol`` / ``rtol``
+      default to 1e-4 / 1e-3, and to 1e-3 / 1e-2 where PyTorch's outputs are float16; with a 2-D
       ``attention_mask`` among ``inputs``, per-token outputs are compared at the real tokens only;
     * sparsity: zeros of every pruned model weight vs its ONNX initializer (must not drop);
     * latency at each of ``batch_sizes`` (default: the batch of ``inputs``; rows repeated to size): routes
@@ -186,6 +202,12 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         raise PruningInputError(f"onnx_path: {onnx_path} does not exist")
     if sparse_kernel_path == "auto":
         sparse_kernel_path = sparse_kernel_of(onnx_path)
+    check_runtime_dtype(model)
+    if baseline is not None and isinstance(baseline, nn.Module):
+        check_runtime_dtype(baseline, "baseline")
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise PruningInputError(f"{name}: a tolerance >= 0 (or None for the dtype's default), got {v!r}")
     if runs < 1 or warmup < 0 or threads < 1:
         raise PruningInputError("runs/warmup/threads: need runs >= 1, warmup >= 0, threads >= 1")
     if batch_sizes is not None and not isinstance(batch_sizes, (list, tuple)):
@@ -215,6 +237,9 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
     finally:
         if was_cache is not None:
             cfg.use_cache = was_cache
+    low = any(torch.is_tensor(r) and r.dtype == torch.float16 for r in ref)
+    atol_d, rtol_d = LOW_PRECISION_TOLERANCES if low else DEFAULT_TOLERANCES
+    atol, rtol = atol_d if atol is None else atol, rtol_d if rtol is None else rtol
     outputs, failures = [], []
     am = kwargs.get("attention_mask") if isinstance(kwargs, dict) else None
     token_mask = am.detach().cpu().numpy().astype(bool) if torch.is_tensor(am) and am.dim() == 2 else None
