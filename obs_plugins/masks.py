@@ -222,7 +222,12 @@ class PrunePlan:
             if tuple(new_weight.shape) != tuple(shape):
                 raise ValueError(f"plan for {target.key}: weight shape {tuple(new_weight.shape)} != {tuple(shape)}")
             if not torch.isfinite(new_weight).all():
-                raise FloatingPointError(f"plan for {target.key}: the solver produced non-finite weights")
+                why = ""
+                if new_weight.dtype in (torch.float16, torch.bfloat16) and not torch.isnan(new_weight).any():
+                    why = (f": the updated weights exceed {str(new_weight.dtype).replace('torch.', '')}'s range "
+                           f"(largest finite {torch.finfo(new_weight.dtype).max:.6g}); prune a float32 copy, or "
+                           "raise the damping")
+                raise FloatingPointError(f"plan for {target.key}: the solver produced non-finite weights{why}")
         self.entries[target.key] = PlanEntry(target, mask.bool(), new_weight)
 
     def layer_sparsity(self) -> dict[str, float]:

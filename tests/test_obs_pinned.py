@@ -470,3 +470,23 @@ def test_sweep_of_fp32_weights_with_fp64_factor_runs_in_fp64():
     Wn, _, _ = obs_sweep(W32, upper_factor(Hd), keep=keep, blocksize=8)
     assert Wn.dtype == torch.float64
     torch.testing.assert_close(Wn, textbook_project(W32.double(), Hd, keep), rtol=1e-10, atol=1e-10)
+
+
+def test_an_update_beyond_float16s_range_is_refused_saying_so():
+    """Two equal input columns and weights of 34000: pruning one moves its weight onto the other, 67663 >
+    float16's 65504.  The plan is refused naming the dtype's range, and the model is left as it was."""
+    from obs_plugins import Curvature, OBSIHTConfig, api
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[34000.0, 34000.0]]))
+    model = torch.nn.Sequential(lin).half()
+    g = torch.Generator().manual_seed(0)
+    xs = []
+    for _ in range(4):
+        c = 0.05 * torch.randn(16, 1, generator=g)
+        xs.append((torch.cat([c, c], 1).half(), torch.zeros(16)))
+    curv = Curvature.layerwise(model, [(lin, "weight")], xs, progress=False)
+    before = lin.weight.detach().clone()
+    with pytest.raises(FloatingPointError, match="exceed float16's range \\(largest finite 65504\\)"):
+        api.prune(OBSIHTConfig(progress=False), curvature=curv, amount=0.5)
+    assert torch.equal(lin.weight, before) and not hasattr(lin, "weight_orig")
