@@ -158,6 +158,25 @@ def r_bad_batch_named():
     return m, {"named": False, "message": "no error"}
 
 
+def r_onnx_export_verify():
+    """Export traces a baked copy in CPU memory; verify's reference pass runs where the model is."""
+    import tempfile
+
+    from torch.nn.utils import prune
+
+    from obs_plugins.integrations import onnx as ox
+    m = on_device(mlp())
+    for mod, name in mlp_params(m):
+        prune.l1_unstructured(mod, name, amount=0.5)
+    x = torch.randn(4, 20, generator=torch.Generator().manual_seed(3))
+    with tempfile.TemporaryDirectory() as d:
+        res = ox.export(m, x, os.path.join(d, "m.onnx"))
+        cp_devices = sorted({str(t.device) for t in ox.baked_copy(m).state_dict().values()})
+        rep = ox.verify(res, m, x, bench=False)
+    return m, {"ok": rep.ok, "copy_devices": cp_devices,
+               "sparsity": [round(r["onnx_sparsity"], 6) for r in rep.sparsity]}
+
+
 ROUTES = {k[2:]: v for k, v in list(globals().items()) if k.startswith("r_")}
 
 

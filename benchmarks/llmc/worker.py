@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     ap.add_argument("--save-weights", default=None, help="also torch.save the pruned decoder Linear weights here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device: {args.device} asked for, but this venv's torch {torch.__version__} sees no CUDA device "
+                 "(setup_venv.sh installs the CPU wheel: rebuild it with a CUDA wheel, e.g. "
+                 "TORCH_INDEX=https://download.pytorch.org/whl/cu126 and LLMC_VENV set to a new folder)")
     evals = {}
     for spec in args.eval:
         name, sep, path = spec.partition("=")
@@ -143,6 +147,10 @@ def main(argv=None) -> int:
         from llmcompressor import oneshot
         from llmcompressor.modifiers.pruning.sparsegpt import sgpt_sparsify
         sgpt_sparsify.SGPT_PRECISION = dtype  # read at call time by make_empty_hessian / sparsify_weight
+        # its sequential pipeline onloads every layer to get_main_device() (cuda:0 whenever CUDA exists), not to
+        # where the model is: pin it to --device so both sides compute where the driver says
+        from llmcompressor.pipelines.sequential import pipeline as _seq_pipeline
+        _seq_pipeline.get_main_device = lambda: torch.device(args.device)
         out["versions"].update({p: version(p) for p in ("llmcompressor", "compressed-tensors")})
         calib = torch.load(args.calib)
         if calib.dim() != 2:

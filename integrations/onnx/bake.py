@@ -20,21 +20,33 @@ def _hook_names(h) -> list[str]:
 
 
 def baked_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every torch.nn.utils.prune mask baked in; ``model`` is not touched.
+    """A deep copy of ``model`` with every torch.nn.utils.prune mask baked in, in CPU memory (a model on a GPU
+    is copied tensor by tensor to the CPU); ``model`` is not touched.
 
     After a forward pass in grad mode a pruned module's ``weight`` is a non-leaf tensor that ``deepcopy``
     refuses; we hand ``deepcopy`` detached stand-ins for those attributes through its memo (they are
     recomputed from ``<name>_orig * <name>_mask`` anyway).
     """
     memo = {}
+    off_cpu = any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers()))
+    if off_cpu:   # the copy is built in CPU memory (ONNX Runtime runs there), not as a second model on the GPU
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = b.detach().to("cpu", copy=True)
     for m in model.modules():
         for h in _prune_hooks(m):
             for name in _hook_names(h):
                 t = m.__dict__.get(name)
                 if isinstance(t, torch.Tensor):
-                    memo[id(t)] = t.detach().clone()
+                    memo[id(t)] = t.detach().to("cpu", copy=True) if off_cpu else t.detach().clone()
     with torch.no_grad():
         cp = copy.deepcopy(model, memo)
+    if off_cpu:   # tensors kept as plain attributes (not parameters or buffers)
+        for m in cp.modules():
+            for k, v in list(vars(m).items()):
+                if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+                    setattr(m, k, v.detach().to("cpu"))
     cp.eval()   # before the parametrizations are evaluated (spectral_norm's power iteration runs in train mode)
     # parametrizations first: a CS / BiP search started on an already-pruned model gates ``<name>_orig`` itself,
     # which is then a plain parameter holding the gated value for the mask to multiply

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from obs_plugins.curvature.batching import named_failure
+from obs_plugins.curvature.batching import move, named_failure
 from obs_plugins.errors import PruningInputError
 
 from .bake import baked_copy, effective_weights, zero_fraction
@@ -84,7 +84,7 @@ def export(model: nn.Module, example_inputs, path, *, dynamic_shapes="auto", spa
     t0 = time.perf_counter()
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    args, kwargs = as_args(example_inputs)
+    args, kwargs = move(as_args(example_inputs), "cpu")   # traced on the baked copy, which is in CPU memory
     first = first_tensor(args, kwargs)
     if first is None:
         raise PruningInputError("example_inputs: no tensor given")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from obs_plugins.curvature.batching import named_failure
+from obs_plugins.curvature.batching import move, named_failure
 from obs_plugins.curvature.collect import eval_mode
 from obs_plugins.errors import PruningInputError
 from obs_plugins.timing import latency_stats, speedup
@@ -232,8 +232,10 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
         if was_cache is not None:
             cfg.use_cache = False
         # eval mode, every submodule's own flag back afterwards (a frozen BatchNorm stays frozen)
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        m_args, m_kwargs = move((args, kwargs), dev)   # the reference pass where the model is (a GPU too)
         with eval_mode(model), torch.no_grad():
-            ref = flatten_outputs(named_failure("inputs", model, lambda: model(*args, **kwargs), inputs))
+            ref = flatten_outputs(named_failure("inputs", model, lambda: model(*m_args, **m_kwargs), inputs))
     finally:
         if was_cache is not None:
             cfg.use_cache = was_cache
