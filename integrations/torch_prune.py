@@ -25,6 +25,8 @@ from obs_plugins.methods.obs_iht import OBSIHTConfig
 from obs_plugins.methods.obs_iht import solve as obs_iht_solve
 
 
+_MISSING = object()
+
 class _PlanPruningMethod(prune.BasePruningMethod):
     PRUNING_TYPE = "unstructured"
 
@@ -59,11 +61,15 @@ class _PlanPruningMethod(prune.BasePruningMethod):
     def _apply_atomic(cls, module, name, **kwargs):
         """torch's ``apply``, undone on failure.  torch removes an earlier pruning hook of the tensor (and adds to
         an existing container) before it builds the new method and computes its mask, and restores only a first
-        application on error: a refused second ``apply`` would leave the tensor without its pruning hook."""
+        application, only on an ``Exception`` (a Ctrl-C leaves the tensor moved to ``<name>_orig`` and no
+        ``<name>``), re-registering it last.  Here the module's parameters (same objects, same order: optimizer
+        state and parameters_to_vector go by position), buffers, plain ``<name>`` attribute and pruning hooks
+        are put back as they were on any failure."""
         hooks = module._forward_pre_hooks
         saved = list(hooks.items())
         methods = {k: h._pruning_methods for k, h in saved if isinstance(h, prune.PruningContainer)}
-        order = list(module._parameters)
+        params, buffers = list(module._parameters.items()), list(module._buffers.items())
+        plain = module.__dict__.get(name, _MISSING)
         try:
             return super().apply(module, name, **kwargs)
         except BaseException:
@@ -71,12 +77,14 @@ class _PlanPruningMethod(prune.BasePruningMethod):
             hooks.update(saved)
             for k, pm in methods.items():
                 hooks[k]._pruning_methods = pm
-            # torch's rollback re-registers the tensor last: put the parameters back in their order (optimizer
-            # state and parameters_to_vector go by position)
-            if set(module._parameters) == set(order):
-                params = dict(module._parameters)
-                module._parameters.clear()
-                module._parameters.update((k, params[k]) for k in order)
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            if plain is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = plain
             raise
 
     def _targets(self):

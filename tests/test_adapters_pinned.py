@@ -430,3 +430,32 @@ def test_plan_without_update_returns_no_operator_even_when_compensating():
     assert P.tolist() == [1, 4] and C is None
     ((_, P2, C2),) = imp.plan(grp)
     assert sorted(P2.tolist()) == [1, 4] and C2 is not None
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_apply_interrupted_on_a_first_application_leaves_the_module_as_it_was(interrupt):
+    """torch's apply rolls a first application back only on an Exception: a Ctrl-C inside our mask left the
+    module with ``weight_orig`` and no ``weight`` (its forward then failed).  Any failure now puts back the same
+    parameter objects in their order, the buffers, and no hook."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from obs_plugins import OBSIHT, Curvature
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(4)]
+    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches,
+                               loss_fn=F.cross_entropy, progress=False)
+    params, buffers = list(model[0]._parameters.items()), list(model[0]._buffers.items())
+    before = model[0].weight.detach().clone()
+    with mock.patch("torch.linalg.cholesky_ex", side_effect=interrupt):
+        with pytest.raises(interrupt):
+            OBSIHT.apply(model[0], "weight", amount=0.5, curvature=curv, progress=False)
+    assert list(model[0]._parameters.items()) == params and list(model[0]._buffers.items()) == buffers
+    assert "weight" not in model[0].__dict__ and not model[0]._forward_pre_hooks
+    assert torch.equal(model[0].weight, before)
+    model(batches[0][0])
+    OBSIHT.apply(model[0], "weight", amount=0.5, curvature=curv, progress=False)
+    assert int((model[0].weight == 0).sum()) == 64
