@@ -466,6 +466,26 @@ class OBSImportance(tp.importance.Importance):
         except BaseException:
             _restore(pruner, saved)
             raise
+        # from the first write on, a failure (a Ctrl-C, an error inside Torch-Pruning's group.prune) puts the
+        # model, the OBS importances, Torch-Pruning's pruning history and the pruner's step back as they were
+        ranking = getattr(pruner, "importance", None)
+        transaction = _Transaction(pruner.model, [i for i in {id(self): self, id(ranking): ranking}.values()
+                                                  if isinstance(i, OBSImportance)])
+        history = getattr(pruner.DG, "_pruning_history", None)
+        n_history = len(history) if isinstance(history, list) else None
+        try:
+            removed = self._write_and_prune(pruner, groups, plans)
+        except BaseException:
+            transaction.rollback()
+            if n_history is not None:
+                del history[n_history:]
+            _restore(pruner, saved)
+            raise
+        rec = {"groups": len(groups), "root_channels_removed": removed, "implied_by_ratio": expected}
+        self.history.append(rec)
+        return rec
+
+    def _write_and_prune(self, pruner, groups, plans) -> int:
         # every consumer's update first, one joint removal of all its columns this step (two groups feeding one
         # consumer, e.g. through a concatenation, share it: per-group operators would each see the other's
         # columns still there, and the second would no longer fit after the first group's prune)
@@ -485,9 +505,7 @@ class OBSImportance(tp.importance.Importance):
             g.prune()
             self._follow(drops)
             removed += len(g[0].idxs)
-        rec = {"groups": len(groups), "root_channels_removed": removed, "implied_by_ratio": expected}
-        self.history.append(rec)
-        return rec
+        return removed
 
     def _checked_groups(self, pruner, expected, strict, update):
         """The groups Torch-Pruning is about to prune and their update plans, after the count checks."""

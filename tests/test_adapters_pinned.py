@@ -459,3 +459,49 @@ def test_apply_interrupted_on_a_first_application_leaves_the_module_as_it_was(in
     model(batches[0][0])
     OBSIHT.apply(model[0], "weight", amount=0.5, curvature=curv, progress=False)
     assert int((model[0].weight == 0).sum()) == 64
+
+
+@pytest.mark.parametrize("fail_at, interrupt", [(1, KeyboardInterrupt), (2, RuntimeError)])
+def test_obs_importance_step_failing_inside_torch_prunings_prune_rolls_back(fail_at, interrupt):
+    """OBSImportance.step writes the OBS update, then Torch-Pruning prunes group by group: a failure in the k-th
+    group.prune() left updated (and, from k = 2, narrower) weights.  The model, the pruning history and the
+    pruner's step are put back, and the retried step gives a fresh run's model."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    from obs_plugins import Curvature
+    from obs_plugins.integrations.torch_pruning import OBSImportance
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(4)]
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        curv = Curvature.layerwise(m, [(m[0], "weight"), (m[2], "weight"), (m[4], "weight")], data,
+                                   loss_fn=F.cross_entropy, progress=False)
+        imp = OBSImportance(curv)
+        return m, imp, tp.pruner.MetaPruner(m, data[0][0], importance=imp, pruning_ratio=0.5, ignored_layers=[m[4]])
+
+    ref, imp_r, pr_r = build()
+    imp_r.step(pr_r)
+    m, imp, pr = build()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    real, calls = tp.dependency.Group.prune, []
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise interrupt("inside group.prune")
+        return real(self, *a, **k)
+
+    with mock.patch.object(tp.dependency.Group, "prune", failing):
+        with pytest.raises(interrupt):
+            imp.step(pr)
+    after = m.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert pr.current_step == 0 and pr.DG._pruning_history == []
+    imp.step(pr)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    assert [tuple(p.shape) for p in m.parameters()] == [tuple(p.shape) for p in ref.parameters()]
