@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from obs_plugins import OBSIHTConfig, api
 from obs_plugins.curvature import Curvature
 from obs_plugins.curvature.fisher import collect_fisher
 from tiny import Block
@@ -211,3 +212,30 @@ def test_a_fisher_on_a_process_without_batches_stops_every_process(tmp_path):
     got = _spawn(_fisher_worker, tmp_path)
     assert got[1]["error"] == "PruningInputError: curvature: Fisher collection needs calibration batches"
     assert got[0]["error"].startswith("PruningInputError: batches: 1 other process(es) refused their input")
+
+
+def _bad_batch_worker(rank: int, port: int, outdir: str, mode: str):
+    _join_group(rank, port)
+    model, batches = problem()
+    mine = batches[:2] if rank == 0 else [batches[2], (torch.randn(3, 5, 4, 4), batches[3][1])]  # 5 channels, not 2
+    try:   # rank 1's model refuses its second batch: before, rank 0 waited in the Gram all-reduce until timeout
+        if mode == "onepass":
+            Curvature.layerwise(model, [(model.conv, "weight"), (model.proj, "weight")], mine, loss_fn=loss_fn,
+                                progress=False).hessians
+        else:
+            curv = Curvature.layerwise(model, [(b.fc, "weight") for b in model.layers], mine, loss_fn=loss_fn,
+                                       sequential=True, progress=False)
+            api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.5)
+        res = {"ok": True}
+    except Exception as e:   # noqa: BLE001
+        res = {"error": f"{type(e).__name__}: {e}"}
+    _leave_group(res, outdir, rank)
+
+
+@pytest.mark.parametrize("mode", ["onepass", "sequential"])
+def test_a_process_refusing_a_batch_stops_every_process(tmp_path, mode):
+    t0 = time.monotonic()
+    got = _spawn(_bad_batch_worker, tmp_path, mode)
+    assert got[1]["error"].startswith("PruningInputError: batches[1]: the model's forward pass failed"), got[1]
+    assert got[0]["error"].startswith("PruningInputError: batches: 1 other process(es) refused their input"), got[0]
+    assert time.monotonic() - t0 < 55     # at once, not at gloo's 60 s timeout

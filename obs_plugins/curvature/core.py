@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, gated, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, OnDevice, batch_loss, default_forward, move
-from .distributed import all_reduce_sums, process_group, raise_together
+from .distributed import all_reduce_sums, process_group, raise_together, together
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs_over,
                       collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
                       run_block_until)
@@ -216,7 +216,7 @@ class Curvature:
                                     "(an nn.ModuleList such as model.layers), each in one block (a layer shared "
                                     "by two blocks is not); use sequential=False")
         if sequential is not False and stack is not None:
-            with curv._eval_mode():
+            with curv._eval_mode(), together():
                 chain, curv._shared_inputs = chain_inputs_over(model, stack, OnDevice(curv.batches, curv.device),
                                                                curv.forward_fn)
             if not chain and sequential == "auto":
@@ -272,7 +272,8 @@ class Curvature:
         accs = self._new_accumulators(targets)
         handles = add_gram_hooks(targets, accs)
         try:
-            run()
+            with together():
+                run()
         finally:
             for h in handles:
                 h.remove()
@@ -337,9 +338,10 @@ class Curvature:
         from tqdm.auto import tqdm
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
             # every block's own other inputs (masks, rotary tables, position bias) where they are not block 0's
-            cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
-                                          blocks=None if self._shared_inputs else blocks,
-                                          store=self.offload, compute=self.device)
+            with together():
+                cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
+                                              blocks=None if self._shared_inputs else blocks,
+                                              store=self.offload, compute=self.device)
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
                 bt, blk = by_block[i], blocks[i]
@@ -356,7 +358,7 @@ class Curvature:
                                       (lambda: run_block_until(blk, cached.at(i), [t.module for t in st])))
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
                 if i < last:
-                    with self._weights(ours()):
+                    with self._weights(ours()), together():
                         feed(cached, run_block(blk, cached.at(i)))
         self._grams_pending = False
         return planned

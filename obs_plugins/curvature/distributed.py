@@ -6,6 +6,8 @@ nothing here communicates (single-process results are unchanged, bit for bit).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import PruningInputError
@@ -57,3 +59,20 @@ def raise_together(error: Exception | None) -> None:
     if float(flag) > 0:
         raise PruningInputError(f"batches: {int(float(flag))} other process(es) refused their input (see their "
                                 "error); every process stops here")
+
+
+@contextlib.contextmanager
+def together():
+    """A step every process runs on its own batches (a forward pass over them): an error raised inside it on
+    one process stops every process at its end -- that one with its own error, the others with a
+    :class:`PruningInputError` -- instead of leaving the others waiting in the next collective.  Without a
+    process group the error simply propagates."""
+    if process_group() is None:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:   # a Ctrl-C is not taken together: it reaches every process of a job anyway
+        error = e
+    raise_together(error)
