@@ -11,6 +11,7 @@ sparsities.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -45,6 +46,49 @@ def block_of(key: str) -> int:
     return int(key.split("model.layers.")[1].split(".")[0])
 
 
+def summary(paths: list[str], out: str | None = None) -> str:
+    """Per run (calibration draw) and sparsity: each allocation's perplexity over uniform's on every text, and
+    the geometric mean of those ratios over the runs (a markdown table; also written to ``out`` + .md)."""
+    import json
+    import math
+    runs = [json.load(open(p)) for p in paths]
+    texts = list(runs[0]["rows"][0]["ppl"])
+    ratios: dict[tuple, list[float]] = {}
+    lines = [f"Runs: {', '.join(paths)}", "",
+             "| run | sparsity | allocation | " + " | ".join(f"ppl {h} (/ uniform)" for h in texts) + " | prune s |",
+             "|---|---|---|" + "---|" * len(texts) + "---|"]
+    for path, run in zip(paths, runs):
+        rows = [r for r in run["rows"] if r["allocation"] != "-"]
+        uni = {r["sparsity"]: r for r in rows if r["allocation"] == "uniform"}
+        for r in rows:
+            base = uni.get(r["sparsity"])
+            cells = []
+            for h in texts:
+                q = r["ppl"][h] / base["ppl"][h] if base else float("nan")
+                ratios.setdefault((r["sparsity"], r["allocation"], h), []).append(q)
+                cells.append(f"{r['ppl'][h]:.2f} ({q:.3f})")
+            draw = re.search(r"\(draw (\d+)\)", run["setup"]["calib"])
+            lines.append(f"| draw {draw.group(1) if draw else 0} | {r['sparsity']} | {r['allocation']} | "
+                         + " | ".join(cells) + f" | {r['prune_seconds']:.0f} |")
+    lines += ["", "| sparsity | allocation | " + " | ".join(f"{h}: geometric mean / uniform, lower in" for h in texts)
+              + " |", "|---|---|" + "---|" * len(texts)]
+    for sp in sorted({k[0] for k in ratios}):
+        for alloc in sorted({k[1] for k in ratios if k[0] == sp}):
+            if alloc == "uniform":
+                continue
+            cells = []
+            for h in texts:
+                v = ratios[(sp, alloc, h)]
+                g = math.exp(sum(math.log(x) for x in v) / len(v))
+                cells.append(f"{g:.3f}, {sum(x < 1 for x in v)} of {len(v)}")
+            lines.append(f"| {sp} | {alloc} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    if out:
+        with open(out + ".md", "w") as f:
+            f.write(md)
+    return md
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsities", default="0.7")
@@ -61,7 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=None, help="prune only the first N decoder blocks (smoke test)")
     ap.add_argument("--no-progress", action="store_true")
     add_threads_argument(ap, default=2)
+    ap.add_argument("--summary", nargs="+", default=None, metavar="JSON",
+                    help="summarise earlier runs' JSON files (ratios to uniform per run, geometric means); with "
+                         "--out also written to <out>.md")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary, args.out if args.out != ap.get_default("out") else None))
+        return 0
     set_threads(args.threads)
     progress = not args.no_progress
     t_all = time.perf_counter()

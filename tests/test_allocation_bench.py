@@ -91,3 +91,22 @@ def test_llm_allocation_selection_windows_never_overlap_a_calibration_window():
                                                       draw=bench.SELECT_DRAW)[:, 0].tolist()
                               if any(abs(s - u) < chars for u in cal))
     assert overlapped > 0        # some draws do meet a candidate, so the check above is exercised
+
+
+def test_llm_allocation_summary_ratios_and_geometric_means(tmp_path):
+    bench = load_bench("llm_allocation.py")
+    def run(draw, uni, glo):
+        rows = [{"allocation": "-", "ppl": {"select": 1.0, "austen": 1.0}}]
+        rows += [{"sparsity": 0.7, "allocation": a, "ppl": {"select": s, "austen": t}, "prune_seconds": 1.0}
+                 for a, (s, t) in (("uniform", uni), ("global", glo))]
+        return {"rows": rows, "setup": {"calib": "32x256 tokens" + (f" (draw {draw})" if draw else "")}}
+    paths = []
+    for k, (u, g) in enumerate([((100.0, 200.0), (90.0, 220.0)), ((100.0, 200.0), (40.0, 180.0))]):
+        p = tmp_path / f"r{k}.json"
+        p.write_text(json.dumps(run(k, u, g)))
+        paths.append(str(p))
+    md = bench.summary(paths, str(tmp_path / "s"))
+    assert "| draw 1 | 0.7 | global | 40.00 (0.400) | 180.00 (0.900) | 1 |" in md
+    # select: sqrt(0.9 * 0.4) = 0.6, lower in both; austen: sqrt(1.1 * 0.9) = 0.995, lower in one
+    assert "| 0.7 | global | 0.600, 2 of 2 | 0.995, 1 of 2 |" in md
+    assert (tmp_path / "s.md").read_text() == md
