@@ -881,3 +881,20 @@ def test_gate_ids_at_or_above_n_gates_are_refused_by_name():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     with pytest.raises(PruningInputError, match="gate ids"):
         gate_ggn_factor(model, {model[1]: torch.tensor([0, 1, 2])}, [(torch.randn(4, 4), None)], n_gates=2)
+
+
+def test_loss_and_grad_of_a_float64_model_stays_float64():
+    """The gradient OBS-IHT's iterations step along: float64 for a float64 model (it was rounded to float32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g))
+               for _ in range(3)]
+    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches,
+                               loss_fn=nn.functional.cross_entropy, progress=False)
+    _, grads = curv.loss_and_grad()
+    x = torch.cat([b[0] for b in batches]); y = torch.cat([b[1] for b in batches])
+    ref = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), [model[0].weight, model[2].weight])
+    for k, r in zip(("0.weight", "2.weight"), ref):
+        assert grads[k].dtype == torch.float64
+        assert float((grads[k] - r).abs().max()) < 1e-14

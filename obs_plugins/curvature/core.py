@@ -537,12 +537,13 @@ class Curvature:
     def loss_and_grad(self, overrides: Mapping[str, torch.Tensor] | None = None, batches: Iterable | None = None,
                       *, progress: bool = False, compute_dtype: torch.dtype | None = None
                       ) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean loss and its gradient w.r.t. every target's effective weight (param-shaped, fp32); batches of
-        different sizes are weighted by their rows, so k batches give what one concatenated batch gives.
+        """Mean loss and its gradient w.r.t. every target's effective weight (param-shaped; fp32, fp64 for an fp64
+        model); batches of different sizes are weighted by their rows, so k batches give what one concatenated
+        batch gives.
 
         ``compute_dtype`` (e.g. ``torch.bfloat16``): run the forward and backward passes under
         ``torch.autocast`` in that dtype (matrix products in it, accumulating in fp32; the weights are not
-        cast); the per-batch gradients are still summed in fp32.  None: the model's own dtype."""
+        cast); the per-batch gradients are still summed in at least fp32.  None: the model's own dtype."""
         from tqdm.auto import tqdm
         self._need_loss("loss_and_grad")
         batches = self.batches if batches is None else list(batches)
@@ -564,7 +565,8 @@ class Curvature:
                 gs = torch.autograd.grad(loss, params)
                 total += float(loss.detach()) * (1.0 if w is None else w[i])
                 for t, g in zip(self.targets, gs):
-                    g = g.float()  # a fresh tensor from autograd (a copy when not fp32): accumulate in place
+                    # at least fp32, fp64 for an fp64 model (a fresh tensor from autograd, or a copy): in place
+                    g = g.to(torch.promote_types(g.dtype, torch.float32))
                     if w is not None:
                         g = g * w[i]
                     if t.key in grads:
@@ -573,7 +575,8 @@ class Curvature:
                         grads[t.key] = g
         if rows is not None:
             for t in self.targets:   # a process without batches still takes part in the sum
-                grads.setdefault(t.key, torch.zeros_like(t.current(), dtype=torch.float32))
+                cur = t.current()
+                grads.setdefault(t.key, torch.zeros_like(cur, dtype=torch.promote_types(cur.dtype, torch.float32)))
             keys = [t.key for t in self.targets]
             *means, loss = _mean_over_processes([grads[k] for k in keys] + [torch.tensor(total, dtype=torch.float64)],
                                                 rows)
