@@ -1,8 +1,7 @@
 """Curvature-engine costs on SmolLM2-135M: layerwise Gram collection time / peak memory, Fisher memory.
 
 * Layerwise H = 2·XXᵀ/n of all 210 decoder Linear weights over ``--calib`` windows of ``--seq-len`` tokens
-  (default 64×256), plain (one pass over the model) and optionally sequential (block by block): wall time
-  and the peak memory added by the collection (CPU: peak RSS above the loaded model, reset through
+  (default 64×256), one pass over the model: wall time and the peak memory added by the collection (CPU: peak RSS above the loaded model, reset through
   /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated).
 * Empirical Fisher: bytes a block-diagonal Fisher (blocks + inverses) of the whole pruned set would need for
   block sizes 32/128/512, and the matrix-free Woodbury form for m samples; plus a measured collection for
@@ -78,7 +77,6 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=64, help="calibration windows (default 64)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--sequential", action="store_true", help="also time block-by-block (sequential) collection")
     ap.add_argument("--fisher-samples", type=int, default=16, help="samples (windows) for the measured Fisher")
     ap.add_argument("--block-sizes", default="32,128,512")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,16 +93,15 @@ def main() -> int:
     results = {"device": str(dev), "threads": args.threads, "targets": len(params), "numel": numel,
                "tokens": args.calib * args.seq_len, "layerwise": [], "fisher_formula": [], "fisher_measured": []}
 
-    modes = [False, True] if args.sequential else [False]
-    for seq in modes:
-        with PeakMemory(dev) as pm, Stopwatch() as sw:
-            curv = Curvature.layerwise(model, params, setup.calib, sequential=seq, progress=True)
-        secs = sw.seconds
-        h_mb = sum(h.numel() * h.element_size() for h in curv.hessians.values()) / 2**20
-        results["layerwise"].append({"mode": "sequential" if seq else "plain", "seconds": secs,
-                                     "peak_added_mb": pm.added_mb, "stored_h_mb": h_mb,
-                                     "tokens_per_s": args.calib * args.seq_len / secs})
-        del curv
+    # one pass only: a sequential curvature collects its Grams inside each plan, block by block (its cost is
+    # in the plans' prune times: benchmarks/one_shot_llm.py, benchmarks/peak_memory.py)
+    with PeakMemory(dev) as pm, Stopwatch() as sw:
+        curv = Curvature.layerwise(model, params, setup.calib, sequential=False, progress=True)
+    secs = sw.seconds
+    h_mb = sum(h.numel() * h.element_size() for h in curv.hessians.values()) / 2**20
+    results["layerwise"].append({"mode": "plain", "seconds": secs, "peak_added_mb": pm.added_mb,
+                                 "stored_h_mb": h_mb, "tokens_per_s": args.calib * args.seq_len / secs})
+    del curv
 
     samples = args.calib
     for B in [int(b) for b in args.block_sizes.split(",")]:
