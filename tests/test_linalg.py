@@ -3,6 +3,7 @@ greedy OBS on hand-checkable layers."""
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -226,3 +227,41 @@ def test_a_gram_one_percent_off_symmetric_is_refused_and_rounding_is_not():
     near = H.clone()
     near[0, 1] += 1e-7 * float(H.abs().max())
     inverse_factor(near)
+
+
+def test_curvature_and_solves_run_at_full_fp32_whatever_the_callers_matmul_precision():
+    """A caller's set_float32_matmul_precision("medium") / TF32 switch would round the Grams and the OBS solves;
+    they run at "highest" with TF32 convolutions off (the plan is bit-identical to one made at "highest"), and
+    the caller's settings are back afterwards."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from obs_plugins import Curvature, OBSIHTConfig, api
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 10))
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(64, 96, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(4)]
+        curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches,
+                                   loss_fn=F.cross_entropy, progress=False)
+        api.prune(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.6)
+        return curv.hessians, [m.weight.detach().clone() for m in (model[0], model[2])]
+
+    ref_h, ref_w = run()
+    seen = []
+    real = torch.linalg.cholesky_ex
+    cudnn = torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32 = True
+        with mock.patch("torch.linalg.cholesky_ex", side_effect=lambda *a, **k: (
+                seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)), real(*a, **k))[1]):
+            h, w = run()
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = cudnn
+    assert seen and set(seen) == {("highest", False)}
+    assert all(torch.equal(h[k], ref_h[k]) for k in ref_h)
+    assert all(torch.equal(a, b) for a, b in zip(w, ref_w))

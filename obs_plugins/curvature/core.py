@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import PruningInputError
 from ..targets import Target, check_targets, check_tied, gated, layer_kind, out_dim, resolve_targets, to_2d
 from .batching import NamedForward, OnDevice, batch_loss, default_forward, move
+from .linalg import full_fp32
 from .distributed import all_reduce_sums, process_group, raise_together, together
 from .collect import (GramAccumulator, add_gram_hooks, block_stack, capture_block_inputs, chain_inputs_over,
                       collect_sequential, eval_mode, feed, input_stages, no_kv_cache, run_batches, run_block,
@@ -272,7 +273,7 @@ class Curvature:
         accs = self._new_accumulators(targets)
         handles = add_gram_hooks(targets, accs)
         try:
-            with together():
+            with together(), full_fp32():
                 run()
         finally:
             for h in handles:

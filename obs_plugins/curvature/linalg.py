@@ -6,6 +6,7 @@ the layer loss ``||(W' - W) X||^2 / n = 1/2 sum_rows dw H dw^T``.  Weights are 2
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,22 @@ import torch
 from ..errors import CurvatureError, PruningInputError
 
 DEFAULT_LADDER = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """fp32 matrix products and convolutions at full precision while curvature is collected and solved: a
+    caller's ``torch.set_float32_matmul_precision("high" / "medium")`` or TF32 switch (e.g. transformers'
+    ``TrainingArguments(tf32=True)``) would round the Grams and the OBS solves to 10-bit (or bf16) mantissas.
+    Scoped, not global: the caller's settings are restored on exit (re-entrant)."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def check_finite(H: torch.Tensor, what: str = "H") -> None:

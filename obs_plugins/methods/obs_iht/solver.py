@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ...curvature.linalg import inverse_factor
+from ...curvature.linalg import full_fp32, inverse_factor
 from ...errors import PruningInputError
 from ...masks import PrunePlan, parse_nm
 from .allocation import allocation_counts
@@ -180,6 +180,7 @@ class SharedFactors:
         return f
 
 
+@full_fp32()   # Grams collected inside a sequential plan and every solve at full fp32 precision
 def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] | None = None,
           initial: PrunePlan | None = None, counts: dict[str, int] | None = None) -> PrunePlan:
     """Compute the OBS-IHT plan for the curvature's targets (or ``only_keys``) without touching the model.
