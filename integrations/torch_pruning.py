@@ -467,18 +467,16 @@ class OBSImportance(tp.importance.Importance):
             _restore(pruner, saved)
             raise
         # from the first write on, a failure (a Ctrl-C, an error inside Torch-Pruning's group.prune) puts the
-        # model, the OBS importances, Torch-Pruning's pruning history and the pruner's step back as they were
+        # model, the OBS importances, Torch-Pruning's dependency graph and the pruner's step back as they were
         ranking = getattr(pruner, "importance", None)
         transaction = _Transaction(pruner.model, [i for i in {id(self): self, id(ranking): ranking}.values()
                                                   if isinstance(i, OBSImportance)])
-        history = getattr(pruner.DG, "_pruning_history", None)
-        n_history = len(history) if isinstance(history, list) else None
+        graph = _graph_state(pruner.DG)
         try:
             removed = self._write_and_prune(pruner, groups, plans)
         except BaseException:
             transaction.rollback()
-            if n_history is not None:
-                del history[n_history:]
+            _restore_graph(pruner.DG, graph)
             _restore(pruner, saved)
             raise
         rec = {"groups": len(groups), "root_channels_removed": removed, "implied_by_ratio": expected}
@@ -574,6 +572,29 @@ def _pruner_state(pruner) -> dict:
     """What ``pruner.step()`` changes while it yields, before anything is pruned (step count, head counts)."""
     return {a: copy.copy(getattr(pruner, a)) for a in ("current_step", "num_heads", "out_channel_groups",
                                                        "_scope_initial_channels") if hasattr(pruner, a)}
+
+
+def _graph_state(DG) -> tuple:
+    """What pruning a group changes in Torch-Pruning's dependency graph: its history, and the maps keyed on a
+    standalone parameter (a channel scale, a cls token), which a prune re-keys on the new, narrower one."""
+    maps = {a: copy.copy(getattr(DG, a)) for a in ("_param_to_name", "module2node", "unwrapped_parameters",
+                                                   "_pruning_history") if hasattr(DG, a)}
+    return maps, [(n, n.module) for n in DG.module2node.values()]
+
+
+def _restore_graph(DG, saved: tuple) -> None:
+    maps, nodes = saved
+    for a, v in maps.items():
+        now = getattr(DG, a)
+        if isinstance(now, dict) and isinstance(v, dict):
+            now.clear()
+            now.update(v)
+        elif isinstance(now, list) and isinstance(v, list):
+            now[:] = v
+        else:
+            setattr(DG, a, v)
+    for node, module in nodes:
+        node.module = module
 
 
 def _restore(pruner, saved: dict) -> None:

@@ -505,3 +505,55 @@ def test_obs_importance_step_failing_inside_torch_prunings_prune_rolls_back(fail
     imp.step(pr)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
     assert [tuple(p.shape) for p in m.parameters()] == [tuple(p.shape) for p in ref.parameters()]
+
+
+def test_obs_importance_step_rollback_restores_torch_prunings_graph_for_a_standalone_parameter():
+    """Pruning a group that holds a standalone parameter (a channel scale) re-keys Torch-Pruning's dependency
+    graph on the new, narrower parameter; a rollback that put only the model back left the graph on an orphan,
+    and the retried step pruned nothing of the scale's group.  The retry now equals a fresh run."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    from obs_plugins import Curvature
+    from obs_plugins.integrations.torch_pruning import OBSImportance
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(4)]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.scale = nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x):
+            return self.c(F.relu(self.b(F.relu(self.a(x) * self.scale))))
+
+    def build():
+        torch.manual_seed(0)
+        m = Net()
+        curv = Curvature.layerwise(m, [(m.a, "weight"), (m.b, "weight"), (m.c, "weight")], data,
+                                   loss_fn=F.cross_entropy, progress=False)
+        imp = OBSImportance(curv)
+        return m, imp, tp.pruner.MetaPruner(m, data[0][0], importance=imp, pruning_ratio=0.5, ignored_layers=[m.c])
+
+    ref, imp_r, pr_r = build()
+    imp_r.step(pr_r)
+    m, imp, pr = build()
+    real = tp.dependency.Group.prune
+
+    def failing(self, *a, **k):
+        out = real(self, *a, **k)
+        if any(dep.target.type == tp.ops.OPTYPE.PARAMETER for dep, _ in self):   # the scale's group is done
+            raise KeyboardInterrupt("after the group holding the standalone parameter")
+        return out
+
+    with mock.patch.object(tp.dependency.Group, "prune", failing):
+        with pytest.raises(KeyboardInterrupt):
+            imp.step(pr)
+    assert any(p is m.scale for p in pr.DG._param_to_name)
+    imp.step(pr)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
