@@ -118,7 +118,7 @@ def r_limit_estimate():
 
 
 def r_cs_fit_batch_encoding():
-    """Hugging Face collators return a BatchEncoding (a UserDict, not a dict)."""
+    """Hugging Face collators return a BatchEncoding (a UserDict, not a dict): moved, and still one."""
     from transformers import BatchEncoding
 
     from obs_plugins import ContinuousSparsifier
@@ -138,23 +138,33 @@ def r_cs_fit_batch_encoding():
     m = on_device(Net())
     cs = ContinuousSparsifier(m, [(m.a, "weight"), (m.b, "weight")], rounds=1, epochs=2, rewind_step=1,
                               progress=False)
-    cs.fit(batches, lambda out, b: F.cross_entropy(out, b["labels"]), lr=0.1)
+    cs.fit(batches, lambda out, b: F.cross_entropy(out, b.labels), lr=0.1)   # attribute access, as HF allows
     cs.make_plan(amount=0.5).apply()
     return m, {}
 
 
 def r_bad_batch_named():
-    """A calibration batch the model cannot take is named by its index, also after its move to the device."""
+    """A calibration batch the model refuses is named by its index, also after its move to the device: here a
+    batch of the same shape as the others, holding a NaN that the user's forward refuses."""
     from obs_plugins import Curvature
     from obs_plugins.errors import CurvatureError
+
+    def forward(model, batch):
+        if torch.isnan(batch[0]).any():
+            raise ValueError("NaN in the inputs")
+        return model(batch[0])
+
     m = on_device(mlp())
     batches = mlp_batches()
-    batches[2] = (torch.randn(16, 7), batches[2][1])
+    x = batches[2][0].clone()
+    x[0, 0] = float("nan")
+    batches[2] = (x, batches[2][1])
     try:
-        c = Curvature.layerwise(m, mlp_params(m), batches, loss_fn=F.cross_entropy, progress=False)
+        c = Curvature.layerwise(m, mlp_params(m), batches, loss_fn=F.cross_entropy, forward_fn=forward,
+                                progress=False)
         c.hessians
     except (CurvatureError, ValueError, RuntimeError) as e:
-        return m, {"named": "batches[2]" in str(e), "message": str(e).splitlines()[0][:200]}
+        return m, {"named": str(e).startswith("batches[2]"), "message": str(e).splitlines()[0][:200]}
     return m, {"named": False, "message": "no error"}
 
 
@@ -173,7 +183,7 @@ def r_onnx_export_verify():
         res = ox.export(m, x, os.path.join(d, "m.onnx"))
         cp_devices = sorted({str(t.device) for t in ox.baked_copy(m).state_dict().values()})
         rep = ox.verify(res, m, x, bench=False)
-    return m, {"ok": rep.ok, "copy_devices": cp_devices,
+    return m, {"ok": rep.ok, "copy_devices": cp_devices, "model_devices": sorted({str(t.device) for t in m.state_dict().values()}),
                "sparsity": [round(r["onnx_sparsity"], 6) for r in rep.sparsity]}
 
 

@@ -74,6 +74,7 @@ def test_route_runs_on_a_cuda_like_device_as_on_the_cpu(runs, route):
         assert extra.pop("offload") is True and cpu["extra"].pop("offload") is False   # "auto": only off the CPU
     if route == "bad_batch_named":
         assert extra["named"], extra["message"]
-    if route == "onnx_export_verify":
+    if route == "onnx_export_verify":   # the copy is on the CPU; the caller's model stays where it was
         assert extra["ok"] and extra["copy_devices"] == ["cpu"] and extra["sparsity"] == [0.5, 0.5, 0.5]
+        assert extra.pop("model_devices") == ["fcuda:0"] and cpu["extra"].pop("model_devices") == ["cpu"]
     assert extra == cpu["extra"]

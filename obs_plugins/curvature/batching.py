@@ -65,8 +65,9 @@ def _output_tensor(output):
 
 
 def move(batch, device, memo: dict | None = None):
-    """``batch`` (tensor, dict, tuple/list/namedtuple, nested) with every tensor on ``device``.  ``memo`` (a dict
-    the caller keeps): a tensor met again (the same object, e.g. one mask handed to every block) is moved once."""
+    """``batch`` (tensor, mapping, tuple/list/namedtuple, nested; containers keep their type where it can be
+    rebuilt) with every tensor on ``device``.  ``memo`` (a dict the caller keeps): a tensor met again (the same
+    object, e.g. one mask handed to every block) is moved once."""
     if torch.is_tensor(batch):
         if memo is None:
             return batch.to(device)
@@ -75,7 +76,13 @@ def move(batch, device, memo: dict | None = None):
             hit = memo[id(batch)] = (weakref.ref(batch), batch.to(device))   # reused only once it is freed)
         return hit[1]
     if isinstance(batch, Mapping):
-        return {k: move(v, device, memo) for k, v in batch.items()}
+        moved = {k: move(v, device, memo) for k, v in batch.items()}
+        if type(batch) is dict:
+            return moved
+        try:   # the caller's mapping type (a Hugging Face BatchEncoding: a loss may read batch.labels)
+            return type(batch)(moved)
+        except Exception:   # a mapping its class cannot build from a dict
+            return moved
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):   # a namedtuple takes its fields as arguments
         return type(batch)(*(move(v, device, memo) for v in batch))
     if isinstance(batch, (tuple, list)):
@@ -182,7 +189,10 @@ def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
         return False
     if x.device == y.device:
         return x.data_ptr() == y.data_ptr()
-    return torch.equal(x.detach().cpu(), y.detach().cpu())   # the error path only: one copy per batch compared
+    x, y = x.detach().cpu(), y.detach().cpu()   # the error path only: one copy per batch compared
+    if x.is_floating_point() or x.is_complex():   # a NaN equals itself here (a batch with NaN is named too)
+        return bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all())
+    return torch.equal(x, y)
 
 
 class NamedForward:
