@@ -63,16 +63,23 @@ class _PlanPruningMethod(prune.BasePruningMethod):
         an existing container) before it builds the new method and computes its mask, and restores only a first
         application, only on an ``Exception`` (a Ctrl-C leaves the tensor moved to ``<name>_orig`` and no
         ``<name>``), re-registering it last.  Here the module's parameters (same objects, same order: optimizer
-        state and parameters_to_vector go by position), buffers, plain ``<name>`` attribute and pruning hooks
-        are put back as they were on any failure."""
+        state and parameters_to_vector go by position) and the pruned tensor's values, buffers, plain
+        ``<name>`` attribute and pruning hooks are put back as they were on any failure."""
         hooks = module._forward_pre_hooks
         saved = list(hooks.items())
         methods = {k: h._pruning_methods for k, h in saved if isinstance(h, prune.PruningContainer)}
         params, buffers = list(module._parameters.items()), list(module._buffers.items())
         plain = module.__dict__.get(name, _MISSING)
+        # our mask writes the new weights into the tensor (what torch keeps as <name>_orig) before torch adds
+        # its mask and hook: a failure after that puts the values back too
+        stored = module._parameters.get(name + "_orig", module._parameters.get(name))
+        value = stored.detach().clone() if isinstance(stored, torch.Tensor) else None
         try:
             return super().apply(module, name, **kwargs)
         except BaseException:
+            if value is not None:
+                with torch.no_grad():
+                    stored.copy_(value)
             hooks.clear()
             hooks.update(saved)
             for k, pm in methods.items():

@@ -432,8 +432,9 @@ def test_plan_without_update_returns_no_operator_even_when_compensating():
     assert sorted(P2.tolist()) == [1, 4] and C2 is not None
 
 
-@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
-def test_apply_interrupted_on_a_first_application_leaves_the_module_as_it_was(interrupt):
+@pytest.mark.parametrize("interrupt, where", [(KeyboardInterrupt, "mask"), (RuntimeError, "mask"),
+                                               (KeyboardInterrupt, "hook")])
+def test_apply_interrupted_on_a_first_application_leaves_the_module_as_it_was(interrupt, where):
     """torch's apply rolls a first application back only on an Exception: a Ctrl-C inside our mask left the
     module with ``weight_orig`` and no ``weight`` (its forward then failed).  Any failure now puts back the same
     parameter objects in their order, the buffers, and no hook."""
@@ -450,7 +451,11 @@ def test_apply_interrupted_on_a_first_application_leaves_the_module_as_it_was(in
                                loss_fn=F.cross_entropy, progress=False)
     params, buffers = list(model[0]._parameters.items()), list(model[0]._buffers.items())
     before = model[0].weight.detach().clone()
-    with mock.patch("torch.linalg.cholesky_ex", side_effect=interrupt):
+    # "mask": inside our mask; "hook": a Ctrl-C after our new weights, torch's weight_mask and weight are in,
+    # as torch adds its hook (an Exception there meets torch's own rollback, which fails on the set weight)
+    patch = (mock.patch("torch.linalg.cholesky_ex", side_effect=interrupt) if where == "mask" else
+             mock.patch.object(model[0], "register_forward_pre_hook", side_effect=interrupt))
+    with patch:
         with pytest.raises(interrupt):
             OBSIHT.apply(model[0], "weight", amount=0.5, curvature=curv, progress=False)
     assert list(model[0]._parameters.items()) == params and list(model[0]._buffers.items()) == buffers

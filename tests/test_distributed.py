@@ -214,17 +214,28 @@ def test_a_fisher_on_a_process_without_batches_stops_every_process(tmp_path):
     assert got[0]["error"].startswith("PruningInputError: batches: 1 other process(es) refused their input")
 
 
+def _refuse_nan(model, batch):   # a user's forward that refuses a batch holding NaN (any shape)
+    if torch.isnan(batch[0]).any():
+        raise ValueError("NaN in the inputs")
+    return model(batch[0])
+
+
 def _bad_batch_worker(rank: int, port: int, outdir: str, mode: str):
     _join_group(rank, port)
     model, batches = problem()
-    mine = batches[:2] if rank == 0 else [batches[2], (torch.randn(3, 5, 4, 4), batches[3][1])]  # 5 channels, not 2
-    try:   # rank 1's model refuses its second batch: before, rank 0 waited in the Gram all-reduce until timeout
+    bad = batches[3][0].clone()
+    if mode == "chain":   # another shape: refused in the chain check while the curvature is built
+        bad = torch.randn(3, 5, 4, 4)
+    else:                 # the same shape: passes the chain check, refused in the calibration pass
+        bad[0, 0, 0, 0] = float("nan")
+    mine = batches[:2] if rank == 0 else [batches[2], (bad, batches[3][1])]
+    try:   # rank 1 refuses its second batch: before, rank 0 waited in a collective until the backend's timeout
         if mode == "onepass":
             Curvature.layerwise(model, [(model.conv, "weight"), (model.proj, "weight")], mine, loss_fn=loss_fn,
-                                progress=False).hessians
+                                forward_fn=_refuse_nan, progress=False).hessians
         else:
             curv = Curvature.layerwise(model, [(b.fc, "weight") for b in model.layers], mine, loss_fn=loss_fn,
-                                       sequential=True, progress=False)
+                                       forward_fn=_refuse_nan, sequential=True, progress=False)
             api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.5)
         res = {"ok": True}
     except Exception as e:   # noqa: BLE001
@@ -232,8 +243,9 @@ def _bad_batch_worker(rank: int, port: int, outdir: str, mode: str):
     _leave_group(res, outdir, rank)
 
 
-@pytest.mark.parametrize("mode", ["onepass", "sequential"])
+@pytest.mark.parametrize("mode", ["onepass", "chain", "sequential"])
 def test_a_process_refusing_a_batch_stops_every_process(tmp_path, mode):
+    """In the one-pass collection, the chain check of a sequential curvature and a sequential plan's capture."""
     t0 = time.monotonic()
     got = _spawn(_bad_batch_worker, tmp_path, mode)
     assert got[1]["error"].startswith("PruningInputError: batches[1]: the model's forward pass failed"), got[1]

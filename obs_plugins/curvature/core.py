@@ -350,7 +350,8 @@ class Curvature:
                 if not bt:
                     stages = []
                 elif self.stages == "sublayer":
-                    stages = input_stages(blk, bt, cached.use(cached.at(i)[0]))
+                    with together():   # runs the block on this process's first batch
+                        stages = input_stages(blk, bt, cached.use(cached.at(i)[0]))
                 else:
                     stages = [(bt, True)]
                 for st, whole in stages:  # (targets, needs the whole block run)
