@@ -482,6 +482,28 @@ class PruneResult:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
+def _check_onnx_options(onnx_options, verify_options) -> None:
+    """``onnx_options`` / ``verify_options``: keyword arguments of ``export`` / ``verify`` that the Pruner does
+    not set itself, checked before anything is pruned or written (a typo would otherwise fail after both)."""
+    import inspect
+
+    from obs_plugins.integrations import onnx as ox
+    for arg, opts, fn, own in (("onnx_options", onnx_options, ox.export, {"model", "example_inputs", "path"}),
+                               ("verify_options", verify_options, ox.verify, {"onnx_path", "model", "inputs"})):
+        if opts is None:
+            continue
+        if not isinstance(opts, dict):
+            raise PruningInputError(f"{arg}: a dict of keyword arguments, got {type(opts).__name__}")
+        allowed = set(inspect.signature(fn).parameters) - own
+        unknown = sorted(set(opts) - allowed)
+        if unknown:
+            raise PruningInputError(f"{arg}: unknown {unknown}; {fn.__name__} takes {sorted(allowed)}")
+    for k in ("atol", "rtol"):
+        v = (verify_options or {}).get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise PruningInputError(f"verify_options: {k} must be a tolerance >= 0, got {v!r}")
+
+
 class Pruner(OptimumQuantizer):
     """One-shot pruning of a Transformers model, in the shape of Optimum's quantizers.
 
@@ -543,6 +565,7 @@ class Pruner(OptimumQuantizer):
         if export == "onnx":   # before any weight changes: a bf16 file would be written but never run
             from obs_plugins.integrations.onnx.verify import check_runtime_dtype
             check_runtime_dtype(self.model, "export")
+            _check_onnx_options(onnx_options, verify_options)
         if save_dir is not None:
             _check_writable_dir(save_dir)
         if not config.route.one_shot:

@@ -374,11 +374,11 @@ def test_pruner_export_onnx_writes_a_verified_report(tmp_path):
     assert os.path.exists(tmp_path / "onnx_report.md")
 
 
-def test_pruner_export_short_positions_and_a_failed_verification_keeps_the_report(tmp_path):
-    """A model with fewer than 32 positions exports (the example ids fit it); a verification that fails still
-    leaves prune_report.json beside the saved model."""
+def test_pruner_export_short_positions_and_a_failed_verification_keeps_the_report(tmp_path, monkeypatch):
+    """A model with fewer than 32 positions exports (the example ids fit it); a verification that fails (here:
+    ONNX Runtime's outputs shifted by 1) still leaves prune_report.json beside the saved model."""
     pytest.importorskip("onnxruntime")
-    from obs_plugins.integrations.onnx import VerificationError
+    from obs_plugins.integrations.onnx import VerificationError, runtime
     torch.manual_seed(0)
     cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                   vocab_size=VOCAB, max_position_embeddings=16)
@@ -386,9 +386,11 @@ def test_pruner_export_short_positions_and_a_failed_verification_keeps_the_repor
     res = Pruner(model).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "a",
                               export="onnx", progress=False)
     assert res.report["onnx_ok"] is True
+    real = runtime.OrtRunner.run
+    monkeypatch.setattr(runtime.OrtRunner, "run", lambda self, feeds: [o + 1.0 for o in real(self, feeds)])
     with pytest.raises(VerificationError):
         Pruner(tiny_bert()).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "b",
-                                  export="onnx", progress=False, verify_options={"atol": -1.0})
+                                  export="onnx", progress=False)
     assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["method"] == "magnitude"
 
 
@@ -1097,4 +1099,19 @@ def test_pruner_refuses_an_onnx_export_of_a_bf16_model_before_pruning(tmp_path):
     with pytest.raises(PruningInputError, match="^export: .*bfloat16.*float32 copy"):
         Pruner(model).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "out",
                             export="onnx", progress=False)
+    assert same_state(before, state(model)) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"verify_options": {"atoll": 1e-3}}, "^verify_options: unknown \\['atoll'\\]"),
+    ({"verify_options": {"atol": -1.0}}, "^verify_options: atol must be a tolerance >= 0"),
+    ({"onnx_options": {"sparse": True}}, "^onnx_options: unknown \\['sparse'\\]"),
+    ({"onnx_options": ["sparse_storage"]}, "^onnx_options: a dict"),
+])
+def test_pruner_checks_onnx_and_verify_options_before_pruning(tmp_path, opts, match):
+    model = tiny_bert()
+    before = state(model)
+    with pytest.raises(PruningInputError, match=match):
+        Pruner(model).prune(PruningConfig(method="magnitude", sparsity=0.5), save_dir=tmp_path / "out",
+                            export="onnx", progress=False, **opts)
     assert same_state(before, state(model)) and not (tmp_path / "out").exists()
