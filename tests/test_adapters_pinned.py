@@ -440,15 +440,10 @@ def test_apply_interrupted_on_a_first_application_leaves_the_module_as_it_was(in
     parameter objects in their order, the buffers, and no hook."""
     from unittest import mock
 
-    import torch.nn.functional as F
+    from tiny import classifier_problem
 
-    from obs_plugins import OBSIHT, Curvature
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(4)]
-    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches,
-                               loss_fn=F.cross_entropy, progress=False)
+    from obs_plugins import OBSIHT
+    model, batches, curv = classifier_problem(8, 16, 4, rows=32)
     params, buffers = list(model[0]._parameters.items()), list(model[0]._buffers.items())
     before = model[0].weight.detach().clone()
     # "mask": inside our mask; "hook": a Ctrl-C after our new weights, torch's weight_mask and weight are in,

@@ -233,18 +233,12 @@ def test_curvature_and_solves_run_at_full_fp32_whatever_the_callers_matmul_preci
     """A caller's set_float32_matmul_precision("medium") / TF32 switch would round the Grams and the OBS solves;
     they run at "highest" with TF32 convolutions off (the plan is bit-identical to one made at "highest"), and
     the caller's settings are back afterwards."""
-    import torch.nn.functional as F
-    from torch import nn
+    from tiny import classifier_problem
 
-    from obs_plugins import Curvature, OBSIHTConfig, api
+    from obs_plugins import OBSIHTConfig, api
 
     def run():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 10))
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(64, 96, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(4)]
-        curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches,
-                                   loss_fn=F.cross_entropy, progress=False)
+        model, _, curv = classifier_problem(96, 128, 10, rows=64)
         api.prune(OBSIHTConfig(iterations=1, progress=False), curvature=curv, amount=0.6)
         return curv.hessians, [m.weight.detach().clone() for m in (model[0], model[2])]
 

@@ -32,6 +32,22 @@ def regression_problem(seed=0, n=512):
     return model, [(X[i:i + 64], Y[i:i + 64]) for i in range(0, n, 64)]
 
 
+def classifier_problem(d_in: int, hidden: int, classes: int, rows: int):
+    """A d_in-hidden-classes ReLU MLP (seed 0), 4 batches of ``rows`` random inputs and labels (seed 1), and its
+    layer curvature over both Linear weights with the cross-entropy loss: ``(model, batches, curv)``."""
+    import torch.nn.functional as F
+
+    from obs_plugins import Curvature
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(rows, d_in, generator=g), torch.randint(0, classes, (rows,), generator=g))
+               for _ in range(4)]
+    curv = Curvature.layerwise(model, [(model[0], "weight"), (model[2], "weight")], batches,
+                               loss_fn=F.cross_entropy, progress=False)
+    return model, batches, curv
+
+
 def check_bad_weights_refused(bad: str, make, build) -> None:
     """``make()`` builds a fresh ``nn.Sequential`` whose ``[2].weight`` gets a NaN / Inf (``bad``), or the whole
     model on the meta device; ``build(model)`` (a trainer or sparsifier constructor) must refuse it naming the
