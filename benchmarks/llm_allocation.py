@@ -19,7 +19,7 @@ import torch
 from _common import add_threads_argument, command_line, pyplot, save_figure, set_threads, write_results
 
 from obs_plugins import Curvature, OBSIHTConfig, api
-from obs_plugins.experiment import (WINDOW_CHARS, _per_source, dense_row, load_texts, setup_smollm2, window_starts,
+from obs_plugins.experiment import (WINDOW_CHARS, per_source, dense_row, load_texts, setup_smollm2, window_starts,
                                     windows_at)
 from obs_plugins.lm import causal_lm_batches, causal_lm_loss, perplexity
 
@@ -31,8 +31,8 @@ def selection_windows(tokenizer, calib_text: dict, n: int, n_calib: int, calib_d
     calibration window of ``calib_draw``: candidates of draw ``SELECT_DRAW``, two spare per source."""
     chars = seq_len * WINDOW_CHARS
     out = []
-    for (src, text), n_cal, n_sel in zip(calib_text.items(), _per_source(n_calib, len(calib_text)),
-                                         _per_source(n, len(calib_text))):
+    for (src, text), n_cal, n_sel in zip(calib_text.items(), per_source(n_calib, len(calib_text)),
+                                         per_source(n, len(calib_text))):
         used = window_starts(len(text), n_cal, seq_len, calib_draw)
         free = [s for s in window_starts(len(text), n_sel + 2, seq_len, SELECT_DRAW)
                 if all(abs(s - u) >= chars for u in used)]

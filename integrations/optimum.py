@@ -488,6 +488,7 @@ def _check_onnx_options(onnx_options, verify_options) -> None:
     import inspect
 
     from obs_plugins.integrations import onnx as ox
+    from obs_plugins.integrations.onnx.verify import check_tolerances
     for arg, opts, fn, own in (("onnx_options", onnx_options, ox.export, {"model", "example_inputs", "path"}),
                                ("verify_options", verify_options, ox.verify, {"onnx_path", "model", "inputs"})):
         if opts is None:
@@ -498,10 +499,8 @@ def _check_onnx_options(onnx_options, verify_options) -> None:
         unknown = sorted(set(opts) - allowed)
         if unknown:
             raise PruningInputError(f"{arg}: unknown {unknown}; {fn.__name__} takes {sorted(allowed)}")
-    for k in ("atol", "rtol"):
-        v = (verify_options or {}).get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
-            raise PruningInputError(f"verify_options: {k} must be a tolerance >= 0, got {v!r}")
+    opts = verify_options or {}
+    check_tolerances(opts.get("atol"), opts.get("rtol"), "verify_options: ")
 
 
 class Pruner(OptimumQuantizer):

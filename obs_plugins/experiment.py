@@ -86,7 +86,8 @@ def _source_text(name: str, calib_plays, heldout_plays) -> str:
     raise ValueError(f"calib: unknown source {name!r}; choose from {', '.join(CALIB_SOURCES)}")
 
 
-def _per_source(n_calib: int, n_sources: int) -> list[int]:
+def per_source(n_calib: int, n_sources: int) -> list[int]:
+    """How ``n_calib`` windows split over ``n_sources`` calibration sources (the first ones take the remainder)."""
     return [n_calib // n_sources + (i < n_calib % n_sources) for i in range(n_sources)]
 
 
@@ -108,7 +109,7 @@ def load_texts(calib_sources=CALIB_SOURCES, heldout_texts=HELDOUT_TEXTS, calib_p
 def check_windows(calib_text: dict, held_text: dict, n_calib: int, n_eval: int, seq_len: int) -> None:
     """Refuse, naming ``calib`` / ``eval``, a window count a text cannot hold -- before any model loads."""
     chars = seq_len * WINDOW_CHARS
-    need = [("calib", s, n, t) for (s, t), n in zip(calib_text.items(), _per_source(n_calib, len(calib_text)))]
+    need = [("calib", s, n, t) for (s, t), n in zip(calib_text.items(), per_source(n_calib, len(calib_text)))]
     need += [("eval", h, n_eval, t) for h, t in held_text.items()]
     for arg, name, n, text in need:
         if len(text) < n * chars:
@@ -134,7 +135,7 @@ def setup_smollm2(n_calib: int = 32, n_eval: int = 32, seq_len: int = 256, batch
     model, tok = load_smollm2()
     load_s = time.perf_counter() - t0
     srcs = list(calib_text)
-    per = _per_source(n_calib, len(srcs))
+    per = per_source(n_calib, len(srcs))
     wins = [text_windows(tok, calib_text[s], n, seq_len, draw=calib_draw) for s, n in zip(srcs, per)]
     order = [w[i] for i in range(max(per)) for w in wins if i < len(w)]  # interleaved: s0, s1, s2, s0, ...
     calib = causal_lm_batches(torch.stack(order), batch_size)

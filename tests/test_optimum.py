@@ -1104,7 +1104,7 @@ def test_pruner_refuses_an_onnx_export_of_a_bf16_model_before_pruning(tmp_path):
 
 @pytest.mark.parametrize("opts, match", [
     ({"verify_options": {"atoll": 1e-3}}, "^verify_options: unknown \\['atoll'\\]"),
-    ({"verify_options": {"atol": -1.0}}, "^verify_options: atol must be a tolerance >= 0"),
+    ({"verify_options": {"atol": -1.0}}, "^verify_options: atol: a tolerance >= 0"),
     ({"onnx_options": {"sparse": True}}, "^onnx_options: unknown \\['sparse'\\]"),
     ({"onnx_options": ["sparse_storage"]}, "^onnx_options: a dict"),
 ])

@@ -170,6 +170,14 @@ def check_runtime_dtype(model: nn.Module, arg: str = "model") -> None:
             "copy (copy.deepcopy(model).float()) -- float16 and float32 files run")
 
 
+def check_tolerances(atol, rtol, where: str = "") -> None:
+    """``atol`` / ``rtol``: numbers >= 0, or None for the output dtype's default; refused naming ``where`` + the
+    argument."""
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise PruningInputError(f"{where}{name}: a tolerance >= 0 (or None for the dtype's default), got {v!r}")
+
+
 LOW_PRECISION_TOLERANCES = (1e-3, 1e-2)   # float16 outputs: one float16 step is 4.9e-4 at 0.5 (rel 9.8e-4)
 DEFAULT_TOLERANCES = (1e-4, 1e-3)
 
@@ -205,9 +213,7 @@ def verify(onnx_path, model: nn.Module, inputs, *, batch_sizes=None, baseline=No
     check_runtime_dtype(model)
     if baseline is not None and isinstance(baseline, nn.Module):
         check_runtime_dtype(baseline, "baseline")
-    for name, v in (("atol", atol), ("rtol", rtol)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
-            raise PruningInputError(f"{name}: a tolerance >= 0 (or None for the dtype's default), got {v!r}")
+    check_tolerances(atol, rtol)
     if runs < 1 or warmup < 0 or threads < 1:
         raise PruningInputError("runs/warmup/threads: need runs >= 1, warmup >= 0, threads >= 1")
     if batch_sizes is not None and not isinstance(batch_sizes, (list, tuple)):
