@@ -110,3 +110,20 @@ def test_llm_allocation_summary_ratios_and_geometric_means(tmp_path):
     # select: sqrt(0.9 * 0.4) = 0.6, lower in both; austen: sqrt(1.1 * 0.9) = 0.995, lower in one
     assert "| 0.7 | global | 0.600, 2 of 2 | 0.995, 1 of 2 |" in md
     assert (tmp_path / "s.md").read_text() == md
+
+
+def test_llm_allocation_summary_compares_best_t_with_uniforms_best_t(tmp_path):
+    bench = load_bench("llm_allocation.py")
+    rows = [{"allocation": "-", "ppl": {"select": 1.0}}]
+    for alloc, t1, best, it in (("uniform", 100.0, 80.0, 2), ("global", 90.0, 60.0, 1)):
+        rows.append({"sparsity": 0.5, "allocation": alloc, "stage": "T=1", "ppl": {"select": t1},
+                     "prune_seconds": 1.0})
+        rows.append({"sparsity": 0.5, "allocation": alloc, "stage": "best T<=2", "ppl": {"select": best},
+                     "prune_seconds": 2.0, "best_iteration": it})
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"rows": rows, "setup": {"calib": "32x256 tokens (draw 3)"}}))
+    md = bench.summary([str(p)])
+    assert "| draw 3 | 0.5 | global | 90.00 (0.900) | 1 |" in md                        # over uniform's T=1
+    assert "| draw 3 | 0.5 | global, best T<=2 (T=1) | 60.00 (0.750) | 2 |" in md       # over uniform's best T
+    assert "| 0.5 | global | 0.900, 1 of 1 |" in md and "| 0.5 | global, best T<=2 | 0.750, 1 of 1 |" in md
+    assert "| 0.5 | uniform, best T<=2 |" not in md
