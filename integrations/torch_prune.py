@@ -138,7 +138,7 @@ class _PlanPruningMethod(prune.BasePruningMethod):
                     if e.new_weight is not None:
                         e.target.orig().copy_(e.new_weight.to(e.target.orig().dtype))
             self.last_report = plan.report
-            flat = torch.cat([plan.entries[tgt.key].mask[m] for tgt, m in zip(targets, kept)])
+            flat = torch.cat([plan.entries[tgt.key].mask.to(m.device)[m] for tgt, m in zip(targets, kept)])
             return flat.reshape(default_mask.shape).to(device=default_mask.device, dtype=default_mask.dtype) * default_mask
         finally:
             self._release()

@@ -176,7 +176,7 @@ class OBSImportance(tp.importance.Importance):
             if t.name == "weight" and t.key in curvature.hessians:
                 self._key[id(t.module)] = t.key
                 self._module[t.key] = t.module
-        self._H = {k: curvature.hessians[k] for k in self._module}
+        self._H = {k: curvature.hessians[k].to(curvature.device) for k in self._module}  # CPU under offload
         self._hinv: dict[str, torch.Tensor] = {}
         self._s: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []

@@ -4,7 +4,8 @@ Tensors of the fake device report ``fcuda:0`` (torch's spare ``PrivateUse1`` slo
 tensor inside.  A dispatch mode applies CUDA's rules to every aten op: an op may not mix a device tensor with a
 CPU tensor that has dimensions (0-dim CPU scalars are allowed, as on CUDA), a CPU tensor may not be indexed by
 device indices, and index assignment may not cross devices; ``.numpy()`` of a device tensor fails.  What it
-does not model: kernels, precision, memory, streams and every ``torch.cuda.*`` call.
+does not model: kernels, precision, streams and every ``torch.cuda.*`` call; of memory it can only count what
+live device tensors hold (:func:`device_bytes`).
 
 Process-global (it renames the backend and patches ``Tensor.data_ptr``): import it only in a subprocess of its
 own (``tests/fake_cuda_routes.py``).
@@ -107,6 +108,19 @@ class _Mode(TorchDispatchMode):
 
 
 MODE = _Mode()
+
+
+def device_bytes() -> int:
+    """Bytes held on the stand-in device now: the storages of every live device tensor, each counted once
+    (found through the garbage collector, which tracks tensors; what only C++ holds is not seen)."""
+    import gc
+    gc.collect()
+    seen = {}
+    for o in gc.get_objects():
+        if isinstance(o, FakeCudaTensor):
+            st = o.inner.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 def to_device(model: torch.nn.Module) -> torch.nn.Module:

@@ -187,11 +187,69 @@ def r_onnx_export_verify():
                "sparsity": [round(r["onnx_sparsity"], 6) for r in rep.sparsity]}
 
 
+def r_obs_iht_global_T2():
+    """Global allocation ranks where the weights wait (CPU memory under offload) and iterates from there."""
+    from obs_plugins import Curvature, OBSIHTConfig, api
+    from obs_plugins.lm import causal_lm_loss
+    m = on_device(llama())
+    c = Curvature.layerwise(m, llama_params(m), llama_batches(), loss_fn=causal_lm_loss, progress=False)
+    p = api.prune(OBSIHTConfig(iterations=2, allocation="global", grad_dtype="float32", progress=False),
+                  curvature=c, amount=0.6)
+    return m, {"layer_sparsity": {k: round(v, 6) for k, v in p.report["layer_sparsity"].items()}}
+
+
+def r_obs_iht_owl():
+    from obs_plugins import Curvature, OBSIHTConfig, api
+    m = on_device(llama())
+    c = Curvature.layerwise(m, llama_params(m), llama_batches(), progress=False)
+    p = api.prune(OBSIHTConfig(iterations=1, allocation="owl", progress=False), curvature=c, amount=0.6)
+    return m, {"layer_sparsity": {k: round(v, 6) for k, v in p.report["layer_sparsity"].items()}}
+
+
+def m_sequential_plan_memory():
+    """Device bytes after each block of a sequential T=1 plan of a 6-block Llama, with and without offload."""
+    from obs_plugins import Curvature, OBSIHTConfig, api
+    from obs_plugins.curvature import core
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    out = {}
+    feed = core.feed
+    for off in (True, False):
+        m = on_device(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=6, num_attention_heads=4,
+                                                   num_key_value_heads=2, max_position_embeddings=64)).eval())
+        samples = []
+
+        def sampled(cached, outs):
+            feed(cached, outs)
+            samples.append(fake_cuda.device_bytes())
+        core.feed = sampled
+        try:
+            c = Curvature.layerwise(m, llama_params(m), llama_batches(), offload=off, progress=False)
+            plan = api.plan(OBSIHTConfig(iterations=1, progress=False), curvature=c, amount=0.5)
+        finally:
+            core.feed = feed
+        gram = sum(h.numel() * h.element_size() for k, h in c.hessians.items() if "layers.0." in k)
+        out[str(off)] = {"samples": samples, "block0_gram_bytes": gram,
+                         "gram_devices": sorted({str(h.device) for h in c.hessians.values()}),
+                         "plan_devices": sorted({str(t.device) for e in plan.entries.values()
+                                                 for t in (e.mask, e.new_weight)}),
+                         "factor_devices": sorted({str(f.hinv.device) for f in
+                                                   plan.solver_state["factors"].values()})}
+        del m, c, plan
+    return out
+
+
 ROUTES = {k[2:]: v for k, v in list(globals().items()) if k.startswith("r_")}
+MEASURES = {k[2:]: v for k, v in list(globals().items()) if k.startswith("m_")}
 
 
 def main(names):
     for name in names or list(ROUTES):
+        if name in MEASURES:   # not a route: its own JSON line, on the device only
+            with fake_cuda.MODE:
+                print(json.dumps({"measure": name, "result": MEASURES[name]()}), flush=True)
+            continue
         try:
             if CPU:
                 model, extra = ROUTES[name]()

@@ -24,7 +24,7 @@ def _run(*args) -> dict:
                          text=True, env=env, timeout=600)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert rows, out.stderr[-3000:]
-    return {r["route"]: r for r in rows}
+    return {r.get("route", r.get("measure")): r for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_the_stand_in_catches_device_mixing():
     assert out.stdout.count("caught") == 2, out.stdout
 
 
-ROUTES = ["obs_iht_sequential_T2", "wanda_unstructured", "global_unstructured", "limit_estimate",
+ROUTES = ["obs_iht_sequential_T2", "obs_iht_global_T2", "obs_iht_owl", "wanda_unstructured", "global_unstructured", "limit_estimate",
           "cs_fit_batch_encoding", "bad_batch_named", "onnx_export_verify"]
 
 
@@ -78,3 +78,17 @@ def test_route_runs_on_a_cuda_like_device_as_on_the_cpu(runs, route):
         assert extra["ok"] and extra["copy_devices"] == ["cpu"] and extra["sparsity"] == [0.5, 0.5, 0.5]
         assert extra.pop("model_devices") == ["fcuda:0"] and cpu["extra"].pop("model_devices") == ["cpu"]
     assert extra == cpu["extra"]
+
+
+def test_an_offloaded_sequential_plan_holds_one_blocks_state_on_the_device():
+    """Under offload a solved block's Grams, inverse factors and planned weights wait in CPU memory, so the device
+    holds the same bytes after every block of a 6-block plan; without offload they pile up there, block by block
+    (a 7B model's Grams and factors alone are tens of GB)."""
+    m = _run("sequential_plan_memory")["sequential_plan_memory"]["result"]
+    off, on_device = m["True"], m["False"]
+    assert len(off["samples"]) == len(on_device["samples"]) == 5      # after blocks 0..4 (the last feeds nothing)
+    assert len(set(off["samples"])) == 1, off["samples"]
+    assert off["gram_devices"] == off["plan_devices"] == off["factor_devices"] == ["cpu"]
+    grow = [b - a for a, b in zip(on_device["samples"], on_device["samples"][1:])]
+    assert min(grow) > on_device["block0_gram_bytes"], grow          # the measure sees what offload saves
+    assert on_device["gram_devices"] == on_device["plan_devices"] == ["fcuda:0"]

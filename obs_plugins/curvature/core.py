@@ -132,6 +132,13 @@ class Curvature:
         return self._hessians
 
     @property
+    def store_device(self) -> torch.device:
+        """Where per-layer results wait between uses: a finished stage's Grams, the plan's weights and masks and
+        the solver's inverse factors.  CPU memory under ``offload`` (one layer at a time is moved to the model's
+        device to be solved), else the model's device."""
+        return self.offload if self.offload is not None else self.device
+
+    @property
     def counts(self) -> dict[str, int]:
         """key -> input rows the Gram was averaged over (filled like :attr:`hessians`)."""
         self.hessians  # noqa: B018  (collects them if pending)
@@ -184,6 +191,8 @@ class Curvature:
         one batch at a time to it, as SparseGPT and llm-compressor do, so the accelerator holds one batch's
         activations; ``True`` always (for a model on the CPU every move is a no-op); ``False`` keeps them on
         the model's device (faster where they fit).  ``curv.offload`` is the device used (``None``: no offload).
+        Under offload the solvers keep their per-layer state there too (:attr:`store_device`): solved Grams,
+        inverse factors, masks and new weights, moved to the model's device one layer at a time.
         ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
         ``loss_fn(output, batch)`` for dicts) is kept for methods that need gradients (OBS-IHT iterations,
         global allocation, HVPs).
@@ -316,7 +325,8 @@ class Curvature:
         weights to feed block i+1 (with ``sublayer``, the block's stages are collected and solved one after
         another, each with the stages before it planned; each such run stops once the stage's layers have
         seen their inputs).  Peak extra memory: one block's activations for the calibration set (in CPU memory
-        under ``offload``).  The model is left exactly as it was (also when ``solve_layers`` raises);
+        under ``offload``); under ``offload`` a solved stage's Grams and a finished block's planned weights
+        wait in CPU memory too (:attr:`store_device`), so the device holds one block's.  The model is left exactly as it was (also when ``solve_layers`` raises);
         ``hessians`` ends up holding the Grams the plan was solved on.  Inside ``solve_layers`` a pruned tensor
         runs with a unit mask (:meth:`_weights`), so read prior masks (``t.prior_mask()``) before calling this,
         as the solvers do.
@@ -359,9 +369,14 @@ class Curvature:
                         self._collect(st, (lambda: run_block(blk, cached.at(i))) if whole else
                                       (lambda: run_block_until(blk, cached.at(i), [t.module for t in st])))
                     planned.update(solve_layers(st, {t.key: self._hessians[t.key] for t in st}))
+                    for t in st:   # solved: the Grams wait in CPU memory under offload
+                        self._hessians[t.key] = self._hessians[t.key].to(self.store_device)
                 if i < last:
                     with self._weights(ours()), together():
                         feed(cached, run_block(blk, cached.at(i)))
+                for t in bt:       # the block's planned weights are not run again
+                    if t.key in planned:
+                        planned[t.key] = planned[t.key].to(self.store_device)
         self._grams_pending = False
         return planned
 

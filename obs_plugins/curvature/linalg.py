@@ -79,6 +79,13 @@ class InverseFactor:
     rel_damp: float
     dead: torch.Tensor
 
+    def to(self, device) -> "InverseFactor":
+        """The factors on ``device`` (``self`` when they are there already)."""
+        if self.hinv.device == torch.device(device):
+            return self
+        return InverseFactor(self.hinv.to(device), self.hinv_chol_upper.to(device), self.rel_damp,
+                             self.dead.to(device))
+
 
 def inverse_factor(H: torch.Tensor, rel_damp: float = 1e-2, *, ladder=DEFAULT_LADDER, what: str = "H",
                    dtype: torch.dtype | None = None) -> InverseFactor:

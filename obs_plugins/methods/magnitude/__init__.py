@@ -71,7 +71,8 @@ def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePla
     pruned earlier blocks feed later ones), like llm-compressor's Wanda."""
     nm = parse_nm(config.nm)
     targets = curvature.targets
-    prior = {t.key: t.prior_mask() for t in targets}
+    store = curvature.store_device   # masks wait in CPU memory under offload
+    prior = {t.key: t.prior_mask().to(store) for t in targets}
     counts = {t.key: None for t in targets} if nm is not None else allocate_uniform(prior, k_total)
     plan = PrunePlan(report={"method": "wanda", "calibration": "sequential" if curvature.sequential else "one-pass"})
 
@@ -84,9 +85,11 @@ def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePla
             # the prior masks read before blockwise: inside it a pruned tensor runs with a unit mask
             # (Curvature._weights), so t.prior_mask() here said nothing was pruned: the earlier zeros were re-pruned
             sub = _plan_from_scores([t], {t.key: scores}, counts[t.key], "uniform", nm, True, "wanda",
-                                    prior={t.key: prior[t.key]})
-            plan.entries[t.key] = sub.entries[t.key]
-            out[t.key] = t.current() * plan.entries[t.key].mask
+                                    prior={t.key: prior[t.key].to(scores.device)})
+            e = sub.entries[t.key]
+            out[t.key] = t.current() * e.mask
+            e.mask = e.mask.to(store)
+            plan.entries[t.key] = e
         return out
 
     curvature.blockwise(targets, layers)

@@ -37,7 +37,7 @@ def allocation_counts(curvature, targets, W0, prior, counts_total, counts, confi
     if config.allocation == "owl":
         return owl_counts(curvature, targets, W0, prior, counts_total, config.owl_lambda, config.owl_m)
     if config.allocation == "fisher":
-        sal = {k: _fisher_saliency(curvature, k) for k in W0}
+        sal = {k: _fisher_saliency(curvature, k).to(prior[k].device) for k in W0}
     else:
         sal = global_saliency(curvature, targets, W0, config.rel_damp)
     lo, hi, bounds = layer_bounds(prior, counts_total, config.layer_min_sparsity, config.layer_max_sparsity)
@@ -58,7 +58,8 @@ def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]
     for t in targets:
         k = t.key
         d = as_scores(torch.diagonal(inverse_factor(hs[k], rel_damp, what=f"H of {k}").hinv))
-        out[k] = as_scores(sens[k]).unsqueeze(1) * as_scores(W0[k]) ** 2 / d.unsqueeze(0)
+        w = as_scores(W0[k].to(d.device))   # ranked where the weights wait (CPU memory under offload)
+        out[k] = (as_scores(sens[k]).unsqueeze(1) * w ** 2 / d.unsqueeze(0)).to(W0[k].device)
     return out
 
 
@@ -121,7 +122,7 @@ def owl_counts(curvature, targets, W0, prior, counts_total, lam: float, m: float
     hs = curvature.onepass_hessians([t.key for t in targets])
     for i, ts in by_block.items():
         scores = torch.cat([(W0[t.key].abs() * torch.diagonal(hs[t.key]).clamp_min(0).sqrt()
-                             .unsqueeze(0))[prior[t.key]].flatten() for t in ts])
+                             .unsqueeze(0).to(W0[t.key].device))[prior[t.key]].flatten() for t in ts])
         ratio[i] = float((scores > m * scores.mean()).float().mean()) if scores.numel() else 0.0
     lo, hi = min(ratio.values()), max(ratio.values())
     scaled = {i: (r - lo) / (hi - lo) * 2 * lam if hi > lo else lam for i, r in ratio.items()}

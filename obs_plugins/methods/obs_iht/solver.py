@@ -216,10 +216,12 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
             error = PruningInputError(f"grad_subsets: {config.grad_subsets} subsets of {n_grad} gradient batches "
                                       "would leave one empty; use at most that many")
         raise_together(error)
+    # per-layer state waits on the store device (CPU memory under offload); each layer is solved on the model's
+    dev, store = curvature.device, curvature.store_device
     W0, prior = {}, {}
     for t in targets:
-        W0[t.key] = _work(to_2d(t.module, t.current()))
-        prior[t.key] = to_2d(t.module, t.prior_mask())
+        W0[t.key] = _work(to_2d(t.module, t.current()).to(store))
+        prior[t.key] = to_2d(t.module, t.prior_mask()).to(store)
         if nm is not None and W0[t.key].shape[1] % nm[1]:
             raise PruningInputError(f"nm: {config.nm} needs every layer's input width to be a multiple of "
                                     f"{nm[1]}; {t.key} has {W0[t.key].shape[1]} (leave it out of the pruned "
@@ -228,12 +230,14 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
     if initial is not None:  # continue from an earlier plan: its support and weights are iteration 1
         for t in targets:
             e = initial.entries[t.key]
-            keep[t.key] = to_2d(t.module, e.mask)
-            Wt[t.key] = _work(to_2d(t.module, e.new_weight if e.new_weight is not None else t.current() * e.mask))
+            keep[t.key] = to_2d(t.module, e.mask).to(store)
+            Wt[t.key] = _work(to_2d(t.module, e.new_weight if e.new_weight is not None
+                                    else t.current() * e.mask.to(t.current().device)).to(store))
             est[t.key] = torch.zeros(())
             reuse = initial.solver_state.get("factors", {}).get(t.key)  # the sweep's own (H does not change)
-            factors[t.key] = reuse if reuse is not None and reuse.rel_damp >= config.rel_damp else \
-                inverse_factor(curvature.hessians[t.key], config.rel_damp, what=f"H of {t.key}")
+            factors[t.key] = (reuse if reuse is not None and reuse.rel_damp >= config.rel_damp else
+                              inverse_factor(curvature.hessians[t.key].to(dev), config.rel_damp,
+                                             what=f"H of {t.key}")).to(store)
         report = {}
     else:
         counts, report = allocation_counts(curvature, targets, W0, prior, counts_total, counts, config, nm)
@@ -242,14 +246,15 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
             t_in = time.perf_counter()
             out = {}
             quiet = not config.progress or curvature.sequential  # sequential: the block bar shows progress
-            shared = SharedFactors(config.rel_damp)
+            shared, stored = SharedFactors(config.rel_damp), {}
             for t in tqdm(block_targets, desc="OBS sweep", disable=quiet, leave=False):
                 k = t.key
-                factors[k] = shared.get(grams[k], what=f"H of {k}")
-                W, keep[k], est[k] = obs_sweep(W0[k], factors[k].hinv_chol_upper, k=counts[k],
-                                               keep_prior=prior[k], nm=nm, blocksize=config.blocksize)
-                Wt[k] = _work(W)
-                out[k] = from_2d(t.module, Wt[k], t.current())
+                f = shared.get(grams[k].to(dev), what=f"H of {k}")
+                W, kept, loss = obs_sweep(W0[k].to(dev), f.hinv_chol_upper, k=counts[k],
+                                          keep_prior=prior[k].to(dev), nm=nm, blocksize=config.blocksize)
+                factors[k] = stored.setdefault(id(f), f.to(store))   # shared factors stay shared
+                Wt[k], keep[k], est[k] = _work(W).to(store), kept.to(store), loss.to(store)
+                out[k] = from_2d(t.module, _work(W), t.current())
             timing["factor_and_sweep"] += time.perf_counter() - t_in
             return out
 
@@ -285,13 +290,17 @@ def _project(curvature, targets, Z, keep, factors, config, nm):
     out = {}
     for t in targets:
         k = t.key
-        p = obs_sweep(Z[k], factors[k].hinv_chol_upper, keep=keep[k], blocksize=config.blocksize)[0]
-        out[k] = p.to(torch.promote_types(p.dtype, torch.float32))   # fp32 at least; an fp64 model keeps fp64
+        dev = curvature.device
+        p = obs_sweep(Z[k].to(dev), factors[k].hinv_chol_upper.to(dev), keep=keep[k].to(dev),
+                      blocksize=config.blocksize)[0]
+        # fp32 at least (an fp64 model keeps fp64), where Z waits
+        out[k] = p.to(Z[k].device, torch.promote_types(p.dtype, torch.float32))
     return out
 
 
 def _overrides(targets, W):
-    return {t.key: from_2d(t.module, W[t.key], t.current()) for t in targets}
+    """The weights as the model's tensors, on the model's device (the solver may keep them in CPU memory)."""
+    return {t.key: from_2d(t.module, W[t.key], t.current()).to(t.current().device) for t in targets}
 
 
 def _vertex(a: tuple, b: tuple, c: tuple) -> float | None:
@@ -421,8 +430,8 @@ def _iht_steps(curvature, targets, W1, keep, factors, config, nm, compute_dtype=
         D = {}
         for t in targets:
             g = to_2d(t.module, G[t.key]).to(factors[t.key].hinv.dtype)
-            d = g @ factors[t.key].hinv
-            D[t.key] = d.to(torch.promote_types(d.dtype, torch.float32))   # fp64 stays fp64
+            d = g @ factors[t.key].hinv.to(g.device)
+            D[t.key] = d.to(W[t.key].device, torch.promote_types(d.dtype, torch.float32))   # fp64 stays fp64
         # with the support fixed the sweep is linear and leaves W (already on the support) unchanged, so
         # project(W - eta D) = W - eta project(D): one projection serves every candidate step size
         PD = _project(curvature, targets, D, keep, factors, config, nm)
