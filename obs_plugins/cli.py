@@ -35,6 +35,20 @@ def _check_threads(args) -> None:
         raise PruningInputError(f"--threads: must be >= 0 (0: torch's choice), got {args.threads}")
 
 
+def check_device(value: str):
+    """``--device``: a torch device this torch can allocate on (``cpu``, ``cuda``, ``cuda:1``...), checked
+    before the model loads; returns the ``torch.device``."""
+    import torch
+    try:
+        dev = torch.device(value)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PruningInputError(f"--device: {value!r} is not usable here ({why}); e.g. --device cpu, or cuda with a "
+                                "CUDA build of torch and a GPU") from None
+    return dev
+
+
 def check_sparsity_spec(spec: str) -> None:
     """``--sparsity``: a fraction in [0, 1) or an N:M pattern with 0 < N < M (the parser every route uses)."""
     from .experiment import sparsity_args
@@ -51,6 +65,7 @@ def check_prune_args(args) -> tuple | None:
     the window counts; ``setup_smollm2`` takes them instead of reading them again), ``None`` on the other route."""
     import os
     _check_threads(args)
+    args.device = check_device(args.device)
     if args.model is not None or args.config is not None:   # the Hugging Face route: settings from --config
         for name in MAIN_ONLY:
             if getattr(args, name, None) is not None:
@@ -132,6 +147,7 @@ def cmd_prune(args) -> int:
           flush=True)
     setup = setup_smollm2(n_calib=args.calib, n_eval=args.eval, seq_len=args.seq_len, blocks=args.blocks,
                           texts=texts)
+    setup.model.to(args.device)   # the windows follow, one batch at a time
     dense = dense_row(setup, progress)
     rows = [dense]
     methods = ["magnitude"] + ([args.method] if args.method != "magnitude" else [])
@@ -215,6 +231,7 @@ def cmd_prune_model(args) -> int:
         raise PruningInputError(f"--config: {cfg_path!r} holds a {type(data).__name__}, not a config object")
     cfg = PruningConfig.from_dict(data)
     pruner = Pruner.from_pretrained(args.model)
+    pruner.model.to(args.device)
     texts = None
     if cfg.route.curvature:
         if args.calibration:
@@ -400,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", type=user_path, help="also write the report as JSON here")
     pr.add_argument("--save", type=user_path, help="save the pruned model (Hugging Face format) to this folder")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument("--device", default="cpu",
+                    help="where the model runs: cpu (default), cuda, cuda:1... (calibration activations, Grams and "
+                         "the plan wait in CPU memory off the CPU; both routes)")
     add_model_arguments(pr)
     pr.set_defaults(func=cmd_prune)
 

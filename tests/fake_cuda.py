@@ -131,11 +131,13 @@ def to_device(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _patch():
-    """Storage addresses (``data_ptr``) of a wrapper are its inner tensor's; ``torch.tensor(data, device=...)``
+    """Storage addresses (``data_ptr``) and storages of a wrapper are its inner tensor's; ``torch.tensor(data, device=...)``
     makes a wrapper; generators stay on the CPU (a CPU generator drives the fake device's random ops, which run
     on the CPU)."""
     data_ptr = torch.Tensor.data_ptr
     torch.Tensor.data_ptr = lambda self: data_ptr(self.inner if isinstance(self, FakeCudaTensor) else self)
+    storage = torch.Tensor.untyped_storage   # the same for storages (Transformers' save dedupes tied tensors by them)
+    torch.Tensor.untyped_storage = lambda self: storage(self.inner if isinstance(self, FakeCudaTensor) else self)
     for name in ("tensor", "as_tensor"):   # built from Python data on the CPU first, outside the dispatch mode
         def make(data, *args, device=None, _f=getattr(torch, name), **kwargs):
             if _on_fake(device):

@@ -187,6 +187,58 @@ def r_onnx_export_verify():
                "sparsity": [round(r["onnx_sparsity"], 6) for r in rep.sparsity]}
 
 
+def char_tokenizer():
+    """A one-id-per-character tokenizer (letters and digits), saved with a model like a real one."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = string.ascii_letters + string.digits    # 62 + [UNK]: the tiny Llama's 64 ids
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def r_cli_model_device():
+    """``obs-prune prune --model ... --device``: the Hugging Face route with the model moved to the device.  The
+    stand-in's decomposed attention rounds otherwise than the CPU's kernel, and at this size OBS amplifies that
+    past float tolerance and flips near-ties, so the test compares where it pruned, the exact zero counts and the
+    tensors no plan touched."""
+    import string
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from obs_plugins import cli
+    from obs_plugins.integrations.optimum import PruningConfig
+    with tempfile.TemporaryDirectory() as d:
+        src, out = os.path.join(d, "src"), os.path.join(d, "out")
+        llama().save_pretrained(src)
+        char_tokenizer().save_pretrained(src)
+        PruningConfig(method="obs_iht", sparsity=0.5, num_samples=8, seq_len=16, batch_size=2,
+                      method_config={"iterations": 1}).save_pretrained(d)
+        with open(os.path.join(d, "calib.txt"), "w") as f:
+            g = torch.Generator().manual_seed(2)
+            abc = string.ascii_letters + string.digits   # every id (fewer distinct tokens than the width
+            f.write("".join(abc[int(c)] for c in torch.randint(0, 62, (600,), generator=g)))   # leave Grams singular)
+        if not CPU:   # what model.to('cuda') does; the stand-in cannot replace .data in place
+            torch.__future__.set_overwrite_module_params_on_conversion(True)
+        from obs_plugins.integrations.optimum import Pruner
+        seen, prune = [], Pruner.prune
+
+        def recorded(self, *args, **kwargs):
+            seen.append(str(next(self.model.parameters()).device))
+            return prune(self, *args, **kwargs)
+        Pruner.prune = recorded
+        rc = cli.main(["prune", "--model", src, "--config", os.path.join(d, "pruning_config.json"), "--out", out,
+                       "--calibration", os.path.join(d, "calib.txt"), "--quiet",
+                       "--device", "cpu" if CPU else "fcuda"])
+        Pruner.prune = prune
+        back = AutoModelForCausalLM.from_pretrained(out)
+    zeros = {k: int((v == 0).sum()) for k, v in back.state_dict().items() if k.endswith("proj.weight")}
+    return back, {"rc": rc, "pruned_on": seen, "zeros": zeros}
+
+
 def r_obs_iht_global_T2():
     """Global allocation ranks where the weights wait (CPU memory under offload) and iterates from there."""
     from obs_plugins import Curvature, OBSIHTConfig, api

@@ -279,6 +279,20 @@ def test_sparsity_one_is_refused_and_one_in_four_is_a_quarter(monkeypatch, capsy
     assert experiment.sparsity_args("0") == (0.0, None)
 
 
+@pytest.mark.parametrize("device", ["cuda:99", "gpu"])
+def test_an_unusable_device_is_refused_naming_device_before_anything_loads(monkeypatch, capsys, tmp_path, device):
+    _no_load(monkeypatch)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["prune", "--quiet", "--device", device]) == 2
+    assert capsys.readouterr().err.startswith(f"obs-prune: error: --device: '{device}' is not usable here")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "pruning_config.json").write_text("{}")
+    assert main(["prune", "--model", str(tmp_path / "m"), "--config", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--device", device]) == 2   # the Hugging Face route too
+    assert "--device: " in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_blocks_30_is_accepted(cached_texts):
     _need(data.shakespeare_dir)
     _need(data.load_kjv_bible)

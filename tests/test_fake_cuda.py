@@ -55,7 +55,7 @@ def test_the_stand_in_catches_device_mixing():
     assert out.stdout.count("caught") == 2, out.stdout
 
 
-ROUTES = ["obs_iht_sequential_T2", "obs_iht_global_T2", "obs_iht_owl", "wanda_unstructured", "global_unstructured", "limit_estimate",
+ROUTES = ["obs_iht_sequential_T2", "obs_iht_global_T2", "obs_iht_owl", "cli_model_device", "wanda_unstructured", "global_unstructured", "limit_estimate",
           "cs_fit_batch_encoding", "bad_batch_named", "onnx_export_verify"]
 
 
@@ -66,12 +66,16 @@ def test_route_runs_on_a_cuda_like_device_as_on_the_cpu(runs, route):
     assert dev["ok"], dev          # a crash on the stand-in: its error and the last frames
     assert [r[0] for r in dev["fingerprint"]] == [r[0] for r in cpu["fingerprint"]]
     for (name, s_d, q_d, z_d), (_, s_c, q_c, z_c) in zip(dev["fingerprint"], cpu["fingerprint"]):
+        if route == "cli_model_device" and name in cpu["extra"]["zeros"]:
+            continue       # see the route: its pruned tensors are compared by their exact zero counts (extra)
         assert z_d == z_c, f"{route}: {name} has other zeros on the device"
         assert math.isclose(q_d, q_c, rel_tol=1e-5, abs_tol=1e-9), (route, name, q_d, q_c)
         assert math.isclose(s_d, s_c, rel_tol=1e-4, abs_tol=1e-5), (route, name, s_d, s_c)
     extra = dict(dev["extra"])
     if route == "obs_iht_sequential_T2":
         assert extra.pop("offload") is True and cpu["extra"].pop("offload") is False   # "auto": only off the CPU
+    if route == "cli_model_device":   # obs-prune prune --model ... --device: pruned there, saved, reloaded
+        assert extra["rc"] == 0 and extra.pop("pruned_on") == ["fcuda:0"] and cpu["extra"].pop("pruned_on") == ["cpu"]
     if route == "bad_batch_named":
         assert extra["named"], extra["message"]
     if route == "onnx_export_verify":   # the copy is on the CPU; the caller's model stays where it was
