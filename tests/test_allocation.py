@@ -78,6 +78,30 @@ def test_output_sensitivity_is_the_summed_squared_output_gradient():
     assert torch.allclose(sens.double(), ref / 3, rtol=1e-5)
 
 
+def test_output_sensitivity_asks_for_no_weight_gradient():
+    """The pass needs dL/dy of each layer only: autograd is asked for the layer outputs, so it skips every
+    weight-gradient product.  Three Linear layers, one batch: 3 forward products + 2 input-gradient products
+    (layer 1's input needs none); asking for the weights' gradients added 3 more."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = [(m, "weight") for m in model if isinstance(m, nn.Linear)]
+    curv = Curvature(model, params, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))],
+                     loss_fn=nn.functional.cross_entropy)
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in products
+            return func(*args, **(kwargs or {}))
+    with Count():
+        sens = curv.output_sensitivity()
+    assert Count.n == 5
+    assert all(torch.isfinite(v).all() and (v > 0).all() for v in sens.values())
+
+
 @pytest.mark.parametrize("amount", [0.8, 0.9, 0.95])
 def test_global_unstructured_ranks_globally_within_exact_caps(amount):
     model, params, batches = classifier()

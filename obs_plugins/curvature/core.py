@@ -646,6 +646,7 @@ class Curvature:
         def hook(module, _args, out, _key, _kind):
             if not (torch.is_tensor(out) and out.requires_grad):
                 return
+            outs.append(out)
             def on_grad(g):
                 # per sample: the batch size is the model output's leading dimension (as n_samples counts it),
                 # not this layer's (a sequence-first layer's leading dimension is time)
@@ -661,16 +662,20 @@ class Curvature:
                    for t in targets]
         n_samples = 0
         rows_now = [1.0]   # the running batch's size, read by the gradient hooks
+        outs: list[torch.Tensor] = []   # this batch's layer outputs: the gradient is asked for them only
         try:
             with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
                     self._only_targets_require_grad(), torch.enable_grad():
-                params = self._grad_params()
                 for b in tqdm(use, desc="output sensitivity", disable=not progress, leave=False):
                     b = move(b, self.device)
+                    outs.clear()
                     out = self.forward_fn(self.model, b)
                     rows_now[0] = float(_leading_dim(out))
                     n_samples += _leading_dim(out)
-                    torch.autograd.grad(batch_loss(self.loss_fn, out, b), params, allow_unused=True)
+                    # w.r.t. the layer outputs, not the weights: autograd then skips every weight-gradient product
+                    if outs:
+                        torch.autograd.grad(batch_loss(self.loss_fn, out, b), outs, allow_unused=True)
+                outs.clear()
         finally:
             for h in handles:
                 h.remove()
