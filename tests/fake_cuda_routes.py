@@ -292,6 +292,37 @@ def m_sequential_plan_memory():
     return out
 
 
+def m_global_ranking_memory():
+    """Device bytes at each layer of global allocation's ranking (6-block Llama), with and without offload."""
+    from obs_plugins import Curvature, OBSIHTConfig, api
+    from obs_plugins.lm import causal_lm_loss
+    from obs_plugins.methods.obs_iht import allocation
+    from transformers import LlamaConfig, LlamaForCausalLM
+    out = {}
+    real = allocation.inverse_factor
+    for off in (True, False):
+        torch.manual_seed(0)
+        m = on_device(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=6, num_attention_heads=4,
+                                                   num_key_value_heads=2, max_position_embeddings=64)).eval())
+        samples, model_bytes = [], fake_cuda.device_bytes()
+
+        def sampled(H, *a, **k):
+            samples.append(fake_cuda.device_bytes())
+            return real(H, *a, **k)
+        allocation.inverse_factor = sampled
+        try:
+            c = Curvature.layerwise(m, llama_params(m), llama_batches(), loss_fn=causal_lm_loss, offload=off,
+                                    progress=False)
+            api.plan(OBSIHTConfig(iterations=1, allocation="global", progress=False), curvature=c, amount=0.5)
+        finally:
+            allocation.inverse_factor = real
+        grams = sum(h.numel() * h.element_size() for h in c.hessians.values())
+        out[str(off)] = {"samples": samples, "all_gram_bytes": grams, "model_bytes": model_bytes}
+        del m, c
+    return out
+
+
 ROUTES = {k[2:]: v for k, v in list(globals().items()) if k.startswith("r_")}
 MEASURES = {k[2:]: v for k, v in list(globals().items()) if k.startswith("m_")}
 

@@ -96,3 +96,15 @@ def test_an_offloaded_sequential_plan_holds_one_blocks_state_on_the_device():
     grow = [b - a for a, b in zip(on_device["samples"], on_device["samples"][1:])]
     assert min(grow) > on_device["block0_gram_bytes"], grow          # the measure sees what offload saves
     assert on_device["gram_devices"] == on_device["plan_devices"] == ["fcuda:0"]
+
+
+def test_global_allocation_under_offload_ranks_with_one_layers_gram_on_the_device():
+    """Global allocation ranks on the one-pass Grams of every layer.  Under offload they are collected block by
+    block and wait in CPU memory, each moved to the device for its factor: during the ranking the device holds less
+    than one block's Grams beyond the model, where without offload every Gram (and more) sits there."""
+    m = _run("global_ranking_memory")["global_ranking_memory"]["result"]
+    off, on_device = m["True"], m["False"]
+    grams = off["all_gram_bytes"]                      # 6 blocks
+    assert len(off["samples"]) == len(on_device["samples"]) == 42   # one factor per layer
+    assert max(off["samples"]) - off["model_bytes"] < grams / 6, off     # beyond the model: under one block's
+    assert min(on_device["samples"]) - on_device["model_bytes"] > grams, on_device   # every Gram, and more

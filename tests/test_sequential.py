@@ -762,3 +762,33 @@ def test_a_plan_after_another_plan_was_applied_equals_one_on_a_fresh_curvature()
         prune.global_unstructured(params, pruning_method=OBSIHT, amount=0.5, curvature=curv, iterations=1)
         return [int((m.weight_mask == 0).sum()) for m, _ in params]
     assert run(False) == run(True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_offloaded_one_pass_grams_are_collected_block_by_block_and_equal_the_forward_pass(padded):
+    """Under offload a sequential curvature's one-pass Grams (what global / OWL allocation ranks on) come block by
+    block, each block's moved to the store as it finishes; they equal the whole forward pass's bit for bit, and so
+    does the global plan built on them (also with padded rows, which the Grams leave out)."""
+    from obs_plugins.lm import causal_lm_loss
+    from obs_plugins.curvature import core
+    model, params, batches = llama_problem()
+    if padded:
+        mask = torch.ones_like(batches[1]["input_ids"])
+        mask[:, 11:] = 0
+        batches[1] = dict(batches[1], attention_mask=mask)
+    ref = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, offload=False, progress=False)
+    curv = Curvature.layerwise(model, params, batches, loss_fn=causal_lm_loss, offload=True, progress=False)
+    calls = []
+    real = core.Curvature._collect_by_blocks
+    core.Curvature._collect_by_blocks = lambda self, t: calls.append(len(t)) or real(self, t)
+    try:
+        want, got = ref.hessians, curv.hessians
+    finally:
+        core.Curvature._collect_by_blocks = real
+    assert calls == [len(params)]                 # only the offloaded curvature took the block route
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert all(curv.counts[k] == ref.counts[k] for k in want)
+    cfg = OBSIHTConfig(iterations=1, allocation="global", progress=False)
+    a, b = api.plan(cfg, curvature=ref, amount=0.6), api.plan(cfg, curvature=curv, amount=0.6)
+    for k, e in a.entries.items():
+        assert torch.equal(e.mask, b.entries[k].mask) and torch.equal(e.new_weight, b.entries[k].new_weight), k

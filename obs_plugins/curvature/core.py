@@ -297,15 +297,55 @@ class Curvature:
         """One pass over the calibration batches: the Grams of ``targets`` (default: all) stored as one-pass
         ones, or with ``store=False`` only returned (key -> Gram)."""
         targets = self.targets if targets is None else targets
-        batches = OnDevice(self.batches, self.device)
-        with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
-            got = self._collect(targets, lambda: run_batches(self.model, batches, self.forward_fn,
-                                                             desc="collecting layer curvature",
-                                                             progress=self.progress), store=store)
-        if not store:
-            return got[0]
+        if self.sequential and self.offload is not None:   # the same Grams, one block's on the device at a time
+            grams, counts = self._collect_by_blocks(targets)
+            if not store:
+                return grams
+            self._hessians.update(grams)
+            self._counts.update(counts)
+        else:
+            batches = OnDevice(self.batches, self.device)
+            with self._eval_mode(), self._weights(None), self._mid_apply_attributes():
+                got = self._collect(targets, lambda: run_batches(self.model, batches, self.forward_fn,
+                                                                 desc="collecting layer curvature",
+                                                                 progress=self.progress), store=store)
+            if not store:
+                return got[0]
         self._onepass_keys |= {t.key for t in targets}
         self._grams_pending = False
+
+    def _collect_by_blocks(self, targets) -> tuple[dict, dict]:
+        """The one-pass Grams of ``targets`` (the model as it is), collected block by block for a sequential
+        curvature under offload: block i runs on block i-1's outputs, as in the whole forward pass, and each
+        block's Grams wait on :attr:`store_device` once collected, so the device holds one block's Grams and
+        activations (what global / OWL allocation ranks on)."""
+        from tqdm.auto import tqdm
+        blocks = block_stack(self.model, targets)
+        keys = {t.key for t in targets}
+        by_block = [[t for t in self.targets if t.key in keys and any(t.module is m for m in blk.modules())]
+                    for blk in blocks]
+        last = max(i for i, bt in enumerate(by_block) if bt)
+        grams, counts = {}, {}
+        batches = OnDevice(self.batches, self.device)
+        with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
+            with together():
+                cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
+                                              blocks=None if self._shared_inputs else blocks,
+                                              store=self.offload, compute=self.device)
+            for i in tqdm(range(last + 1), desc="collecting layer curvature (blocks)", disable=not self.progress,
+                          leave=False):
+                outs = []
+                run = lambda: outs.append(run_block(blocks[i], cached.at(i)))  # noqa: E731
+                if by_block[i]:   # the Grams from the very run whose outputs feed the next block
+                    g, c = self._collect(by_block[i], run, store=False)
+                    grams.update({k: v.to(self.store_device) for k, v in g.items()})
+                    counts.update(c)
+                elif i < last:
+                    with together(), full_fp32():
+                        run()
+                if i < last:
+                    feed(cached, outs[0])
+        return grams, counts
 
     def _collect_eager_sequential(self, on_block) -> None:
         accs = self._new_accumulators(self.targets)
