@@ -41,6 +41,8 @@ def check_device(value: str):
     import torch
     try:
         dev = torch.device(value)
+        if dev.type == "meta":
+            raise ValueError("a meta tensor holds no values to prune")
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError, ValueError, TypeError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

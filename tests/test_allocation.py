@@ -102,6 +102,41 @@ def test_output_sensitivity_asks_for_no_weight_gradient():
     assert all(torch.isfinite(v).all() and (v > 0).all() for v in sens.values())
 
 
+class _Twice(nn.Module):
+    """``mid`` runs twice; its first output is changed in place (or not) before the second call."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.inplace, self.inp, self.mid, self.out = inplace, nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x).detach()                     # no target upstream of mid's first call
+        h = nn.functional.relu(self.mid(h), inplace=self.inplace)
+        return self.out(torch.tanh(self.mid(h)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda inplace: nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 6),
+                                  nn.ReLU(inplace=inplace), nn.Linear(6, 3)),
+    _Twice])
+def test_output_sensitivity_of_layers_whose_output_is_changed_in_place(make):
+    """An in-place op after a layer (VGG's ReLU(inplace=True)) gives its output a new autograd node; the gradient
+    is still the layer's own output gradient, as without the in-place op (it was refused as 'no gradient', and a
+    layer run twice lost its first call silently)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 6 if make is _Twice else 5, generator=g), torch.randint(0, 3, (16,), generator=g))
+               for _ in range(2)]
+    sens = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = make(inplace)
+        params = [(m, "weight") for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "inp"]
+        sens.append(Curvature(model, params, batches, loss_fn=nn.functional.cross_entropy).output_sensitivity())
+    assert sens[0].keys() == sens[1].keys()
+    for k in sens[0]:
+        assert torch.equal(sens[0][k], sens[1][k]), k
+
+
 @pytest.mark.parametrize("amount", [0.8, 0.9, 0.95])
 def test_global_unstructured_ranks_globally_within_exact_caps(amount):
     model, params, batches = classifier()

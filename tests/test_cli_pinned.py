@@ -279,7 +279,7 @@ def test_sparsity_one_is_refused_and_one_in_four_is_a_quarter(monkeypatch, capsy
     assert experiment.sparsity_args("0") == (0.0, None)
 
 
-@pytest.mark.parametrize("device", ["cuda:99", "gpu"])
+@pytest.mark.parametrize("device", ["cuda:99", "gpu", "meta"])
 def test_an_unusable_device_is_refused_naming_device_before_anything_loads(monkeypatch, capsys, tmp_path, device):
     _no_load(monkeypatch)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",

@@ -191,8 +191,10 @@ class Curvature:
         one batch at a time to it, as SparseGPT and llm-compressor do, so the accelerator holds one batch's
         activations; ``True`` always (for a model on the CPU every move is a no-op); ``False`` keeps them on
         the model's device (faster where they fit).  ``curv.offload`` is the device used (``None``: no offload).
-        Under offload the solvers keep their per-layer state there too (:attr:`store_device`): solved Grams,
-        inverse factors, masks and new weights, moved to the model's device one layer at a time.
+        Under offload the solvers keep their per-layer state there too (:attr:`store_device`): inverse factors,
+        masks and new weights, moved to the model's device one layer at a time; with sequential calibration also
+        each stage's Grams once solved and the one-pass Grams global / OWL allocation rank on (a one-pass
+        curvature collects every Gram in one forward pass, on the device).
         ``loss_fn`` (torch's ``loss_fn(output, target)`` for ``(inputs, target)`` batches,
         ``loss_fn(output, batch)`` for dicts) is kept for methods that need gradients (OBS-IHT iterations,
         global allocation, HVPs).
@@ -355,8 +357,8 @@ class Curvature:
                                progress=self.progress, store=self.offload, compute=self.device)
         self._store(accs)
 
-    def blockwise(self, targets: list[Target], solve_layers: Callable) -> dict[str, torch.Tensor]:
-        """Drive a layer-wise solver over ``targets`` in calibration order; return its new weights.
+    def blockwise(self, targets: list[Target], solve_layers: Callable) -> None:
+        """Drive a layer-wise solver over ``targets`` in calibration order (the solver keeps its own results).
 
         ``solve_layers(block_targets, grams) -> {key: new effective weight (param-shaped)}`` is called once
         with every target and its Gram when the curvature is not sequential.  When it is, it is called block by
@@ -365,15 +367,17 @@ class Curvature:
         weights to feed block i+1 (with ``sublayer``, the block's stages are collected and solved one after
         another, each with the stages before it planned; each such run stops once the stage's layers have
         seen their inputs).  Peak extra memory: one block's activations for the calibration set (in CPU memory
-        under ``offload``); under ``offload`` a solved stage's Grams and a finished block's planned weights
-        wait in CPU memory too (:attr:`store_device`), so the device holds one block's.  The model is left exactly as it was (also when ``solve_layers`` raises);
+        under ``offload``), and the block's planned weights (dropped once the block has fed the next); under
+        ``offload`` a solved stage's Grams wait in CPU memory too (:attr:`store_device`), so the device holds one
+        block's.  The model is left exactly as it was (also when ``solve_layers`` raises);
         ``hessians`` ends up holding the Grams the plan was solved on.  Inside ``solve_layers`` a pruned tensor
         runs with a unit mask (:meth:`_weights`), so read prior masks (``t.prior_mask()``) before calling this,
         as the solvers do.
         """
         if not self.sequential:
             hs = self.hessians
-            return solve_layers(targets, {t.key: hs[t.key] for t in targets})
+            solve_layers(targets, {t.key: hs[t.key] for t in targets})
+            return
         blocks = block_stack(self.model, targets)
         if blocks is None:
             raise PruningInputError("curvature: sequential calibration needs the targets in one stack of blocks")
@@ -414,11 +418,9 @@ class Curvature:
                 if i < last:
                     with self._weights(ours()), together():
                         feed(cached, run_block(blk, cached.at(i)))
-                for t in bt:       # the block's planned weights are not run again
-                    if t.key in planned:
-                        planned[t.key] = planned[t.key].to(self.store_device)
+                for t in bt:       # the block's planned weights are not run again (the solver keeps its own)
+                    planned.pop(t.key, None)
         self._grams_pending = False
-        return planned
 
     @classmethod
     def fisher_blocks(cls, model: nn.Module, params, batches: Iterable, loss_fn: Callable, **kwargs) -> "Curvature":
@@ -507,7 +509,9 @@ class Curvature:
                         value = t.current()
                     orig = t.orig()
                     mask = t.mask_tensor()
-                    saved.append((orig, orig.detach().clone(), mask, None if mask is None else mask.clone()))
+                    # the originals wait where the plan's state does (CPU memory under offload)
+                    saved.append((orig, orig.detach().to(self.store_device, copy=True), mask,
+                                  None if mask is None else mask.clone()))
                     orig.copy_(value)
                     if mask is not None:
                         mask.fill_(1)
@@ -686,7 +690,9 @@ class Curvature:
         def hook(module, _args, out, _key, _kind):
             if not (torch.is_tensor(out) and out.requires_grad):
                 return
-            outs.append(out)
+            # the gradient edge of this very output: an in-place op afterwards (ReLU(inplace=True), ``out += x``)
+            # gives ``out`` a new node, and asking for the tensor would stop there, before this hook's node
+            outs.append(torch.autograd.graph.get_gradient_edge(out))
             def on_grad(g):
                 # per sample: the batch size is the model output's leading dimension (as n_samples counts it),
                 # not this layer's (a sequence-first layer's leading dimension is time)
@@ -702,7 +708,7 @@ class Curvature:
                    for t in targets]
         n_samples = 0
         rows_now = [1.0]   # the running batch's size, read by the gradient hooks
-        outs: list[torch.Tensor] = []   # this batch's layer outputs: the gradient is asked for them only
+        outs: list = []   # this batch's layer outputs (gradient edges): the gradient is asked for them only
         try:
             with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), \
                     self._only_targets_require_grad(), torch.enable_grad():

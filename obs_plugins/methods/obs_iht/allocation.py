@@ -59,7 +59,7 @@ def global_saliency(curvature, targets, W0, rel_damp) -> dict[str, torch.Tensor]
         k = t.key
         # the Gram may wait in CPU memory (offload): factored on the model's device, one layer at a time
         d = as_scores(torch.diagonal(inverse_factor(hs[k].to(curvature.device), rel_damp, what=f"H of {k}").hinv))
-        w = as_scores(W0[k].to(d.device))   # ranked where the weights wait (CPU memory under offload)
+        w = as_scores(W0[k].to(d.device))   # scored on the device, kept where the weights wait (CPU under offload)
         out[k] = (as_scores(sens[k]).unsqueeze(1) * w ** 2 / d.unsqueeze(0)).to(W0[k].device)
     return out
 

@@ -252,9 +252,12 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                 f = shared.get(grams[k].to(dev), what=f"H of {k}")
                 W, kept, loss = obs_sweep(W0[k].to(dev), f.hinv_chol_upper, k=counts[k],
                                           keep_prior=prior[k].to(dev), nm=nm, blocksize=config.blocksize)
-                factors[k] = stored.setdefault(id(f), f.to(store))   # shared factors stay shared
+                if id(f) not in stored:   # shared factors stay shared (and are copied once)
+                    stored[id(f)] = f.to(store)
+                factors[k] = stored[id(f)]
                 Wt[k], keep[k], est[k] = _work(W).to(store), kept.to(store), loss.to(store)
-                out[k] = from_2d(t.module, _work(W), t.current())
+                if curvature.sequential:   # the block runs on its planned weights before the next one
+                    out[k] = from_2d(t.module, _work(W), t.current())
             timing["factor_and_sweep"] += time.perf_counter() - t_in
             return out
 
@@ -299,8 +302,9 @@ def _project(curvature, targets, Z, keep, factors, config, nm):
 
 
 def _overrides(targets, W):
-    """The weights as the model's tensors, on the model's device (the solver may keep them in CPU memory)."""
-    return {t.key: from_2d(t.module, W[t.key], t.current()).to(t.current().device) for t in targets}
+    """The weights as the model's tensors, where the solver keeps them (CPU memory under offload): the passes
+    copy each into its parameter (``Curvature._weights``), so the device holds no second copy."""
+    return {t.key: from_2d(t.module, W[t.key], t.current()) for t in targets}
 
 
 def _vertex(a: tuple, b: tuple, c: tuple) -> float | None:
