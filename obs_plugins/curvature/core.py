@@ -316,24 +316,34 @@ class Curvature:
         self._onepass_keys |= {t.key for t in targets}
         self._grams_pending = False
 
+    def _by_block(self, targets) -> tuple[nn.ModuleList, list[list[Target]], int]:
+        """The stack of blocks, each block's targets (in calibration order) and the last block holding one."""
+        blocks = block_stack(self.model, targets)
+        if blocks is None:
+            raise PruningInputError("curvature: sequential calibration needs the targets in one stack of blocks")
+        keys = {t.key for t in targets}
+        by_block = [[t for t in self.targets if t.key in keys and any(t.module is m for m in blk.modules())]
+                    for blk in blocks]
+        return blocks, by_block, max(i for i, bt in enumerate(by_block) if bt)
+
+    def _capture(self, blocks):
+        """Block 0's inputs for every calibration batch, and every block's own other inputs (masks, rotary
+        tables, position bias) where they are not block 0's; kept on the offload device when there is one."""
+        with together():
+            return capture_block_inputs(self.model, blocks[0], OnDevice(self.batches, self.device), self.forward_fn,
+                                        blocks=None if self._shared_inputs else blocks, store=self.offload,
+                                        compute=self.device)
+
     def _collect_by_blocks(self, targets) -> tuple[dict, dict]:
         """The one-pass Grams of ``targets`` (the model as it is), collected block by block for a sequential
         curvature under offload: block i runs on block i-1's outputs, as in the whole forward pass, and each
         block's Grams wait on :attr:`store_device` once collected, so the device holds one block's Grams and
         activations (what global / OWL allocation ranks on)."""
         from tqdm.auto import tqdm
-        blocks = block_stack(self.model, targets)
-        keys = {t.key for t in targets}
-        by_block = [[t for t in self.targets if t.key in keys and any(t.module is m for m in blk.modules())]
-                    for blk in blocks]
-        last = max(i for i, bt in enumerate(by_block) if bt)
+        blocks, by_block, last = self._by_block(targets)
         grams, counts = {}, {}
-        batches = OnDevice(self.batches, self.device)
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
-            with together():
-                cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
-                                              blocks=None if self._shared_inputs else blocks,
-                                              store=self.offload, compute=self.device)
+            cached = self._capture(blocks)
             for i in tqdm(range(last + 1), desc="collecting layer curvature (blocks)", disable=not self.progress,
                           leave=False):
                 outs = []
@@ -378,25 +388,14 @@ class Curvature:
             hs = self.hessians
             solve_layers(targets, {t.key: hs[t.key] for t in targets})
             return
-        blocks = block_stack(self.model, targets)
-        if blocks is None:
-            raise PruningInputError("curvature: sequential calibration needs the targets in one stack of blocks")
-        keys = {t.key for t in targets}
-        by_block = [[t for t in self.targets if t.key in keys and any(t.module is m for m in blk.modules())]
-                    for blk in blocks]
-        last = max(i for i, bt in enumerate(by_block) if bt)
+        blocks, by_block, last = self._by_block(targets)
         planned: dict[str, torch.Tensor] = {}
         # this plan may be applied and change any layer's inputs: allocation collects the one-pass Grams again
         # (and hessians holds this plan's Grams for its keys)
         self._onepass_keys.clear()
-        batches = OnDevice(self.batches, self.device)
         from tqdm.auto import tqdm
         with self._eval_mode(), self._weights(None), self._mid_apply_attributes(), torch.no_grad():
-            # every block's own other inputs (masks, rotary tables, position bias) where they are not block 0's
-            with together():
-                cached = capture_block_inputs(self.model, blocks[0], batches, self.forward_fn,
-                                              blocks=None if self._shared_inputs else blocks,
-                                              store=self.offload, compute=self.device)
+            cached = self._capture(blocks)
             for i in tqdm(range(last + 1), desc="sequential plan (blocks)", disable=not self.progress,
                           leave=False):
                 bt, blk = by_block[i], blocks[i]
