@@ -217,6 +217,7 @@ def solve(curvature, counts_total: int | None, config, *, only_keys: list[str] |
                                       "would leave one empty; use at most that many")
         raise_together(error)
     # per-layer state waits on the store device (CPU memory under offload); each layer is solved on the model's
+    # device
     dev, store = curvature.device, curvature.store_device
     W0, prior = {}, {}
     for t in targets:
