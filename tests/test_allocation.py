@@ -137,6 +137,46 @@ def test_output_sensitivity_of_layers_whose_output_is_changed_in_place(make):
         assert torch.equal(sens[0][k], sens[1][k]), k
 
 
+class _ViewOut(nn.Module):
+    """A layer returning a view of its result (as Hugging Face's Conv1D does), then an in-place ReLU (or not)."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.inplace, self.a, self.b = inplace, nn.Linear(5, 6), nn.Linear(6, 3)
+        self.a.register_forward_hook(lambda m, args, out: out.view(out.shape))
+
+    def forward(self, x):
+        return self.b(nn.functional.relu(self.a(x), inplace=self.inplace))
+
+
+def test_output_sensitivity_of_a_view_output_changed_in_place():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+    sens = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = _ViewOut(inplace)
+        sens.append(Curvature(model, [(model.a, "weight"), (model.b, "weight")], batches,
+                              loss_fn=nn.functional.cross_entropy).output_sensitivity())
+    for k in sens[0]:
+        assert torch.equal(sens[0][k], sens[1][k]), k
+
+
+def test_output_sensitivity_of_a_target_that_runs_inside_the_loss():
+    """A fused LM-head loss: forward_fn returns features and loss_fn runs the head (a target).  Its sensitivity is
+    its output gradient, as when the head runs in the forward pass."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+    torch.manual_seed(0)
+    body, head = nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 3)
+    model = nn.ModuleDict(dict(body=body, head=head))
+    fused = Curvature(model, [(head, "weight")], batches, forward_fn=lambda m, b: m["body"](b[0]),
+                      loss_fn=lambda feats, y: nn.functional.cross_entropy(head(feats), y)).output_sensitivity()
+    plain = Curvature(nn.Sequential(body, head), [(head, "weight")], batches,
+                      loss_fn=nn.functional.cross_entropy).output_sensitivity()
+    assert torch.equal(fused["head.weight"], plain["1.weight"])
+
+
 @pytest.mark.parametrize("amount", [0.8, 0.9, 0.95])
 def test_global_unstructured_ranks_globally_within_exact_caps(amount):
     model, params, batches = classifier()

@@ -689,6 +689,8 @@ class Curvature:
         def hook(module, _args, out, _key, _kind):
             if not (torch.is_tensor(out) and out.requires_grad):
                 return
+            if out._is_view():   # (HF Conv1D returns a view) an in-place op on a view rebases the view's own
+                out = out.clone()  # node out of the graph; a copy keeps this hook's node reachable
             # the gradient edge of this very output: an in-place op afterwards (ReLU(inplace=True), ``out += x``)
             # gives ``out`` a new node, and asking for the tensor would stop there, before this hook's node
             outs.append(torch.autograd.graph.get_gradient_edge(out))
@@ -702,6 +704,7 @@ class Curvature:
                 acc[_key].add_((g * g).sum(0))
                 seen[_key] = True
             out.register_hook(on_grad)
+            return out
 
         handles = [t.module.register_forward_hook(lambda m, a, o, _k=t.key, _c=layer_kind(t.module): hook(m, a, o, _k, _c))
                    for t in targets]
@@ -717,9 +720,11 @@ class Curvature:
                     out = self.forward_fn(self.model, b)
                     rows_now[0] = float(_leading_dim(out))
                     n_samples += _leading_dim(out)
+                    # the loss first: a target may run inside loss_fn (a fused LM-head loss) and add its output
+                    loss = batch_loss(self.loss_fn, out, b)
                     # w.r.t. the layer outputs, not the weights: autograd then skips every weight-gradient product
-                    if outs:
-                        torch.autograd.grad(batch_loss(self.loss_fn, out, b), outs, allow_unused=True)
+                    if outs and loss.requires_grad:
+                        torch.autograd.grad(loss, outs, allow_unused=True)
                 outs.clear()
         finally:
             for h in handles:
