@@ -87,7 +87,8 @@ def wanda_solve(curvature, k_total: int | None, config: WandaConfig) -> PrunePla
             sub = _plan_from_scores([t], {t.key: scores}, counts[t.key], "uniform", nm, True, "wanda",
                                     prior={t.key: prior[t.key].to(scores.device)})
             e = sub.entries[t.key]
-            out[t.key] = t.current() * e.mask
+            if curvature.sequential:   # the block runs on its planned weights before the next one
+                out[t.key] = t.current() * e.mask
             e.mask = e.mask.to(store)
             plan.entries[t.key] = e
         return out
